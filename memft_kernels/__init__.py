@@ -1,0 +1,12 @@
+"""memft_kernels: fused kernels for the MemFT loss (arXiv 2605.30260) and the tools around it.
+
+``memft_loss`` is a drop-in replacement for ``F.cross_entropy`` that spends the gradient only on
+tokens whose target probability is still below the recall threshold (docs/SPEC.md).
+"""
+from .dispatch import available_backends
+from .loss import MemFTLoss, memft_loss
+from .spec import MemFTStats
+
+__version__ = "0.1.0"
+
+__all__ = ["memft_loss", "MemFTLoss", "MemFTStats", "available_backends", "__version__"]

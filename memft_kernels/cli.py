@@ -1,0 +1,80 @@
+"""The ``memft`` command. Subcommands live next to what they run; this file only wires them.
+
+A subcommand module exposes ``add_subcommands(subparsers)`` and its handlers raise ``CLIError`` for
+bad input, which prints one line and exits with code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that add subcommands; a module that is missing from this version is skipped.
+_SUBCOMMAND_MODULES = (
+    "memft_kernels.train.cli",  # memft train
+    "memft_kernels.law",  # memft law sweep|fit|predict, memft phase
+    "memft_kernels.bench",  # memft bench
+)
+
+
+class CLIError(Exception):
+    """Bad input from the command line: reported in one line, exit code 2."""
+
+
+def _info(args) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__, dispatch
+
+    print(f"memft_kernels {__version__}")
+    print(f"python {platform.python_version()}  torch {torch.__version__}", end="")
+    try:
+        import triton
+
+        print(f"  triton {triton.__version__}")
+    except ImportError:
+        print("  triton not installed")
+    print(f"cuda device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    print("backends:")
+    for name, state in dispatch.backend_report().items():
+        print(f"  {name:7s} {state}")
+    try:
+        from .ops import native_cuda
+
+        archs = native_cuda.built_architectures()
+    except Exception:  # noqa: BLE001 - info must print whatever is or is not built
+        archs = None
+    print(f"CUDA architectures built: {archs or 'none'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memft", description="MemFT loss kernels, LoRA memorization training and the Parametric Memory Law.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="version, backends available here and why the others are not")
+    info.set_defaults(func=_info)
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that part is not in this version
+            raise
+        module.add_subcommands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"memft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

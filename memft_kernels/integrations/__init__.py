@@ -1,0 +1,1 @@
+"""Integrations with training frameworks (imported on demand; the ops never import these)."""

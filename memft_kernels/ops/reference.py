@@ -1,0 +1,132 @@
+"""The PyTorch reference of docs/SPEC.md: the executable form of that page.
+
+Every other backend (Triton, native CPU, CUDA, fused linear) is tested against this module, and
+this module is tested against float64 math written independently in the tests. It processes rows
+in chunks so that its extra memory stays bounded for large N x V; float64 logits are computed in
+float64 (the tests' ground truth), everything else in float32.
+
+Backend interface (shared by every module in ``ops/``):
+
+* ``row_forward(logits[N, V], target[N], token_weight[N] | None, opts) -> RowStats``
+* ``row_backward(logits, target, lse, coef[N], opts, out=None) -> grad[N, V]``:
+  ``grad_ij = coef_i * (q_ij (1 + 2 z lse_i) - (1 - eps)[j = y_i] - eps / V) * cap_ij``;
+  ``out`` may be ``logits`` itself (in-place backward). Rows with ``coef_i == 0`` get exact zeros.
+* ``row_forward_backward(logits, target, token_weight, opts, scale, grad) -> RowStats``: forward and
+  the gradient with ``coef_i = scale * weight_i`` in one sweep (scale a 0-d float32 tensor).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..policy import policy_weight
+from ..spec import KernelOptions, RowStats
+
+# Rows per chunk are chosen so one chunk's float32 working copy stays near this many elements.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _chunks(n_rows: int, n_cols: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def _capped(x: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+
+def _row_targets(target: torch.Tensor, n_cols: int, ignore_index: int):
+    """(valid, in_range, safe index): out-of-range targets are never used as an index."""
+    target = target.long()
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    safe = torch.where(in_range, target, torch.zeros_like(target))
+    return valid, in_range, safe
+
+
+def row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor], opts: KernelOptions) -> RowStats:
+    n, v = logits.shape
+    dt = _compute_dtype(logits)
+    dev = logits.device
+    lse = torch.empty(n, dtype=dt, device=dev)
+    tgt_logit = torch.empty(n, dtype=dt, device=dev)
+    mean_logit = torch.empty(n, dtype=dt, device=dev)
+    pred = torch.empty(n, dtype=torch.int64, device=dev)
+    valid, in_range, safe = _row_targets(target, v, opts.ignore_index)
+    for a, b in _chunks(n, v):
+        x = _capped(logits[a:b].to(dt), opts.softcap)
+        lse[a:b] = torch.logsumexp(x, dim=-1)
+        tgt_logit[a:b] = x.gather(1, safe[a:b, None]).squeeze(1)
+        mean_logit[a:b] = x.mean(dim=-1)
+        pred[a:b] = torch.argmax(x, dim=-1)
+    nan = torch.full_like(lse, math.nan)
+    ce = torch.where(in_range, lse - tgt_logit, nan)
+    eps, z = opts.label_smoothing, opts.z_loss
+    loss = (1.0 - eps) * ce
+    if eps:
+        loss = loss + eps * (lse - mean_logit)
+    if z:
+        loss = loss + z * lse * lse
+    zero = torch.zeros_like(lse)
+    weight = policy_weight(ce, valid, token_weight, opts)
+    return RowStats(
+        lse=torch.where(valid, lse, zero),
+        ce=torch.where(valid, ce, zero),
+        prob=torch.where(valid, torch.exp(-ce), zero),
+        pred=pred,
+        weight=weight,
+        loss=torch.where(valid, loss, zero),
+    )
+
+
+def row_backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    opts: KernelOptions,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    n, v = logits.shape
+    dt = _compute_dtype(logits)
+    if out is None:
+        out = torch.empty_like(logits)
+    valid, in_range, safe = _row_targets(target, v, opts.ignore_index)
+    eps, z = opts.label_smoothing, opts.z_loss
+    for a, b in _chunks(n, v):
+        x = _capped(logits[a:b].to(dt), opts.softcap)
+        q = torch.exp(x - lse[a:b, None].to(dt))
+        g = q * (1.0 + 2.0 * z * lse[a:b, None].to(dt)) if z else q
+        if eps:
+            g = g - eps / v
+        rows = torch.arange(b - a, device=logits.device)
+        g[rows, safe[a:b]] -= torch.where(in_range[a:b], 1.0 - eps, 0.0).to(dt)
+        # An out-of-range target (validate=False) has a NaN loss; its gradient row is NaN too.
+        g = torch.where((valid & ~in_range)[a:b, None], torch.full_like(g, math.nan), g)
+        if opts.softcap is not None:
+            g = g * (1.0 - (x / opts.softcap) ** 2)
+        c = coef[a:b, None].to(dt)
+        # A row with coef 0 (ignored, or weight 0) gets exact zeros, whatever its logits hold.
+        out[a:b] = torch.where(c != 0, g * c, torch.zeros_like(g)).to(out.dtype)
+    return out
+
+
+def row_forward_backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    token_weight: Optional[torch.Tensor],
+    opts: KernelOptions,
+    scale: torch.Tensor,
+    grad: torch.Tensor,
+) -> RowStats:
+    stats = row_forward(logits, target, token_weight, opts)
+    coef = stats.weight * scale.to(stats.weight.dtype)
+    row_backward(logits, target, stats.lse, coef, opts, out=grad)
+    return stats

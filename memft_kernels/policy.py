@@ -1,0 +1,79 @@
+"""Per-row policy weights and the reduction of SPEC.md, as small functions of the row statistics.
+
+Kernels compute the same weight inline (it is one compare or one sigmoid per row); this module is
+the readable form and what the PyTorch reference and the reduction use. Nothing here touches N x V
+data: every tensor is one value per row.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .spec import KernelOptions
+
+
+def policy_weight(ce: torch.Tensor, valid: torch.Tensor, token_weight: Optional[torch.Tensor], opts: KernelOptions) -> torch.Tensor:
+    """w_i of SPEC.md: policy gate, NaN rule (w = 1 where ce is NaN), token weight, 0 at ignored rows."""
+    if opts.policy == "none":
+        w = torch.ones_like(ce)
+    elif opts.policy == "hard":
+        # p < threshold  <=>  ce > ln(1/threshold); written on p as SPEC.md states it.
+        w = (torch.exp(-ce) < opts.threshold).to(ce.dtype)
+    elif opts.policy == "sigmoid":
+        w = torch.sigmoid(opts.sharpness * (ce - opts.ce_threshold))
+    else:  # validated earlier; kept so that a new policy cannot silently weigh 0
+        raise ValueError(f"unknown policy {opts.policy!r}")
+    w = torch.where(torch.isnan(ce), torch.ones_like(w), w)
+    if token_weight is not None:
+        w = w * token_weight.to(w.dtype)
+    return torch.where(valid, w, torch.zeros_like(w))
+
+
+class Reduced(NamedTuple):
+    """The reduced loss and what the backward needs: coef_i = grad_out * row_scale_i."""
+
+    loss: torch.Tensor  # 0-d (mean/sum) or [N] (none)
+    row_scale: torch.Tensor  # [N]: w_eff_i / D (mean), w_i (sum/none)
+    fell_back: torch.Tensor  # 0-d bool
+
+
+def reduce_rows(
+    row_loss: torch.Tensor,
+    weight: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    reduction: str,
+    normalize: str,
+    fallback: str,
+    denominator=None,
+) -> Reduced:
+    """SPEC.md's reduction table, without host synchronization (every branch is a tensor op)."""
+    acc = torch.float64 if row_loss.dtype == torch.float64 else torch.float32
+    row_loss = row_loss.to(acc)
+    weight = weight.to(acc)
+    no = torch.zeros((), dtype=torch.bool, device=row_loss.device)
+    if reduction == "none":
+        return Reduced(weight * row_loss, weight, no)
+    if reduction == "sum":
+        return Reduced((weight * row_loss).sum(), weight, no)
+    # mean
+    if denominator is not None:
+        d = torch.as_tensor(denominator, dtype=acc, device=row_loss.device)
+        w_eff, fell_back = weight, no
+    elif normalize == "valid":
+        d = valid.sum().to(acc)
+        w_eff, fell_back = weight, no
+    else:  # active
+        wsum = weight.sum()
+        fell_back = (wsum == 0) & valid.any()
+        if fallback == "mean":
+            w_eff = torch.where(fell_back, valid.to(acc), weight)
+        else:  # zero: the all-zero weights give loss 0 and zero gradient below
+            w_eff = weight
+        d = w_eff.sum()
+    positive = d > 0
+    safe_d = torch.where(positive, d, torch.ones_like(d))
+    loss = torch.where(positive, (w_eff * row_loss).sum() / safe_d, torch.zeros_like(d))
+    row_scale = torch.where(positive, w_eff / safe_d, torch.zeros_like(w_eff))
+    return Reduced(loss, row_scale, fell_back)
