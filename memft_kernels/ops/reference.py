@@ -107,7 +107,7 @@ def row_backward(
         if eps:
             g = g - eps / v
         rows = torch.arange(b - a, device=logits.device)
-        g[rows, safe[a:b]] -= torch.where(in_range[a:b], 1.0 - eps, 0.0).to(dt)
+        g[rows, safe[a:b]] -= (1.0 - eps) * in_range[a:b].to(dt)
         # An out-of-range target (validate=False) has a NaN loss; its gradient row is NaN too.
         g = torch.where((valid & ~in_range)[a:b, None], torch.full_like(g, math.nan), g)
         if opts.softcap is not None:
