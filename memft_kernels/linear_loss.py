@@ -1,0 +1,344 @@
+"""``memft_linear_loss``: the MemFT loss of ``hidden @ weight.T + bias`` without the N x V logits.
+
+The logits of a language-model head (N tokens x V vocabulary) and their gradient are the largest
+tensors of LoRA fine-tuning. Here they only ever exist one row chunk at a time: for each chunk
+
+    logits_chunk = hidden_chunk @ weight.T (+ bias)                (input dtype, one reused buffer)
+    backend row kernel: row statistics, and the gradient written into logits_chunk in place
+    grad_hidden_chunk = g @ weight;  grad_weight += g.T @ hidden_chunk;  grad_bias += g.sum(0)
+
+so the extra memory is one chunk x V buffer (plus the backend's per-chunk temporaries), the
+N x D gradient of ``hidden`` and, only when ``weight.requires_grad``, a float32 V x D accumulator.
+The gradients are computed during the forward (as Liger-Kernel's fused linear cross-entropy does)
+and returned, scaled by the upstream gradient, in the backward.
+
+Normalization. Every chunk's gradient uses coef_i = w_i (grad_out taken as 1, no denominator);
+the small results are multiplied once at the end by 1/D, where D = sum_i w_i ("active"),
+n_valid ("valid"), the given ``denominator``, or 1 ("sum"). The one case where that is not enough
+is the "active" fallback (every weight 0 but some row valid, ``fallback="mean"``): the gradient
+then needs w_i = 1 on every valid row, which the first sweep could not know. It is recomputed by a
+second sweep over the chunks, only in that rare case (it costs one host read of ``fell_back`` per
+call when the "active" mean is used with gradients). ``reduction="none"`` needs per-row upstream
+gradients, so there the forward only computes the loss and the backward recomputes the chunks.
+
+Reading order: chunk sizing, the chunk sweeps, the autograd.Function, the public function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import dispatch
+from .loss import _make_stats
+from .policy import reduce_rows
+from .spec import KernelOptions, check_target_range, validate_denominator, validate_options, validate_tensors
+
+# Default budget for the chunk's logits buffer (the caller may set its own).
+DEFAULT_MEMORY_BUDGET_BYTES = 256 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk sizing
+# --------------------------------------------------------------------------------------------
+
+
+def chunk_rows_for(n_rows: int, vocab: int, dim: int, dtype: torch.dtype, *, chunk_size=None, memory_budget_bytes=None) -> int:
+    """Rows per chunk. ``chunk_size`` wins; else as many rows as ``memory_budget_bytes`` of chunk
+    logits hold. Without a caller budget, the chunk is also kept near the size of ``hidden`` itself
+    (about N / (V / D) rows, a power of two, at least 64): larger chunks save no time, only memory."""
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1 (rows per chunk) or None")
+        return max(1, min(chunk_size, n_rows))
+    row_bytes = vocab * torch.empty((), dtype=dtype).element_size()
+    if memory_budget_bytes is not None:
+        if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) or memory_budget_bytes < row_bytes:
+            raise ValueError(
+                f"memory_budget_bytes={memory_budget_bytes!r} must be an int >= one row of logits "
+                f"({row_bytes} bytes for V={vocab}, {dtype})"
+            )
+        return max(1, min(n_rows, memory_budget_bytes // row_bytes))
+    rows = DEFAULT_MEMORY_BUDGET_BYTES // row_bytes
+    balanced = 1 << max(6, math.ceil(math.log2(max(1, math.ceil(n_rows / max(1, math.ceil(vocab / max(1, dim))))))))
+    return max(1, min(n_rows, rows, balanced))
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk sweeps
+# --------------------------------------------------------------------------------------------
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """hidden @ weight.T (+ bias) written into ``buf`` (no new N x V allocation)."""
+    if bias is None:
+        return torch.mm(hidden, weight.t(), out=buf)
+    return torch.addmm(bias, hidden, weight.t(), out=buf)
+
+
+class _Grads:
+    """The small gradient results of a sweep, unscaled (coef_i without the 1/D factor)."""
+
+    def __init__(self, hidden, weight, bias, needs, rows):
+        need_h, need_w, need_b = needs
+        acc = _accumulator_dtype(weight.dtype)
+        self.hidden = torch.empty_like(hidden) if need_h else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+        # Half-precision weight gradient: each chunk's g.T @ h is rounded once to the input dtype in a
+        # V-tile buffer no larger than the chunk logits, then summed in float32 (no V x D half copy).
+        self._tile = None
+        if self.weight is not None and weight.dtype != acc:
+            v, d = weight.shape
+            self._tile_rows = max(1, min(v, (rows * v) // max(1, d)))
+            self._tile = torch.empty(self._tile_rows, d, dtype=weight.dtype, device=weight.device)
+
+    def add_chunk(self, a: int, b: int, g: torch.Tensor, hidden_chunk: torch.Tensor, weight: torch.Tensor) -> None:
+        if self.hidden is not None:
+            torch.mm(g, weight, out=self.hidden[a:b])
+        if self.weight is not None:
+            if self._tile is None:
+                self.weight.addmm_(g.t(), hidden_chunk)
+            else:
+                for v0 in range(0, weight.shape[0], self._tile_rows):
+                    v1 = min(weight.shape[0], v0 + self._tile_rows)
+                    tile = torch.mm(g[:, v0:v1].t(), hidden_chunk, out=self._tile[: v1 - v0])
+                    self.weight[v0:v1] += tile
+        if self.bias is not None:
+            self.bias += g.sum(0, dtype=self.bias.dtype)
+
+    def zero_(self) -> None:
+        for t in (self.hidden, self.weight, self.bias):
+            if t is not None:
+                t.zero_()
+
+
+def _forward_sweep(hidden, weight, bias, target, token_weight, module, opts: KernelOptions, rows: int, grads: Optional[_Grads]):
+    """Row statistics of every chunk; with ``grads``, also the gradients for coef_i = w_i."""
+    n, v = hidden.shape[0], weight.shape[0]
+    stat_dtype = _accumulator_dtype(hidden.dtype)
+    dev = hidden.device
+    lse, ce, prob, wgt, loss = (torch.empty(n, dtype=stat_dtype, device=dev) for _ in range(5))
+    pred = torch.empty(n, dtype=torch.int64, device=dev)
+    buf = torch.empty(min(rows, n), v, dtype=hidden.dtype, device=dev)
+    fused = grads is not None and hasattr(module, "row_forward_backward")
+    one = torch.ones((), dtype=stat_dtype, device=dev)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        h = hidden[a:b]
+        logits = _chunk_logits(buf[: b - a], h, weight, bias)
+        tw = None if token_weight is None else token_weight[a:b]
+        if fused:
+            stats = module.row_forward_backward(logits, target[a:b], tw, opts, one, logits)
+        else:
+            stats = module.row_forward(logits, target[a:b], tw, opts)
+            if grads is not None:
+                module.row_backward(logits, target[a:b], stats.lse, stats.weight.to(stat_dtype), opts, out=logits)
+        lse[a:b], ce[a:b], prob[a:b] = stats.lse, stats.ce, stats.prob
+        wgt[a:b], loss[a:b], pred[a:b] = stats.weight, stats.loss, stats.pred
+        if grads is not None:
+            grads.add_chunk(a, b, logits, h, weight)
+    return lse, ce, prob, pred, wgt, loss
+
+
+def _gradient_sweep(hidden, weight, bias, target, lse, coef, module, opts: KernelOptions, rows: int, grads: _Grads) -> None:
+    """Recompute each chunk's logits and accumulate the gradients for the given per-row coef."""
+    n, v = hidden.shape[0], weight.shape[0]
+    buf = torch.empty(min(rows, n), v, dtype=hidden.dtype, device=hidden.device)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        h = hidden[a:b]
+        logits = _chunk_logits(buf[: b - a], h, weight, bias)
+        module.row_backward(logits, target[a:b], lse[a:b], coef[a:b], opts, out=logits)
+        grads.add_chunk(a, b, logits, h, weight)
+
+
+# --------------------------------------------------------------------------------------------
+# autograd.Function
+# --------------------------------------------------------------------------------------------
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1/d where d > 0, else 0 (no host sync)."""
+    positive = d > 0
+    return torch.where(positive, 1.0 / torch.where(positive, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def _scaled(t: torch.Tensor, factor: torch.Tensor, out: torch.Tensor, rows: int) -> torch.Tensor:
+    """out = t * factor computed in float32 or wider (a half-precision 1/D would lose 3 digits),
+    in row blocks so that the float32 temporary stays small; ``out`` may be ``t``."""
+    if t.dtype in (torch.float32, torch.float64):
+        return torch.mul(t, factor.to(t.dtype), out=out)
+    step = max(1, rows)
+    for a in range(0, t.shape[0], step):
+        out[a : a + step] = t[a : a + step].float() * factor.float()
+    return out
+
+
+def _finish(grads: _Grads, scale: torch.Tensor, weight: torch.Tensor, rows: int):
+    """Apply the 1/D scale to the small results and give them the parameters' dtypes."""
+    gh = None if grads.hidden is None else _scaled(grads.hidden, scale, grads.hidden, rows)
+    gw = None if grads.weight is None else grads.weight.mul_(scale).to(weight.dtype)
+    gb = None if grads.bias is None else grads.bias.mul_(scale).to(weight.dtype)
+    return gh, gw, gb
+
+
+class _MemFTLinearLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, token_weight, module, opts: KernelOptions, reduction, normalize, fallback, denominator, rows):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        want_grad = any(needs)
+        # reduction="none" has per-row upstream gradients: the backward recomputes the chunks.
+        grads = _Grads(hidden, weight, bias, needs, rows) if (want_grad and reduction != "none") else None
+        lse, ce, prob, pred, wgt, row_loss = _forward_sweep(hidden, weight, bias, target, token_weight, module, opts, rows, grads)
+        valid = target != opts.ignore_index
+        reduced = reduce_rows(
+            row_loss, wgt, valid, reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
+        )
+        ctx.module, ctx.opts, ctx.rows, ctx.reduction = module, opts, rows, reduction
+        if grads is not None:
+            acc = wgt.dtype
+            if reduction == "sum":
+                scale = torch.ones((), dtype=acc, device=hidden.device)
+            elif denominator is not None:
+                scale = _inverse(torch.as_tensor(denominator, dtype=acc, device=hidden.device))
+            elif normalize == "valid":
+                scale = _inverse(valid.sum().to(acc))
+            else:
+                scale = _inverse(wgt.sum())
+                # The rare "active" fallback: weights were all 0, the gradient needs w_i = 1 on
+                # valid rows instead. One host read decides; a second sweep computes it.
+                if fallback == "mean" and bool(reduced.fell_back):
+                    grads.zero_()
+                    coef = valid.to(acc)
+                    _gradient_sweep(hidden, weight, bias, target, lse, coef, module, opts, rows, grads)
+                    scale = _inverse(coef.sum())
+            ctx.save_for_backward(*_finish(grads, scale, weight, rows))
+            ctx.has = tuple(t is not None for t in (grads.hidden, grads.weight, grads.bias))
+        elif want_grad:  # reduction="none"
+            ctx.save_for_backward(hidden, weight, bias, target, lse, wgt)
+            ctx.needs = needs
+        ctx.mark_non_differentiable(lse, ce, prob, pred, wgt, reduced.fell_back)
+        return reduced.loss, lse, ce, prob, pred, wgt, reduced.fell_back
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        none = (None,) * 9
+        if ctx.reduction == "none":
+            hidden, weight, bias, target, lse, wgt = ctx.saved_tensors
+            coef = (grad_loss.to(wgt.dtype) * wgt).contiguous()
+            grads = _Grads(hidden, weight, bias, ctx.needs, ctx.rows)
+            _gradient_sweep(hidden, weight, bias, target, lse, coef, ctx.module, ctx.opts, ctx.rows, grads)
+            one = torch.ones((), dtype=wgt.dtype, device=wgt.device)
+            return (*_finish(grads, one, weight, ctx.rows),) + none
+        saved = iter(ctx.saved_tensors)
+        out = [next(saved) if has else None for has in ctx.has]
+        # Skip the multiply when grad_loss is exactly 1 (the usual loss.backward()); reading it
+        # is a host sync, so under torch.compile always multiply.
+        if torch.compiler.is_compiling() or float(grad_loss) != 1.0:
+            out = [None if g is None else _scaled(g, grad_loss, torch.empty_like(g), ctx.rows) for g in out]
+        return (*out,) + none
+
+
+# --------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------
+
+
+def _check_linear_inputs(hidden, weight, bias) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D] (2-D, as nn.Linear stores it), got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden.shape={tuple(hidden.shape)} must end in D={weight.shape[1]} (weight.shape={tuple(weight.shape)})")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden.dtype={hidden.dtype} and weight.dtype={weight.dtype} must be equal (cast one first)")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}; put both on one device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias.shape={tuple(bias.shape)} must be (V,)=({weight.shape[0]},)")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match weight ({weight.dtype}, {weight.device})")
+
+
+def memft_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    chunk_size: Optional[int] = None,
+    memory_budget_bytes: Optional[int] = None,
+    policy: str = "hard",
+    threshold: float = 0.5,
+    sharpness: float = 10.0,
+    token_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    normalize: str = "active",
+    denominator=None,
+    fallback: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_stats: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+):
+    """``memft_loss(hidden @ weight.T + bias, target, ...)`` (docs/SPEC.md) computed in row chunks so
+    that no N x V tensor exists.
+
+    ``hidden`` is ``[..., D]``, ``weight`` ``[V, D]`` (an ``nn.Linear``'s), ``bias`` ``[V]`` or None,
+    ``target`` the leading shape of ``hidden``. ``chunk_size`` (rows) or ``memory_budget_bytes`` (bytes
+    of chunk logits) set the chunking; the default is at most 256 MiB of chunk logits. Every other
+    keyword is ``memft_loss``'s. A frozen ``weight`` gets no gradient and no V x D buffer.
+    """
+    opts = validate_options(
+        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction,
+        normalize=normalize, fallback=fallback, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, backend=backend, ignore_index=ignore_index,
+    )
+    denominator = validate_denominator(denominator)
+    _check_linear_inputs(hidden, weight, bias)
+    if isinstance(target, torch.Tensor) and tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target.shape={tuple(target.shape)} must equal hidden.shape[:-1]={tuple(hidden.shape[:-1])}")
+    vocab, dim = weight.shape
+    # The logits as a shape only (a 0-stride view, no memory) so that the shared checks apply.
+    virtual_logits = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
+    validate_tensors(virtual_logits, target, token_weight, check_values=validate)
+    if validate:
+        check_target_range(target, vocab, ignore_index)
+    if isinstance(denominator, torch.Tensor) and denominator.device != hidden.device:
+        denominator = denominator.to(hidden.device)
+
+    lead_shape = target.shape
+    hidden2d = hidden.reshape(-1, dim)
+    if not hidden2d.is_contiguous():
+        hidden2d = hidden2d.contiguous()
+    target1d = target.reshape(-1)
+    weight1d = None if token_weight is None else token_weight.reshape(-1).to(torch.float32)
+    n_rows = hidden2d.shape[0]
+    rows = chunk_rows_for(n_rows, vocab, dim, hidden.dtype, chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes)
+    module = dispatch.resolve(backend, hidden2d.new_empty((0, vocab)))
+
+    loss, lse, ce, prob, pred, wgt, fell_back = _MemFTLinearLossFunction.apply(
+        hidden2d, weight, bias, target1d, weight1d, module, opts, reduction, normalize, fallback, denominator, rows
+    )
+    if reduction == "none":
+        loss = loss.reshape(lead_shape)
+    loss = loss.to(_accumulator_dtype(hidden.dtype))
+    if not return_stats:
+        return loss
+    return loss, _make_stats(lead_shape, target1d, ignore_index, lse, ce, prob, pred, wgt, fell_back)

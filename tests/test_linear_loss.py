@@ -1,0 +1,204 @@
+"""memft_linear_loss against the materialized path: memft_loss(hidden @ W.T + b, ...) in the same dtype
+and in float64 (the ground truth), for every reduction, policy and option, with and without bias,
+trainable and frozen weight, upstream gradients != 1 and chunk sizes that do not divide N."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from memft_kernels import memft_loss
+from memft_kernels.linear_loss import DEFAULT_MEMORY_BUDGET_BYTES, chunk_rows_for, memft_linear_loss
+
+N, D, V = 37, 16, 53
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(dtype=torch.float32, bias=True, weight_grad=True, lead=(N,), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (0.5 * torch.randn(V, D, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(weight_grad)
+    b = (0.3 * torch.randn(V, generator=g, dtype=torch.float64)).to(dtype).requires_grad_() if bias else None
+    target = torch.randint(0, V, lead, generator=g)
+    target.view(-1)[::7] = -100
+    return hidden, weight, b, target
+
+
+def materialized(hidden, weight, bias, target, dtype=None, **kw):
+    """memft_loss on the full logits, optionally recomputed in ``dtype`` (float64 = ground truth)."""
+    h, w = hidden, weight
+    b = bias
+    if dtype is not None:
+        h = hidden.detach().to(dtype).requires_grad_(hidden.requires_grad)
+        w = weight.detach().to(dtype).requires_grad_(weight.requires_grad)
+        b = None if bias is None else bias.detach().to(dtype).requires_grad_(bias.requires_grad)
+    logits = h @ w.T + (b if b is not None else 0)
+    return memft_loss(logits, target, **kw), (h, w, b)
+
+
+def grads_of(loss, tensors, upstream):
+    inputs = [t for t in tensors if t is not None and t.requires_grad]
+    out = torch.autograd.grad(loss, inputs, upstream)
+    return out
+
+
+CASES = [
+    dict(policy="hard", threshold=0.05),
+    dict(policy="sigmoid", threshold=0.05, sharpness=5.0),
+    dict(policy="none"),
+    dict(policy="hard", threshold=0.05, normalize="valid"),
+    dict(policy="sigmoid", threshold=0.05, reduction="sum"),
+    dict(policy="sigmoid", threshold=0.05, reduction="none"),
+    dict(policy="hard", threshold=0.05, denominator=50.0),
+    dict(policy="sigmoid", threshold=0.05, label_smoothing=0.1, z_loss=1e-3),
+    dict(policy="hard", threshold=0.05, softcap=3.0),
+    dict(policy="none", token_weight=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("bias,weight_grad", [(True, True), (False, False)], ids=["bias-trainable", "nobias-frozen"])
+def test_matches_materialized_and_float64(case, bias, weight_grad):
+    hidden, weight, b, target = make(bias=bias, weight_grad=weight_grad)
+    kw = dict(case)
+    if kw.pop("token_weight", False):
+        kw["token_weight"] = torch.rand(N, generator=torch.Generator().manual_seed(3)) * 2
+    loss = memft_linear_loss(hidden, weight, target, b, chunk_size=5, **kw)  # 5 does not divide 37
+    upstream = 0.5 + torch.rand(loss.shape, generator=torch.Generator().manual_seed(4))  # != 1
+    got = grads_of(loss, (hidden, weight, b), upstream)
+    for dtype, tol in ((None, 2e-6), (torch.float64, 2e-5)):
+        ref_loss, tensors = materialized(hidden, weight, b, target, dtype=dtype, **kw)
+        ref = grads_of(ref_loss, tensors, upstream.to(ref_loss.dtype))
+        assert rel(loss, ref_loss) < tol
+        assert len(got) == len(ref)
+        for g, r in zip(got, ref):
+            assert g.dtype == hidden.dtype and g.shape == r.shape
+            assert rel(g, r) < tol
+    if not weight_grad:
+        assert weight.grad is None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_half_precision_against_float64(dtype, tol):
+    hidden, weight, b, target = make(dtype=dtype, lead=(2, 20))
+    loss = memft_linear_loss(hidden, weight, target, b, chunk_size=8, policy="sigmoid", threshold=0.05)
+    assert loss.dtype == torch.float32
+    got = grads_of(loss, (hidden, weight, b), torch.tensor(1.5))
+    ref_loss, tensors = materialized(hidden, weight, b, target, dtype=torch.float64, policy="sigmoid", threshold=0.05)
+    ref = grads_of(ref_loss, tensors, torch.tensor(1.5, dtype=torch.float64))
+    assert rel(loss, ref_loss) < tol
+    for g, r in zip(got, ref):
+        assert g.dtype == dtype
+        assert rel(g, r) < tol
+
+
+@pytest.mark.parametrize("fallback", ["mean", "zero"])
+def test_active_fallback(fallback):
+    """Every token above the threshold: the weights are all 0 and the fallback decides."""
+    hidden, weight, b, target = make()
+    kw = dict(policy="hard", threshold=1e-9, fallback=fallback)
+    loss, stats = memft_linear_loss(hidden, weight, target, b, chunk_size=6, return_stats=True, **kw)
+    assert bool(stats.fell_back) and stats.n_active.item() == 0
+    got = grads_of(loss, (hidden, weight, b), torch.tensor(2.0))
+    ref_loss, tensors = materialized(hidden, weight, b, target, **kw)
+    ref = grads_of(ref_loss, tensors, torch.tensor(2.0))
+    assert rel(loss, ref_loss) < 1e-6 if fallback == "mean" else loss.item() == 0.0
+    for g, r in zip(got, ref):
+        if fallback == "zero":
+            assert torch.count_nonzero(g) == 0 and torch.count_nonzero(r) == 0
+        else:
+            assert rel(g, r) < 2e-6
+
+
+def test_return_stats_equal_materialized():
+    hidden, weight, b, target = make(lead=(3, 11))
+    kw = dict(policy="sigmoid", threshold=0.05)
+    loss, stats = memft_linear_loss(hidden, weight, target, b, chunk_size=4, return_stats=True, **kw)
+    ref_loss, _ = materialized(hidden, weight, b, target, **kw)
+    _, ref = memft_loss(hidden @ weight.T + b, target, return_stats=True, **kw)
+    assert rel(loss, ref_loss) < 1e-6
+    for name, value in ref.as_dict().items():
+        mine = getattr(stats, name)
+        assert mine.shape == value.shape and mine.dtype == value.dtype, name
+        if value.is_floating_point():
+            assert torch.allclose(mine, value, rtol=1e-5, atol=1e-6), name
+        else:
+            assert torch.equal(mine, value), name
+
+
+def test_no_grad_and_empty():
+    hidden, weight, b, target = make()
+    with torch.no_grad():
+        loss = memft_linear_loss(hidden, weight, target, b, chunk_size=4)
+    ref_loss, _ = materialized(hidden, weight, b, target)
+    assert rel(loss, ref_loss) < 1e-6
+    empty = memft_linear_loss(hidden[:0], weight, target[:0], b)
+    assert empty.item() == 0.0
+    empty.backward()
+    assert hidden.grad.abs().sum() == 0
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest storage (in elements) any aten op produces; views and 0-stride expands
+    of small storages do not count, as they hold no memory of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_never_materializes_the_logits(weight_grad):
+    n, d, v, rows = 512, 16, 97, 32
+    hidden = torch.randn(n, d, requires_grad=True)
+    weight = torch.randn(v, d, requires_grad=weight_grad)
+    target = torch.randint(0, v, (n,))
+    with _LargestTensor() as mode:
+        loss = memft_linear_loss(hidden, weight, target, chunk_size=rows, policy="sigmoid", threshold=0.05)
+        loss.backward()
+    assert mode.largest <= max(n * d, rows * v, v * d) < n * v // 4
+    ref_loss, _ = materialized(hidden, weight, None, target, policy="sigmoid", threshold=0.05)
+    assert rel(loss, ref_loss) < 1e-6
+
+
+def test_chunk_rows_from_budget():
+    assert chunk_rows_for(1000, 100, 8, torch.float32, chunk_size=7) == 7
+    assert chunk_rows_for(5, 100, 8, torch.float32, chunk_size=64) == 5
+    assert chunk_rows_for(1000, 100, 8, torch.float32, memory_budget_bytes=4000) == 10
+    assert chunk_rows_for(1000, 100, 8, torch.bfloat16, memory_budget_bytes=4000) == 20
+    # Default: the budget caps huge chunks; the balanced size keeps them near hidden's size.
+    assert chunk_rows_for(10**6, 128256, 2048, torch.bfloat16) * 128256 * 2 <= DEFAULT_MEMORY_BUDGET_BYTES
+    assert chunk_rows_for(4096, 32000, 512, torch.float32) == 128
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_rows_for(10, 10, 4, torch.float32, chunk_size=0)
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        chunk_rows_for(10, 10, 4, torch.float32, memory_budget_bytes=8)
+
+
+def test_bad_input():
+    hidden, weight, b, target = make()
+    with pytest.raises(ValueError, match="must end in D"):
+        memft_linear_loss(hidden[:, :3], weight, target)
+    with pytest.raises(TypeError, match="dtype"):
+        memft_linear_loss(hidden.double(), weight, target)
+    with pytest.raises(ValueError, match="target.shape"):
+        memft_linear_loss(hidden, weight, target[:3])
+    with pytest.raises(ValueError, match="bias.shape"):
+        memft_linear_loss(hidden, weight, target, b[:3])
+    bad = target.clone()
+    bad[0] = V
+    with pytest.raises(ValueError, match=f"{V}"):
+        memft_linear_loss(hidden, weight, bad)
+    with pytest.raises(ValueError, match="policy"):
+        memft_linear_loss(hidden, weight, target, policy="soft")
+    with pytest.raises(TypeError, match="target"):
+        memft_linear_loss(hidden, weight, target.float())
