@@ -1,0 +1,439 @@
+"""The memorization loop: read it top to bottom.
+
+setup (data -> base model -> LoRA -> optimizer) -> base evaluation -> steps (forward, MemFT loss,
+backward, all-reduce, clip, AdamW, window update, log, evaluate, checkpoint) -> final evaluation,
+report, plots, adapter.
+
+Distributed (torchrun): every rank holds the whole model and task and takes rows ``rank::world``
+of each global batch. The loss is ``sum_i w_i l_i / D`` with D the *global* sum of weights
+(all-reduced stats.weight_sum), and gradients are all-reduced with SUM, so the update equals
+single-process training on the whole batch. One process is the same code with world = 1.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..loss import memft_loss
+from . import checkpoint as ckpt
+from .config import TrainConfig, TrainInputError
+from .data import IGNORE, build_task, to_batch
+from .evaluate import exact_recall, teacher_forced
+from .models import add_lora, build_model, context_length, count_trainable, is_builtin, load_model, trainable_parameters
+from .windows import WindowState, curriculum_size, first_wrong, update_window, window_weights
+
+POLICY = {"ce": "none", "memft-ot": "hard", "memft-sw": "sigmoid"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss of one step (global denominator) -- the only place memft_loss is called in training.
+# ---------------------------------------------------------------------------------------------
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def memorization_loss(logits, labels, token_weight, config: TrainConfig):
+    """(loss to backpropagate, stats, global totals) for this rank's rows.
+
+    ``memft_loss`` with reduction="sum" gives sum_i w_i l_i and, in the same pass, the stats; the
+    sum of weights (and the counts for logging) is all-reduced and the local sum divided by it:
+    exactly the "active" mean over the whole global batch. If no token is active anywhere (only
+    possible for memft-ot), ``fallback`` decides: the plain CE mean ("mean", the authors' code) or
+    zero gradient ("zero").
+    """
+    loss_sum, stats = memft_loss(
+        logits, labels, policy=POLICY[config.loss], threshold=config.threshold, sharpness=config.sharpness,
+        token_weight=token_weight, reduction="sum", return_stats=True, backend=config.backend,
+    )
+    valid = labels != IGNORE
+    totals = torch.stack([
+        stats.weight_sum.double(),
+        stats.n_valid.double(),
+        stats.n_active.double(),
+        stats.ce[valid].double().sum(),
+        ((stats.prob > 0.5) & valid).sum().double(),
+        ((stats.pred == labels) & valid).sum().double(),
+        loss_sum.detach().double(),
+    ]).cpu()
+    totals = _all_reduce(totals)
+    weight_sum, n_valid = float(totals[0]), float(totals[1])
+    if weight_sum > 0:
+        loss = loss_sum / weight_sum
+        fell_back = False
+    elif config.fallback == "mean" and n_valid > 0:
+        loss = memft_loss(logits, labels, policy="none", reduction="sum", backend=config.backend) / n_valid
+        fell_back = True
+    else:
+        loss = loss_sum * 0.0
+        fell_back = True
+    n = max(n_valid, 1.0)
+    info = {
+        "loss": float(totals[6]) / weight_sum if weight_sum > 0 else (float(totals[3]) / n if fell_back and config.fallback == "mean" else 0.0),
+        "ce": float(totals[3]) / n,
+        "recalled_frac": float(totals[4]) / n,
+        "token_accuracy": float(totals[5]) / n,
+        "n_active": int(totals[2]),
+        "n_valid": int(n_valid),
+        "fell_back": fell_back,
+    }
+    return loss, stats, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: a seeded order per epoch; the curriculum trains on a growing prefix of the entries.
+# ---------------------------------------------------------------------------------------------
+class Sampler:
+    def __init__(self, n_samples: int, batch_size: int, seed: int, curriculum: bool, epochs_per_stage: int):
+        self.n, self.batch_size, self.seed = n_samples, batch_size, seed
+        self.curriculum, self.epochs_per_stage = curriculum, epochs_per_stage
+        self.order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
+        self.epoch, self.pos = 0, 0
+
+    def active(self) -> int:
+        return curriculum_size(self.n, self.epoch, self.epochs_per_stage) if self.curriculum else self.n
+
+    def next_batch(self) -> torch.Tensor:
+        active = self.active()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 1)
+        perm = self.order[:active][torch.randperm(active, generator=g)]
+        size = self.batch_size or active
+        batch = perm[self.pos:self.pos + size]
+        self.pos += size
+        if self.pos >= active:
+            self.epoch, self.pos = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.pos = d["epoch"], d["pos"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    config: TrainConfig
+    run_dir: str
+    device: torch.device
+    rank: int
+    world: int
+    task: object
+    model: object
+    optimizer: object
+    scheduler: object
+    sampler: Sampler
+    window: WindowState
+    step: int = 0
+    base_loss: float = float("nan")
+    steps_to_full_recall: Optional[int] = None
+    steps_to_all_recalled: Optional[int] = None
+    last_eval: dict = field(default_factory=dict)
+    history: List[dict] = field(default_factory=list)
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainInputError(f"device={name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+def _init_distributed(device: torch.device):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _make_run_dir(config: TrainConfig, rank: int, world: int) -> str:
+    run_dir = config.run_dir
+    if run_dir is None and rank == 0:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = os.path.join(config.out_dir, f"{stamp}-{config.loss}")
+        base, k = run_dir, 1
+        while os.path.exists(run_dir):
+            run_dir, k = f"{base}-{k}", k + 1
+    if world > 1:
+        box = [run_dir]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = box[0]
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def setup(config: TrainConfig) -> Run:
+    """Everything a run needs, built deterministically from the config (no file written but the folder)."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = _resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = _init_distributed(device)
+
+    task = build_task(config)
+    tok = task.tokenizer
+    if is_builtin(config.model):
+        model = build_model(config.model, tok.vocab_size, config.init_range, config.seed, config.dtype,
+                            {"bos": tok.bos, "eos": tok.eos, "pad": tok.pad})
+    else:
+        model = load_model(config.model, config.dtype)
+        if tok.vocab_size > model.get_input_embeddings().num_embeddings:
+            raise TrainInputError(f"tokenizer has {tok.vocab_size} ids but the model's embedding has "
+                                  f"{model.get_input_embeddings().num_embeddings}")
+    ctx = context_length(model)
+    if ctx is not None and task.max_len > ctx:
+        raise TrainInputError(f"a sample is {task.max_len} tokens long (prompt + answer), longer than the "
+                              f"model's context of {ctx}; lower --length")
+    model = add_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.layers, config.seed)
+    model.to(device).train()
+
+    batch_size = config.batch_size or len(task.samples)
+    if batch_size > len(task.samples):
+        raise TrainInputError(f"batch_size={config.batch_size} is larger than the {len(task.samples)} samples")
+    if batch_size < world:
+        raise TrainInputError(f"batch_size={batch_size} is smaller than the {world} ranks: every rank needs a row")
+
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / config.steps))
+    sampler = Sampler(len(task.samples), config.batch_size, config.seed, config.curriculum, config.curriculum_epochs)
+    run_dir = _make_run_dir(config, rank, world)
+    return Run(config, run_dir, device, rank, world, task, model, optimizer, scheduler, sampler,
+               WindowState.new(len(task.samples)))
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+# ---------------------------------------------------------------------------------------------
+def forward_backward(run: Run, batch_index: torch.Tensor):
+    """Forward + MemFT loss + backward on this rank's rows, then the gradient all-reduce.
+
+    Leaves the summed gradients in ``.grad``; returns (info, stats, local batch).
+    """
+    config, task = run.config, run.task
+    local_index = batch_index[run.rank::run.world]
+    batch = to_batch(task, local_index.tolist(), task.max_len).to(run.device)
+    token_weight = None
+    if config.loss == "memft-sw":
+        token_weight = window_weights(run.window, local_index, task.max_len, span=config.window_span,
+                                      decay=config.window_decay, floor=config.window_floor).to(run.device)
+    logits = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    loss, stats, info = memorization_loss(logits, batch.labels, token_weight, config)
+    loss.backward()
+    if run.world > 1:
+        for p in trainable_parameters(run.model):
+            _all_reduce(p.grad)
+    return info, stats, batch
+
+
+def _window_step(run: Run, stats, batch, batch_index: torch.Tensor) -> None:
+    """Move each sample's window from this step's argmax predictions (gathered over ranks)."""
+    anchors = torch.full((len(run.task.samples),), -2, dtype=torch.long)  # -2: not in this rank's rows
+    anchors[batch.index] = first_wrong(stats.pred, batch.labels).cpu()
+    if run.world > 1:
+        dist.all_reduce(anchors, op=dist.ReduceOp.MAX)
+    c = run.config
+    run.window = update_window(run.window, batch_index, anchors[batch_index], patience=c.window_patience,
+                               growth=c.window_growth, max_expand=c.window_max)
+
+
+def train_step(run: Run) -> dict:
+    batch_index = run.sampler.next_batch()
+    info, stats, batch = forward_backward(run, batch_index)
+    params = trainable_parameters(run.model)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.config.grad_clip if run.config.grad_clip > 0 else float("inf"))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.config.loss == "memft-sw":
+        _window_step(run, stats, batch, batch_index)
+    run.step += 1
+    info.update(step=run.step, lr=lr, grad_norm=float(grad_norm), batch=len(batch_index),
+                covers_all=len(batch_index) == len(run.task.samples))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, logging, checkpoints
+# ---------------------------------------------------------------------------------------------
+def evaluate(run: Run) -> dict:
+    tf = teacher_forced(run.model, run.task, run.device, backend=run.config.backend)
+    gen = exact_recall(run.model, run.task, run.device)
+    result = {
+        "kind": "eval", "step": run.step, "loss": tf["loss"], "dL": run.base_loss - tf["loss"],
+        "token_accuracy": tf["token_accuracy"], "recalled_frac": tf["recalled_frac"],
+        "exact_recall": gen["exact_recall"], "whole_exact": gen["whole_exact"],
+        "first_wrong": gen["first_wrong_overall"],
+    }
+    if gen["whole_exact"] and run.steps_to_full_recall is None:
+        run.steps_to_full_recall = run.step
+    run.last_eval = dict(result, per_sample=tf["per_sample"], first_wrong_per_sample=gen["first_wrong"])
+    return result
+
+
+def _log(run: Run, row: dict) -> None:
+    run.history.append(row)
+    if run.rank == 0:
+        with open(os.path.join(run.run_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _checkpoint_state(run: Run) -> dict:
+    trainable = {n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    return {
+        "step": run.step,
+        "trainable": trainable,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "sampler": run.sampler.state_dict(),
+        "window": run.window.state_dict(),
+        "base_loss": run.base_loss,
+        "steps_to_full_recall": run.steps_to_full_recall,
+        "steps_to_all_recalled": run.steps_to_all_recalled,
+        "last_eval_step": run.last_eval.get("step"),
+    }
+
+
+def _restore(run: Run, state: dict) -> None:
+    params = dict(run.model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.sampler.load_state_dict(state["sampler"])
+    run.window = WindowState.from_state_dict(state["window"])
+    run.step = state["step"]
+    run.base_loss = state["base_loss"]
+    run.steps_to_full_recall = state["steps_to_full_recall"]
+    run.steps_to_all_recalled = state["steps_to_all_recalled"]
+    # metrics.jsonl may hold rows written after the checkpoint (or a torn last line): keep the rest.
+    path = os.path.join(run.run_dir, "metrics.jsonl")
+    rows = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= run.step:
+                    rows.append(row)
+    run.history = rows
+    if run.rank == 0:
+        ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> dict:
+    start = time.time()
+    run = setup(config)
+    config = run.config
+    if resume_state is None:
+        torch.manual_seed(config.seed)  # dropout stream; restored from the checkpoint on resume
+        run.base_loss = teacher_forced(run.model, run.task, run.device, backend=config.backend)["loss"]
+        if run.rank == 0:
+            ckpt.atomic_write_json(os.path.join(run.run_dir, "config.json"), dict(config.to_dict(), run_dir=run.run_dir))
+            open(os.path.join(run.run_dir, "metrics.jsonl"), "w").close()
+        _log(run, {"kind": "base", "step": 0, "loss": run.base_loss})
+    else:
+        _restore(run, resume_state)
+
+    bar = None
+    if run.rank == 0 and config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=run.step, desc=f"memft train [{config.loss}]", unit="step")
+    while run.step < config.steps:
+        info = train_step(run)
+        if info["covers_all"] and info["recalled_frac"] == 1.0 and run.steps_to_all_recalled is None:
+            # This forward saw the model after step-1 updates with every token at p > 0.5.
+            run.steps_to_all_recalled = run.step - 1
+        _log(run, dict(kind="train", **{k: v for k, v in info.items() if k != "covers_all"}))
+        last = run.step == config.steps
+        due = config.eval_every and run.step % config.eval_every == 0
+        # A full batch with every argmax right means greedy recall is likely: confirm it now.
+        hint = info["covers_all"] and info["token_accuracy"] == 1.0 and run.steps_to_full_recall is None
+        if run.rank == 0 and (last or due or hint):
+            _log(run, evaluate(run))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{info['loss']:.3f}", p50=f"{info['recalled_frac']:.0%}",
+                            acc=f"{info['token_accuracy']:.0%}", exact=f"{run.last_eval.get('exact_recall', 0):.0%}")
+        if config.checkpoint_every and run.step % config.checkpoint_every == 0 and not last:
+            state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
+            if run.rank == 0:
+                ckpt.save_checkpoint(run.run_dir, state)
+    if bar is not None:
+        bar.close()
+
+    report = None
+    if run.rank == 0:
+        if run.last_eval.get("step") != run.step:
+            _log(run, evaluate(run))
+        report = _finish(run, time.time() - start)
+    if run.world > 1:
+        box = [report]
+        dist.broadcast_object_list(box, src=0)
+        report = box[0]
+    return report
+
+
+def _finish(run: Run, wall_s: float) -> dict:
+    from .report import write_outputs
+
+    config, ev = run.config, run.last_eval
+    report = {
+        "task": config.task,
+        "loss": config.loss,
+        "model": config.model,
+        "rank": config.rank,
+        "layers": config.layers,
+        "target_modules": config.target_modules,
+        "lora_params": count_trainable(run.model),
+        "length": config.length if config.task != "phonebook" else None,
+        "samples": len(run.task.samples),
+        "answer_tokens": run.task.n_answer_tokens,
+        "seed": config.seed,
+        "steps": config.steps,
+        "base_loss": run.base_loss,
+        "final_loss": ev["loss"],
+        "dL": run.base_loss - ev["loss"],
+        "token_accuracy": ev["token_accuracy"],
+        "recalled_frac": ev["recalled_frac"],
+        "exact_recall": ev["exact_recall"],
+        "whole_exact": ev["whole_exact"],
+        "first_wrong": ev["first_wrong"],
+        "steps_to_full_recall": run.steps_to_full_recall,
+        "steps_to_all_recalled": run.steps_to_all_recalled,
+        "world_size": run.world,
+        "device": str(run.device),
+        "threads": torch.get_num_threads(),
+        "wall_s": round(wall_s, 2),
+        "run_dir": run.run_dir,
+    }
+    write_outputs(run, report)
+    return report

@@ -1,0 +1,129 @@
+"""Base models (built-in tiny Llama configs or a local Hugging Face folder) and the peft LoRA.
+
+Built-in models are random-init ``LlamaForCausalLM`` built from a config; the vocabulary comes from
+the task's tokenizer, so they are made after the data. No download is ever attempted.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .config import TrainInputError
+
+# hidden, layers, heads, kv heads, mlp, context. "tiny" is the embedded default (CALIBRATION.md).
+BUILTIN_MODELS = {
+    "nano": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, max_position_embeddings=1024),
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                 intermediate_size=688, max_position_embeddings=2048),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                  intermediate_size=1376, max_position_embeddings=4096),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_builtin(name: str) -> bool:
+    return name in BUILTIN_MODELS
+
+
+def check_model_dir(path: str) -> None:
+    """ValueError unless ``path`` is a folder holding a causal LM config (checked before loading)."""
+    if not os.path.isdir(path):
+        raise TrainInputError(
+            f"model={path!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a folder"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise TrainInputError(f"model folder {path!r} has no config.json: not a transformers model")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad model folder
+        raise TrainInputError(f"model folder {path!r}: cannot read its config ({type(exc).__name__}: {exc})") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise TrainInputError(f"model folder {path!r} holds a {config.model_type!r} model, which is not a causal LM")
+
+
+def build_model(name: str, vocab_size: int, init_range: float, seed: int, dtype: str = "float32",
+                special_ids: Optional[dict] = None):
+    """A random-init built-in Llama (seeded: the same name and seed give the same weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    special_ids = special_ids or {}
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        initializer_range=init_range,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+        bos_token_id=special_ids.get("bos"),
+        eos_token_id=special_ids.get("eos"),
+        pad_token_id=special_ids.get("pad"),
+        **BUILTIN_MODELS[name],
+    )
+    # Seed on a private generator state so model init never shifts the caller's RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(_DTYPES[dtype])
+
+
+def load_model(path: str, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=_DTYPES[dtype])
+
+
+def context_length(model) -> Optional[int]:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def num_layers(model) -> Optional[int]:
+    return getattr(model.config, "num_hidden_layers", None)
+
+
+def add_lora(model, rank: int, alpha: Optional[float], dropout: float, target_modules, layers, seed: int):
+    """Freeze the base and wrap it in a peft LoRA; returns the PeftModel.
+
+    peft initializes B = 0, so the adapted model starts exactly at the base model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = num_layers(model)
+    if layers is not None and n_layers is not None:
+        bad = [i for i in layers if i >= n_layers]
+        if bad:
+            raise TrainInputError(f"layers={list(layers)} includes {bad[0]}, but the model has {n_layers} layers")
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [m for m in target_modules if m not in names]
+    if missing:
+        raise TrainInputError(f"target module(s) {missing} not found in the model")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=float(rank if alpha is None else alpha),
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        layers_to_transform=None if layers is None else list(layers),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        peft_model = get_peft_model(model, config)
+    return peft_model
+
+
+def trainable_parameters(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_trainable(model) -> int:
+    return sum(p.numel() for p in trainable_parameters(model))
