@@ -1,0 +1,32 @@
+// One float at a time: the portable fallback of the row kernels (any CPU, any compiler).
+// Included by memft_cpu.cpp inside its own namespace; see row_kernel.h for the interface.
+struct Vec {
+  static constexpr int W = 1;
+  using F = float;
+  using I = int32_t;
+  using M = bool;
+  static F zero() { return 0.0f; }
+  static F set1(float v) { return v; }
+  static F load(const float* p) { return *p; }
+  static F load(const uint16_t* p) { return bf16_to_float(*p); }
+  static void store(float* p, F v, bool) { *p = v; }
+  static void store(uint16_t* p, F v, bool) { *p = float_to_bf16(v); }
+  static void fence() {}
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F max(F a, F b) { return b > a ? b : a; }
+  static F fmadd(F a, F b, F c) { return a * b + c; }
+  static F fnmadd(F a, F b, F c) { return c - a * b; }
+  static M gt(F a, F b) { return a > b; }
+  static M eq(F a, F b) { return a == b; }
+  static F blend(F a, F b, M m) { return m ? b : a; }
+  static I iota(int32_t base) { return base; }
+  static I set1i(int32_t v) { return v; }
+  static I addi(I a, I b) { return a + b; }
+  static I blendi(I a, I b, M m) { return m ? b : a; }
+  static void to_array(F v, float* out) { out[0] = v; }
+  static void to_array(I v, int32_t* out) { out[0] = v; }
+  static F exp(F x) { return std::exp(x); }
+  static F tanh(F x) { return std::tanh(x); }
+};

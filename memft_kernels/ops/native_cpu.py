@@ -1,0 +1,218 @@
+"""The native CPU backend: C++ row kernels (csrc/cpu/, OpenMP over rows, AVX2 chosen at run time).
+
+Reading order: the compiled module (``memft_kernels._native_cpu``, built by setup.py with CMake and
+pybind11; it takes raw addresses and never links libtorch), then the ``torch.library`` custom ops
+``memft::cpu_row_*`` with their fake implementations, then the backend interface of
+``ops/reference.py``. The autograd lives in ``loss.py``, shared by every backend.
+
+Threads: ``torch.get_num_threads()``; every row is reduced by one thread in a fixed order, so the
+results are bitwise the same for any thread count.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from ..spec import KernelOptions, RowStats
+
+try:
+    from .. import _native_cpu as _C
+except ImportError as exc:  # not built: the package works on the other backends
+    _C = None
+    _IMPORT_ERROR = str(exc)
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_POLICY_CODES = {"none": 0, "hard": 1, "sigmoid": 2}
+_INT32_MAX = 2**31 - 1
+_NOT_BUILT = (
+    "the native {what} module memft_kernels.{name} was not built ({error}); reinstall with "
+    "`pip install .` where {needs} (MEMFT_NATIVE=0 skips native code), see docs/BUILDING.md"
+)
+
+
+# ----------------------------------------------------------------- arguments shared with native_cuda
+def option_args(opts: KernelOptions) -> Tuple[int, float, float, int, float, float, float]:
+    """KernelOptions as the scalars the custom ops take (softcap 0.0 means none)."""
+    return (
+        _POLICY_CODES[opts.policy], float(opts.threshold), float(opts.sharpness), int(opts.ignore_index),
+        float(opts.label_smoothing), float(opts.z_loss), float(opts.softcap or 0.0),
+    )
+
+
+def make_options(ext, policy, threshold, sharpness, ignore_index, label_smoothing, z_loss, softcap):
+    return ext.make_options(
+        policy=policy, threshold=threshold, sharpness=sharpness, ce_threshold=-math.log(threshold),
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+    )
+
+
+def make_input(ext, logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor]):
+    """The compiled RowInput: addresses, sizes and strides of [N, V] logits (unit column stride)."""
+    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
+        raise ValueError(f"native kernels take [N, V] logits with unit column stride, got shape "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")
+    if target.dtype not in (torch.int32, torch.int64) or target.shape != logits.shape[:1]:
+        raise ValueError(f"target must be int32/int64 of shape {tuple(logits.shape[:1])}, "
+                         f"got {target.dtype} {tuple(target.shape)}")
+    if token_weight is not None and (token_weight.dtype != torch.float32 or token_weight.shape != target.shape):
+        raise ValueError("token_weight must be float32 of the target's shape")
+    return ext.make_input(
+        logits=logits.data_ptr(), dtype=_DTYPE_CODES[logits.dtype], n_rows=logits.shape[0],
+        n_cols=logits.shape[1], row_stride=logits.stride(0), target=target.data_ptr(),
+        target_int64=target.dtype == torch.int64, target_stride=target.stride(0) if target.numel() else 1,
+        token_weight=0 if token_weight is None else token_weight.data_ptr(),
+        token_weight_stride=1 if token_weight is None or token_weight.numel() == 0 else token_weight.stride(0),
+    )
+
+
+def new_row_stats(logits: torch.Tensor):
+    """Empty per-row outputs: lse, ce, prob, pred (int64), weight, loss."""
+    n = logits.shape[0]
+    f = lambda: torch.empty(n, dtype=torch.float32, device=logits.device)  # noqa: E731
+    return f(), f(), f(), torch.empty(n, dtype=torch.int64, device=logits.device), f(), f()
+
+
+def stats_args(ext, stats):
+    lse, ce, prob, pred, weight, loss = stats
+    return ext.make_stats(lse=lse.data_ptr(), ce=ce.data_ptr(), prob=prob.data_ptr(), pred=pred.data_ptr(),
+                          weight=weight.data_ptr(), loss=loss.data_ptr())
+
+
+def check_grad(grad: torch.Tensor, logits: torch.Tensor) -> None:
+    if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device:
+        raise ValueError(f"grad must match the logits ({logits.dtype}, {tuple(logits.shape)}), "
+                         f"got {grad.dtype}, {tuple(grad.shape)}")
+    if grad.shape[1] > 1 and grad.stride(1) != 1:
+        raise ValueError(f"grad needs unit column stride, got strides {grad.stride()}")
+
+
+def prepare(logits, target, token_weight):
+    """Unit column stride and float32 token weights, as the compiled kernels need them."""
+    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if token_weight is not None and token_weight.dtype != torch.float32:
+        token_weight = token_weight.to(torch.float32)
+    return logits, target, token_weight
+
+
+# ----------------------------------------------------------------------------------- custom ops
+def _require_built() -> None:
+    if _C is None:
+        raise RuntimeError(availability())
+
+
+@torch.library.custom_op("memft::cpu_row_forward", mutates_args=())
+def cpu_row_forward(
+    logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor], policy: int,
+    threshold: float, sharpness: float, ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _require_built()
+    stats = new_row_stats(logits)
+    if logits.shape[0]:
+        _C.row_forward(
+            make_input(_C, logits, target, token_weight),
+            make_options(_C, policy, threshold, sharpness, ignore_index, label_smoothing, z_loss, softcap),
+            stats_args(_C, stats), threads=torch.get_num_threads(),
+        )
+    return stats
+
+
+@cpu_row_forward.register_fake
+def _(logits, target, token_weight, policy, threshold, sharpness, ignore_index, label_smoothing, z_loss, softcap):
+    return new_row_stats(logits)
+
+
+@torch.library.custom_op("memft::cpu_row_backward", mutates_args=("grad",))
+def cpu_row_backward(
+    logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, grad: torch.Tensor,
+    policy: int, threshold: float, sharpness: float, ignore_index: int, label_smoothing: float, z_loss: float,
+    softcap: float,
+) -> None:
+    _require_built()
+    check_grad(grad, logits)
+    if logits.shape[0]:
+        _C.row_backward(
+            make_input(_C, logits, target, None),
+            make_options(_C, policy, threshold, sharpness, ignore_index, label_smoothing, z_loss, softcap),
+            lse=lse.data_ptr(), coef=coef.data_ptr(), grad=grad.data_ptr(), grad_row_stride=grad.stride(0),
+            threads=torch.get_num_threads(),
+        )
+
+
+@cpu_row_backward.register_fake
+def _(logits, target, lse, coef, grad, policy, threshold, sharpness, ignore_index, label_smoothing, z_loss, softcap):
+    return None
+
+
+@torch.library.custom_op("memft::cpu_row_forward_backward", mutates_args=("grad",))
+def cpu_row_forward_backward(
+    logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor], scale: torch.Tensor,
+    grad: torch.Tensor, policy: int, threshold: float, sharpness: float, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _require_built()
+    check_grad(grad, logits)
+    stats = new_row_stats(logits)
+    if logits.shape[0]:
+        _C.row_forward_backward(
+            make_input(_C, logits, target, token_weight),
+            make_options(_C, policy, threshold, sharpness, ignore_index, label_smoothing, z_loss, softcap),
+            stats_args(_C, stats), scale=scale.data_ptr(), grad=grad.data_ptr(), grad_row_stride=grad.stride(0),
+            threads=torch.get_num_threads(),
+        )
+    return stats
+
+
+@cpu_row_forward_backward.register_fake
+def _(logits, target, token_weight, scale, grad, policy, threshold, sharpness, ignore_index, label_smoothing,
+      z_loss, softcap):
+    return new_row_stats(logits)
+
+
+# ---------------------------------------------------------------------------- backend interface
+def availability() -> Optional[str]:
+    if _C is None:
+        return _NOT_BUILT.format(what="CPU", name="_native_cpu", error=_IMPORT_ERROR,
+                                 needs="a C++17 compiler with OpenMP, CMake and pybind11 are available")
+    return None
+
+
+def supports(logits: torch.Tensor) -> Optional[str]:
+    if logits.device.type != "cpu":
+        return f"the native CPU backend runs CPU tensors, got logits on {logits.device}"
+    if logits.dtype not in (torch.float32, torch.bfloat16):
+        return f"the native CPU backend takes float32 or bfloat16 logits, got {logits.dtype}"
+    if logits.shape[-1] > _INT32_MAX:
+        return f"the native CPU backend takes V <= 2^31 - 1, got V={logits.shape[-1]}"
+    return None
+
+
+def isa() -> Optional[str]:
+    """The vector code path this host runs ("avx2+fma" or "scalar"), None if not built."""
+    return None if _C is None else _C.ISA
+
+
+def row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
+                opts: KernelOptions) -> RowStats:
+    logits, target, token_weight = prepare(logits, target, token_weight)
+    return RowStats(*cpu_row_forward(logits, target, token_weight, *option_args(opts)))
+
+
+def row_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+                 opts: KernelOptions, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    logits, target, _ = prepare(logits, target, None)
+    if out is None:
+        out = torch.empty_like(logits)
+    lse = lse.to(torch.float32).contiguous()
+    coef = coef.to(torch.float32).contiguous()
+    cpu_row_backward(logits, target, lse, coef, out, *option_args(opts))
+    return out
+
+
+def row_forward_backward(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
+                         opts: KernelOptions, scale: torch.Tensor, grad: torch.Tensor) -> RowStats:
+    logits, target, token_weight = prepare(logits, target, token_weight)
+    scale = scale.to(device=logits.device, dtype=torch.float32).reshape(())
+    return RowStats(*cpu_row_forward_backward(logits, target, token_weight, scale, grad, *option_args(opts)))
