@@ -1,0 +1,326 @@
+"""Hugging Face ``transformers`` integration: train any causal LM with the MemFT loss.
+
+Three ways in, from least to most invasive:
+
+* ``memft_causal_lm_loss``: a drop-in for transformers' ``ForCausalLMLoss`` (label shift,
+  ``num_items_in_batch`` as the denominator for gradient accumulation);
+  ``use_memft(model)`` installs it as ``model.loss_function``, so the model's own forward returns
+  the MemFT loss; ``memft_compute_loss_func()`` is the same for ``Trainer(compute_loss_func=...)``.
+* ``apply_memft_to_model(model)``: additionally, a training forward with labels computes the loss
+  from the last hidden states with ``memft_linear_loss`` and never builds the N x V logits
+  (``outputs.logits`` is None there). Evaluation, generation and calls without labels run the
+  model's own forward unchanged. A peft ``PeftModel`` is unwrapped to its base model; an lm_head
+  that is frozen, LoRA-wrapped or in ``modules_to_save`` is handled (see ``_head_as_linear``).
+
+Nothing in ``memft_kernels.ops`` or the loss modules imports transformers; this module imports it
+lazily, only to build the output object of the fused forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..linear_loss import memft_linear_loss
+from ..loss import memft_loss
+from ..spec import validate_options
+
+# memft_loss keywords a causal-LM loss accepts (reduction is always "mean", as transformers' is).
+LOSS_OPTIONS = (
+    "policy", "threshold", "sharpness", "normalize", "fallback", "label_smoothing", "z_loss",
+    "softcap", "backend", "validate", "stats_callback",
+)
+# Extra keywords of the fused path (memft_linear_loss's chunking).
+LINEAR_OPTIONS = ("chunk_size", "memory_budget_bytes")
+# Families whose causal-LM forward is "decoder -> last hidden -> lm_head (-> final softcap) -> loss",
+# which the fused forward reproduces. Others (logit scaling, MoE aux losses...) are refused.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2")
+
+
+# --------------------------------------------------------------------------------------------
+# The loss function (transformers' ForCausalLMLoss signature)
+# --------------------------------------------------------------------------------------------
+
+
+def _shifted_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Position t predicts token t + 1; the last position has nothing to predict."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _denominator(num_items_in_batch, device):
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, torch.Tensor):
+        return num_items_in_batch.reshape(()).to(device)
+    return num_items_in_batch
+
+
+def memft_causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: Optional[int] = None,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: Optional[torch.Tensor] = None,
+    *,
+    stats_callback: Optional[Callable] = None,
+    policy: str = "hard",
+    threshold: float = 0.5,
+    sharpness: float = 10.0,
+    normalize: str = "active",
+    fallback: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    backend: str = "auto",
+    validate: bool = True,
+    **model_kwargs,
+) -> torch.Tensor:
+    """The MemFT loss with transformers' ``ForCausalLMLoss`` conventions.
+
+    ``labels`` are the unshifted input labels (shifted here) unless ``shift_labels`` is given.
+    ``num_items_in_batch`` (set by the Trainer under gradient accumulation) becomes the
+    denominator: the loss is then sum_i w_i l_i / num_items, so that the micro-batch losses add up
+    to the whole step's. Other keywords a model forward passes along are ignored, as transformers'
+    own loss ignores them. ``stats_callback(MemFTStats)``, if given, receives the statistics.
+    """
+    num_classes = logits.shape[-1]
+    if vocab_size is not None and vocab_size != num_classes:
+        raise ValueError(f"vocab_size={vocab_size} but logits have {num_classes} classes in their last dimension")
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("memft_causal_lm_loss needs labels (or shift_labels)")
+        shift_labels = _shifted_labels(labels, ignore_index)
+    result = memft_loss(
+        logits.reshape(-1, num_classes), shift_labels.reshape(-1).to(logits.device),
+        policy=policy, threshold=threshold, sharpness=sharpness, normalize=normalize, fallback=fallback,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend, validate=validate,
+        ignore_index=ignore_index, denominator=_denominator(num_items_in_batch, logits.device),
+        return_stats=stats_callback is not None,
+    )
+    if stats_callback is None:
+        return result
+    loss, stats = result
+    stats_callback(stats)
+    return loss
+
+
+def _checked_options(options: dict, allowed) -> dict:
+    unknown = sorted(set(options) - set(allowed) - {"ignore_index"})
+    if unknown:
+        raise TypeError(f"unknown MemFT option(s) {unknown}; allowed: {', '.join(sorted(allowed))}, ignore_index")
+    defaults = dict(
+        policy="hard", threshold=0.5, sharpness=10.0, normalize="active", fallback="mean",
+        label_smoothing=0.0, z_loss=0.0, softcap=None, backend="auto", ignore_index=-100,
+    )
+    checked = {k: options.get(k, v) for k, v in defaults.items()}
+    validate_options(reduction="mean", **checked)
+    cb = options.get("stats_callback")
+    if cb is not None and not callable(cb):
+        raise TypeError(f"stats_callback must be callable, got {type(cb).__name__}")
+    return dict(options)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft ``PeftModel`` (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def use_memft(model: nn.Module, **options) -> nn.Module:
+    """Make ``model``'s own forward return the MemFT loss (sets ``model.loss_function``).
+
+    Works for any causal LM whose forward calls ``self.loss_function`` (transformers >= 4.46), also
+    through a peft ``PeftModel``. The logits are materialized as usual; see
+    ``apply_memft_to_model`` for the path that skips them. Returns ``model``.
+    """
+    options = _checked_options(options, LOSS_OPTIONS)
+    base = unwrap_model(model)
+    if not hasattr(base, "loss_function"):
+        raise TypeError(f"{type(base).__name__} has no loss_function to replace (needs a transformers model)")
+    base.loss_function = functools.partial(memft_causal_lm_loss, **options)
+    return model
+
+
+def memft_compute_loss_func(**options) -> Callable:
+    """A ``compute_loss_func`` for ``transformers.Trainer``: ``fn(outputs, labels, num_items_in_batch)``."""
+    options = _checked_options(options, LOSS_OPTIONS)
+
+    def compute_loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return memft_causal_lm_loss(logits, labels, num_items_in_batch=num_items_in_batch, **options)
+
+    return compute_loss
+
+
+# --------------------------------------------------------------------------------------------
+# The lm_head as one linear map (plain, frozen, LoRA-wrapped, modules_to_save)
+# --------------------------------------------------------------------------------------------
+
+
+def _head_as_linear(head: nn.Module, hidden: torch.Tensor):
+    """``(hidden2, weight, bias)`` with ``head(hidden) == hidden2 @ weight.T + bias``, or None when the
+    head is of a kind this does not know (the caller then falls back to the materialized logits).
+
+    A LoRA head ``x W^T + s B(A(drop(x)))`` is written as one linear map of the concatenation
+    ``[x, s A(drop(x))]`` with weight ``[W, B]``: exact with dropout, gradients reach A and B
+    through autograd, and the extra width is only the LoRA rank.
+    """
+    if isinstance(head, nn.Linear):
+        return hidden, head.weight, head.bias
+    if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper
+        active = list(getattr(head, "active_adapters", []))
+        if getattr(head, "disable_adapters", False) or not active or active[0] not in head.modules_to_save:
+            return _head_as_linear(head.original_module, hidden)
+        return _head_as_linear(head.modules_to_save[active[0]], hidden)
+    if hasattr(head, "lora_A") and hasattr(head, "base_layer"):  # peft LoRA layer
+        base = _head_as_linear(head.base_layer, hidden)
+        if base is None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+            return base
+        x, weight, bias = base
+        hidden_parts, weight_parts = [x], [weight]
+        for name in head.active_adapters:
+            if name not in head.lora_A:
+                continue
+            if name in getattr(head, "lora_variant", {}) or getattr(head, "use_dora", {}).get(name, False):
+                return None  # DoRA and other variants are not a plain low-rank sum
+            lora_a, lora_b = head.lora_A[name], head.lora_B[name]
+            scaling = head.scaling[name]
+            down = lora_a(head.lora_dropout[name](x.to(lora_a.weight.dtype))) * scaling
+            hidden_parts.append(down.to(weight.dtype))
+            weight_parts.append(lora_b.weight.to(weight.dtype))
+            if lora_b.bias is not None:
+                extra = (lora_b.bias * scaling).to(weight.dtype)
+                bias = extra if bias is None else bias + extra
+        if len(hidden_parts) == 1:
+            return base
+        return torch.cat(hidden_parts, dim=-1), torch.cat(weight_parts, dim=1), bias
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The fused forward
+# --------------------------------------------------------------------------------------------
+
+
+def _output_class(decoder_output):
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, CausalLMOutputWithPast
+
+    names = {f.name for f in dataclasses.fields(decoder_output)}
+    return CausalLMOutputWithCrossAttentions if "cross_attentions" in names else CausalLMOutputWithPast
+
+
+def _fused_loss(model, hidden, labels, shift_labels, num_items_in_batch, options, model_softcap):
+    loss_options = {k: v for k, v in options.items() if k != "stats_callback"}
+    callback = options.get("stats_callback")
+    ignore_index = loss_options.pop("ignore_index", -100)
+    if model_softcap is not None:
+        loss_options["softcap"] = model_softcap
+    if shift_labels is None:
+        shift_labels = _shifted_labels(labels, ignore_index)
+    parts = _head_as_linear(model.lm_head, hidden)
+    denominator = _denominator(num_items_in_batch, hidden.device)
+    if parts is None:
+        warnings.warn(
+            f"apply_memft_to_model: lm_head of type {type(model.lm_head).__name__} is not a (LoRA-wrapped) "
+            "nn.Linear; computing the loss from materialized logits instead",
+            stacklevel=3,
+        )
+        logits_options = {k: v for k, v in loss_options.items() if k not in LINEAR_OPTIONS}
+        return memft_causal_lm_loss(
+            model.lm_head(hidden), None, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+            ignore_index=ignore_index, stats_callback=callback, **logits_options,
+        )
+    x, weight, bias = parts
+    device_type = x.device.type
+    # Under autocast the head would run in the autocast dtype; otherwise in the weight's dtype.
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = weight.dtype
+    with torch.autocast(device_type, enabled=False):
+        result = memft_linear_loss(
+            x.to(dtype), weight.to(dtype), shift_labels.to(x.device), None if bias is None else bias.to(dtype),
+            ignore_index=ignore_index, denominator=denominator, return_stats=callback is not None, **loss_options,
+        )
+    if callback is None:
+        return result
+    loss, stats = result
+    callback(stats)
+    return loss
+
+
+def _make_fused_forward(model, original_forward, options, model_softcap):
+    signature = inspect.signature(original_forward)
+    var_kw = next((p.name for p in signature.parameters.values() if p.kind == p.VAR_KEYWORD), None)
+
+    @functools.wraps(original_forward)
+    def forward(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        if var_kw is not None:
+            arguments.update(arguments.pop(var_kw, {}))
+        labels = arguments.get("labels")
+        shift_labels = arguments.get("shift_labels")
+        keep = arguments.get("logits_to_keep", 0)
+        fused = (
+            model.training
+            and (labels is not None or shift_labels is not None)
+            and isinstance(keep, int) and keep == 0
+            and arguments.get("return_dict", True) is not False
+        )
+        if not fused:
+            return original_forward(*args, **kwargs)
+        for name in ("labels", "shift_labels", "logits_to_keep", "return_dict"):
+            arguments.pop(name, None)
+        num_items_in_batch = arguments.pop("num_items_in_batch", None)
+        decoder = getattr(model, model.base_model_prefix)
+        outputs = decoder(**arguments)
+        loss = _fused_loss(model, outputs.last_hidden_state, labels, shift_labels, num_items_in_batch, options, model_softcap)
+        cls = _output_class(outputs)
+        carried = {f.name for f in dataclasses.fields(cls)} - {"loss", "logits"}
+        fields = {name: getattr(outputs, name) for name in carried if hasattr(outputs, name)}
+        return cls(loss=loss, logits=None, **fields)
+
+    forward._memft_original = original_forward
+    return forward
+
+
+def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options) -> nn.Module:
+    """Train ``model`` (a transformers causal LM, or a peft ``PeftModel`` around one) with MemFT.
+
+    Always sets ``model.loss_function`` (``use_memft``). With ``fused_linear=True`` the training
+    forward with labels also skips the logits: it runs the decoder, then ``memft_linear_loss`` on
+    the last hidden states and the lm_head's weight (Gemma-2/3's ``final_logit_softcapping`` becomes
+    the loss's ``softcap``); it returns ``logits=None``. ``chunk_size`` / ``memory_budget_bytes``
+    set the chunking. Calling it again replaces the options. Returns ``model``.
+    """
+    options = _checked_options(options, LOSS_OPTIONS + LINEAR_OPTIONS)
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"apply_memft_to_model supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r} "
+            f"({type(base).__name__}). use_memft(model) works with any causal LM (logits materialized)."
+        )
+    if not hasattr(base, "lm_head") or not hasattr(base, getattr(base, "base_model_prefix", "") or "\0"):
+        raise ValueError(f"{type(base).__name__} has no lm_head / decoder: pass a *ForCausalLM model")
+    model_softcap = getattr(config, "final_logit_softcapping", None)
+    if model_softcap is not None and options.get("softcap") is not None:
+        raise ValueError(
+            f"{model_type} already caps its logits (final_logit_softcapping={model_softcap}); do not pass softcap"
+        )
+    use_memft(base, **{k: v for k, v in options.items() if k not in LINEAR_OPTIONS})
+    original = getattr(base.forward, "_memft_original", base.forward)
+    if fused_linear:
+        base.forward = _make_fused_forward(base, original, options, model_softcap)
+    elif "forward" in vars(base):  # undo an earlier fused patch
+        del base.forward
+    return model
