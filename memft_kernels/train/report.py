@@ -60,7 +60,9 @@ def write_plots(history: List[dict], run_dir: str, title: str) -> List[str]:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot([r["step"] for r in train], [r["recalled_frac"] for r in train], label="tokens with p > 0.5")
     ax.plot([r["step"] for r in train], [r["token_accuracy"] for r in train], label="argmax accuracy")
-    ax.plot([r["step"] for r in evals], [r["exact_recall"] for r in evals], "o-", label="exact recall (greedy)")
+    ax.plot([r["step"] for r in evals], [r["argmax_exact"] for r in evals], "-", label="samples with every argmax right")
+    gen = [r for r in evals if r.get("exact_recall") is not None]
+    ax.plot([r["step"] for r in gen], [r["exact_recall"] for r in gen], "o", label="exact recall (greedy generation)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("step")
     ax.set_ylabel("share")

@@ -1,0 +1,154 @@
+"""`memft train`: one option per TrainConfig field, plus --compare and --resume.
+
+Bad input (TrainInputError) becomes memft_kernels.cli.CLIError: one line on stderr, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import typing
+from dataclasses import fields
+
+from .config import LOSSES, TrainConfig, TrainInputError
+
+HELP = {
+    "model": "built-in model (nano, tiny, small) or a local transformers causal-LM folder",
+    "init_range": "initializer_range of a built-in model (0.2 reaches p > 0.5; 0.02 does not)",
+    "dtype": "model weights dtype: float32, bfloat16, float16",
+    "device": "auto, cpu, cuda, cuda:N",
+    "rank": "LoRA rank r (> 0)",
+    "alpha": "LoRA alpha (default: = rank)",
+    "dropout": "LoRA dropout",
+    "target_modules": "comma-separated module names to adapt",
+    "layers": "comma-separated layer indices for LoRA (peft layers_to_transform); 'all' = every layer",
+    "task": "random | text | phonebook",
+    "length": "tokens to memorize per sample (random, text)",
+    "samples": "sequences (random, text) or phonebook entries",
+    "data": "text task: a UTF-8 text file (default: the bundled Gettysburg Address)",
+    "replace_rate": "text task: share of tokens replaced by random ones",
+    "tokenizer": "auto | byte | trained | model",
+    "trained_vocab": "vocabulary size of the tokenizer trained in-process",
+    "vocab_size": "random task on a built-in model: vocabulary of the model and of the random ids",
+    "curriculum": "phonebook: train on 20/40/60/80/100%% of the shuffled entries, one stage per epoch(s)",
+    "curriculum_epochs": "epochs per curriculum stage",
+    "loss": "ce | memft-ot | memft-sw",
+    "threshold": "recall threshold tau on the target probability",
+    "sharpness": "memft-sw sigmoid gate sharpness",
+    "fallback": "memft-ot when no token is active: mean (plain CE) or zero",
+    "window_span": "memft-sw window length per unit of e",
+    "window_decay": "memft-sw weight decay length inside the window",
+    "window_floor": "memft-sw weight beyond the window",
+    "window_patience": "memft-sw: steps the anchor must stay before the window grows",
+    "window_growth": "memft-sw: growth of e per step",
+    "window_max": "memft-sw: largest e",
+    "backend": "memft_loss backend: auto, torch, triton, cuda, cpu",
+    "steps": "optimizer steps",
+    "lr": "AdamW learning rate (linear decay to 0)",
+    "batch_size": "samples per step over all ranks (0 = all samples)",
+    "grad_clip": "gradient norm clip (0 = off)",
+    "seed": "seed of the data, the model init and the LoRA init",
+    "threads": "torch CPU threads (0 = torch default)",
+    "eval_every": "greedy-generation evaluation every k steps (0 = only at the end)",
+    "checkpoint_every": "atomic checkpoint every k steps (0 = none)",
+    "out_dir": "parent folder of new run folders",
+    "run_dir": "run folder (default: <out-dir>/<timestamp>-<loss>)",
+    "save_tokens": "write tokens.npz with per-token final stats",
+    "save_adapter": "save the LoRA adapter (safetensors)",
+    "plots": "write loss.png and recall.png",
+    "progress": "show a progress bar",
+}
+
+
+def _list(text: str):
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _layers(text: str):
+    if text.strip().lower() in ("all", "none", ""):
+        return None
+    try:
+        return [int(x) for x in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"layers must be 'all' or comma-separated integers, got {text!r}") from None
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="LoRA memorization training with MemFT or CE (embedded default: ~3 min on 2 CPU cores)",
+        description="Fine-tune a LoRA adapter to memorize text exactly; see docs/TRAINING.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        hint = hints[f.name]
+        kwargs = dict(dest=f.name, default=default, help=HELP.get(f.name, ""))
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "layers":
+            kwargs["type"] = _layers
+        elif f.name == "target_modules":
+            kwargs["type"] = _list
+        elif f.name == "alpha":
+            kwargs["type"] = float
+        elif f.name in ("data", "run_dir"):
+            kwargs["type"] = str
+        else:
+            kwargs["type"] = type(default)
+        p.add_argument(flag, **kwargs)
+    p.add_argument("--compare", type=_list, default=None, metavar="LOSSES",
+                   help="run the same setting under each loss (e.g. ce,memft-ot,memft-sw) and print one table")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a checkpointed run")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from ..cli import CLIError
+    from . import resume, train
+    from .report import markdown_table
+
+    try:
+        if args.resume:
+            if not os.path.isdir(args.resume):
+                raise TrainInputError(f"--resume {args.resume!r}: no such run folder")
+            reports = [resume(args.resume)]
+        else:
+            options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+            config = TrainConfig(**options).validate()
+            if args.compare:
+                reports = _compare(config, args.compare)
+            else:
+                reports = [train(config)]
+    except TrainInputError as exc:
+        raise CLIError(str(exc)) from None
+    if reports[0] is None:  # a non-zero torchrun rank: rank 0 prints
+        return 0
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
+    print()
+    print(markdown_table(reports))
+    if len(reports) == 1:
+        print(f"\nrun folder: {reports[0]['run_dir']}")
+    return 0
+
+
+def _compare(config: TrainConfig, losses) -> list:
+    from . import train
+    from .checkpoint import atomic_write_text
+    from .report import markdown_table
+
+    bad = [x for x in losses if x not in LOSSES]
+    if bad:
+        raise TrainInputError(f"--compare: unknown loss {bad[0]!r}; choose from {', '.join(LOSSES)}")
+    base = config.run_dir or os.path.join(config.out_dir, time.strftime("%Y%m%d-%H%M%S") + "-compare")
+    reports = [train(config.replace(loss=loss, run_dir=os.path.join(base, loss))) for loss in losses]
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_rank() != 0):
+        atomic_write_text(os.path.join(base, "compare.md"), markdown_table(reports) + "\n")
+    return reports
