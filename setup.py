@@ -1,5 +1,138 @@
-"""Package metadata and the native build (CMake + pybind11; see README "Building wheels")."""
-from setuptools import find_packages, setup
+"""Package metadata and the native build (CMake + pybind11; see docs/BUILDING.md).
+
+Native modules (CMakeLists.txt): ``memft_kernels._native_cpu`` (C++/OpenMP) and
+``memft_kernels._native_cuda`` (CUDA). Switches, read from the environment at build time:
+
+* ``MEMFT_NATIVE=0``: build no native code (a pure-Python package; the torch/triton backends remain).
+* ``MEMFT_CUDA=auto|0|1``: auto builds CUDA when nvcc is found and goes on without it if that build
+  fails; 1 fails the install when nvcc is missing or the build fails; 0 never builds it.
+* ``MEMFT_CUDA_ARCHS``: compute capabilities, default ``"80;90"``: machine code for each and PTX for
+  the newest (``80-real;90-real;90-virtual``); entries with ``-real``/``-virtual`` pass as given.
+
+Without a working C++ compiler (and MEMFT_NATIVE not 0) the install still succeeds, with a warning,
+and ``memft info`` says what was not built.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _env_choice(name, default, choices):
+    value = os.environ.get(name, default).strip().lower()
+    if value not in choices:
+        raise SystemExit(f"{name}={value!r} is not supported; choose one of {', '.join(choices)}")
+    return value
+
+
+def cuda_architectures(spec):
+    """'80;90' -> '80-real;90-real;90-virtual': machine code for each, PTX for the newest."""
+    items = [s.strip().lower().replace("sm_", "").replace(".", "") for s in spec.replace(",", ";").split(";")]
+    items = [s for s in items if s]
+    if not items:
+        raise SystemExit(f"MEMFT_CUDA_ARCHS={spec!r} names no architecture")
+    if any(s.endswith(("-real", "-virtual")) for s in items):
+        return ";".join(items)
+    for s in items:
+        if not s.isdigit():
+            raise SystemExit(f"MEMFT_CUDA_ARCHS entry {s!r} is not a compute capability like 90")
+    items = sorted(set(items), key=int)
+    return ";".join([f"{s}-real" for s in items] + [f"{items[-1]}-virtual"])
+
+
+def find_nvcc():
+    candidates = [os.environ.get("CUDACXX"), shutil.which("nvcc")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            candidates.append(os.path.join(home, "bin", "nvcc"))
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name, target, required):
+        super().__init__(name, sources=[])
+        self.target = target  # the CMake target that builds it
+        self.required = required  # fail the install if it does not build
+
+
+class CMakeBuild(build_ext):
+    """Builds each native module with CMake into build/, then lets setuptools place it (in the
+    package directory for an editable install, in the wheel otherwise)."""
+
+    def run(self):
+        built = []
+        for ext in self.extensions:
+            try:
+                ext._output = self._cmake_build(ext)
+                built.append(ext)
+            except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
+                if ext.required:
+                    raise SystemExit(f"memft_kernels: building {ext.name} failed ({exc}); see the output above")
+                print(f"WARNING: memft_kernels: {ext.name} was not built ({exc}); the package works "
+                      f"without it on the other backends (docs/BUILDING.md)", file=sys.stderr)
+        self.extensions = built
+        if built:
+            super().run()
+
+    def build_extension(self, ext):
+        dest = Path(self.get_ext_fullpath(ext.name))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ext._output, dest)
+
+    def _cmake_build(self, ext):
+        import pybind11
+
+        cuda = ext.target == "_native_cuda"
+        archs = cuda_architectures(os.environ.get("MEMFT_CUDA_ARCHS", "80;90")) if cuda else ""
+        tag = f"{sys.implementation.cache_tag}-{'cuda-' + archs.replace(';', '_') if cuda else 'cpu'}"
+        build_dir = ROOT / "build" / f"cmake-{tag}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cache = build_dir / "CMakeCache.txt"
+        if cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={ROOT}" not in cache.read_text(errors="replace"):
+            cache.unlink()  # a cache from another source tree
+        cmake = shutil.which("cmake") or "cmake"
+        args = [
+            cmake, "-S", str(ROOT), "-B", str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DMEMFT_BUILD_CUDA={'ON' if cuda else 'OFF'}",
+        ]
+        if shutil.which("ninja") and not (build_dir / "Makefile").exists():
+            args += ["-G", "Ninja"]
+        if cuda:
+            args += [f"-DCMAKE_CUDA_COMPILER={find_nvcc()}", f"-DMEMFT_CUDA_ARCHS={archs}"]
+        subprocess.run(args, check=True)
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
+        subprocess.run([cmake, "--build", str(build_dir), "--target", ext.target, "-j", jobs], check=True)
+        suffix = sysconfig.get_config_var("EXT_SUFFIX")
+        output = build_dir / "out" / f"{ext.target}{suffix}"
+        if not output.exists():
+            raise FileNotFoundError(f"CMake did not produce {output}")
+        return output
+
+
+def native_extensions():
+    if _env_choice("MEMFT_NATIVE", "1", ("0", "1", "auto")) == "0":
+        return []
+    exts = [CMakeExtension("memft_kernels._native_cpu", "_native_cpu", required=False)]
+    cuda = _env_choice("MEMFT_CUDA", "auto", ("auto", "0", "1"))
+    if cuda == "1" and find_nvcc() is None:
+        raise SystemExit("MEMFT_CUDA=1 but nvcc was not found (set CUDACXX or CUDA_HOME, or MEMFT_CUDA=auto|0)")
+    if cuda == "1" or (cuda == "auto" and find_nvcc() is not None):
+        exts.append(CMakeExtension("memft_kernels._native_cuda", "_native_cuda", required=cuda == "1"))
+    return exts
+
 
 setup(
     name="memft_kernels",
@@ -11,6 +144,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["memft_kernels", "memft_kernels.*"]),
     package_data={"memft_kernels": ["data/*"]},
+    ext_modules=native_extensions(),
+    cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

@@ -82,9 +82,9 @@ using Exec = uintptr_t;  // cudaStream_t
 PYBIND11_MODULE(MEMFT_MODULE_NAME, m) {
   m.doc() = "MemFT row kernels (docs/SPEC.md); see memft_kernels/ops/native_cpu.py and native_cuda.py";
 
-  py::class_<RowInput>(m, "RowInput");
-  py::class_<RowOptions>(m, "RowOptions");
-  py::class_<RowStatsOut>(m, "RowStatsOut");
+  py::class_<RowInput>(m, "RowInput", py::module_local());
+  py::class_<RowOptions>(m, "RowOptions", py::module_local());
+  py::class_<RowStatsOut>(m, "RowStatsOut", py::module_local());
   m.def("make_input", &make_input, py::arg("logits"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"),
         py::arg("row_stride"), py::arg("target"), py::arg("target_int64"), py::arg("target_stride"),
         py::arg("token_weight"), py::arg("token_weight_stride"));

@@ -17,12 +17,10 @@
 #endif
 
 #include "../memft_native.h"
+#include "../row_math.h"
 
 namespace memft {
 namespace {
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 inline float bf16_to_float(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -44,59 +42,13 @@ inline float to_float(uint16_t h) { return bf16_to_float(h); }
 inline void from_float(float v, float* p) { *p = v; }
 inline void from_float(float v, uint16_t* p) { *p = float_to_bf16(v); }
 
-inline float capped_scalar(float x, float softcap) {
-  return softcap > 0.0f ? softcap * std::tanh(x / softcap) : x;
-}
-
-struct RowTarget {
-  int64_t index;  // only meaningful when in_range
-  bool valid;     // not ignore_index
-  bool in_range;  // 0 <= target < V: the only case in which it is used as an index
-};
-
-inline RowTarget row_target(const RowInput& in, const RowOptions& o, int64_t i) {
-  const int64_t t = in.target_int64 ? static_cast<const int64_t*>(in.target)[i * in.target_stride]
-                                    : static_cast<const int32_t*>(in.target)[i * in.target_stride];
-  return RowTarget{t, t != o.ignore_index, t >= 0 && t < in.n_cols};
-}
-
-// w_i of SPEC.md: the policy gate, the NaN rule (w = 1 where ce is NaN), then the token weight.
-inline float policy_weight(float ce, float token_weight, const RowOptions& o) {
-  float w = 1.0f;
-  if (o.policy == kPolicyHard) {
-    w = std::exp(-ce) < o.threshold ? 1.0f : 0.0f;
-  } else if (o.policy == kPolicySigmoid) {
-    w = 1.0f / (1.0f + std::exp(-(o.sharpness * (ce - o.ce_threshold))));
-  }
-  if (std::isnan(ce)) w = 1.0f;
-  return w * token_weight;
-}
-
 // The row's statistics from its scan (max, sum of exp(x - max), sum of x, argmax).
 template <class T>
 void write_stats(const RowInput& in, const RowOptions& o, int64_t i, const T* x, float max, float sumexp,
                  float sumx, int64_t argmax, bool has_nan, const RowStatsOut& out) {
   const RowTarget t = row_target(in, o, i);
-  out.pred[i] = argmax;
-  if (!t.valid) {
-    out.lse[i] = out.ce[i] = out.prob[i] = out.weight[i] = out.loss[i] = 0.0f;
-    return;
-  }
-  float lse;
-  if (has_nan) lse = kNaN;
-  else if (max == kInf) lse = kInf;  // torch.logsumexp's value; max + log(sum) would be NaN
-  else lse = max + std::log(sumexp);
-  const float ce = t.in_range ? lse - capped_scalar(to_float(x[t.index]), o.softcap) : kNaN;
-  const float eps = o.label_smoothing;
-  float loss = (1.0f - eps) * ce;
-  if (eps != 0.0f) loss += eps * (lse - sumx / static_cast<float>(in.n_cols));
-  if (o.z_loss != 0.0f) loss += o.z_loss * lse * lse;
-  const float tw = in.token_weight ? in.token_weight[i * in.token_weight_stride] : 1.0f;
-  out.lse[i] = lse;
-  out.ce[i] = ce;
-  out.prob[i] = std::exp(-ce);
-  out.weight[i] = policy_weight(ce, tw, o);
-  out.loss[i] = loss;
+  const float x_target = t.in_range ? capped(to_float(x[t.index]), o.softcap) : 0.0f;
+  write_row(out, i, argmax, t.valid, row_values(in, o, i, t, max, sumexp, sumx, has_nan, x_target));
 }
 
 struct RowFns {

@@ -159,20 +159,12 @@ void grad_row(const T* x, const RowTarget& t, const RowOptions& o, int64_t n, fl
     return;
   }
   if (t.valid && !t.in_range) {  // out-of-range target: its loss is NaN, so is its gradient
-    for (int64_t j = 0; j < n; ++j) from_float(std::numeric_limits<float>::quiet_NaN(), out + j);
+    for (int64_t j = 0; j < n; ++j) from_float(kNaN, out + j);
     return;
   }
-  const float eps = o.label_smoothing;
-  const float zfac = o.z_loss != 0.0f ? 1.0f + 2.0f * o.z_loss * lse : 1.0f;
-  const float smooth = eps != 0.0f ? eps / static_cast<float>(n) : 0.0f;
-  float g_target = 0.0f;
-  if (t.in_range) {
-    const float v = capped_scalar(to_float(x[t.index]), o.softcap);
-    float g = std::exp(v - lse) * zfac - smooth - (1.0f - eps);
-    if (kCap) g *= 1.0f - (v / o.softcap) * (v / o.softcap);
-    g_target = g * coef;
-  }
-  grad_sweep<T, kCap>(x, n, lse, coef * zfac, -coef * smooth, o.softcap, out, nt);
+  const GradCoefs c = grad_coefs(o, n, lse, coef);
+  const float g_target = t.in_range ? target_grad(o, c, capped(to_float(x[t.index]), o.softcap), lse, coef) : 0.0f;
+  grad_sweep<T, kCap>(x, n, lse, c.a, c.b, o.softcap, out, nt);
   if (t.in_range) from_float(g_target, out + t.index);
 }
 
