@@ -243,30 +243,35 @@ if triton is not None:
 # Largest vocab block, in elements. 4096 keeps ~16 elements per thread at 8 warps: vectorised
 # 16-byte loads, no spills (docs/KERNELS.md) and several programs per SM to hide memory latency.
 MAX_BLOCK_V = 4096
-_forced_block: Optional[int] = None
+_forced: Optional[Tuple[int, Optional[int]]] = None
 
 
 @contextlib.contextmanager
-def forced_block(block_v: Optional[int]):
-    """Tests only: run every kernel with this BLOCK_V (e.g. 16 with V = 37 exercises the online
-    max / sum-exp across several blocks and a partial last block)."""
-    global _forced_block
+def forced_block(block_v: Optional[int], num_warps: Optional[int] = None):
+    """Tests and benchmarks only: run every kernel with this BLOCK_V (and num_warps), e.g. 16 with
+    V = 37 to exercise the online max / sum-exp across several blocks and a partial last block.
+    ``None`` restores the heuristic."""
+    global _forced
     if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
         raise ValueError(f"block_v={block_v} must be a power of 2 (or None for the heuristic)")
-    previous, _forced_block = _forced_block, block_v
+    previous, _forced = _forced, (None if block_v is None else (block_v, num_warps))
     try:
         yield
     finally:
-        _forced_block = previous
+        _forced = previous
+
+
+def _warps_for(block: int) -> int:
+    return max(1, min(8, block // 512))
 
 
 def launch_config(num_classes: int) -> Tuple[int, int]:
     """(BLOCK_V, num_warps) for a row of ``num_classes`` logits."""
-    if _forced_block is not None:
-        return _forced_block, 1
+    if _forced is not None:
+        block, num_warps = _forced
+        return block, num_warps or _warps_for(block)
     block = min(triton.next_power_of_2(num_classes), MAX_BLOCK_V)
-    num_warps = max(1, min(8, block // 512))
-    return block, num_warps
+    return block, _warps_for(block)
 
 
 # ----------------------------------------------------------------------------------------------
