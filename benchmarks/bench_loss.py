@@ -1,0 +1,428 @@
+"""Benchmark of the MemFT loss: every memft backend next to what a user would otherwise run.
+
+Providers (each computes docs/SPEC.md's default loss: policy "hard", threshold 0.5, "mean" over
+the active tokens, fallback to the plain mean when none is active):
+
+* ``memft-triton`` / ``memft-cuda`` / ``memft-cpu`` / ``memft-torch``: ``memft_loss(..., backend=...)``
+  for each backend available here (``memft-torch`` is the chunked PyTorch reference);
+* ``torch-plain``: the loss as a user writes it in PyTorch (``F.cross_entropy(reduction="none")``,
+  keep the tokens with ce > ln 2, divide by their count);
+* ``torch-compile``: ``torch.compile(fullgraph=True)`` of that function;
+* ``liger``: Liger-Kernel's cross-entropy (``reduction="none"``) plus the same masking, when the
+  ``liger_kernel`` package is installed (GPU only).
+
+For each provider and mode the byte count is a stated pass structure over the N x V logits (reads
+and writes of N*V elements of the logits' dtype; per-row vectors are not counted), see PASSES.
+GB/s = bytes / median time; ``frac_copy`` = that over the copy bandwidth measured in the same run.
+
+Run ``python benchmarks/bench_loss.py --help`` (or ``memft bench loss``); ``--quick`` takes about a
+minute on a 2-core CPU, ``--smoke`` a few seconds (tests).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402  (the shared helpers next to this file)
+
+LN2 = math.log(2.0)
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses a user would otherwise write
+
+
+def plain_memft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The MemFT-OT loss in plain PyTorch: tokens with p >= 0.5 (ce <= ln 2) get no gradient."""
+    ce = F.cross_entropy(logits, target, reduction="none", ignore_index=IGNORE_INDEX).float()
+    return _masked_mean(ce, target)
+
+
+def _masked_mean(ce: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    valid = target != IGNORE_INDEX
+    active = (ce > LN2) & valid
+    n_active = active.sum()
+    active_mean = (ce * active).sum() / n_active.clamp_min(1)
+    plain_mean = (ce * valid).sum() / valid.sum().clamp_min(1)
+    # No host sync: the fallback (no active token) is chosen on the device.
+    return torch.where(n_active > 0, active_mean, plain_mean)
+
+
+def liger_memft_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Liger-Kernel's per-token cross-entropy with the same masking (overwrites ``logits`` with the
+    gradient when they require grad: Liger's own memory trick)."""
+    from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+
+    ce = LigerCrossEntropyFunction.apply(logits, target, None, IGNORE_INDEX, 0.0, 0.0, "none", None, False, False, False)[0]
+    return _masked_mean(ce.float(), target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers and their byte counts
+
+MODES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Provider:
+    name: str
+    # mode -> (reads, writes) of N x V elements of the logits' dtype
+    passes: Dict[str, Tuple[int, int]]
+    pass_note: str
+    make: Callable[[], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    # why it cannot run these logits, or None
+    unavailable: Callable[[torch.Tensor, bool], Optional[str]]
+    overwrites_input: bool = False
+
+
+def _memft_unavailable(backend: str) -> Callable[[torch.Tensor, bool], Optional[str]]:
+    def check(logits: torch.Tensor, smoke: bool) -> Optional[str]:
+        from memft_kernels import dispatch
+
+        reason = dispatch.availability(backend)
+        if reason is not None:
+            return reason
+        module = dispatch._load(backend)
+        reason = module.supports(logits) if hasattr(module, "supports") else None
+        if reason is not None:
+            return reason
+        if backend == "triton" and logits.device.type == "cpu" and not smoke:
+            return "Triton's CPU interpreter is for correctness, not timed (smoke runs only)"
+        return None
+
+    return check
+
+
+def _memft_make(backend: str):
+    def make():
+        from memft_kernels import memft_loss
+
+        return lambda x, y: memft_loss(x, y, backend=backend)
+
+    return make
+
+
+def _compile_make():
+    torch._dynamo.reset()  # a fresh cache per shape: never silently past the recompile limit
+    return torch.compile(plain_memft_loss, fullgraph=True, dynamic=False)
+
+
+def _compile_unavailable(logits: torch.Tensor, smoke: bool) -> Optional[str]:
+    if not hasattr(torch, "compile"):
+        return "torch.compile is not in this torch"
+    return None
+
+
+def _liger_unavailable(logits: torch.Tensor, smoke: bool) -> Optional[str]:
+    try:
+        import liger_kernel.ops.cross_entropy  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not here"
+        return f"liger_kernel not importable ({type(exc).__name__}: {exc}); pip install liger-kernel"
+    if logits.device.type != "cuda":
+        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        if not (smoke and interp):
+            return "Liger-Kernel runs on GPU (CPU only in Triton's interpreter, smoke runs)"
+    return None
+
+
+_KERNEL_PASSES = {"fwd": (1, 0), "fwd+bwd": (2, 1)}
+_KERNEL_NOTE = "fwd 1R; fwd+bwd two-pass 2R+1W (active mean: the gradient scale needs the forward's weight sum)"
+
+PROVIDERS: Dict[str, Provider] = {
+    f"memft-{b}": Provider(
+        f"memft-{b}",
+        dict(_KERNEL_PASSES),
+        _KERNEL_NOTE if b != "torch" else _KERNEL_NOTE + "; chunked float32 temporaries of the reference not counted",
+        _memft_make(b),
+        _memft_unavailable(b),
+    )
+    for b in ("triton", "cuda", "cpu", "torch")
+}
+PROVIDERS["torch-plain"] = Provider(
+    "torch-plain",
+    {"fwd": (1, 1), "fwd+bwd": (3, 3)},
+    "fwd log_softmax 1R+1W; bwd nll_loss_backward 1W, log_softmax_backward 2R+1W",
+    lambda: plain_memft_loss,
+    lambda logits, smoke: None,
+)
+PROVIDERS["torch-compile"] = Provider(
+    "torch-compile",
+    dict(_KERNEL_PASSES),
+    "modeled as fused: fwd 1R; fwd+bwd 2R+1W (inductor recomputes softmax in the backward)",
+    _compile_make,
+    _compile_unavailable,
+)
+PROVIDERS["liger"] = Provider(
+    "liger",
+    {"fwd": (1, 0), "fwd+bwd": (3, 2)},
+    "fwd no-grad 1R; fwd+bwd: kernel 2R+1W (gradient into the logits), per-row scale in backward 1R+1W",
+    lambda: liger_memft_loss,
+    _liger_unavailable,
+    overwrites_input=True,
+)
+
+
+def bytes_moved(provider: str, mode: str, n: int, v: int, element_size: int) -> Tuple[int, int, int]:
+    """(reads, writes, bytes) of ``provider`` in ``mode`` over an N x V logits tensor."""
+    reads, writes = PROVIDERS[provider].passes[mode]
+    return reads, writes, (reads + writes) * n * v * element_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Random logits where half the rows are already 'memorized' (their target logit is far above
+    the rest, p ~ 1, so the MemFT mask drops them) and 1/16 of the rows are ignored (padding)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.empty(n, v, dtype=dtype, device=device)
+    step = max(1, (1 << 24) // v)
+    for a in range(0, n, step):  # float32 randn a slice at a time: bounded temporaries
+        b = min(n, a + step)
+        logits[a:b] = torch.randn(b - a, v, generator=gen, device=device).mul_(2.0)
+    target = torch.randint(0, v, (n,), generator=gen, device=device)
+    rows = torch.arange(n, device=device)
+    memorized = rows % 2 == 0
+    logits[rows[memorized], target[memorized]] = 30.0
+    target[rows % 16 == 1] = IGNORE_INDEX
+    return logits, target
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+
+
+FIELDS = [
+    "date", "host", "device", "device_name", "cpu_name", "cpu_count", "threads", "python", "torch", "triton", "cuda",
+    "memft", "commit", "bench", "provider", "mode", "dtype", "N", "V", "status", "median_ms", "p20_ms", "p80_ms",
+    "reps", "n_sets", "peak_mem_bytes", "peak_mem_vs_logits", "mem_method", "reads", "writes", "bytes", "gbps",
+    "copy_gbps", "frac_copy", "loss", "rel_err", "pass_note", "note",
+]
+
+
+@dataclass
+class Settings:
+    warmup: int
+    reps: int
+    budget_s: float
+    smoke: bool
+    measure_memory: bool
+
+
+def measure(provider: Provider, mode: str, sets: List[Tuple[torch.Tensor, torch.Tensor]], settings: Settings) -> Dict[str, object]:
+    """Time (and peak memory of) one provider on the rotating input sets; returns result fields."""
+    device_type = sets[0][0].device.type
+    fn = provider.make()
+    backward = mode == "fwd+bwd"
+    inputs = [(x.detach().clone().requires_grad_(backward), y) for x, y in sets] if backward else sets
+    pristine = [x.detach().clone() for x, _ in sets] if (backward and provider.overwrites_input) else None
+
+    def prepare(i: int) -> None:  # untimed: drop the last gradient, restore overwritten logits
+        x = inputs[i][0]
+        if backward:
+            x.grad = None
+            if pristine is not None:
+                with torch.no_grad():
+                    x.copy_(pristine[i])
+
+    def call(i: int):
+        x, y = inputs[i]
+        if backward:
+            loss = fn(x, y)
+            loss.backward()
+            return loss
+        with torch.no_grad():
+            return fn(x, y)
+
+    # The first call is a warm-up (compilation, autotuning happen here) and gives the loss value.
+    prepare(0)
+    timing.synchronize(device_type)
+    t0 = time.perf_counter()
+    loss_value = float(call(0).detach())  # float() synchronizes
+    first_ms = (time.perf_counter() - t0) * 1e3  # an over-estimate (compilation) used for the budget only
+    result: Dict[str, object] = {"loss": loss_value}
+    t = timing.time_calls(
+        call, device_type=device_type, n_sets=len(inputs), warmup=max(0, settings.warmup - 1), reps=settings.reps,
+        min_reps=min(3, settings.reps), budget_s=settings.budget_s, prepare=prepare, estimate_ms=first_ms,
+    )
+    result.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps)
+    if settings.measure_memory:
+        prepare(0)
+        peak = timing.peak_memory_bytes(lambda: call(0), device_type)
+        result["peak_mem_bytes"] = peak if peak is not None else ""
+    del inputs, pristine
+    return result
+
+
+def run(args: argparse.Namespace) -> List[Dict[str, object]]:
+    device = torch.device(args.device)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        timing.tune_malloc_for_rss()
+    info = timing.machine_info(device)
+    csv_path = Path(args.csv) if args.csv else timing.default_results_path("bench_loss", info)
+    writer = timing.ResultWriter(csv_path, FIELDS, jsonl=not args.no_jsonl)
+    settings = Settings(warmup=args.warmup, reps=args.reps, budget_s=args.budget_s, smoke=args.smoke, measure_memory=not args.no_memory)
+
+    copy_gbps = timing.copy_bandwidth_gbps(device, args.copy_mib << 20)
+    print(f"# bench_loss on {info['device_name']} ({info['device']}, {info['threads']} threads), "
+          f"copy bandwidth {copy_gbps:.1f} GB/s (read+write), results -> {csv_path}", flush=True)
+    if args.note:
+        print(f"# note: {args.note}", flush=True)
+    names = args.providers or list(PROVIDERS)
+    unknown = [p for p in names if p not in PROVIDERS]
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
+
+    started = time.monotonic()
+    rows: List[Dict[str, object]] = []
+    cache = timing.cache_bytes(device)
+    for n in args.n:
+        for v in args.v:
+            for dtype_name in args.dtype:
+                dtype = DTYPES[dtype_name]
+                elt = torch.empty((), dtype=dtype).element_size()
+                per_set = n * v * elt
+                budget = int(0.25 * torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 1 << 30
+                n_sets = timing.rotation_sets(per_set, cache, budget)
+                over_time = args.time_cap and time.monotonic() - started > args.time_cap
+                sets = [] if over_time else [make_inputs(n, v, dtype, device, args.seed + k) for k in range(n_sets)]
+                ref = None
+                if sets:
+                    from memft_kernels import memft_loss
+
+                    with torch.no_grad():
+                        ref = float(memft_loss(sets[0][0].float(), sets[0][1], backend="torch"))
+                for mode in args.mode:
+                    for name in names:
+                        provider = PROVIDERS[name]
+                        reads, writes, nbytes = bytes_moved(name, mode, n, v, elt)
+                        row: Dict[str, object] = dict(info)
+                        row.update(
+                            bench="loss", provider=name, mode=mode, dtype=dtype_name, N=n, V=v, n_sets=n_sets,
+                            mem_method=timing.memory_method(device.type), reads=reads, writes=writes, bytes=nbytes,
+                            copy_gbps=copy_gbps, pass_note=provider.pass_note, note=args.note,
+                        )
+                        if args.time_cap and time.monotonic() - started > args.time_cap:
+                            row["status"] = f"skipped: time cap {args.time_cap:g} s reached"
+                        else:
+                            reason = provider.unavailable(sets[0][0], args.smoke)
+                            if reason is not None:
+                                row["status"] = f"skipped: {reason}"
+                            else:
+                                try:
+                                    row.update(measure(provider, mode, sets, settings))
+                                    row["status"] = "ok"
+                                except Exception as exc:  # noqa: BLE001 - one failing provider must not stop the run
+                                    row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                                    if device.type == "cuda":
+                                        torch.cuda.empty_cache()
+                        if row["status"] == "ok":
+                            gbps = nbytes / (row["median_ms"] * 1e-3) / 1e9
+                            row.update(gbps=gbps, frac_copy=gbps / copy_gbps)
+                            if row.get("peak_mem_bytes") not in (None, ""):
+                                row["peak_mem_vs_logits"] = row["peak_mem_bytes"] / per_set
+                            if ref is not None:
+                                row["rel_err"] = abs(row["loss"] - ref) / max(abs(ref), 1e-30)
+                        writer.write(row)
+                        rows.append(row)
+                        _print_row(row)
+                del sets
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"# wrote {len(rows)} rows to {csv_path}", flush=True)
+    return rows
+
+
+def _print_row(row: Dict[str, object]) -> None:
+    head = f"{row['provider']:14s} {row['mode']:8s} {row['dtype']:5s} N={row['N']:<6} V={row['V']:<7}"
+    if row["status"] != "ok":
+        print(f"{head} {row['status']}", flush=True)
+        return
+    mem = row.get("peak_mem_bytes")
+    mem_txt = f"{mem / 2**20:9.1f} MiB" if isinstance(mem, int) else "        n/a"
+    print(f"{head} {row['median_ms']:10.3f} ms [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}] "
+          f"{row['gbps']:8.1f} GB/s ({100 * row['frac_copy']:5.1f}% of copy) peak {mem_txt} rel_err {row.get('rel_err', float('nan')):.1e}",
+          flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+GPU_SIZES = dict(n=[4096, 16384], v=[32000, 128256, 151936, 262144], dtype=["bf16", "fp16", "fp32"])
+CPU_SIZES = dict(n=[4096], v=[32000, 128256], dtype=["bf16", "fp16", "fp32"])
+QUICK_SIZES = dict(n=[2048], v=[32000], dtype=["fp32"])
+SMOKE_SIZES = dict(n=[64], v=[1000], dtype=["fp32"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    p.add_argument("--n", type=int, nargs="+", help="rows (tokens); default by device")
+    p.add_argument("--v", type=int, nargs="+", help="vocabulary sizes; default by device")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help="logit dtypes; default bf16 fp16 fp32")
+    p.add_argument("--mode", nargs="+", choices=list(MODES), default=list(MODES))
+    p.add_argument("--providers", nargs="+", help=f"subset of {list(PROVIDERS)}")
+    p.add_argument("--quick", action="store_true", help="N=2048, V=32000, fp32 (about a minute on a 2-core CPU)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 reps: checks that everything runs")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's current setting)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 3 GPU, 1 CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls at most (default 50 GPU, 5 CPU)")
+    p.add_argument("--budget-s", type=float, default=None, help="time per measurement; fewer reps (>= 3) past it")
+    p.add_argument("--time-cap", type=float, default=0.0, help="stop measuring after this many seconds (rows say so)")
+    p.add_argument("--copy-mib", type=int, default=None, help="buffer size of the copy-bandwidth measurement")
+    p.add_argument("--csv", help="CSV to append to (default benchmarks/results/bench_loss_<device>.csv); JSON lines next to it")
+    p.add_argument("--no-jsonl", action="store_true", help="CSV only")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
+    p.add_argument("--note", default="", help="free text stored in every row (e.g. 'CPU shared with other jobs')")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no CUDA device")
+    gpu = args.device.startswith("cuda")
+    sizes = SMOKE_SIZES if args.smoke else QUICK_SIZES if args.quick else GPU_SIZES if gpu else CPU_SIZES
+    args.n = args.n or sizes["n"]
+    args.v = args.v or sizes["v"]
+    args.dtype = args.dtype or sizes["dtype"]
+    if args.warmup is None:
+        args.warmup = 1 if args.smoke else (3 if gpu else 1)
+    if args.reps is None:
+        args.reps = 2 if args.smoke else (50 if gpu else 5)
+    if args.budget_s is None:
+        args.budget_s = 1.0 if gpu else 8.0
+    if args.copy_mib is None:
+        args.copy_mib = 16 if args.smoke else (1024 if gpu else 256)
+    bad = [x for x in args.n + args.v if x <= 0]
+    if bad:
+        raise SystemExit(f"--n and --v must be positive, got {bad}")
+    return args
+
+
+def main(argv=None) -> List[Dict[str, object]]:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Turn benchmark CSVs into a markdown table and one PNG of plots (time and memory vs V).
+
+    python benchmarks/report.py benchmarks/results/bench_loss_cpu-amd-epyc.csv
+    python benchmarks/report.py RESULTS.csv --md out.md --png out.png --mode fwd+bwd --dtype bf16
+
+For each (machine, N, dtype, mode) a table: one line per provider, one column per V with the
+median time, the peak extra memory and the achieved share of the copy bandwidth. When a CSV holds
+several runs of the same measurement, the latest row wins. Rows of bench_train_step go into a
+table of their own.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
+
+_LOSS_KEY = ("device_name", "threads", "provider", "mode", "dtype", "N", "V")
+_GROUP = ("device_name", "threads", "N", "dtype", "mode")
+
+
+def load(paths: Sequence[Path]) -> List[Dict[str, str]]:
+    rows: List[Dict[str, str]] = []
+    for path in paths:
+        rows += timing.read_rows(Path(path))
+    return rows
+
+
+def latest(rows: List[Dict[str, str]], key: Tuple[str, ...]) -> List[Dict[str, str]]:
+    """The last row (file order, then date) for each key: re-runs replace earlier numbers."""
+    kept: "OrderedDict[tuple, Dict[str, str]]" = OrderedDict()
+    for row in sorted(rows, key=lambda r: r.get("date", "")):
+        kept[tuple(row.get(k, "") for k in key)] = row
+    return list(kept.values())
+
+
+def _num(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cell(row: Optional[Dict[str, str]]) -> str:
+    if row is None:
+        return ""
+    if row.get("status") != "ok":
+        status = row.get("status", "")
+        return "skipped" if status.startswith("skipped") else "error"
+    ms = _num(row["median_ms"])
+    mem = _num(row.get("peak_mem_bytes", ""))
+    frac = _num(row.get("frac_copy", ""))
+    parts = [f"{ms:.3g} ms"]
+    if mem is not None:
+        parts.append(f"{mem / 2**20:,.0f} MiB")
+    if frac is not None:
+        parts.append(f"{100 * frac:.0f}% copy")
+    return " / ".join(parts)
+
+
+def loss_tables(rows: List[Dict[str, str]], *, mode: Optional[str] = None, dtype: Optional[str] = None, n: Optional[int] = None) -> str:
+    """Markdown tables of bench_loss rows, one per (machine, threads, N, dtype, mode)."""
+    rows = [r for r in latest(rows, _LOSS_KEY) if r.get("bench") == "loss"]
+    if mode:
+        rows = [r for r in rows if r["mode"] == mode]
+    if dtype:
+        rows = [r for r in rows if r["dtype"] == dtype]
+    if n:
+        rows = [r for r in rows if int(r["N"]) == n]
+    groups: "OrderedDict[tuple, List[Dict[str, str]]]" = OrderedDict()
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in _GROUP), []).append(r)
+    out: List[str] = []
+    for (device_name, threads, n_rows, dt, md), grp in groups.items():
+        first = grp[0]
+        vs = sorted({int(r["V"]) for r in grp})
+        providers = list(OrderedDict.fromkeys(r["provider"] for r in grp))
+        by = {(r["provider"], int(r["V"])): r for r in grp}
+        where = f"{device_name}" + (f", {threads} threads" if first["device"] == "cpu" else "")
+        copy = _num(first.get("copy_gbps", ""))
+        out.append(f"**{md}, {dt}, N = {n_rows}** on {where} ({first['date'][:10]}, torch {first['torch']}"
+                   + (f", copy {copy:.0f} GB/s" if copy else "") + ")")
+        out.append("")
+        out.append("| provider | " + " | ".join(f"V = {v}" for v in vs) + " |")
+        out.append("| --- | " + " | ".join("---" for _ in vs) + " |")
+        for p in providers:
+            if all(by.get((p, v), {}).get("status", "").startswith("skipped") for v in vs):
+                continue  # not available on this machine: listed below instead
+            out.append(f"| {p} | " + " | ".join(_cell(by.get((p, v))) for v in vs) + " |")
+        skipped = sorted({f"{r['provider']} ({r['status'][len('skipped: '):]})" for r in grp
+                          if r["status"].startswith("skipped") and all(by.get((r['provider'], v), {}).get("status", "").startswith("skipped") for v in vs)})
+        errors = sorted({f"{r['provider']} V={r['V']}: {r['status']}" for r in grp if r["status"].startswith("error")})
+        if skipped:
+            out.append("")
+            out.append("Not run: " + "; ".join(skipped))
+        if errors:
+            out.append("")
+            out.append("Errors: " + "; ".join(errors))
+        notes = sorted({r.get("note", "") for r in grp} - {""})
+        if notes:
+            out.append("")
+            out.append("Note: " + "; ".join(notes))
+        out.append("")
+    return "\n".join(out)
+
+
+def train_table(rows: List[Dict[str, str]]) -> str:
+    rows = [r for r in latest(rows, ("device_name", "threads", "provider", "dtype", "batch", "seq")) if r.get("bench") == "train_step"]
+    if not rows:
+        return ""
+    out = ["| machine | provider | dtype | tokens | step ms (p20-p80) | peak MiB | loss |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["status"] != "ok":
+            out.append(f"| {r['device_name']} | {r['provider']} | {r['dtype']} | {r.get('tokens', '')} | {r['status']} | | |")
+            continue
+        mem = _num(r.get("peak_mem_bytes", ""))
+        out.append(f"| {r['device_name']} | {r['provider']} | {r['dtype']} | {r['tokens']} | {float(r['median_ms']):.1f} "
+                   f"({float(r['p20_ms']):.1f}-{float(r['p80_ms']):.1f}) | {'' if mem is None else f'{mem / 2**20:,.0f}'} | {float(r['loss']):.4f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: List[Dict[str, str]], png: Path) -> bool:
+    """One PNG: for each (machine, N, dtype, mode) time vs V and peak memory vs V, a line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in latest(rows, _LOSS_KEY) if r.get("bench") == "loss" and r.get("status") == "ok"]
+    groups: "OrderedDict[tuple, List[Dict[str, str]]]" = OrderedDict()
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in _GROUP), []).append(r)
+    if not groups:
+        return False
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
+    for (device_name, threads, n_rows, dt, md), (ax_t, ax_m) in zip(groups, axes):
+        grp = groups[(device_name, threads, n_rows, dt, md)]
+        for p in OrderedDict.fromkeys(r["provider"] for r in grp):
+            pts = sorted((int(r["V"]), float(r["median_ms"]), _num(r.get("peak_mem_bytes", ""))) for r in grp if r["provider"] == p)
+            ax_t.plot([v for v, _, _ in pts], [t for _, t, _ in pts], marker="o", label=p)
+            mem = [(v, m / 2**20) for v, _, m in pts if m is not None]
+            if mem:
+                ax_m.plot([v for v, _ in mem], [m for _, m in mem], marker="o", label=p)
+        title = f"{md} {dt} N={n_rows} | {device_name}" + (f" ({threads} thr)" if grp[0]["device"] == "cpu" else "")
+        ax_t.set_title("time: " + title, fontsize=8)
+        ax_m.set_title("peak extra memory: " + title, fontsize=8)
+        ax_t.set_ylabel("median ms")
+        ax_m.set_ylabel("MiB")
+        for ax in (ax_t, ax_m):
+            ax.set_xlabel("V")
+            ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("csv", nargs="+", help="result CSVs (bench_loss and/or bench_train_step)")
+    p.add_argument("--md", help="write the markdown here too (default: print only)")
+    p.add_argument("--png", help="write the plots here (default: next to the first CSV, same name .png)")
+    p.add_argument("--no-png", action="store_true")
+    p.add_argument("--mode", help="only this mode (fwd or fwd+bwd)")
+    p.add_argument("--dtype", help="only this dtype (bf16, fp16, fp32)")
+    p.add_argument("--n", type=int, help="only this N")
+    args = p.parse_args(argv)
+    missing = [c for c in args.csv if not Path(c).is_file()]
+    if missing:
+        raise SystemExit(f"no such CSV: {missing}")
+    rows = load([Path(c) for c in args.csv])
+    text = loss_tables(rows, mode=args.mode, dtype=args.dtype, n=args.n) + train_table(rows)
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text, encoding="utf-8")
+    if not args.no_png:
+        png = Path(args.png) if args.png else Path(args.csv[0]).with_suffix(".png")
+        if plot(rows, png):
+            print(f"plots: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
