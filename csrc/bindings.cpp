@@ -123,7 +123,7 @@ PYBIND11_MODULE(MEMFT_MODULE_NAME, m) {
       py::arg("grad_row_stride"), py::arg(MEMFT_EXEC_ARG));
 
 #if defined(MEMFT_MODULE_CPU)
-  m.attr("ISA") = py::str(cpu_isa());
+  m.def("isa", &cpu_isa, "the vector code path the CPU kernels take here: avx2+fma or scalar");
   m.attr("DTYPES") = py::make_tuple("float32", "bfloat16");
 #else
   m.attr("BUILT_ARCHITECTURES") = py::str(MEMFT_CUDA_ARCHS_STRING);

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -90,12 +91,18 @@ bool host_has_avx2() {
 #endif
 }
 
+// MEMFT_CPU_ISA=scalar forces the portable path (the tests run both paths on an AVX2 host).
+bool use_avx2() {
+  const char* force = std::getenv("MEMFT_CPU_ISA");
+  return host_has_avx2() && !(force && std::strcmp(force, "scalar") == 0);
+}
+
 RowFns select(const RowInput& in, const RowOptions& o) {
   if (in.dtype != kFloat32 && in.dtype != kBFloat16)
     throw std::invalid_argument("memft CPU kernels take float32 or bfloat16 logits");
   const bool cap = o.softcap > 0.0f;
 #ifdef MEMFT_X86
-  if (host_has_avx2()) return avx2_isa::row_fns(in.dtype, cap);
+  if (use_avx2()) return avx2_isa::row_fns(in.dtype, cap);
 #endif
   return scalar_isa::row_fns(in.dtype, cap);
 }
@@ -119,7 +126,7 @@ void for_rows(int64_t n, int threads, const Fn& fn) {
 
 }  // namespace
 
-const char* cpu_isa() { return host_has_avx2() ? "avx2+fma" : "scalar"; }
+const char* cpu_isa() { return use_avx2() ? "avx2+fma" : "scalar"; }
 
 void cpu_row_forward(const RowInput& in, const RowOptions& opt, const RowStatsOut& out, int threads) {
   const RowFns f = select(in, opt);

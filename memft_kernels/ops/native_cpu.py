@@ -190,8 +190,9 @@ def supports(logits: torch.Tensor) -> Optional[str]:
 
 
 def isa() -> Optional[str]:
-    """The vector code path this host runs ("avx2+fma" or "scalar"), None if not built."""
-    return None if _C is None else _C.ISA
+    """The vector code path the kernels take here ("avx2+fma", or "scalar": no AVX2, or
+    MEMFT_CPU_ISA=scalar), None if not built."""
+    return None if _C is None else _C.isa()
 
 
 def row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],

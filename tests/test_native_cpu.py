@@ -1,0 +1,338 @@
+"""The native CPU backend (memft_kernels/ops/native_cpu.py, csrc/cpu/) against float64.
+
+Ground truth is the PyTorch reference run on the same values upcast to float64; the kernels are
+never compared with another backend. Per-row outputs and gradient buffers are poisoned (NaN / -1)
+before a kernel writes them. Both code paths run: AVX2 (when the host has it) and the portable
+scalar one (MEMFT_CPU_ISA=scalar). V = 2053 makes a row span two 2048-element blocks plus a tail.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memft_kernels import memft_loss
+from memft_kernels.ops import native_cpu, reference
+from memft_kernels.spec import KernelOptions
+
+pytestmark = pytest.mark.skipif(native_cpu.availability() is not None, reason=str(native_cpu.availability()))
+
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+ALL_MODES = [("mean", "active", "mean"), ("mean", "active", "zero"), ("mean", "valid", "mean"),
+             ("sum", "active", "mean"), ("none", "active", "mean")]
+OPTION_SETS = [
+    dict(policy="hard"),
+    dict(policy="none", label_smoothing=0.1),
+    dict(policy="sigmoid", threshold=0.7, sharpness=4.0, z_loss=1e-3),
+    dict(policy="hard", softcap=5.0, label_smoothing=0.05, z_loss=1e-4),
+]
+
+
+@pytest.fixture(autouse=True, params=["avx2", "scalar"])
+def isa(request, monkeypatch):
+    """Run every test on both code paths; poison every per-row output."""
+    if request.param == "scalar":
+        monkeypatch.setenv("MEMFT_CPU_ISA", "scalar")
+    elif native_cpu.isa() != "avx2+fma":
+        pytest.skip("this host has no AVX2 + FMA")
+    real = native_cpu.new_row_stats
+
+    def poisoned(logits):
+        stats = real(logits)
+        for t in stats:
+            t.fill_(-1 if t.dtype == torch.int64 else math.nan)
+        return stats
+
+    monkeypatch.setattr(native_cpu, "new_row_stats", poisoned)
+    return request.param
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    nb = b.norm()
+    return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
+
+
+def make(n=24, v=37, dtype=torch.float32, ignore_frac=0.2, seed=0):
+    """Fresh random logits; a third of the rows made confident (p > 0.5) so the hard policy masks."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(0, v, (n,), generator=g)
+    conf = torch.rand(n, generator=g) < 0.35
+    logits[conf, target[conf]] += 8.0
+    target[torch.rand(n, generator=g) < ignore_frac] = -100
+    return logits.to(dtype), target
+
+
+def run(logits, target, backend, grad_out=None, **opts):
+    x = logits.detach().clone().requires_grad_(True)
+    loss = memft_loss(x, target, backend=backend, **opts)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss))
+    return loss.detach(), x.grad
+
+
+def check_loss(logits, target, grad_out=None, loss_tol=1e-5, **opts):
+    loss, grad = run(logits, target, "cpu", grad_out, **opts)
+    ref_loss, ref_grad = run(logits.double(), target, "torch", grad_out, **opts)
+    assert loss.dtype == torch.float32 and grad.dtype == logits.dtype and grad.shape == logits.shape
+    assert rel(loss, ref_loss) < loss_tol, opts
+    assert rel(grad, ref_grad) < GRAD_TOL[logits.dtype], opts
+    return loss, grad
+
+
+# ------------------------------------------------------------------------------- row kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v", [1, 7, 37, 2053])
+@pytest.mark.parametrize("opt_set", range(len(OPTION_SETS)))
+def test_row_kernels_vs_float64(dtype, v, opt_set):
+    opts = KernelOptions(**OPTION_SETS[opt_set])
+    logits, target = make(n=19, v=v, dtype=dtype, seed=v + opt_set)
+    tw = torch.rand(19, generator=torch.Generator().manual_seed(1)) * 2
+    got = native_cpu.row_forward(logits, target, tw, opts)
+    want = reference.row_forward(logits.double(), target, tw.double(), opts)
+    for name in ("lse", "ce", "prob", "weight", "loss"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == torch.float32
+        assert float((a.double() - b).abs().max()) <= 2e-5 * max(1.0, float(b.abs().max())), name
+    assert torch.equal(got.pred, want.pred)
+
+    coef = torch.randn(19, generator=torch.Generator().manual_seed(2))
+    coef[::4] = 0.0
+    out = torch.full_like(logits, math.nan)
+    native_cpu.row_backward(logits, target, got.lse, coef, opts, out=out)
+    ref = reference.row_backward(logits.double(), target, want.lse, coef.double(), opts)
+    # The terms are O(|coef|); with V = 1 they cancel to ~2 z lse, so the bound counts them too.
+    err = float((out.double() - ref).abs().max())
+    assert err <= GRAD_TOL[dtype] * float(ref.abs().max()) + 3e-7 * float(coef.abs().max())
+    assert torch.all(out[coef == 0] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opt_set", range(len(OPTION_SETS)))
+def test_fused_single_pass_matches_two_passes(dtype, opt_set):
+    opts = KernelOptions(**OPTION_SETS[opt_set])
+    logits, target = make(n=21, v=2053, dtype=dtype, seed=opt_set)
+    scale = torch.tensor(0.37)
+    grad = torch.full_like(logits, math.nan)
+    fused = native_cpu.row_forward_backward(logits, target, None, opts, scale, grad)
+    stats = native_cpu.row_forward(logits, target, None, opts)
+    for a, b in zip(fused, stats):
+        assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)
+    two_pass = native_cpu.row_backward(logits, target, stats.lse, stats.weight * scale, opts)
+    assert torch.equal(grad, two_pass)
+    want = reference.row_forward(logits.double(), target, None, opts)
+    ref = reference.row_backward(logits.double(), target, want.lse, want.weight * 0.37, opts)
+    assert rel(grad, ref) < GRAD_TOL[dtype]
+
+
+# ------------------------------------------------------------------------------- memft_loss
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction,normalize,fallback", ALL_MODES)
+def test_loss_modes_vs_float64(dtype, reduction, normalize, fallback):
+    logits, target = make(n=40, v=61, dtype=dtype)
+    grad_out = torch.linspace(-1, 2, 40) if reduction == "none" else torch.tensor(1.7)
+    for opt_set in OPTION_SETS:
+        check_loss(logits, target, grad_out=grad_out, reduction=reduction, normalize=normalize,
+                   fallback=fallback, **opt_set)
+
+
+def test_denominator_token_weight_and_ignore_index():
+    logits, target = make(n=32, v=50)
+    target[target == -100] = 7
+    target[::5] = -1
+    tw = torch.rand(32) * 3
+    check_loss(logits, target, ignore_index=-1, token_weight=tw)
+    check_loss(logits, target, ignore_index=-1, token_weight=tw, denominator=torch.tensor(11.0))
+    check_loss(logits, target, ignore_index=-1, reduction="sum", token_weight=tw, policy="sigmoid")
+
+
+def test_fallback_when_every_row_is_recalled():
+    logits, target = make(n=16, v=23, ignore_frac=0.0)
+    logits = logits / 3
+    logits[torch.arange(16), target] += 8.0
+    for fallback in ("mean", "zero"):
+        # ce ~ 1e-3 is lse - x_y with lse ~ 8: float32 cancellation bounds the loss accuracy
+        loss, grad = check_loss(logits, target, fallback=fallback, loss_tol=1e-3)
+        if fallback == "zero":
+            assert float(loss) == 0.0 and torch.all(grad == 0)
+    _, stats = memft_loss(logits, target, backend="cpu", return_stats=True)
+    assert bool(stats.fell_back) and int(stats.n_active) == 0
+
+
+def test_3d_and_non_contiguous_inputs():
+    logits, target = make(n=2 * 5 * 3, v=29)
+    x3 = logits.reshape(2, 5, 3, 29).transpose(1, 2)  # non-contiguous leading dims
+    t3 = target.reshape(2, 5, 3).transpose(1, 2)
+    check_loss(x3, t3, reduction="none", grad_out=torch.rand(2, 3, 5))
+    wide = torch.randn(30, 64, dtype=torch.float64)
+    wide[:, :29] = logits
+    check_loss(wide[:, :29].float(), target)  # row stride 64 (cast keeps the layout dense)
+    sliced = wide.float()[:, :29]  # row stride 64, no copy
+    assert not sliced.is_contiguous()
+    check_loss(sliced, target)
+    col = torch.randn(29, 30).t()  # column stride != 1: the backend copies
+    check_loss(col, target)
+
+
+def test_int32_target_and_strided_target():
+    logits, target = make(n=20, v=33)
+    check_loss(logits, target.to(torch.int32))
+    t2 = torch.stack([target, target], 1)[:, 0]  # stride 2
+    check_loss(logits, t2, reduction="none", grad_out=torch.rand(20))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", ["active", "valid"])  # valid: the fused in-place path
+def test_inplace_backward(dtype, normalize):
+    logits, target = make(n=24, v=41, dtype=dtype)
+    _, want = run(logits, target, "cpu", normalize=normalize)
+    x = logits.clone().requires_grad_(True)
+    storage = x.detach()
+    memft_loss(x, target, backend="cpu", normalize=normalize, inplace_backward=True).backward()
+    assert torch.equal(x.grad, want)
+    assert x.grad.data_ptr() == storage.data_ptr()
+
+
+def test_ties_pick_the_lowest_index_and_nan_rows():
+    v = 2053
+    logits = torch.zeros(6, v)
+    logits[0, [5, 900, 2050]] = 3.0  # ties across lanes, blocks and the tail
+    logits[1, [2052, 2051]] = 1.0
+    logits[2] = -math.inf
+    logits[3, 17] = math.nan
+    logits[3, 1000] = math.nan
+    logits[4, [0, 8]] = 2.0  # the same lane
+    logits[5, 2049] = math.inf
+    target = torch.tensor([5, 2051, 3, 4, 8, 0])
+    stats = native_cpu.row_forward(logits, target, None, KernelOptions(policy="hard"))
+    assert stats.pred.tolist() == torch.argmax(logits, dim=-1).tolist() == [5, 2051, 0, 17, 0, 2049]
+    assert math.isnan(stats.loss[3]) and float(stats.weight[3]) == 1.0  # NaN is never masked away
+    ref = reference.row_forward(logits, target, None, KernelOptions(policy="hard"))
+    assert torch.equal(stats.lse.isnan(), ref.lse.isnan()) and float(stats.lse[5]) == math.inf
+    loss = memft_loss(logits.clone(), target, backend="cpu")
+    assert math.isnan(loss)
+
+
+def test_out_of_range_target_gives_nan_not_a_memory_access():
+    logits, target = make(n=8, v=19, ignore_frac=0.0)
+    target[2] = 19
+    target[5] = -7
+    target[6] = 1 << 40
+    x = logits.clone().requires_grad_(True)
+    loss = memft_loss(x, target, backend="cpu", validate=False, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    bad = torch.tensor([2, 5, 6])
+    assert torch.isnan(loss[bad]).all() and not torch.isnan(loss[[0, 1, 3, 4, 7]]).any()
+    assert torch.isnan(x.grad[bad]).all() and not torch.isnan(x.grad[[0, 1, 3, 4, 7]]).any()
+    with pytest.raises(ValueError, match="19"):
+        memft_loss(logits, target, backend="cpu")
+
+
+def test_ignored_and_zero_weight_rows_get_exact_zeros():
+    logits, target = make(n=12, v=31, ignore_frac=0.0)
+    logits[3] = math.nan  # ignored: contributes nothing, not even its NaN
+    target[3] = -100
+    logits[7, target[7]] += 40.0  # recalled: weight 0 under the hard policy
+    x = logits.clone().requires_grad_(True)
+    loss = memft_loss(x, target, backend="cpu")
+    loss.backward()
+    assert not math.isnan(loss.item())
+    assert torch.all(x.grad[3] == 0) and torch.all(x.grad[7] == 0)
+
+
+def test_zero_rows_and_empty_batch():
+    logits = torch.randn(0, 17, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long)
+    loss = memft_loss(logits, target, backend="cpu")
+    loss.backward()
+    assert float(loss) == 0.0 and logits.grad.shape == (0, 17)
+    assert memft_loss(logits, target, backend="cpu", reduction="none").shape == (0,)
+
+
+def test_threads_do_not_change_a_bit():
+    logits, target = make(n=67, v=2053, seed=3)
+    opts = KernelOptions(policy="sigmoid", label_smoothing=0.1, z_loss=1e-3)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            stats = native_cpu.row_forward(logits, target, None, opts)
+            grad = torch.empty_like(logits)
+            fused = native_cpu.row_forward_backward(logits, target, None, opts, torch.tensor(0.5), grad)
+            results.append((stats, fused, grad))
+    finally:
+        torch.set_num_threads(before)
+    for stats, fused, grad in results[1:]:
+        for a, b in zip(stats + fused, results[0][0] + results[0][1]):
+            assert torch.equal(a, b)
+        assert torch.equal(grad, results[0][2])
+
+
+def test_supports_and_dispatch():
+    assert native_cpu.supports(torch.zeros(2, 3, dtype=torch.float16)) is not None
+    assert native_cpu.supports(torch.zeros(2, 3, dtype=torch.float64)) is not None
+    assert native_cpu.supports(torch.zeros(2, 3)) is None
+    with pytest.raises(RuntimeError, match="float16"):
+        memft_loss(torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, dtype=torch.long), backend="cpu")
+    # auto picks the native backend for float32 CPU tensors and the reference for float16
+    logits, target = make(n=8, v=9)
+    assert rel(memft_loss(logits, target), memft_loss(logits.double(), target, backend="torch")) < 1e-5
+    half = memft_loss(logits.half(), target)
+    assert half.dtype == torch.float32
+
+
+def test_bad_direct_calls_raise():
+    logits, target = make(n=4, v=9)
+    opts = KernelOptions()
+    with pytest.raises(ValueError, match="grad"):
+        native_cpu.row_backward(logits, target, torch.zeros(4), torch.ones(4), opts, out=torch.empty(4, 8))
+    with pytest.raises(ValueError, match="target"):
+        native_cpu.row_forward(logits, target[:3], None, opts)
+
+
+def test_custom_ops_trace_under_torch_compile():
+    logits, target = make(n=16, v=33)
+    want_loss, want_grad = run(logits, target, "cpu", normalize="valid")
+    compiled = torch.compile(
+        lambda x, t: memft_loss(x, t, backend="cpu", normalize="valid", validate=False),
+        backend="aot_eager", fullgraph=True,
+    )
+    x = logits.clone().requires_grad_(True)
+    loss = compiled(x, target)
+    loss.backward()
+    assert torch.equal(loss.detach(), want_loss) and torch.equal(x.grad, want_grad)
+
+
+@given(
+    n=st.integers(1, 12),
+    v=st.integers(1, 300),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    policy=st.sampled_from(["none", "hard", "sigmoid"]),
+    mode=st.sampled_from(ALL_MODES),
+    smoothing=st.sampled_from([0.0, 0.2]),
+    z=st.sampled_from([0.0, 1e-3]),
+    softcap=st.sampled_from([None, 3.0, 30.0]),
+    scale=st.floats(0.01, 20.0),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_vs_float64(isa, n, v, dtype, policy, mode, smoothing, z, softcap, scale, seed):
+    logits, target = make(n=n, v=v, dtype=torch.float64, seed=seed)
+    logits = (logits * scale / 3).to(dtype)
+    reduction, normalize, fallback = mode
+    grad_out = torch.rand(n) if reduction == "none" else None
+    check_loss(logits, target, grad_out=grad_out, loss_tol=3e-5, policy=policy, reduction=reduction,
+               normalize=normalize, fallback=fallback, label_smoothing=smoothing, z_loss=z, softcap=softcap)
+
+
+def test_custom_ops_pass_opcheck():
+    logits, target = make(n=5, v=33)
+    tw = torch.rand(5)
+    args = native_cpu.option_args(KernelOptions(policy="sigmoid", label_smoothing=0.1))
+    grad = torch.empty_like(logits)
+    torch.library.opcheck(native_cpu.cpu_row_forward, (logits, target, tw) + args)
+    torch.library.opcheck(native_cpu.cpu_row_forward_backward, (logits, target, tw, torch.tensor(0.5), grad) + args)
+    torch.library.opcheck(native_cpu.cpu_row_backward, (logits, target, torch.rand(5), torch.rand(5), grad) + args)
