@@ -144,6 +144,19 @@ def test_unsupported_family_and_double_softcap():
         apply_memft_to_model(tiny("gemma2"), softcap=5.0)
 
 
+def test_patched_model_copies_and_unpatches():
+    model = apply_memft_to_model(tiny("llama"), **OPTIONS)
+    clone = copy.deepcopy(model)  # the patch is a bound method: the copy runs its own weights
+    ids, labels = batch()
+    out = clone(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in clone.parameters())
+    apply_memft_to_model(model, fused_linear=False, **OPTIONS)  # back to the model's own forward
+    assert model(input_ids=ids, labels=labels).logits is not None
+
+
 # ---------------------------------------------------------------- peft
 
 
@@ -205,8 +218,11 @@ def test_trainer_gradient_accumulation_equals_single_batch(way, tmp_path):
     ref = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
 
     if way == "fused":
-        apply_memft_to_model(model, **OPTIONS)
+        seen, head_calls = [], []
+        apply_memft_to_model(model, stats_callback=seen.append, **OPTIONS)
+        model.get_base_model().lm_head.register_forward_hook(lambda *a: head_calls.append(1))
         update = _train_one_step(model, tmp_path, dataset)
+        assert len(seen) == 2 and not head_calls  # two micro-batches, the head never built logits
     else:
         update = _train_one_step(model, tmp_path, dataset, compute_loss_func=memft_compute_loss_func(**OPTIONS))
     assert update.keys() == ref.keys()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 import warnings
 from typing import Callable, Optional
 
@@ -256,39 +257,64 @@ def _fused_loss(model, hidden, labels, shift_labels, num_items_in_batch, options
     return loss
 
 
-def _make_fused_forward(model, original_forward, options, model_softcap):
-    signature = inspect.signature(original_forward)
-    var_kw = next((p.name for p in signature.parameters.values() if p.kind == p.VAR_KEYWORD), None)
+_SIGNATURES: dict = {}
 
-    @functools.wraps(original_forward)
-    def forward(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        if var_kw is not None:
-            arguments.update(arguments.pop(var_kw, {}))
-        labels = arguments.get("labels")
-        shift_labels = arguments.get("shift_labels")
-        keep = arguments.get("logits_to_keep", 0)
-        fused = (
-            model.training
-            and (labels is not None or shift_labels is not None)
-            and isinstance(keep, int) and keep == 0
-            and arguments.get("return_dict", True) is not False
-        )
-        if not fused:
-            return original_forward(*args, **kwargs)
-        for name in ("labels", "shift_labels", "logits_to_keep", "return_dict"):
-            arguments.pop(name, None)
-        num_items_in_batch = arguments.pop("num_items_in_batch", None)
-        decoder = getattr(model, model.base_model_prefix)
-        outputs = decoder(**arguments)
-        loss = _fused_loss(model, outputs.last_hidden_state, labels, shift_labels, num_items_in_batch, options, model_softcap)
-        cls = _output_class(outputs)
-        carried = {f.name for f in dataclasses.fields(cls)} - {"loss", "logits"}
-        fields = {name: getattr(outputs, name) for name in carried if hasattr(outputs, name)}
-        return cls(loss=loss, logits=None, **fields)
 
-    forward._memft_original = original_forward
+def _forward_signature(forward):
+    key = getattr(forward, "__func__", forward)
+    if key not in _SIGNATURES:
+        signature = inspect.signature(forward)
+        var_kw = next((p.name for p in signature.parameters.values() if p.kind == p.VAR_KEYWORD), None)
+        _SIGNATURES[key] = (signature, var_kw)
+    return _SIGNATURES[key]
+
+
+def _fused_forward(self, *args, **kwargs):
+    """The causal LM's forward with the loss computed from the last hidden states (no logits).
+
+    Installed per instance as a bound method (so ``copy.deepcopy`` of the model rebinds it); the
+    model's previous forward and the options live on the instance too.
+    """
+    original = self._memft_original_forward
+    signature, var_kw = _forward_signature(original)
+    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+    if var_kw is not None:
+        arguments.update(arguments.pop(var_kw, {}))
+    labels = arguments.get("labels")
+    shift_labels = arguments.get("shift_labels")
+    keep = arguments.get("logits_to_keep", 0)
+    fused = (
+        self.training
+        and (labels is not None or shift_labels is not None)
+        and isinstance(keep, int) and keep == 0
+        and arguments.get("return_dict", True) is not False
+    )
+    if not fused:
+        return original(*args, **kwargs)
+    for name in ("labels", "shift_labels", "logits_to_keep", "return_dict"):
+        arguments.pop(name, None)
+    num_items_in_batch = arguments.pop("num_items_in_batch", None)
+    decoder = getattr(self, self.base_model_prefix)
+    outputs = decoder(**arguments)
+    softcap = getattr(self.config, "final_logit_softcapping", None)
+    loss = _fused_loss(self, outputs.last_hidden_state, labels, shift_labels, num_items_in_batch, self._memft_options, softcap)
+    cls = _output_class(outputs)
+    carried = {f.name for f in dataclasses.fields(cls)} - {"loss", "logits"}
+    fields = {name: getattr(outputs, name) for name in carried if hasattr(outputs, name)}
+    return cls(loss=loss, logits=None, **fields)
+
+
+def _signed_like(impl, original):
+    """A new function calling ``impl`` whose signature is ``original``'s (plus ``self``): the Trainer
+    reads the forward's signature to decide which dataset columns reach the model."""
+
+    def forward(self, *args, **kwargs):
+        return impl(self, *args, **kwargs)
+
+    signature = inspect.signature(original)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
+    forward.__doc__ = original.__doc__
     return forward
 
 
@@ -318,9 +344,11 @@ def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options)
             f"{model_type} already caps its logits (final_logit_softcapping={model_softcap}); do not pass softcap"
         )
     use_memft(base, **{k: v for k, v in options.items() if k not in LINEAR_OPTIONS})
-    original = getattr(base.forward, "_memft_original", base.forward)
+    if "_memft_original_forward" not in vars(base):
+        base._memft_original_forward = base.forward  # the class's, or an instance wrapper already there
+    base._memft_options = options
     if fused_linear:
-        base.forward = _make_fused_forward(base, original, options, model_softcap)
-    elif "forward" in vars(base):  # undo an earlier fused patch
-        del base.forward
+        base.forward = types.MethodType(_signed_like(_fused_forward, base._memft_original_forward), base)
+    else:  # undo an earlier fused patch
+        base.forward = base._memft_original_forward
     return model

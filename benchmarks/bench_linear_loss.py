@@ -1,0 +1,217 @@
+"""Memory proof and timing of the fused linear MemFT loss (``memft_linear_loss``).
+
+One forward + backward of the language-model head's loss, ``hidden[N, D] @ weight[V, D].T -> loss``,
+for each provider:
+
+* ``memft-fused``: ``memft_linear_loss`` (row chunks, no N x V tensor);
+* ``memft-materialized``: ``memft_loss(hidden @ weight.T, target)``, what one writes without it
+  (the N x V logits and their N x V gradient exist);
+* ``torch-linear-ce``: torch's own chunked ``F.linear_cross_entropy`` (plain cross-entropy, not
+  MemFT; torch >= 2.13 with ``LinearCrossEntropyOptions``), where it exists;
+* ``liger-flce``: Liger-Kernel's fused linear cross-entropy (plain CE), GPU only, when installed.
+
+Both with a frozen weight (the LoRA case: gradient for ``hidden`` only) and a trainable one.
+Memory is the peak extra bytes of one call over what was allocated before it (benchmarks/timing.py:
+``max_memory_allocated`` on GPU, peak RSS on CPU); the targets of issue 5 are fused <= 15% of the
+materialized path's extra memory and <= 1.1x its time. Sizes: CPU N=4096, V=32000, D=512 float32;
+GPU N=8192, V=128256, D=2048 bfloat16; ``--quick`` is smaller.
+
+``python benchmarks/bench_linear_loss.py [--quick] [--device cpu|cuda] [--out results.csv]``
+prints a markdown table and appends the rows to the CSV (default benchmarks/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402  (shared helpers next to this file)
+
+from memft_kernels import memft_loss  # noqa: E402
+from memft_kernels.linear_loss import memft_linear_loss  # noqa: E402
+
+SIZES = {
+    ("cpu", False): dict(n=4096, v=32000, d=512, dtype="float32"),
+    ("cuda", False): dict(n=8192, v=128256, d=2048, dtype="bfloat16"),
+    ("cpu", True): dict(n=1024, v=8000, d=256, dtype="float32"),
+    ("cuda", True): dict(n=4096, v=32000, d=1024, dtype="bfloat16"),
+}
+FIELDS = [
+    "provider", "weight", "n", "v", "d", "dtype", "peak_extra_mib", "mem_vs_materialized", "median_ms", "p20_ms",
+    "p80_ms", "reps", "time_vs_materialized", "loss_rel_err", "memory_method", "date", "device", "device_name",
+    "threads", "torch", "triton", "commit",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: each returns fn() -> loss (forward + backward of one call)
+
+
+def _torch_linear_ce() -> Optional[Callable]:
+    options_cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if not hasattr(F, "linear_cross_entropy") or options_cls is None:
+        return None
+    options = options_cls()
+    return lambda h, w, t: F.linear_cross_entropy(h, w, t, options=options)
+
+
+def _liger_flce(device: str) -> Optional[Callable]:
+    if device != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    module = LigerFusedLinearCrossEntropyLoss()
+    return lambda h, w, t: module(w, h, t)
+
+
+def providers(device: str) -> Dict[str, Callable]:
+    found = {
+        "memft-materialized": lambda h, w, t: memft_loss(h @ w.T, t),
+        "memft-fused": lambda h, w, t: memft_linear_loss(h, w, t),
+        "torch-linear-ce": _torch_linear_ce(),
+        "liger-flce": _liger_flce(device),
+    }
+    return {name: fn for name, fn in found.items() if fn is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+
+
+def make_inputs(n, v, d, dtype, device, trainable, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    # Scaled so that the logits have a spread like a real head's (std about 2).
+    weight = (torch.randn(v, d, generator=g) * (2.0 / d**0.5)).to(device=device, dtype=dtype).requires_grad_(trainable)
+    target = torch.randint(0, v, (n,), generator=g).to(device)
+    target[::17] = -100
+    return hidden, weight, target
+
+
+def measure(name, loss_fn, inputs, device, reps, warmup) -> Dict[str, object]:
+    hidden, weight, target = inputs
+
+    def clear():
+        hidden.grad = None
+        weight.grad = None
+
+    def call(_i=0):
+        loss = loss_fn(hidden, weight, target)
+        loss.backward()
+        return loss
+
+    clear()
+    loss = call().detach().float().cpu()  # first call: warm-up and the value for the error column
+    clear()
+    peak = timing.peak_memory_bytes(lambda: call(), device)
+    clear()
+    t = timing.time_calls(call, device_type=device, warmup=warmup, reps=reps, min_reps=min(2, reps), prepare=lambda i: clear())
+    clear()
+    return {
+        "provider": name, "loss": loss,
+        "peak_extra_mib": None if peak is None else peak / 2**20,
+        "median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.reps,
+    }
+
+
+def run(args) -> List[Dict[str, object]]:
+    device = args.device
+    size = dict(SIZES[(device, args.quick)])
+    for key in ("n", "v", "d"):
+        if getattr(args, key):
+            size[key] = getattr(args, key)
+    dtype = getattr(torch, args.dtype or size["dtype"])
+    info = timing.machine_info(torch.device(device))
+    out_path = Path(args.out) if args.out else timing.default_results_path("bench_linear_loss", info)
+    writer = timing.ResultWriter(out_path, FIELDS, jsonl=False)
+    rows = []
+    for trainable in (False, True):
+        results = []
+        for name, fn in providers(device).items():
+            if args.only and name not in args.only:
+                continue
+            inputs = make_inputs(size["n"], size["v"], size["d"], dtype, device, trainable)
+            results.append(measure(name, fn, inputs, device, args.reps, args.warmup))
+            del inputs
+        base = next((r for r in results if r["provider"] == "memft-materialized"), None)
+        for r in results:
+            row = {
+                **{k: v for k, v in r.items() if k != "loss"},
+                "weight": "trainable" if trainable else "frozen", "n": size["n"], "v": size["v"], "d": size["d"],
+                "dtype": str(dtype).replace("torch.", ""), "memory_method": timing.memory_method(device),
+                **{k: info[k] for k in ("date", "device", "device_name", "threads", "torch", "triton", "commit")},
+            }
+            if base is not None:
+                if base["peak_extra_mib"] and r["peak_extra_mib"] is not None:
+                    row["mem_vs_materialized"] = r["peak_extra_mib"] / base["peak_extra_mib"]
+                row["time_vs_materialized"] = r["median_ms"] / base["median_ms"]
+                row["loss_rel_err"] = abs(float(r["loss"]) - float(base["loss"])) / abs(float(base["loss"]))
+            writer.write(row)
+            rows.append(row)
+    print(markdown_table(rows))
+    print(f"\n{info['device_name']}, torch {info['torch']}, {info['threads']} threads; memory: "
+          f"{timing.memory_method(device)}. torch-linear-ce and liger-flce compute plain CE (their "
+          f"loss_rel_err is against the MemFT loss, not an error). Rows appended to {out_path}")
+    return rows
+
+
+def markdown_table(rows: List[Dict[str, object]]) -> str:
+    def num(x, fmt):
+        return "-" if x is None or x == "" else format(x, fmt)
+
+    lines = [
+        "| provider | weight | N x V x D | dtype | peak extra MiB | vs materialized | median ms | vs materialized |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['provider']} | {r['weight']} | {r['n']} x {r['v']} x {r['d']} | {r['dtype']} | "
+            f"{num(r.get('peak_extra_mib'), '.1f')} | {num(r.get('mem_vs_materialized'), '.1%')} | "
+            f"{num(r['median_ms'], '.1f')} | {num(r.get('time_vs_materialized'), '.2f')}x |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes (CPU N=1024 V=8000 D=256; GPU N=4096 V=32000 D=1024)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--out", default=None, help="CSV file to append rows to (default benchmarks/results/...)")
+    p.add_argument("--n", type=int, default=None, help="rows (tokens); default by device")
+    p.add_argument("--v", type=int, default=None, help="vocabulary size; default by device")
+    p.add_argument("--d", type=int, default=None, help="hidden size; default by device")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 CPU, bfloat16 GPU")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per provider (default 3 CPU, 10 GPU)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (besides the first)")
+    p.add_argument("--only", nargs="*", default=None, help="run only these providers")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda but torch sees no CUDA device")
+        args.device = "cuda"
+    elif args.device != "cpu":
+        raise SystemExit(f"--device must be cpu, cuda or auto, got {args.device!r}")
+    if args.reps is None:
+        args.reps = 10 if args.device == "cuda" else 3
+    return args
+
+
+def main(argv=None) -> List[Dict[str, object]]:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
