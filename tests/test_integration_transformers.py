@@ -157,6 +157,18 @@ def test_patched_model_copies_and_unpatches():
     assert model(input_ids=ids, labels=labels).logits is not None
 
 
+def test_unknown_head_falls_back_to_logits():
+    model = tiny("gemma2")
+    reference = copy.deepcopy(model)
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # a head kind the fused path does not know
+    ids, labels = batch()
+    ref_loss = memft_causal_lm_loss(reference(input_ids=ids).logits, labels, **OPTIONS)
+    apply_memft_to_model(model, **OPTIONS)
+    with pytest.warns(UserWarning, match="materialized logits"):
+        out = model(input_ids=ids, labels=labels)
+    assert rel(out.loss, ref_loss) < 1e-6  # the model's softcap is still applied, once
+
+
 # ---------------------------------------------------------------- peft
 
 
