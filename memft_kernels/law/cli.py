@@ -84,11 +84,10 @@ def _sweep(args) -> int:
 
 
 def _fit(args) -> int:
-    from .fit import fit_results_file, load_results, plot_fit
+    from .fit import fit_results_file, load_results, matches, plot_fit
 
     try:
         where = _parse_settings(args.where, "--where")
-        where = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in where.items()}
         if args.bootstrap < 0:
             raise LawInputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
         if not 0 < args.ci < 1:
@@ -112,7 +111,7 @@ def _fit(args) -> int:
     if png != "none":
         cells = load_results(args.results)
         if where:
-            cells = [c for c in cells if all(str(c.get(k)) == str(v) for k, v in where.items())]
+            cells = [c for c in cells if all(matches(c.get(k), v) for k, v in where.items())]
         plot_fit(fit, cells, png)
         print(f"plot written to {png}")
     return 0

@@ -144,12 +144,9 @@ def fit_arrays(x, length, y, *, fit_offset=True) -> tuple[float, float, float, f
     C0, a0, b0 = _log_linear(x, length, y)
     try:
         return _nonlinear(x, length, y, (C0, a0, b0, 0.0), fit_offset)
-    except RuntimeError:
-        if not fit_offset:
-            raise
-        # b = 0 start failed: the log-linear fit itself is a valid answer with b fixed at 0
-        C, a, be, _ = _nonlinear(x, length, y, (C0, a0, b0), False)
-        return C, a, be, 0.0
+    except RuntimeError as exc:
+        hint = "; try without the offset (--no-offset)" if fit_offset else ""
+        raise LawInputError(f"the law's fit did not converge on these cells ({exc}){hint}") from None
 
 
 def _bootstrap(x, length, y, point, *, fit_offset, n_boot, seed, level):
@@ -176,13 +173,21 @@ def _bootstrap(x, length, y, point, *, fit_offset, n_boot, seed, level):
     return {name: (float(lo[i]), float(hi[i])) for i, name in enumerate(names)}, len(draws)
 
 
+def matches(value, wanted) -> bool:
+    """A --where test: numbers compare as numbers (replace_rate=0 matches 0.0), the rest as text."""
+    try:
+        return float(value) == float(wanted)
+    except (TypeError, ValueError):
+        return str(value) == str(wanted)
+
+
 def select_cells(cells: Sequence[dict], where: Optional[dict] = None, keep_saturated: bool = False):
     """(fitted cells, saturated cells) after the ``where`` filter (field -> wanted value as text).
 
     Cells that mix values of task, loss or replace_rate are refused: one law per setting.
     """
     if where:
-        cells = [c for c in cells if all(str(c.get(k)) == str(v) for k, v in where.items())]
+        cells = [c for c in cells if all(matches(c.get(k), v) for k, v in where.items())]
         if not cells:
             raise LawInputError(f"no cell matches {' '.join(f'{k}={v}' for k, v in where.items())}")
     for key in ("task", "loss", "replace_rate"):

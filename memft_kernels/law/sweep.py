@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -98,6 +99,38 @@ def finished_cells(out_path, base: dict) -> dict:
     return done
 
 
+MAX_POOL_RESTARTS = 2
+
+
+def _run_pool(todo, run_cell, base, run_root, workers, threads, finish, last_try) -> list:
+    """Run ``todo`` in one spawned pool; returns the cells lost to a broken pool (to retry)."""
+    context = multiprocessing.get_context("spawn")
+    broken = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        pending = {pool.submit(_timed, run_cell, cell, base, run_root): cell for cell in todo}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    cell = pending.pop(future)
+                    try:
+                        result, seconds = future.result()
+                    except BrokenProcessPool as exc:
+                        if last_try:
+                            finish(cell, 0.0, error=f"worker process died ({exc})")
+                        else:
+                            broken.append(cell)
+                    except Exception as exc:  # noqa: BLE001 - report, keep the other cells
+                        finish(cell, 0.0, error=f"{type(exc).__name__}: {exc}")
+                    else:
+                        finish(cell, seconds, result)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return broken
+
+
 def run_sweep(grid: SweepGrid, out_path, *, workers: int = 1, threads_per_worker: int = 1,
               run_root: Optional[str] = None, run_cell: Callable[[dict, dict, str], dict] = train_cell,
               progress: bool = True) -> dict:
@@ -145,26 +178,15 @@ def run_sweep(grid: SweepGrid, out_path, *, workers: int = 1, threads_per_worker
                 else:
                     finish(cell, seconds, result)
         else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(threads_per_worker,)) as pool:
-                pending = {}
-                for cell in todo:
-                    pending[pool.submit(_timed, run_cell, cell, base, run_root)] = cell
-                try:
-                    while pending:
-                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in finished:
-                            cell = pending.pop(future)
-                            try:
-                                result, seconds = future.result()
-                            except Exception as exc:  # noqa: BLE001 - report, keep the other cells
-                                finish(cell, 0.0, error=f"{type(exc).__name__}: {exc}")
-                            else:
-                                finish(cell, seconds, result)
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+            # A worker that dies (segfault, out of memory) breaks the whole pool and every cell in
+            # flight with it; those cells get a fresh pool, up to MAX_POOL_RESTARTS times.
+            for attempt in range(MAX_POOL_RESTARTS + 1):
+                broken = _run_pool(todo, run_cell, base, run_root, workers, threads_per_worker, finish,
+                                   last_try=attempt == MAX_POOL_RESTARTS)
+                if not broken:
+                    break
+                bar.write(f"a worker process died; retrying {len(broken)} unfinished cells in a new pool")
+                todo = broken
     finally:
         bar.close()
     return summary
