@@ -31,7 +31,7 @@ ELEMENT = {"fp32": "fp32", "bf16": "bf16"}
 _POINTERS = {
     "target_ptr": "*i64", "token_weight_ptr": "*fp32", "lse_ptr": "*fp32", "ce_ptr": "*fp32",
     "prob_ptr": "*fp32", "pred_ptr": "*i64", "weight_ptr": "*fp32", "loss_ptr": "*fp32",
-    "coef_ptr": "*fp32", "scale_ptr": "*fp32",
+    "coef_ptr": "*fp32", "scale_ptr": "*fp32", "factor_ptr": "*fp32",
 }
 _INTS = {"logits_row_stride": "i32", "grad_row_stride": "i32", "V": "i32", "ignore_index": "i32"}
 _DIVISIBLE = {"logits_row_stride", "grad_row_stride"}
@@ -39,19 +39,19 @@ _DIVISIBLE = {"logits_row_stride", "grad_row_stride"}
 _ALL_FEATURES = dict(POLICY=2, HAS_TOKEN_WEIGHT=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True)
 _PLAIN = dict(POLICY=1, HAS_TOKEN_WEIGHT=False, HAS_SOFTCAP=False, HAS_SMOOTHING=False, HAS_Z_LOSS=False)
 
-# (kernel, logits dtype, feature set): every kernel in float32 and bfloat16 with every feature on,
-# and the common bfloat16 hard-policy specialization with none.
+# (kernel, logits dtype, feature set): every loss kernel in float32 and bfloat16 with every feature
+# on, and the common bfloat16 hard-policy specialization with none; the gradient-scaling kernel.
 SPECIALIZATIONS = [
     (kernel, dtype, features)
     for kernel in ("_row_forward_kernel", "_row_backward_kernel", "_row_forward_backward_kernel")
     for dtype, features in (("fp32", "all"), ("bf16", "all"), ("bf16", "plain"))
-]
+] + [("_scale_rows_kernel", "fp32", "-"), ("_scale_rows_kernel", "bf16", "-")]
 
 
 def _source(kernel_name: str, dtype: str, features: str):
     fn = getattr(triton_ce, kernel_name)
     block, num_warps = triton_ce.launch_config(128256)
-    flags = _ALL_FEATURES if features == "all" else _PLAIN
+    flags = _PLAIN if features == "plain" else _ALL_FEATURES
     constexprs = {name: value for name, value in flags.items() if name in fn.arg_names}
     constexprs["BLOCK_V"] = block
     signature, attrs = {}, {}

@@ -332,6 +332,7 @@ def test_custom_ops_pass_opcheck():
     coef = torch.rand(4, device=DEVICE)
     torch.library.opcheck(torch.ops.memft.triton_row_backward.default,
                           (logits, target, lse, coef, torch.empty_like(logits), -100, 0.1, 1e-3, 5.0))
+    torch.library.opcheck(torch.ops.memft.triton_scale_grad_.default, (logits.clone(), scale))
 
 
 def _warm_dispatch():
@@ -361,116 +362,133 @@ def test_compiles_fullgraph(normalize):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU only (benchmarks/gpu_check.sh): real sizes, N x V > 2^31, inductor, CUDA graphs
+# GPU only (benchmarks/gpu_check.sh): real sizes, N x V > 2^31, inductor, CUDA graphs.
+# Sizes and device are module constants so the bodies can be dry-run small on the interpreter.
 # ---------------------------------------------------------------------------------------------
+GPU = "cuda"
+REAL_SIZE = (4096, 128256)
+HUGE_SIZE = (17000, 128256)  # 2.18e9 elements > 2^31
+GRAPH_SIZE = (512, 32000)
+
 
 def _reference_rows(logits, target, rows, opts, coef_of):
-    """Reference stats and gradient of ``rows`` only, in float64, a few rows at a time."""
+    """Reference stats and gradient of ``rows`` only, in float64, 64 rows at a time."""
     stats, grads = [], []
     for chunk in rows.split(64):
         x, y = logits[chunk].double(), target[chunk]
         s = reference.row_forward(x, y, None, opts)
         stats.append(s)
-        grads.append(reference.row_backward(x, y, s.lse, coef_of(s, chunk), opts))
+        grads.append(reference.row_backward(x, y, s.lse, coef_of(s), opts))
     return ({name: torch.cat([getattr(s, name) for s in stats]) for name in stats[0]._fields},
             torch.cat(grads))
 
 
 def _real_size(n, v, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    logits = (torch.randn(n, v, generator=g, device="cuda", dtype=torch.float32) * 2).to(dtype)
-    target = torch.randint(0, v, (n,), generator=g, device="cuda")
-    target[torch.rand(n, generator=g, device="cuda") < 0.1] = -100
+    g = torch.Generator(device=GPU).manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g, device=GPU, dtype=torch.float32) * 2).to(dtype)
+    target = torch.randint(0, v, (n,), generator=g, device=GPU)
+    target[torch.rand(n, generator=g, device=GPU) < 0.1] = -100
     return logits, target
+
+
+def _assert_rows_match(stats, rows, want, grad, ref_grad, dtype):
+    for name in ("lse", "ce", "prob", "weight", "loss"):
+        if hasattr(stats, name):  # RowStats has loss, MemFTStats does not
+            assert rel(getattr(stats, name)[rows], want[name]) < 1e-5, name
+    assert torch.equal(stats.pred[rows], want["pred"])
+    assert rel(grad[rows], ref_grad) < GRAD_TOL[dtype]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_real_size_against_reference(dtype):
-    n, v = 4096, 128256
+    n, v = REAL_SIZE
     logits, target = _real_size(n, v, dtype)
     opts = dict(policy="sigmoid", label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
     kopts = KernelOptions(**opts)
-    rows = torch.randperm(n, device="cuda")[:256].sort().values
+    rows = torch.randperm(n, device=GPU)[:256].sort().values
     for normalize in ("active", "valid"):  # two-pass and single-pass
         x = logits.clone().requires_grad_(True)
         loss, stats = memft_loss(x, target, backend="triton", normalize=normalize, return_stats=True, **opts)
         loss.backward()
         ref_loss = memft_loss(logits, target, backend="torch", normalize=normalize, **opts)
         assert rel(loss, ref_loss) < 1e-5
-        valid = target != -100
-        d = stats.weight.sum() if normalize == "active" else valid.sum().float()
-        want, ref_grad = _reference_rows(logits, target, rows, kopts,
-                                         lambda s, chunk: s.weight / d.double())
-        for name in ("lse", "ce", "prob", "weight", "loss"):
-            assert rel(getattr(stats, name)[rows], want[name]) < 1e-5, name
-        assert torch.equal(stats.pred[rows], want["pred"])
-        assert rel(x.grad[rows], ref_grad) < GRAD_TOL[dtype]
+        d = stats.weight.sum() if normalize == "active" else (target != -100).sum()
+        want, ref_grad = _reference_rows(logits, target, rows, kopts, lambda s: s.weight / d.double())
+        _assert_rows_match(stats, rows, want, x.grad, ref_grad, dtype)
 
 
 @pytest.mark.gpu
 def test_gpu_more_than_2_to_the_31_elements():
-    n, v = 17000, 128256
-    assert n * v > 2**31
+    n, v = HUGE_SIZE
     logits, target = _real_size(n, v, torch.bfloat16, seed=1)
-    rows = torch.tensor([0, 1, 16743, 16744, 16999], device="cuda")  # 16744 * 128256 > 2^31
+    k = 2**31 // v  # row k straddles element 2^31, row k + 1 starts past it
+    rows = torch.tensor(sorted({0, 1, min(k, n - 1), min(k + 1, n - 1), n - 1}), device=GPU)
     kopts = KernelOptions(policy="hard")
+    want, ref_grad = _reference_rows(logits, target, rows, kopts, lambda s: s.weight / n)
     grad = torch.empty_like(logits)
-    scale = torch.tensor(1.0 / n, device="cuda")
-    got = triton_ce.row_forward_backward(logits, target, None, kopts, scale, grad)
-    want, ref_grad = _reference_rows(logits, target, rows, kopts, lambda s, chunk: s.weight / n)
-    for name in ("lse", "ce", "prob", "weight", "loss"):
-        assert rel(getattr(got, name)[rows], want[name]) < 1e-5, name
-    assert torch.equal(got.pred[rows], want["pred"])
-    assert rel(grad[rows], ref_grad) < GRAD_TOL[torch.bfloat16]
+    got = triton_ce.row_forward_backward(logits, target, None, kopts, torch.tensor(1.0 / n, device=GPU), grad)
+    _assert_rows_match(got, rows, want, grad, ref_grad, torch.bfloat16)
     del grad
-    out = triton_ce.row_backward(logits, target, got.lse, got.weight * 2.0, kopts, out=logits)  # in place
-    _, ref_grad2 = _reference_rows(_real_size(n, v, torch.bfloat16, seed=1)[0], target, rows, kopts,
-                                   lambda s, chunk: s.weight * 2.0)
-    assert rel(out[rows], ref_grad2) < GRAD_TOL[torch.bfloat16]
+    _, ref_grad = _reference_rows(logits, target, rows, kopts, lambda s: s.weight * 2.0)
+    stats = triton_ce.row_forward(logits, target, None, kopts)
+    out = triton_ce.row_backward(logits, target, stats.lse, stats.weight * 2.0, kopts, out=logits)  # in place
+    assert out.data_ptr() == logits.data_ptr()
+    _assert_rows_match(stats, rows, want, out, ref_grad, torch.bfloat16)
 
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_inductor_fullgraph():
-    logits, target = _real_size(512, 32000, torch.bfloat16)
-
-    def f(t, y):
-        return memft_loss(t, y, backend="triton", policy="sigmoid", validate=False, normalize="valid")
-
+    logits, target = _real_size(*GRAPH_SIZE, torch.bfloat16)
     _warm_dispatch()
-    x = logits.clone().requires_grad_(True)
-    loss = torch.compile(f, fullgraph=True)(x, target)
-    loss.backward()
-    ref_loss, ref_grad = run(logits, target, "torch", policy="sigmoid", normalize="valid")
-    assert rel(loss, ref_loss) < 1e-5 and rel(x.grad, ref_grad) < GRAD_TOL[torch.bfloat16]
+    for normalize in ("active", "valid"):
+        def f(t, y):
+            return memft_loss(t, y, backend="triton", policy="sigmoid", validate=False, normalize=normalize)
+
+        x = logits.clone().requires_grad_(True)
+        loss = torch.compile(f, fullgraph=True)(x, target)
+        loss.backward()
+        ref_loss, ref_grad = run(logits, target, "torch", policy="sigmoid", normalize=normalize)
+        assert rel(loss, ref_loss) < 1e-5 and rel(x.grad, ref_grad) < GRAD_TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture_forward_backward():
-    logits, target = _real_size(512, 32000, torch.bfloat16)
+@pytest.mark.parametrize("normalize", ["active", "valid"])  # two-pass and single-pass
+def test_gpu_cuda_graph_capture_forward_backward(normalize):
+    logits, target = _real_size(*GRAPH_SIZE, torch.bfloat16)
     x = logits.clone().requires_grad_(True)
-
-    def step():
-        x.grad = None
-        loss = memft_loss(x, target, backend="triton", policy="hard", validate=False)
-        loss.backward()
-        return loss
-
+    opts = dict(backend="triton", policy="hard", normalize=normalize, validate=False)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up: compiles the kernels outside the capture
-            step()
+        for _ in range(2):  # warm-up: JIT-compiles the kernels outside the capture
+            x.grad = None
+            memft_loss(x, target, **opts).backward()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
     x.grad = None
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss = memft_loss(x, target, backend="triton", policy="hard", validate=False)
+        loss = memft_loss(x, target, **opts)
         loss.backward()
-    fresh, _ = _real_size(512, 32000, torch.bfloat16, seed=5)
+    fresh, _ = _real_size(*GRAPH_SIZE, torch.bfloat16, seed=5)
     with torch.no_grad():
         x.copy_(fresh)
     graph.replay()
     torch.cuda.synchronize()
-    ref_loss, ref_grad = run(fresh, target, "torch", policy="hard")
+    ref_loss, ref_grad = run(fresh, target, "torch", policy="hard", normalize=normalize)
     assert rel(loss, ref_loss) < 1e-5 and rel(x.grad, ref_grad) < GRAD_TOL[torch.bfloat16]
+
+
+def test_scale_grad_reads_the_factor_on_the_device():
+    for dtype in (torch.float32, torch.bfloat16):
+        grad, _ = make(n=6, dtype=dtype)
+        strided = grad[:, :20]  # row stride V, 20 columns: two blocks, the last partial
+        before = grad.clone()
+        triton_ce.scale_grad_(strided, torch.tensor(-2.5, device=DEVICE))
+        want = before[:, :20].double() * -2.5
+        # one rounding to the dtype (the interpreter truncates to bfloat16, the GPU rounds to nearest)
+        assert torch.allclose(grad[:, :20].double(), want, rtol=torch.finfo(dtype).eps, atol=0)
+        assert torch.equal(grad[:, 20:], before[:, 20:])  # outside the view: untouched
+        kept = grad.clone()
+        triton_ce.scale_grad_(grad, torch.ones((), device=DEVICE))
+        assert torch.equal(grad, kept)

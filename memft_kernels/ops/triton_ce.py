@@ -237,6 +237,19 @@ if triton is not None:
             tl.store(grad_row_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _scale_rows_kernel(grad_ptr, grad_row_stride, factor_ptr, V, BLOCK_V: tl.constexpr):
+        """grad *= factor in place, with the factor read on the device: no host sync (CUDA graphs,
+        torch.compile), and a factor of exactly 1 (the usual loss.backward()) costs no pass at all."""
+        factor = tl.load(factor_ptr).to(tl.float32)
+        if factor != 1.0:
+            row = tl.program_id(0).to(tl.int64)
+            cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            ptrs = grad_ptr + row * grad_row_stride + cols
+            g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+
 # ----------------------------------------------------------------------------------------------
 # Launch heuristics: one configuration per shape class, no autotuning.
 # ----------------------------------------------------------------------------------------------
@@ -335,6 +348,15 @@ def _launch_backward(logits, target, lse, coef, grad, ignore_index, label_smooth
     )
 
 
+
+def _launch_scale(grad, factor) -> None:
+    n, v = grad.shape
+    if n == 0:
+        return
+    block, num_warps = launch_config(v)
+    _scale_rows_kernel[(n, triton.cdiv(v, block))](grad, grad.stride(0), factor, V=v, BLOCK_V=block,
+                                                    num_warps=num_warps)
+
 # ----------------------------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile, with fake implementations for tracing. Mutated arguments are
 # declared, so functionalization (and CUDA-graph capture) sees the gradient writes.
@@ -393,6 +415,11 @@ def _row_backward_inplace_op(
     _launch_backward(logits, target, lse, coef, logits, ignore_index, label_smoothing, z_loss, softcap)
 
 
+
+@torch.library.custom_op("memft::triton_scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(grad: Tensor, factor: Tensor) -> None:
+    _launch_scale(grad, factor)
+
 def _fake_stats(logits: Tensor, *args, **kwargs) -> _STATS:
     return _empty_stats(logits.shape[0], logits.device)
 
@@ -406,6 +433,7 @@ _row_forward_backward_op.register_fake(_fake_stats)
 _row_forward_backward_inplace_op.register_fake(_fake_stats)
 _row_backward_op.register_fake(_fake_none)
 _row_backward_inplace_op.register_fake(_fake_none)
+_scale_grad_op.register_fake(_fake_none)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,3 +533,15 @@ def _check_grad(logits: Tensor, grad: Tensor) -> None:
     if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.stride(1) != 1 or grad.device != logits.device:
         raise ValueError(f"grad must match logits {tuple(logits.shape)} {logits.dtype} with unit stride in V, got "
                          f"{tuple(grad.shape)} {grad.dtype} strides {grad.stride()}")
+
+
+def scale_grad_(grad: Tensor, factor: Tensor) -> Tensor:
+    """``grad *= factor`` in place, ``factor`` a one-element tensor read on the device (no host
+    sync); a factor of exactly 1 leaves ``grad`` untouched without reading it. For the backward of
+    the single-pass path, where the upstream gradient is known only after the forward wrote grad."""
+    if grad.dim() != 2 or grad.stride(1) != 1:
+        raise ValueError(f"grad must be 2-D with unit stride in V, got shape {tuple(grad.shape)} strides {grad.stride()}")
+    if factor.numel() != 1:
+        raise ValueError(f"factor must have one element, got shape {tuple(factor.shape)}")
+    _scale_grad_op(grad, factor.to(device=grad.device, dtype=torch.float32).reshape(()))
+    return grad
