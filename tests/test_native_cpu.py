@@ -122,7 +122,8 @@ def test_fused_single_pass_matches_two_passes(dtype, opt_set):
     for a, b in zip(fused, stats):
         assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)
     two_pass = native_cpu.row_backward(logits, target, stats.lse, stats.weight * scale, opts)
-    assert torch.equal(grad, two_pass)
+    # the fused sweep reuses the scan's exp values: the same gradient up to float32 rounding
+    assert rel(grad, two_pass) < (3e-7 if dtype == torch.float32 else 4e-3)
     want = reference.row_forward(logits.double(), target, None, opts)
     ref = reference.row_backward(logits.double(), target, want.lse, want.weight * 0.37, opts)
     assert rel(grad, ref) < GRAD_TOL[dtype]
@@ -336,3 +337,22 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(native_cpu.cpu_row_forward, (logits, target, tw) + args)
     torch.library.opcheck(native_cpu.cpu_row_forward_backward, (logits, target, tw, torch.tensor(0.5), grad) + args)
     torch.library.opcheck(native_cpu.cpu_row_backward, (logits, target, torch.rand(5), torch.rand(5), grad) + args)
+
+
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 260), (torch.bfloat16, 520)])
+def test_large_gradient_streaming_stores(dtype, n):
+    """>= 32 MiB of gradient takes the non-temporal-store path; odd V leaves rows unaligned."""
+    v = 32771
+    logits, target = make(n=n, v=v, dtype=dtype, seed=9)
+    assert logits.numel() * logits.element_size() >= 32 << 20
+    opts = KernelOptions(policy="hard", label_smoothing=0.1)
+    grad = torch.full_like(logits, math.nan)
+    stats = native_cpu.row_forward_backward(logits, target, None, opts, torch.tensor(0.01), grad)
+    rows = torch.arange(0, n, 13)
+    want = reference.row_forward(logits[rows].double(), target[rows], None, opts)
+    ref = reference.row_backward(logits[rows].double(), target[rows], want.lse, want.weight * 0.01, opts)
+    assert rel(grad[rows], ref) < GRAD_TOL[dtype]
+    assert rel(stats.loss[rows], want.loss) < 1e-5
+    two_pass = native_cpu.row_backward(logits, target, stats.lse, stats.weight * 0.01, opts)
+    assert rel(two_pass[rows], ref) < GRAD_TOL[dtype]
+    assert not torch.isnan(grad).any() and not torch.isnan(two_pass).any()

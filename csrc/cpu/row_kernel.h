@@ -2,9 +2,10 @@
 // memft_cpu.cpp includes this file once per instruction set, each time in its own namespace, so
 // every function here is compiled for exactly one instruction set.
 //
-// A row is read from memory once: scan_row walks it in L1-sized blocks (block max + argmax, then
-// the block's exp-sum against the running max), and the gradient sweep that may follow in
-// forward_backward_row reads the same row again from the L2 cache.
+// A row is read from memory once: scan_row walks it in L1-sized blocks (pass A: block max and sum;
+// pass B: the block's exp-sum against the running max). The fused forward+backward keeps those exp
+// values in a per-thread scratch row (L2-resident), so its gradient sweep costs one multiply-add
+// per element instead of a second exp, and streams the gradient out.
 
 constexpr int64_t kBlock = 2048;  // floats per block: 8 KiB stays in L1 between the two block passes
 
@@ -23,8 +24,27 @@ inline typename Vec::F load_capped(const T* p, typename Vec::F cap, typename Vec
   return v;
 }
 
+template <bool kCap, class T>
+inline float load_capped_scalar(const T* p, float softcap) {
+  return kCap ? softcap * std::tanh(to_float(*p) / softcap) : to_float(*p);
+}
+
+// First index in [b0, b1) (a whole number of vectors) whose capped value equals m, or -1.
 template <class T, bool kCap>
-Scan scan_row(const T* x, int64_t n, float softcap) {
+int64_t find_value(const T* x, int64_t b0, int64_t b1, float m, float softcap) {
+  const typename Vec::F cap = Vec::set1(softcap), inv_cap = Vec::set1(kCap ? 1.0f / softcap : 0.0f);
+  const typename Vec::F vm = Vec::set1(m);
+  for (int64_t j = b0; j < b1; j += Vec::W) {
+    const int k = Vec::first_true(Vec::eq(load_capped<kCap>(x + j, cap, inv_cap), vm));
+    if (k >= 0) return j + k;
+  }
+  return -1;
+}
+
+// keep_exp (n floats) and keep_max ((n / kBlock + 1) * W floats), when given, receive
+// exp(x_j - s) and, per block, the lanes' running max s (s = -inf stands for a shift of 0).
+template <class T, bool kCap>
+Scan scan_row(const T* x, int64_t n, float softcap, float* keep_exp, float* keep_max) {
   using F = typename Vec::F;
   using I = typename Vec::I;
   constexpr int W = Vec::W;
@@ -35,82 +55,79 @@ Scan scan_row(const T* x, int64_t n, float softcap) {
   alignas(64) float buf[kBuffered ? kBlock : 1];
 
   F run_max = neg_inf, run_sum = Vec::zero(), sum_x = Vec::zero();
-  I run_idx = Vec::set1i(0);
+  I run_block = Vec::set1i(0);  // per lane: the first block in which its max was reached
   const int64_t nv = n / W * W;
-  for (int64_t b0 = 0; b0 < nv; b0 += kBlock) {
+  for (int64_t b0 = 0, blk = 0; b0 < nv; b0 += kBlock, ++blk) {
     const int64_t b1 = b0 + kBlock < nv ? b0 + kBlock : nv;
     F bmax = neg_inf;
-    I bidx = Vec::set1i(0);
-    I idx = Vec::iota(static_cast<int32_t>(b0));
-    const I step = Vec::set1i(W);
     for (int64_t j = b0; j < b1; j += W) {
       const F v = load_capped<kCap>(x + j, cap, inv_cap);
       if constexpr (kBuffered) Vec::store(buf + (j - b0), v, false);
-      const typename Vec::M gt = Vec::gt(v, bmax);  // strict: the first of equal values stays
-      bmax = Vec::blend(bmax, v, gt);
-      bidx = Vec::blendi(bidx, idx, gt);
+      bmax = Vec::max(bmax, v);
       sum_x = Vec::add(sum_x, v);
-      idx = Vec::addi(idx, step);
     }
-    run_idx = Vec::blendi(run_idx, bidx, Vec::gt(bmax, run_max));
+    run_block = Vec::blendi(run_block, Vec::set1i(static_cast<int32_t>(blk)), Vec::gt(bmax, run_max));
     const F new_max = Vec::max(run_max, bmax);
     // A lane that has seen only -inf keeps max -inf: shift by 0 then, so exp gives 0, not NaN.
     const F shift = Vec::blend(new_max, Vec::zero(), Vec::eq(new_max, neg_inf));
     run_sum = Vec::mul(run_sum, Vec::exp(Vec::sub(run_max, shift)));
     run_max = new_max;
+    if (keep_max) Vec::store(keep_max + blk * W, new_max, false);
     for (int64_t j = b0; j < b1; j += W) {
       F v;
       if constexpr (kBuffered) v = Vec::load(buf + (j - b0));
       else v = Vec::load(x + j);
-      run_sum = Vec::add(run_sum, Vec::exp(Vec::sub(v, shift)));
+      const F e = Vec::exp(Vec::sub(v, shift));
+      if (keep_exp) Vec::store(keep_exp + j, e, false);
+      run_sum = Vec::add(run_sum, e);
     }
   }
 
-  // Lanes, then the tail (fewer than W elements) as one more lane, combined in a fixed order.
-  float lane_max[W + 1], lane_sum[W + 1], lane_x[W];
-  int32_t lane_idx[W + 1];
+  // Lanes, then the tail (fewer than W elements), combined in a fixed order.
+  float lane_max[W], lane_sum[W], lane_x[W];
+  int32_t lane_block[W];
   Vec::to_array(run_max, lane_max);
   Vec::to_array(run_sum, lane_sum);
   Vec::to_array(sum_x, lane_x);
-  Vec::to_array(run_idx, lane_idx);
-  float tail_max = -kInf, tail_x = 0.0f;
-  int32_t tail_idx = 0;
+  Vec::to_array(run_block, lane_block);
+  float tail_max = -kInf, tail_x = 0.0f, tail_sum = 0.0f;
+  int64_t tail_idx = nv;
   for (int64_t j = nv; j < n; ++j) {
-    const float v = kCap ? softcap * std::tanh(to_float(x[j]) / softcap) : to_float(x[j]);
+    const float v = load_capped_scalar<kCap>(x + j, softcap);
     if (v > tail_max) {
       tail_max = v;
-      tail_idx = static_cast<int32_t>(j);
+      tail_idx = j;
     }
     tail_x += v;
   }
-  float tail_sum = 0.0f;
   for (int64_t j = nv; j < n; ++j) {
-    const float v = kCap ? softcap * std::tanh(to_float(x[j]) / softcap) : to_float(x[j]);
-    tail_sum += std::exp(v - (tail_max == -kInf ? 0.0f : tail_max));
+    tail_sum += std::exp(load_capped_scalar<kCap>(x + j, softcap) - (tail_max == -kInf ? 0.0f : tail_max));
   }
-  lane_max[W] = tail_max;
-  lane_sum[W] = tail_sum;
-  lane_idx[W] = tail_idx;
 
   Scan s{-kInf, 0.0f, 0.0f, 0, false};
-  bool first = true;
-  for (int k = 0; k <= W; ++k) {
-    if (k == W && nv == n) break;  // no tail
-    if (first || lane_max[k] > s.max || (lane_max[k] == s.max && lane_idx[k] < s.argmax)) {
-      s.max = lane_max[k];
-      s.argmax = lane_idx[k];
-    }
-    first = false;
-  }
+  float lanes_max = -kInf;
+  for (int k = 0; k < W; ++k) lanes_max = lane_max[k] > lanes_max ? lane_max[k] : lanes_max;
+  s.max = nv > 0 ? lanes_max : tail_max;
+  if (nv < n && tail_max > s.max) s.max = tail_max;
   const float shift = s.max == -kInf ? 0.0f : s.max;
-  for (int k = 0; k <= W; ++k) {
-    if (k == W && nv == n) break;
-    s.sumexp += lane_sum[k] * std::exp(lane_max[k] - shift);
-  }
+  for (int k = 0; k < W && nv > 0; ++k) s.sumexp += lane_sum[k] * std::exp(lane_max[k] - shift);
+  if (nv < n) s.sumexp += tail_sum * std::exp(tail_max - shift);
   for (int k = 0; k < W; ++k) s.sumx += lane_x[k];
   s.sumx += tail_x;
+
+  if (nv > 0 && lanes_max == s.max) {
+    // The first maximum lies in the earliest block where a lane reached it: search that block.
+    int64_t blk = INT64_MAX;
+    for (int k = 0; k < W; ++k)
+      if (lane_max[k] == s.max && lane_block[k] < blk) blk = lane_block[k];
+    const int64_t b0 = blk * kBlock, b1 = b0 + kBlock < nv ? b0 + kBlock : nv;
+    const int64_t j = find_value<T, kCap>(x, b0, b1, s.max, softcap);
+    s.argmax = j >= 0 ? j : b0;
+  } else {
+    s.argmax = tail_idx;
+  }
   if (std::isnan(s.sumexp) || std::isnan(s.sumx)) {
-    // Rare: find the first NaN, which torch.argmax reports (compares above never pick a NaN).
+    // Rare: find the first NaN, which torch.argmax reports.
     for (int64_t j = 0; j < n; ++j) {
       if (std::isnan(to_float(x[j]))) {
         s.argmax = j;
@@ -149,11 +166,30 @@ void grad_sweep(const T* x, int64_t n, float lse, float a, float b, float softca
   }
 }
 
+// The fused sweep without a soft cap: q_j = e_j * exp(s - lse) from the values scan_row kept, so
+// no second exp per element; the tail (fewer than W elements) is computed from x.
+template <class T>
+void grad_sweep_kept(const T* x, const float* keep_exp, const float* keep_max, int64_t n, float lse, float a,
+                     float b, T* out, bool nt) {
+  using F = typename Vec::F;
+  constexpr int W = Vec::W;
+  const F vlse = Vec::set1(lse), va = Vec::set1(a), vb = Vec::set1(b);
+  nt = nt && W > 1 && reinterpret_cast<uintptr_t>(out) % (W * sizeof(T)) == 0;
+  const int64_t nv = n / W * W;
+  for (int64_t b0 = 0, blk = 0; b0 < nv; b0 += kBlock, ++blk) {
+    const int64_t b1 = b0 + kBlock < nv ? b0 + kBlock : nv;
+    const F f = Vec::mul(va, Vec::exp(Vec::sub(Vec::load(keep_max + blk * W), vlse)));
+    for (int64_t j = b0; j < b1; j += W) Vec::store(out + j, Vec::fmadd(Vec::load(keep_exp + j), f, vb), nt);
+  }
+  if (nt) Vec::fence();
+  for (int64_t j = nv; j < n; ++j) from_float(a * std::exp(to_float(x[j]) - lse) + b, out + j);
+}
+
 // The gradient row for coef; the target element is formed in float32 before the sweep, which may
 // overwrite the logits (in-place backward).
 template <class T, bool kCap>
 void grad_row(const T* x, const RowTarget& t, const RowOptions& o, int64_t n, float lse, float coef,
-              T* out, bool nt) {
+              T* out, bool nt, const float* keep_exp = nullptr, const float* keep_max = nullptr) {
   if (coef == 0.0f) {  // exact zeros, whatever the row holds (ignored rows, weight 0)
     std::memset(static_cast<void*>(out), 0, sizeof(T) * n);
     return;
@@ -164,14 +200,15 @@ void grad_row(const T* x, const RowTarget& t, const RowOptions& o, int64_t n, fl
   }
   const GradCoefs c = grad_coefs(o, n, lse, coef);
   const float g_target = t.in_range ? target_grad(o, c, capped(to_float(x[t.index]), o.softcap), lse, coef) : 0.0f;
-  grad_sweep<T, kCap>(x, n, lse, c.a, c.b, o.softcap, out, nt);
+  if (!kCap && keep_exp) grad_sweep_kept<T>(x, keep_exp, keep_max, n, lse, c.a, c.b, out, nt);
+  else grad_sweep<T, kCap>(x, n, lse, c.a, c.b, o.softcap, out, nt);
   if (t.in_range) from_float(g_target, out + t.index);
 }
 
 template <class T, bool kCap>
 void forward_row(const RowInput& in, const RowOptions& o, int64_t i, const RowStatsOut& out) {
   const T* x = static_cast<const T*>(in.logits) + i * in.row_stride;
-  const Scan s = scan_row<T, kCap>(x, in.n_cols, o.softcap);
+  const Scan s = scan_row<T, kCap>(x, in.n_cols, o.softcap, nullptr, nullptr);
   write_stats(in, o, i, x, s.max, s.sumexp, s.sumx, s.argmax, s.has_nan, out);
 }
 
@@ -185,17 +222,23 @@ void backward_row(const RowInput& in, const RowOptions& o, int64_t i, const floa
 
 template <class T, bool kCap>
 void forward_backward_row(const RowInput& in, const RowOptions& o, int64_t i, const RowStatsOut& out,
-                          float scale, const GradOut& g, bool nt) {
+                          float scale, const GradOut& g, bool nt, float* scratch) {
   const T* x = static_cast<const T*>(in.logits) + i * in.row_stride;
-  const Scan s = scan_row<T, kCap>(x, in.n_cols, o.softcap);
+  // scratch: n_cols exp values, then the per-block maxima (see scratch_floats in memft_cpu.cpp).
+  float* keep_exp = kCap ? nullptr : scratch;
+  float* keep_max = kCap ? nullptr : scratch + in.n_cols;
+  const Scan s = scan_row<T, kCap>(x, in.n_cols, o.softcap, keep_exp, keep_max);
   write_stats(in, o, i, x, s.max, s.sumexp, s.sumx, s.argmax, s.has_nan, out);
   T* dst = static_cast<T*>(g.data) + i * g.row_stride;
-  grad_row<T, kCap>(x, row_target(in, o, i), o, in.n_cols, out.lse[i], out.weight[i] * scale, dst, nt);
+  grad_row<T, kCap>(x, row_target(in, o, i), o, in.n_cols, out.lse[i], out.weight[i] * scale, dst, nt,
+                    keep_exp, keep_max);
 }
+
+inline int64_t scratch_floats(int64_t n_cols) { return n_cols + (n_cols / kBlock + 1) * Vec::W; }
 
 template <class T, bool kCap>
 RowFns fns_for() {
-  return RowFns{&forward_row<T, kCap>, &backward_row<T, kCap>, &forward_backward_row<T, kCap>};
+  return RowFns{&forward_row<T, kCap>, &backward_row<T, kCap>, &forward_backward_row<T, kCap>, &scratch_floats};
 }
 
 inline RowFns row_fns(int dtype, bool cap) {

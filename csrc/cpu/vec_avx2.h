@@ -42,6 +42,10 @@ struct Vec {
   static I blendi(I a, I b, M m) {
     return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), m));
   }
+  static int first_true(M m) {  // lowest lane set in m, -1 if none
+    const int bits = _mm256_movemask_ps(m);
+    return bits ? __builtin_ctz(bits) : -1;
+  }
   static void to_array(F v, float* out) { _mm256_storeu_ps(out, v); }
   static void to_array(I v, int32_t* out) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v); }
 

@@ -25,6 +25,7 @@ struct Vec {
   static I set1i(int32_t v) { return v; }
   static I addi(I a, I b) { return a + b; }
   static I blendi(I a, I b, M m) { return m ? b : a; }
+  static int first_true(M m) { return m ? 0 : -1; }
   static void to_array(F v, float* out) { out[0] = v; }
   static void to_array(I v, int32_t* out) { out[0] = v; }
   static F exp(F x) { return std::exp(x); }
