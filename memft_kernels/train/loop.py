@@ -255,9 +255,12 @@ def _window_step(run: Run, stats, batch, batch_index: torch.Tensor) -> None:
                                growth=c.window_growth, max_expand=c.window_max)
 
 
-def train_step(run: Run) -> dict:
+def train_step(run: Run, on_grads=None) -> dict:
+    """One optimizer step; ``on_grads(run)`` (tests) sees the all-reduced, unclipped gradients."""
     batch_index = run.sampler.next_batch()
     info, stats, batch = forward_backward(run, batch_index)
+    if on_grads is not None:
+        on_grads(run)
     params = trainable_parameters(run.model)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, run.config.grad_clip if run.config.grad_clip > 0 else float("inf"))
     lr = run.scheduler.get_last_lr()[0]
@@ -323,7 +326,7 @@ def _checkpoint_state(run: Run) -> dict:
         "base_loss": run.base_loss,
         "steps_to_full_recall": run.steps_to_full_recall,
         "steps_to_all_recalled": run.steps_to_all_recalled,
-        "last_eval_step": run.last_eval.get("step"),
+        "last_generated": run.last_generated,
     }
 
 
@@ -343,6 +346,7 @@ def _restore(run: Run, state: dict) -> None:
     run.base_loss = state["base_loss"]
     run.steps_to_full_recall = state["steps_to_full_recall"]
     run.steps_to_all_recalled = state["steps_to_all_recalled"]
+    run.last_generated = state["last_generated"]
     # metrics.jsonl may hold rows written after the checkpoint (or a torn last line): keep the rest.
     path = os.path.join(run.run_dir, "metrics.jsonl")
     rows = []

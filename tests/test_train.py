@@ -1,0 +1,226 @@
+"""The training loop's logic on tiny settings (seconds): recall, the MemFT-OT gradient, the window,
+the curriculum, the outputs of a run and the bad-input errors of `memft train`."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from memft_kernels.cli import main as memft_main
+from memft_kernels.train import TrainConfig, TrainInputError, train
+from memft_kernels.train.loop import Sampler, memorization_loss
+from memft_kernels.train.windows import (
+    NO_ANCHOR,
+    WindowState,
+    curriculum_size,
+    first_wrong,
+    update_window,
+    window_weights,
+)
+
+TINY = dict(model="nano", vocab_size=256, length=32, steps=40, lr=1e-2, eval_every=10, threads=1,
+            progress=False, backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run
+# ---------------------------------------------------------------------------------------------
+def test_recall_reaches_100_percent_and_writes_the_run_folder(tmp_path):
+    report = train(TrainConfig(**TINY, loss="memft-ot", run_dir=str(tmp_path / "run"), save_tokens=True))
+    assert report["exact_recall"] == 1.0 and report["whole_exact"]
+    assert report["token_accuracy"] == 1.0 and report["recalled_frac"] == 1.0
+    assert report["steps_to_full_recall"] is not None and report["steps_to_full_recall"] <= 40
+    assert report["base_loss"] > math.log(256) and report["dL"] == pytest.approx(report["base_loss"] - report["final_loss"])
+    # r = 4 per layer: q, o (64 -> 64), k, v (64 -> 32, 2 kv heads), gate, up, down (64 <-> 128).
+    assert report["lora_params"] == 2 * 4 * (2 * 128 + 2 * 96 + 3 * 192)
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "report.json", "report.md", "loss.png", "recall.png",
+                 "tokens.npz", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "report.json").read_text())["final_loss"] == report["final_loss"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 41))
+    import numpy as np
+
+    tokens = np.load(run / "tokens.npz")
+    assert tokens["prob"].shape == (32,) and tokens["correct"].all() and (tokens["prob"] > 0.5).all()
+    assert tokens["first_wrong"].tolist() == [-1]
+
+
+def test_same_seed_same_report(tmp_path):
+    config = TrainConfig(**dict(TINY, steps=6), loss="memft-sw", plots=False, save_adapter=False)
+    a = train(config.replace(run_dir=str(tmp_path / "a")))
+    b = train(config.replace(run_dir=str(tmp_path / "b")))
+    keys = ("base_loss", "final_loss", "token_accuracy", "recalled_frac")
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+
+
+@pytest.mark.parametrize("task,extra", [
+    ("text", dict(length=48, tokenizer="byte", replace_rate=0.25)),
+    ("text", dict(length=24, tokenizer="trained", trained_vocab=300)),
+    ("phonebook", dict(samples=6, batch_size=3, curriculum=True)),
+])
+def test_other_tasks_run(tmp_path, task, extra):
+    config = TrainConfig(**dict(TINY, steps=4, eval_every=0, **extra), task=task, loss="memft-sw",
+                         plots=False, save_adapter=False, run_dir=str(tmp_path / "run"))
+    report = train(config)
+    assert report["task"] == task and 0.0 <= report["exact_recall"] <= 1.0
+    assert report["final_loss"] < report["base_loss"]
+
+
+def test_single_layer_lora(tmp_path):
+    config = TrainConfig(**dict(TINY, steps=2), target_modules=["down_proj"], layers=[1], rank=2,
+                         plots=False, save_adapter=False, run_dir=str(tmp_path / "run"))
+    assert train(config)["lora_params"] == 2 * (128 + 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss of a step
+# ---------------------------------------------------------------------------------------------
+def _logits_with_confident_rows(n=64, v=50, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g)
+    target = torch.randint(0, v, (n,), generator=g)
+    confident = torch.arange(n) % 3 == 0
+    logits[confident, target[confident]] += 8.0  # p well above 0.5 on every third row
+    target[5] = -100
+    return logits, target
+
+
+def test_memft_ot_gives_zero_gradient_to_tokens_with_p_at_least_half():
+    logits, target = _logits_with_confident_rows()
+    x = logits.clone().requires_grad_(True)
+    loss, stats, info = memorization_loss(x, target, None, TrainConfig(loss="memft-ot", backend="torch"))
+    loss.backward()
+    valid = target != -100
+    prob = torch.softmax(logits.double(), -1).gather(1, target.clamp_min(0)[:, None])[:, 0]
+    above = (prob >= 0.5) & valid
+    active = (prob < 0.5) & valid
+    assert above.sum() > 10 and active.sum() > 10
+    assert torch.all(x.grad[above] == 0) and torch.all(x.grad[~valid] == 0)
+    assert torch.all(x.grad[active].abs().sum(-1) > 0)
+    # The loss is the mean CE over the active tokens only, and the log says how many were active.
+    ce = torch.logsumexp(logits.double(), -1) - logits.double().gather(1, target.clamp_min(0)[:, None])[:, 0]
+    assert loss.item() == pytest.approx(float(ce[active].mean()), rel=1e-5)
+    assert info["n_active"] == int(active.sum()) and not info["fell_back"]
+
+
+def test_memft_ot_fallback_when_no_token_is_active():
+    logits, target = _logits_with_confident_rows()
+    logits[torch.arange(64), target.clamp_min(0)] += 30.0  # every token far above 0.5
+    for fallback, expect_grad in (("mean", True), ("zero", False)):
+        x = logits.clone().requires_grad_(True)
+        loss, _, info = memorization_loss(x, target, None, TrainConfig(loss="memft-ot", fallback=fallback, backend="torch"))
+        loss.backward()
+        assert info["fell_back"]
+        assert bool(x.grad.abs().sum() > 0) == expect_grad
+
+
+def test_memft_sw_weight_is_gate_times_window():
+    logits, target = _logits_with_confident_rows()
+    tw = torch.rand(64, generator=torch.Generator().manual_seed(3))
+    _, stats, _ = memorization_loss(logits, target, tw, TrainConfig(loss="memft-sw", backend="torch"))
+    ce = torch.logsumexp(logits, -1) - logits.gather(1, target.clamp_min(0)[:, None])[:, 0]
+    gate = torch.sigmoid(10 * (ce - math.log(2)))
+    expected = torch.where(target != -100, gate * tw, torch.zeros_like(tw))
+    torch.testing.assert_close(stats.weight, expected, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# The window on hand-made stats
+# ---------------------------------------------------------------------------------------------
+def test_first_wrong_position():
+    labels = torch.tensor([[-100, 5, 6, 7, 8], [-100, 1, 2, 3, -100], [-100, -100, 4, 4, 4]])
+    pred = torch.tensor([[9, 5, 6, 0, 0], [0, 1, 2, 3, 9], [0, 0, 4, 1, 4]])
+    assert first_wrong(pred, labels).tolist() == [3, NO_ANCHOR, 3]
+
+
+def test_window_weights_values():
+    state = WindowState.new(3)
+    state.anchor[:] = torch.tensor([10, NO_ANCHOR, 2])
+    state.expand[:] = torch.tensor([1.0, 1.0, 2.0])
+    w = window_weights(state, torch.tensor([0, 1, 2]), 140, span=50, decay=20, floor=0.01)
+    assert torch.all(w[0, :10] == 1) and torch.all(w[1] == 1)
+    assert w[0, 10] == 1.0
+    assert w[0, 30].item() == pytest.approx(math.exp(-1.0))
+    assert w[0, 59].item() == pytest.approx(math.exp(-49 / 20))
+    assert torch.allclose(w[0, 60:], torch.full((80,), 0.01))  # [anchor, anchor + 50 e) with e = 1
+    assert w[2, 101].item() == pytest.approx(math.exp(-99 / 20))  # e = 2: inside up to 2 + 100
+    assert w[2, 102].item() == pytest.approx(0.01)
+
+
+def test_window_grows_while_the_anchor_stays_and_resets_when_it_moves():
+    state = WindowState.new(2)
+    idx = torch.tensor([0, 1])
+    expands = []
+    for anchor0 in (7, 7, 7, 7, 7, 7, 7, 7, 9):
+        state = update_window(state, idx, torch.tensor([anchor0, NO_ANCHOR]), patience=3, growth=0.5, max_expand=4.0)
+        expands.append(state.expand[0].item())
+    assert expands == [1.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 1.0]
+    assert state.anchor[1] == NO_ANCHOR and state.expand[1] == 1.0
+    # Samples not in the batch keep their state.
+    state2 = update_window(state, torch.tensor([1]), torch.tensor([4]), patience=3, growth=0.5, max_expand=4.0)
+    assert state2.anchor[0] == 9 and state2.anchor[1] == 4
+
+
+def test_curriculum_prefix_grows_by_epoch():
+    assert [curriculum_size(10, e) for e in range(7)] == [2, 4, 6, 8, 10, 10, 10]
+    assert [curriculum_size(10, e, epochs_per_stage=2) for e in range(4)] == [2, 2, 4, 4]
+    sampler = Sampler(10, 0, seed=0, curriculum=True, epochs_per_stage=1)
+    seen = [set(sampler.next_batch().tolist()) for _ in range(5)]
+    assert [len(s) for s in seen] == [2, 4, 6, 8, 10]
+    assert seen[0] < seen[1] < seen[2] < seen[3]  # a growing prefix of one shuffled order
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit code 2
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def empty_file(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("  \n")
+    return str(path)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rank", "0"], "rank=0"),
+    (["--rank", "-3"], "rank=-3"),
+    (["--loss", "focal"], "loss='focal'"),
+    (["--task", "poems"], "task='poems'"),
+    (["--task", "text", "--data", "/nonexistent/file.txt"], "does not exist"),
+    (["--task", "text", "--data", "EMPTY"], "is empty"),
+    (["--model", "NOMODEL"], "no config.json"),
+    (["--model", "nano", "--length", "2000"], "longer than the model's context"),
+    (["--compare", "ce,focal"], "unknown loss 'focal'"),
+    (["--resume", "/nonexistent/run"], "no such run folder"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, tmp_path, empty_file):
+    args = [a.replace("EMPTY", empty_file).replace("NOMODEL", str(tmp_path)) for a in args]
+    code = memft_main(["train", "--out-dir", str(tmp_path / "runs"), "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and needle in err and err.startswith("memft train: error:")
+
+
+def test_model_folder_without_a_causal_lm(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    assert memft_main(["train", "--model", str(tmp_path), "--no-progress"]) == 2
+    assert "not a causal LM" in capsys.readouterr().err
+
+
+def test_bad_input_from_the_api_is_a_value_error():
+    with pytest.raises(TrainInputError, match="rank"):
+        train(TrainConfig(rank=0))
+    assert issubclass(TrainInputError, ValueError)
+
+
+def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "memft_kernels.cli", "train", "--loss", "focal"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("memft train: error: loss='focal'")

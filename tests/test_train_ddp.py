@@ -1,0 +1,66 @@
+"""Two-process torchrun (gloo, CPU) computes the same gradients as one process on the whole batch:
+the active denominator is the global sum of weights and gradients are summed over ranks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+WORKER = r'''
+import json, sys, torch
+import torch.distributed as dist
+from memft_kernels.train import TrainConfig
+from memft_kernels.train.loop import setup, train_step, trainable_parameters
+
+options, out = json.loads(sys.argv[1]), sys.argv[2]
+result = {}
+for loss in ("memft-ot", "memft-sw"):
+    run = setup(TrainConfig(**options, loss=loss, run_dir=out + "-" + loss))
+    grads, infos = [], []
+    names = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    for _ in range(options["steps"]):
+        infos.append(train_step(run, on_grads=lambda r: grads.append(
+            [p.grad.detach().clone() for p in trainable_parameters(r.model)])))
+    result[loss] = {"grads": grads, "infos": infos, "names": names,
+                    "params": [p.detach().clone() for p in trainable_parameters(run.model)]}
+if not dist.is_initialized() or dist.get_rank() == 0:
+    torch.save(result, out + ".pt")
+if dist.is_initialized():
+    dist.destroy_process_group()
+'''
+
+OPTIONS = dict(model="nano", vocab_size=128, length=16, samples=4, steps=5, lr=3e-2, threads=1,
+               backend="torch", progress=False, plots=False, save_adapter=False)
+
+
+def _run(cmd, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_rank_torchrun_matches_single_process_gradients(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    opts = json.dumps(OPTIONS)
+    _run([sys.executable, str(script), opts, str(tmp_path / "single")], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(script), opts, str(tmp_path / "ddp")], tmp_path)
+    single = torch.load(tmp_path / "single.pt", weights_only=False)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    for loss in ("memft-ot", "memft-sw"):
+        a, b = single[loss], ddp[loss]
+        assert len(a["grads"]) == OPTIONS["steps"]
+        for step, (ga, gb) in enumerate(zip(a["grads"], b["grads"])):
+            for name, x, y in zip(a["names"], ga, gb):
+                torch.testing.assert_close(y, x, rtol=2e-4, atol=1e-6, msg=f"{loss} step {step + 1} {name}")
+        for x, y in zip(a["params"], b["params"]):
+            torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-5)  # Adam magnifies summation-order noise
+        for ia, ib in zip(a["infos"], b["infos"]):
+            assert ia["n_active"] == ib["n_active"] and ia["n_valid"] == ib["n_valid"] == 4 * 16
+            assert ia["loss"] == pytest.approx(ib["loss"], rel=1e-5)
+    # The hard gate really removed tokens at some step (so the global denominator mattered).
+    assert any(0 < i["n_active"] < i["n_valid"] for i in single["memft-ot"]["infos"])
