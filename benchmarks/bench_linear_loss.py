@@ -132,7 +132,7 @@ def run(args) -> List[Dict[str, object]]:
     out_path = Path(args.out) if args.out else timing.default_results_path("bench_linear_loss", info)
     writer = timing.ResultWriter(out_path, FIELDS, jsonl=False)
     rows = []
-    for trainable in (False, True):
+    for trainable in {"frozen": (False,), "trainable": (True,), "both": (False, True)}[args.weight]:
         results = []
         for name, fn in providers(device).items():
             if args.only and name not in args.only:
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None, help="timed calls per provider (default 3 CPU, 10 GPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (besides the first)")
     p.add_argument("--only", nargs="*", default=None, help="run only these providers")
+    p.add_argument("--weight", default="both", choices=["frozen", "trainable", "both"],
+                   help="lm_head weight frozen (LoRA: gradient for hidden only), trainable, or both")
     return p
 
 

@@ -60,9 +60,11 @@ def chunk_rows_for(n_rows: int, vocab: int, dim: int, dtype: torch.dtype, *, chu
                 f"({row_bytes} bytes for V={vocab}, {dtype})"
             )
         return max(1, min(n_rows, memory_budget_bytes // row_bytes))
-    rows = DEFAULT_MEMORY_BUDGET_BYTES // row_bytes
-    balanced = 1 << max(6, math.ceil(math.log2(max(1, math.ceil(n_rows / max(1, math.ceil(vocab / max(1, dim))))))))
-    return max(1, min(n_rows, rows, balanced))
+    budget_rows = DEFAULT_MEMORY_BUDGET_BYTES // row_bytes
+    # Chunk logits about as large as hidden itself: N / ceil(V / D) rows, rounded up to a power of two.
+    balanced_rows = math.ceil(n_rows / math.ceil(vocab / max(1, dim)))
+    balanced = max(64, 1 << math.ceil(math.log2(max(1, balanced_rows))))
+    return max(1, min(n_rows, budget_rows, balanced))
 
 
 # --------------------------------------------------------------------------------------------
