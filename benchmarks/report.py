@@ -142,7 +142,7 @@ def plot(rows: List[Dict[str, str]], png: Path) -> bool:
         for p in OrderedDict.fromkeys(r["provider"] for r in grp):
             pts = sorted((int(r["V"]), float(r["median_ms"]), _num(r.get("peak_mem_bytes", ""))) for r in grp if r["provider"] == p)
             ax_t.plot([v for v, _, _ in pts], [t for _, t, _ in pts], marker="o", label=p)
-            mem = [(v, m / 2**20) for v, _, m in pts if m is not None]
+            mem = [(v, m / 2**20) for v, _, m in pts if m is not None and m > 0]  # log axis: 0 MiB not drawn
             if mem:
                 ax_m.plot([v for v, _ in mem], [m for _, m in mem], marker="o", label=p)
         title = f"{md} {dt} N={n_rows} | {device_name}" + (f" ({threads} thr)" if grp[0]["device"] == "cpu" else "")

@@ -1,0 +1,232 @@
+"""The benchmark harness on CPU at smoke size: every provider runs, the outputs parse, the byte
+counts match a hand count, the clocks are read only after a synchronize, and gpu_check.sh parses."""
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_loss  # noqa: E402
+import bench_train_step  # noqa: E402
+import report  # noqa: E402
+import timing  # noqa: E402
+
+from memft_kernels import dispatch  # noqa: E402
+
+NUMERIC = ("median_ms", "p20_ms", "p80_ms", "gbps", "copy_gbps", "frac_copy", "loss", "rel_err", "bytes")
+
+
+def _read(path: Path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(path.with_suffix(".jsonl"), encoding="utf-8") as fh:
+        objs = [json.loads(line) for line in fh]
+    return rows, objs
+
+
+@pytest.fixture(scope="module")
+def smoke_csv(tmp_path_factory):
+    """One smoke run of every provider that is fast on CPU (the interpreted Triton ones run below)."""
+    path = tmp_path_factory.mktemp("bench") / "loss.csv"
+    providers = [p for p in bench_loss.PROVIDERS if p not in ("memft-triton", "liger")]
+    bench_loss.main(["--smoke", "--device", "cpu", "--csv", str(path), "--providers", *providers])
+    return path
+
+
+def test_every_provider_runs_and_outputs_parse(smoke_csv):
+    rows, objs = _read(smoke_csv)
+    assert len(rows) == len(objs) == 2 * (len(bench_loss.PROVIDERS) - 2)
+    must_run = {"memft-torch", "torch-plain", "torch-compile"}
+    if dispatch.availability("cpu") is None:
+        must_run.add("memft-cpu")
+    for row, obj in zip(rows, objs):
+        assert row["provider"] == obj["provider"] and row["mode"] == obj["mode"]
+        assert row["device"] == "cpu" and row["device_name"] and int(row["threads"]) >= 1
+        if row["provider"] in must_run:
+            assert row["status"] == "ok", row
+        if row["status"] != "ok":
+            assert row["status"].startswith("skipped: ") and len(row["status"]) > 12, row
+            continue
+        for key in NUMERIC:
+            assert math.isfinite(float(row[key])), (key, row)
+        assert 0 < float(row["p20_ms"]) <= float(row["median_ms"]) <= float(row["p80_ms"])
+        assert float(row["rel_err"]) < 1e-3, row  # all providers compute the same loss
+        assert int(row["peak_mem_bytes"]) >= 0
+        assert obj["median_ms"] == pytest.approx(float(row["median_ms"]), rel=1e-5)
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+
+
+def test_byte_counts_match_a_hand_count(smoke_csv):
+    n, v, elt = 4, 10, 2
+    assert bench_loss.bytes_moved("memft-cpu", "fwd", n, v, elt) == (1, 0, 80)
+    assert bench_loss.bytes_moved("memft-triton", "fwd+bwd", n, v, elt) == (2, 1, 240)  # read, re-read, write grad
+    assert bench_loss.bytes_moved("torch-plain", "fwd", n, v, elt) == (1, 1, 160)  # log_softmax in, out
+    assert bench_loss.bytes_moved("torch-plain", "fwd+bwd", n, v, elt) == (3, 3, 480)
+    assert bench_loss.bytes_moved("liger", "fwd+bwd", n, v, elt) == (3, 2, 400)
+    rows, _ = _read(smoke_csv)
+    for row in rows:  # smoke: N=64, V=1000, float32
+        passes = int(row["reads"]) + int(row["writes"])
+        assert int(row["bytes"]) == passes * 64 * 1000 * 4
+        if row["status"] == "ok":
+            gbps = int(row["bytes"]) / (float(row["median_ms"]) * 1e-3) / 1e9
+            assert float(row["gbps"]) == pytest.approx(gbps, rel=1e-4)
+
+
+def test_report_table_and_png(smoke_csv, tmp_path):
+    md, png = tmp_path / "r.md", tmp_path / "r.png"
+    assert report.main([str(smoke_csv), "--md", str(md), "--png", str(png)]) == 0
+    text = md.read_text()
+    assert "| provider | V = 1000 |" in text and "| torch-plain |" in text and "fwd+bwd, fp32, N = 64" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interpreted_triton_and_liger_run(tmp_path, monkeypatch):
+    """The GPU providers at a tiny size in Triton's CPU interpreter (conftest sets it)."""
+    if dispatch.availability("triton") is not None:
+        pytest.skip(dispatch.availability("triton"))
+    path = tmp_path / "tri.csv"
+    bench_loss.main(["--smoke", "--device", "cpu", "--n", "4", "--v", "64", "--reps", "1", "--no-memory",
+                     "--csv", str(path), "--providers", "memft-triton", "liger"])
+    rows, _ = _read(path)
+    tri = [r for r in rows if r["provider"] == "memft-triton"]
+    assert [r["status"] for r in tri] == ["ok", "ok"] and all(float(r["rel_err"]) < 1e-5 for r in tri)
+    for r in rows:
+        if r["provider"] == "liger":
+            assert r["status"] == "ok" or r["status"].startswith("skipped: liger_kernel not importable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Clocks and memory: reads come after a synchronize
+
+
+class _Log:
+    def __init__(self):
+        self.events = []
+
+
+def _fake_cuda(monkeypatch, log):
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            log.events.append("record")
+
+        def elapsed_time(self, other):
+            log.events.append("read")
+            return 1.5
+
+    monkeypatch.setattr(timing.torch.cuda, "Event", Event)
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda *a: log.events.append("sync"))
+
+
+def test_event_timing_synchronizes_before_reading(monkeypatch):
+    log = _Log()
+    _fake_cuda(monkeypatch, log)
+    t = timing.time_calls(lambda i: log.events.append("call"), device_type="cuda", warmup=0, reps=4, n_sets=2)
+    assert t.reps == 4 and t.median_ms == 1.5
+    first_read = log.events.index("read")
+    assert log.events.count("call") == 4 and log.events.count("record") == 8
+    assert "sync" in log.events[:first_read]
+    assert log.events.index("sync") > max(i for i, e in enumerate(log.events) if e == "record")
+
+
+def test_wall_clock_synchronizes_before_every_read(monkeypatch):
+    log = _Log()
+    _fake_cuda(monkeypatch, log)
+    clock = iter(range(1000))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: log.events.append("clock") or next(clock) * 1e-3)
+    timing.time_calls(lambda i: log.events.append("call"), device_type="cuda", warmup=1, reps=3, use_events=False,
+                      prepare=lambda i: log.events.append("prepare"))
+    reads = [i for i, e in enumerate(log.events) if e == "clock"]
+    assert len(reads) == 8  # (1 warm-up + 3 timed) x 2
+    assert all(log.events[i - 1] == "sync" for i in reads)
+    # prepare() runs outside the timed region: never between a start read and its stop read
+    for start, stop in zip(reads[::2], reads[1::2]):
+        assert "prepare" not in log.events[start:stop]
+
+
+def test_cuda_peak_memory_synchronizes(monkeypatch):
+    log = _Log()
+    _fake_cuda(monkeypatch, log)
+    monkeypatch.setattr(timing.torch.cuda, "reset_peak_memory_stats", lambda *a: log.events.append("reset"))
+    monkeypatch.setattr(timing.torch.cuda, "memory_allocated", lambda *a: log.events.append("before") or 100)
+    monkeypatch.setattr(timing.torch.cuda, "max_memory_allocated", lambda *a: log.events.append("peak") or 612)
+    assert timing.peak_memory_bytes(lambda: log.events.append("call"), "cuda") == 512
+    assert log.events == ["sync", "reset", "before", "call", "sync", "peak"]
+
+
+def test_cpu_peak_memory_sees_a_buffer():
+    if not timing.rss_tracking_available():
+        pytest.skip("no /proc/self/clear_refs here")
+    size = 64 << 20
+    peak = timing.peak_memory_bytes(lambda: torch.ones(size // 4), "cpu")
+    assert 0.9 * size <= peak <= 3 * size
+
+
+def test_percentile_and_rotation():
+    vals = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert timing.percentile(vals, 0.5) == 3.0
+    assert timing.percentile(vals, 0.2) == pytest.approx(1.8)
+    assert timing.percentile(vals, 0.8) == pytest.approx(4.2)
+    assert timing.rotation_sets(10 << 20, 50 << 20, 1 << 30) == 8  # capped at 8 sets
+    assert timing.rotation_sets(100 << 20, 50 << 20, 1 << 30) == 2  # 200 MiB >= 4 x 50 MiB
+    assert timing.rotation_sets(100 << 20, 50 << 20, 150 << 20) == 1  # what fits
+    assert timing.rotation_sets(8 << 30, 60 << 20, 1 << 40) == 1
+
+
+def test_result_writer_refuses_other_columns(tmp_path):
+    path = tmp_path / "x.csv"
+    w = timing.ResultWriter(path, ["a", "b"])
+    w.write({"a": 1, "b": 2.5})
+    with pytest.raises(ValueError, match="other columns"):
+        timing.ResultWriter(path, ["a", "c"])
+    with pytest.raises(KeyError):
+        w.write({"z": 1})
+    assert timing.read_rows(path) == [{"a": "1", "b": "2.5"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# The training step, the command and the GPU script
+
+
+def test_train_step_smoke(tmp_path):
+    path = tmp_path / "train.csv"
+    rows = bench_train_step.main(["--smoke", "--device", "cpu", "--csv", str(path)])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {"hf-default", "memft"} <= {r["provider"] for r in ok}
+    # random init: nothing memorized, every token active, so MemFT's loss is the plain CE mean
+    losses = [r["loss"] for r in ok]
+    assert max(losses) - min(losses) < 1e-4 * abs(losses[0])
+    parsed, _ = _read(path)
+    assert [r["provider"] for r in parsed] == [r["provider"] for r in rows]
+
+
+def test_memft_bench_command(monkeypatch):
+    from memft_kernels import bench, cli
+
+    cmd = bench.command_for("loss", ["--smoke"])
+    assert cmd[0] == sys.executable and cmd[1].endswith("benchmarks/bench_loss.py") and cmd[2:] == ["--smoke"]
+    assert bench.command_for("gpu-check", [])[:1] == ["bash"]
+    args = cli.build_parser().parse_args(["bench", "report", "x.csv", "--no-png"])
+    assert args.script == "report" and args.script_args == ["x.csv", "--no-png"]
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: None)
+    with pytest.raises(cli.CLIError, match="source checkout"):
+        bench.command_for("loss", [])
+
+
+def test_gpu_check_script_parses():
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck"):
+        res = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
