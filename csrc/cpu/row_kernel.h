@@ -170,7 +170,7 @@ void grad_sweep(const T* x, int64_t n, float lse, float a, float b, float softca
 // no second exp per element; the tail (fewer than W elements) is computed from x.
 template <class T>
 void grad_sweep_kept(const T* x, const float* keep_exp, const float* keep_max, int64_t n, float lse, float a,
-                     float b, T* out, bool nt) {
+                     float b, T* out, bool nt, const T* next_row) {
   using F = typename Vec::F;
   constexpr int W = Vec::W;
   const F vlse = Vec::set1(lse), va = Vec::set1(a), vb = Vec::set1(b);
@@ -179,7 +179,12 @@ void grad_sweep_kept(const T* x, const float* keep_exp, const float* keep_max, i
   for (int64_t b0 = 0, blk = 0; b0 < nv; b0 += kBlock, ++blk) {
     const int64_t b1 = b0 + kBlock < nv ? b0 + kBlock : nv;
     const F f = Vec::mul(va, Vec::exp(Vec::sub(Vec::load(keep_max + blk * W), vlse)));
-    for (int64_t j = b0; j < b1; j += W) Vec::store(out + j, Vec::fmadd(Vec::load(keep_exp + j), f, vb), nt);
+    for (int64_t j = b0; j < b1; j += W) {
+      // While this row's gradient streams out, pull the next row into L2 (its scan then overlaps
+      // no memory stall): one 64-byte line per 64 bytes of logits.
+      if (next_row && (j * sizeof(T)) % 64 == 0) Vec::prefetch_l2(next_row + j);
+      Vec::store(out + j, Vec::fmadd(Vec::load(keep_exp + j), f, vb), nt);
+    }
   }
   if (nt) Vec::fence();
   for (int64_t j = nv; j < n; ++j) from_float(a * std::exp(to_float(x[j]) - lse) + b, out + j);
@@ -189,7 +194,8 @@ void grad_sweep_kept(const T* x, const float* keep_exp, const float* keep_max, i
 // overwrite the logits (in-place backward).
 template <class T, bool kCap>
 void grad_row(const T* x, const RowTarget& t, const RowOptions& o, int64_t n, float lse, float coef,
-              T* out, bool nt, const float* keep_exp = nullptr, const float* keep_max = nullptr) {
+              T* out, bool nt, const float* keep_exp = nullptr, const float* keep_max = nullptr,
+              const T* next_row = nullptr) {
   if (coef == 0.0f) {  // exact zeros, whatever the row holds (ignored rows, weight 0)
     std::memset(static_cast<void*>(out), 0, sizeof(T) * n);
     return;
@@ -200,7 +206,7 @@ void grad_row(const T* x, const RowTarget& t, const RowOptions& o, int64_t n, fl
   }
   const GradCoefs c = grad_coefs(o, n, lse, coef);
   const float g_target = t.in_range ? target_grad(o, c, capped(to_float(x[t.index]), o.softcap), lse, coef) : 0.0f;
-  if (!kCap && keep_exp) grad_sweep_kept<T>(x, keep_exp, keep_max, n, lse, c.a, c.b, out, nt);
+  if (!kCap && keep_exp) grad_sweep_kept<T>(x, keep_exp, keep_max, n, lse, c.a, c.b, out, nt, next_row);
   else grad_sweep<T, kCap>(x, n, lse, c.a, c.b, o.softcap, out, nt);
   if (t.in_range) from_float(g_target, out + t.index);
 }
@@ -230,8 +236,9 @@ void forward_backward_row(const RowInput& in, const RowOptions& o, int64_t i, co
   const Scan s = scan_row<T, kCap>(x, in.n_cols, o.softcap, keep_exp, keep_max);
   write_stats(in, o, i, x, s.max, s.sumexp, s.sumx, s.argmax, s.has_nan, out);
   T* dst = static_cast<T*>(g.data) + i * g.row_stride;
+  const T* next_row = i + 1 < in.n_rows ? x + in.row_stride : nullptr;
   grad_row<T, kCap>(x, row_target(in, o, i), o, in.n_cols, out.lse[i], out.weight[i] * scale, dst, nt,
-                    keep_exp, keep_max);
+                    keep_exp, keep_max, next_row);
 }
 
 inline int64_t scratch_floats(int64_t n_cols) { return n_cols + (n_cols / kBlock + 1) * Vec::W; }

@@ -25,6 +25,7 @@ struct Vec {
     else _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
   }
   static void fence() { _mm_sfence(); }
+  static void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }

@@ -12,6 +12,7 @@ struct Vec {
   static void store(float* p, F v, bool) { *p = v; }
   static void store(uint16_t* p, F v, bool) { *p = float_to_bf16(v); }
   static void fence() {}
+  static void prefetch_l2(const void*) {}
   static F add(F a, F b) { return a + b; }
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }

@@ -1,0 +1,59 @@
+"""`pip wheel .` builds a wheel that installs and runs without any build step.
+
+Marked slow (about a minute on 2 cores: the CMake build directory under build/ is reused, so the
+native code is usually not recompiled). MEMFT_CUDA=0 keeps the CUDA build out of it; the build runs
+without isolation (the build requirements of pyproject.toml are installed with the test extras'
+environment), so it needs no network.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import sys, torch, memft_kernels
+from memft_kernels import memft_loss
+from memft_kernels.ops import native_cpu
+assert memft_kernels.__file__.startswith(sys.prefix), memft_kernels.__file__
+assert native_cpu.availability() is None, native_cpu.availability()
+torch.manual_seed(0)
+x = torch.randn(8, 101, requires_grad=True)
+y = torch.randint(0, 101, (8,))
+loss = memft_loss(x, y, backend="cpu")
+loss.backward()
+ref = memft_loss(x.detach().double(), y, backend="torch")
+assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item())), (loss.item(), ref.item())
+print("ok", native_cpu.isa(), memft_kernels.__file__)
+"""
+
+
+@pytest.mark.slow
+def test_wheel_builds_installs_and_runs(tmp_path):
+    env = dict(os.environ, MEMFT_CUDA="0")
+    env.pop("MEMFT_NATIVE", None)
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "-w", str(dist), "--no-deps", "--no-build-isolation", "-q"],
+        check=True, env=env, cwd=tmp_path,
+    )
+    (wheel,) = dist.glob("memft_kernels-*.whl")
+    assert "linux" in wheel.name or "macosx" in wheel.name, f"a wheel with native code must be platform-specific: {wheel.name}"
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("memft_kernels/_native_cpu") and n.endswith(".so") for n in names), names
+    assert not any("_native_cuda" in n for n in names), "MEMFT_CUDA=0 must not build the CUDA module"
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                   check=True, cwd=tmp_path)
+    out = subprocess.run([str(python), "-c", SCRIPT], check=True, capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.stdout.startswith("ok"), out.stdout + out.stderr
