@@ -1,0 +1,495 @@
+"""Vocab-parallel MemFT loss: ``memft_loss`` when the lm_head is split over the vocabulary.
+
+Each rank of a tensor-parallel group holds the logits of one contiguous vocabulary slice
+``[vocab_start, vocab_start + V_local)`` for the same rows and the same global ``target``. The loss,
+the statistics and each rank's gradient slice equal ``memft_loss`` on the gathered logits
+(docs/SPEC.md); nothing of size N x V is communicated:
+
+1. one small all_gather of each rank's slice geometry and checksums of its target and options,
+   checked identically on every rank, so a bad split raises the same error everywhere instead of
+   hanging in a later collective;
+2. per-slice row statistics (slice lse, slice max and its first index, the target logit on the
+   owning rank, the row sum for label smoothing), computed locally in row chunks;
+3. one all_gather of those ``[5, N]`` statistics; every rank combines them in rank order, so the
+   global lse, ce, pred and policy weights are bit-identical on every rank;
+4. only for ``reduction="mean"`` with ``dp_group`` and no explicit denominator: one all_reduce of
+   the weight sum / valid count over the data-parallel group.
+
+The backward is local to the slice: softmax from the global lse, target term only on the owning
+rank, no communication.
+
+Reading order: slice statistics -> the checked exchange -> combination and reduction ->
+autograd.Function -> public function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import dispatch
+from .loss import _make_stats
+from .ops.reference import _capped, _chunks
+from .policy import Reduced, policy_weight, reduce_rows
+from .spec import (
+    KernelOptions,
+    RowStats,
+    check_target_range,
+    validate_denominator,
+    validate_options,
+    validate_tensors,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Per-slice row statistics (local, chunked torch ops; a fused per-slice kernel is future work)
+# ---------------------------------------------------------------------------------------------
+
+# Rows of the [5, N] float64 statistics tensor each rank contributes. float64 so that the global
+# argmax index (an integer) and the float32 slice values travel exactly.
+LSE, MAX, ARGMAX, TARGET_LOGIT, ROW_SUM = range(5)
+_N_SLICE_STATS = 5
+
+# Local target codes for the backward (opts.ignore_index is replaced by _NOT_OWNED there):
+# a row whose target lies in another rank's slice gets no target term; a row whose target lies
+# outside [0, V) altogether (only reachable with validate=False) gets a NaN gradient row, like the
+# reference.
+_NOT_OWNED = -1
+_OUT_OF_RANGE = -2
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def slice_row_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, opts: KernelOptions) -> torch.Tensor:
+    """``[5, N]`` float64 statistics of this rank's slice ``logits[N, V_local]`` (see LSE..ROW_SUM).
+
+    ``target`` holds global ids; TARGET_LOGIT is 0 on rows whose target this slice does not own.
+    The soft cap is applied here, before everything else, exactly as the reference applies it.
+    """
+    n, v = logits.shape
+    dt = _compute_dtype(logits)
+    out = torch.zeros(_N_SLICE_STATS, n, dtype=torch.float64, device=logits.device)
+    t = target.long()
+    owned = (t >= vocab_start) & (t < vocab_start + v)
+    local = torch.where(owned, t - vocab_start, torch.zeros_like(t))
+    for a, b in _chunks(n, v):
+        x = _capped(logits[a:b].to(dt), opts.softcap)
+        out[LSE, a:b] = torch.logsumexp(x, dim=-1)
+        # max(dim) returns the first maximal index (or the first NaN), torch.argmax's rule.
+        top, idx = x.max(dim=-1)
+        out[MAX, a:b] = top
+        out[ARGMAX, a:b] = idx + vocab_start
+        tgt = x.gather(1, local[a:b, None]).squeeze(1)
+        out[TARGET_LOGIT, a:b] = torch.where(owned[a:b], tgt, torch.zeros_like(tgt))
+        if opts.label_smoothing:
+            out[ROW_SUM, a:b] = x.sum(dim=-1)
+    return out
+
+
+def slice_target(target: torch.Tensor, vocab_start: int, v_local: int, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Global target ids -> this slice's codes for a row backward run with ignore_index=_NOT_OWNED:
+    the index in the slice where this rank owns the target, _OUT_OF_RANGE for a target outside
+    [0, V), else (another rank's target, or an ignored row) _NOT_OWNED."""
+    t = target.long()
+    valid = t != ignore_index
+    owned = valid & (t >= vocab_start) & (t < vocab_start + v_local)
+    outside = valid & ((t < 0) | (t >= vocab_size))
+    code = torch.where(outside, torch.full_like(t, _OUT_OF_RANGE), torch.full_like(t, _NOT_OWNED))
+    return torch.where(owned, t - vocab_start, code)
+
+
+def slice_row_backward(
+    logits: torch.Tensor,
+    local_target: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    opts: KernelOptions,
+    vocab_size: int,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The reference's row_backward on a slice, with the uniform label-smoothing term eps / V using
+    the global V (a backend's row_backward would use the slice width, so it only serves eps == 0).
+
+    ``local_target``: index in the slice, _NOT_OWNED or _OUT_OF_RANGE (see above); ``lse`` global.
+    """
+    n, v = logits.shape
+    dt = _compute_dtype(logits)
+    if out is None:
+        out = torch.empty_like(logits)
+    t = local_target.long()
+    owned = t >= 0
+    safe = torch.where(owned, t, torch.zeros_like(t))
+    eps, z = opts.label_smoothing, opts.z_loss
+    for a, b in _chunks(n, v):
+        x = _capped(logits[a:b].to(dt), opts.softcap)
+        row_lse = lse[a:b, None].to(dt)
+        q = torch.exp(x - row_lse)
+        g = q * (1.0 + 2.0 * z * row_lse) if z else q
+        if eps:
+            g = g - eps / vocab_size
+        rows = torch.arange(b - a, device=logits.device)
+        g[rows, safe[a:b]] -= (1.0 - eps) * owned[a:b].to(dt)  # formed in dt (float64 stays float64)
+        g = torch.where((t[a:b] == _OUT_OF_RANGE)[:, None], torch.full_like(g, math.nan), g)
+        if opts.softcap is not None:
+            g = g * (1.0 - (x / opts.softcap) ** 2)
+        c = coef[a:b, None].to(dt)
+        out[a:b] = torch.where(c != 0, g * c, torch.zeros_like(g)).to(out.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The checked exchange: one small all_gather before any shape-dependent collective
+# ---------------------------------------------------------------------------------------------
+
+# Fields of the int64 layout record each rank contributes.
+(_F_ERROR, _F_V_LOCAL, _F_HAS_START, _F_START, _F_NUMEL, _F_SHAPE, _F_TARGET, _F_HAS_WEIGHT,
+ _F_WEIGHT, _F_OPTIONS) = range(10)
+_N_FIELDS = 10
+_PRIME = 2147483647  # 2**31 - 1: checksum terms stay below 2**62, sums below 2**63 for N < 2**32
+
+
+def _checksum(values: torch.Tensor) -> torch.Tensor:
+    """Order-sensitive checksum of an integer tensor, exact in int64 (0-d tensor, no host sync)."""
+    flat = values.reshape(-1).long()
+    pos = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    mix = (pos * 2654435761) % _PRIME + 1
+    return (((flat % _PRIME) * mix) % _PRIME).sum() % _PRIME
+
+
+def _crc(obj) -> int:
+    # crc32 of the repr, not hash(): Python's str hash differs between processes.
+    return zlib.crc32(repr(obj).encode())
+
+
+def _comm_device(group, device: torch.device) -> torch.device:
+    """gloo gets CPU tensors; every other backend (nccl) the tensors' own device."""
+    return torch.device("cpu") if dist.get_backend(group) == "gloo" else device
+
+
+class Layout(NamedTuple):
+    vocab_start: int  # this rank's first global id
+    vocab_size: int  # V, the whole vocabulary
+    starts: List[int]  # every rank's vocab_start, in group rank order
+
+
+def check_layout(records: List[List[int]], rank: int, own_error: Optional[BaseException] = None) -> Layout:
+    """Check the gathered layout records (one per rank, identical on every rank) and return this
+    rank's Layout, or raise. Every rank raises the same ValueError, except a rank whose own local
+    validation failed, which raises its own error."""
+    failed = [r for r, rec in enumerate(records) if rec[_F_ERROR]]
+    if failed:
+        if own_error is not None:
+            raise own_error
+        raise ValueError(
+            f"vocab_parallel_memft_loss: rank(s) {failed} of the group rejected their inputs "
+            f"(the error is raised there); nothing was computed on any rank"
+        )
+    world = len(records)
+
+    def differing(field):
+        return [r for r in range(world) if records[r][field] != records[0][field]]
+
+    if differing(_F_NUMEL) or differing(_F_SHAPE):
+        numels = [rec[_F_NUMEL] for rec in records]
+        raise ValueError(
+            "vocab_parallel_memft_loss: target must have the same shape on every rank of the group "
+            f"(every rank holds the same rows); target.numel() per rank = {numels}"
+        )
+    if differing(_F_TARGET):
+        raise ValueError(
+            "vocab_parallel_memft_loss: target differs across ranks of the group (ranks "
+            f"{differing(_F_TARGET)} differ from rank 0); every rank must pass the same global token ids"
+        )
+    if differing(_F_HAS_WEIGHT) or differing(_F_WEIGHT):
+        raise ValueError(
+            "vocab_parallel_memft_loss: token_weight differs across ranks of the group (ranks "
+            f"{sorted(set(differing(_F_HAS_WEIGHT) + differing(_F_WEIGHT)))} differ from rank 0); pass the same "
+            "token_weight (or none) on every rank"
+        )
+    if differing(_F_OPTIONS):
+        raise ValueError(
+            "vocab_parallel_memft_loss: the loss options differ across ranks of the group (ranks "
+            f"{differing(_F_OPTIONS)} differ from rank 0); pass the same options on every rank"
+        )
+    widths = [rec[_F_V_LOCAL] for rec in records]
+    given = [bool(rec[_F_HAS_START]) for rec in records]
+    if any(given) and not all(given):
+        raise ValueError(
+            "vocab_parallel_memft_loss: vocab_start must be given on every rank or on none; given on "
+            f"ranks {[r for r in range(world) if given[r]]} only"
+        )
+    if all(given):
+        starts = [rec[_F_START] for rec in records]
+    else:  # contiguous slices in rank order
+        starts = [sum(widths[:r]) for r in range(world)]
+    expected = 0
+    for r in range(world):
+        if starts[r] != expected:
+            slices = ", ".join(f"rank {i}: [{starts[i]}, {starts[i] + widths[i]})" for i in range(world))
+            raise ValueError(
+                "vocab_parallel_memft_loss: the vocabulary slices do not tile [0, V) in rank order: "
+                f"rank {r} starts at {starts[r]} but the slices before it end at {expected} ({slices})"
+            )
+        expected += widths[r]
+    return Layout(vocab_start=starts[rank], vocab_size=expected, starts=starts)
+
+
+def _exchange_layout(group, device, record: torch.Tensor, own_error) -> Layout:
+    world = dist.get_world_size(group)
+    record = record.to(_comm_device(group, device))
+    gathered = [torch.empty_like(record) for _ in range(world)]
+    dist.all_gather(gathered, record, group=group)
+    records = torch.stack(gathered).cpu().tolist()
+    return check_layout(records, dist.get_rank(group), own_error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Combination of the slices and the reduction
+# ---------------------------------------------------------------------------------------------
+
+
+def combine_slices(
+    parts: torch.Tensor,
+    target: torch.Tensor,
+    token_weight: Optional[torch.Tensor],
+    opts: KernelOptions,
+    vocab_size: int,
+    dtype: torch.dtype,
+) -> RowStats:
+    """Global RowStats from every rank's ``[5, N]`` slice statistics stacked as ``[world, 5, N]``
+    in rank order (= vocabulary order). Pure: the same input gives the same bits on every rank."""
+    lse64 = torch.logsumexp(parts[:, LSE], dim=0)  # log sum_r exp(slice lse_r): max + rescaled sum-exp
+    top = parts[:, MAX]
+    has_nan = torch.isnan(top)
+    best = torch.where(has_nan, torch.full_like(top, -math.inf), top).amax(dim=0)
+    # argmax's rule over the whole row: the first NaN if there is one, else the first maximum;
+    # slices are in vocabulary order, so the first winning rank holds the lowest index.
+    wins = torch.where(has_nan.any(dim=0, keepdim=True), has_nan, top == best)
+    first_rank = wins.to(torch.int32).argmax(dim=0)
+    pred = parts[:, ARGMAX].gather(0, first_rank[None]).squeeze(0).long()
+
+    # From here on the reference's formulas, in the reference's dtype.
+    lse = lse64.to(dtype)
+    tgt_logit = parts[:, TARGET_LOGIT].sum(dim=0).to(dtype)  # one owner, others add 0.0: exact
+    t = target.long()
+    valid = t != opts.ignore_index
+    in_range = (t >= 0) & (t < vocab_size)
+    ce = torch.where(in_range, lse - tgt_logit, torch.full_like(lse, math.nan))
+    eps, z = opts.label_smoothing, opts.z_loss
+    loss = (1.0 - eps) * ce
+    if eps:
+        mean_logit = (parts[:, ROW_SUM].sum(dim=0) / vocab_size).to(dtype)
+        loss = loss + eps * (lse - mean_logit)
+    if z:
+        loss = loss + z * lse * lse
+    zero = torch.zeros_like(lse)
+    weight = policy_weight(ce, valid, token_weight, opts)
+    return RowStats(
+        lse=torch.where(valid, lse, zero),
+        ce=torch.where(valid, ce, zero),
+        prob=torch.where(valid, torch.exp(-ce), zero),
+        pred=pred,
+        weight=weight,
+        loss=torch.where(valid, loss, zero),
+    )
+
+
+def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denominator, dp_group) -> Reduced:
+    """reduce_rows, with the "active"/"valid" denominator summed over ``dp_group`` when given."""
+    if dp_group is None or reduction != "mean" or denominator is not None:
+        return reduce_rows(
+            row_loss, weight, valid,
+            reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
+        )
+    acc = torch.float64 if row_loss.dtype == torch.float64 else torch.float32
+    counts = torch.stack([weight.sum(), valid.sum()]).to(torch.float64)
+    device = counts.device
+    counts = counts.to(_comm_device(dp_group, device))
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=dp_group)
+    global_wsum, global_valid = counts.to(device)
+    no = torch.zeros((), dtype=torch.bool, device=device)
+    if normalize == "valid":
+        w_eff, d, fell_back = weight, global_valid, no
+    else:  # active; the fallback is decided on the global sums, the same on every dp rank
+        fell_back = (global_wsum == 0) & (global_valid > 0)
+        if fallback == "mean":
+            w_eff = torch.where(fell_back, valid.to(weight.dtype), weight)
+            d = torch.where(fell_back, global_valid, global_wsum)
+        else:
+            w_eff, d = weight, global_wsum
+    # d == 0 (nothing active anywhere, or no valid row anywhere) gives loss 0 and zero gradient.
+    r = reduce_rows(
+        row_loss, w_eff, valid,
+        reduction="mean", normalize="valid", fallback=fallback, denominator=d.to(acc),
+    )
+    return Reduced(r.loss, r.row_scale, fell_back)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Function
+# ---------------------------------------------------------------------------------------------
+
+
+class _VocabParallelMemFTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, token_weight, module, opts: KernelOptions, layout: Layout, reduction,
+                normalize, fallback, denominator, group, dp_group, inplace):
+        dt = _compute_dtype(logits)
+        n = logits.shape[0]
+        if n > 0:  # n is the same on every rank (checked), so every rank skips together
+            local = slice_row_stats(logits, target, layout.vocab_start, opts)
+            comm = local.to(_comm_device(group, logits.device))
+            gathered = [torch.empty_like(comm) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(gathered, comm, group=group)
+            parts = torch.stack(gathered).to(logits.device)
+        else:
+            parts = torch.zeros(1, _N_SLICE_STATS, 0, dtype=torch.float64, device=logits.device)
+        stats = combine_slices(parts, target, token_weight, opts, layout.vocab_size, dt)
+        valid = target != opts.ignore_index
+        reduced = _reduce(
+            stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
+            fallback=fallback, denominator=denominator, dp_group=dp_group,
+        )
+        ctx.module, ctx.opts, ctx.inplace, ctx.layout = module, opts, inplace, layout
+        ctx.save_for_backward(logits, target, stats.lse, reduced.row_scale)
+        ctx.mark_non_differentiable(stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back)
+        return reduced.loss, stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        logits, target, lse, row_scale = ctx.saved_tensors
+        opts, layout = ctx.opts, ctx.layout
+        dt = _compute_dtype(logits)
+        coef = (grad_loss * row_scale).to(dt)
+        local_target = slice_target(target, layout.vocab_start, logits.shape[1], layout.vocab_size, opts.ignore_index)
+        local_opts = dataclasses.replace(opts, ignore_index=_NOT_OWNED)
+        out = logits if ctx.inplace else None
+        if opts.label_smoothing == 0.0:
+            # The backend's row kernel is exact here: no term depends on the slice width.
+            grad = ctx.module.row_backward(logits, local_target, lse, coef, local_opts, out=out)
+        else:
+            grad = slice_row_backward(logits, local_target, lse, coef, local_opts, layout.vocab_size, out=out)
+        return (grad,) + (None,) * 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------
+
+
+def vocab_parallel_memft_loss(
+    local_logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    dp_group=None,
+    policy: str = "hard",
+    threshold: float = 0.5,
+    sharpness: float = 10.0,
+    token_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    normalize: str = "active",
+    denominator=None,
+    fallback: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_stats: bool = False,
+    validate: bool = True,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+):
+    """``memft_loss`` of the gathered logits, computed from this rank's vocabulary slice.
+
+    ``local_logits`` is ``[..., V_local]``: classes ``[vocab_start, vocab_start + V_local)`` of the
+    whole vocabulary, for the same rows on every rank of ``group`` (default: the world).
+    ``vocab_start=None`` means contiguous slices in group rank order (any widths); give it on every
+    rank to state the split explicitly. ``target`` (global ids), ``token_weight`` and every option
+    must be the same on every rank. Returns what ``memft_loss`` returns, identical on every rank;
+    the gradient reaching ``local_logits`` is this rank's slice of the full gradient.
+
+    ``dp_group``: with ``reduction="mean"``, ``normalize`` "active" or "valid" and no
+    ``denominator``, the denominator (and the fallback decision) is summed over this data-parallel
+    group, so each rank's loss is its share of the global mean: sum the losses over ``dp_group``
+    for the global value (DDP's gradient averaging then divides by the dp world size, as with
+    ``num_items_in_batch``). The statistics stay local to this rank's rows, except ``fell_back``.
+
+    Collective: every rank of ``group`` (and of ``dp_group``) must call it, in the same order. A
+    bad split, differing targets or options, or a local input error on one rank raise on every
+    rank of ``group`` (ValueError, or the local error on the rank that had it) instead of hanging.
+    The layout check reads one small gathered tensor on the host each call, also with validate=False.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "vocab_parallel_memft_loss needs an initialized torch.distributed process group "
+            "(torch.distributed.init_process_group); for one process use memft_loss"
+        )
+    if dist.get_rank(group) < 0:
+        raise ValueError("vocab_parallel_memft_loss: this process is not a member of `group`")
+
+    # Local validation never raises before the exchange: the other ranks would wait in it forever.
+    # Its error is recorded, exchanged, and raised on every rank together.
+    own_error = None
+    device = local_logits.device if isinstance(local_logits, torch.Tensor) else torch.device("cpu")
+    record = torch.zeros(_N_FIELDS, dtype=torch.int64, device=device)
+    try:
+        opts = validate_options(
+            policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction,
+            normalize=normalize, fallback=fallback, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, backend=backend, ignore_index=ignore_index,
+        )
+        denominator = validate_denominator(denominator)
+        validate_tensors(local_logits, target, token_weight, check_values=validate)
+        if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0):
+            raise ValueError(f"vocab_start={vocab_start!r} must be an int >= 0 (or None for contiguous slices in rank order)")
+        record[_F_V_LOCAL] = local_logits.shape[-1]
+        record[_F_HAS_START] = vocab_start is not None
+        record[_F_START] = vocab_start or 0
+        record[_F_NUMEL] = target.numel()
+        record[_F_SHAPE] = _crc(tuple(target.shape))
+        record[_F_TARGET] = _checksum(target)
+        if token_weight is not None:
+            record[_F_HAS_WEIGHT] = 1
+            record[_F_WEIGHT] = _checksum(token_weight.to(torch.float32).contiguous().view(torch.int32))
+        number_denominator = denominator if not isinstance(denominator, torch.Tensor) else "tensor"
+        record[_F_OPTIONS] = _crc((dataclasses.astuple(opts), reduction, normalize, fallback,
+                                   number_denominator, validate, dp_group is not None))
+    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
+        own_error = exc
+        record.zero_()
+        record[_F_ERROR] = 1
+    layout = _exchange_layout(group, device, record, own_error)
+
+    if validate:
+        # The target is the same on every rank (checked), so every rank raises here together.
+        check_target_range(target, layout.vocab_size, ignore_index)
+    if isinstance(denominator, torch.Tensor) and denominator.device != local_logits.device:
+        denominator = denominator.to(local_logits.device)
+
+    lead_shape = target.shape
+    v_local = local_logits.shape[-1]
+    logits2d = local_logits.reshape(-1, v_local)
+    if logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    target1d = target.reshape(-1)
+    weight1d = None if token_weight is None else token_weight.reshape(-1).to(torch.float32)
+    module = dispatch.resolve(backend, logits2d)
+    inplace = bool(inplace_backward) and logits2d.data_ptr() == local_logits.data_ptr() and logits2d.is_contiguous()
+
+    loss, lse, ce, prob, pred, weight, fell_back = _VocabParallelMemFTFunction.apply(
+        logits2d, target1d, weight1d, module, opts, layout, reduction, normalize, fallback,
+        denominator, group, dp_group, inplace,
+    )
+    if reduction == "none":
+        loss = loss.reshape(lead_shape)
+    loss = loss.to(torch.float64 if local_logits.dtype == torch.float64 else torch.float32)
+    if not return_stats:
+        return loss
+    return loss, _make_stats(lead_shape, target1d, ignore_index, lse, ce, prob, pred, weight, fell_back)

@@ -1,0 +1,537 @@
+"""vocab_parallel_memft_loss against single-process memft_loss on the gathered logits.
+
+Two layers:
+
+* in this process, the pure pieces (per-slice statistics, their combination, the slice backward)
+  over many simulated vocabulary splits, with hypothesis: cheap, and where the math is checked;
+* real multi-process runs (torch.multiprocessing spawn, gloo on CPU, 2, 3 and 4 ranks). Process
+  start-up dominates their cost, so each world size is ONE spawn that runs every case of its plan in
+  a row (normal cases, then cases that must raise on every rank, then a normal case again to show the
+  group still works) and saves its results; the tests below read those results. The join has a
+  timeout, so a hang fails the test instead of hanging CI.
+
+Inputs are fresh random numbers from fixed seeds; float64 cases compare tightly (the reference is
+float64 there too), float32 and bfloat16 cases within their dtype's tolerance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import math
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memft_kernels import dispatch, memft_loss
+from memft_kernels.distributed import (
+    check_layout,
+    combine_slices,
+    slice_row_backward,
+    slice_row_stats,
+    slice_target,
+    vocab_parallel_memft_loss,
+)
+from memft_kernels.ops import reference
+from memft_kernels.spec import KernelOptions
+
+STAT_FIELDS = ("ce", "prob", "lse", "weight", "pred", "n_valid", "n_active", "weight_sum", "fell_back",
+               "recalled_frac", "token_accuracy")
+
+
+def _tol(dtype):
+    if dtype == torch.float64:
+        return dict(rtol=1e-10, atol=1e-12)
+    if dtype == torch.float32:
+        return dict(rtol=2e-5, atol=2e-6)
+    return dict(rtol=2e-2, atol=1e-4)  # bfloat16 gradients: one rounding step of the input dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, shared by this process and the spawned ranks (rebuilt from the case description)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_inputs(case: dict, part: int = 0):
+    """Full logits, target, token_weight, upstream gradient of one case (``part``: data-parallel
+    shard, different rows). Every process builds the same tensors from the same seed."""
+    g = torch.Generator().manual_seed(case["seed"] * 101 + part)
+    shape = case.get("shape", (3, 5))
+    widths = case["widths"]
+    v = sum(widths)
+    x = torch.randn(*shape, v, generator=g, dtype=torch.float64) * case.get("scale", 2.0)
+    y = torch.randint(0, v, shape, generator=g)
+    flat_x, flat_y = x.view(-1, v), y.view(-1)
+    n = flat_y.numel()
+    kind = case.get("kind", "random")
+    if kind == "ties":
+        # Equal maxima across every shard boundary and inside a shard; some rows aim at the tie.
+        bounds = [sum(widths[:r]) for r in range(1, len(widths))]
+        for i in range(n):
+            b = bounds[i % len(bounds)]
+            flat_x[i, b - 1] = flat_x[i, b] = flat_x[i].max() + 1.0 + (i % 3)
+            if i % 4 == 0:
+                flat_x[i, -1] = flat_x[i, b]  # also tied with the very last class
+            if i % 2 == 0:
+                flat_y[i] = b if i % 3 else b - 1
+    elif kind == "confident":
+        # Every target far above the rest: p > 0.5 everywhere, so "hard" weighs nothing (fallback).
+        flat_x[torch.arange(n), flat_y] += 12.0
+    elif kind == "nan":
+        flat_x[1, v - 1] = math.nan  # a NaN in the last shard: the row's loss is NaN everywhere
+    ignore_index = case.get("options", {}).get("ignore_index", -100)
+    if case.get("ignore") == "all":
+        flat_y[:] = ignore_index
+    elif case.get("ignore"):
+        flat_y[::3] = ignore_index
+    if case.get("out_of_range"):
+        flat_y[2] = v + 3
+    token_weight = None
+    if case.get("token_weight"):
+        token_weight = torch.rand(shape, generator=g, dtype=torch.float64) * 2.0
+        token_weight.view(-1)[4] = 0.0
+    reduction = case.get("options", {}).get("reduction", "mean")
+    grad_out = torch.randn(shape, generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(0.75)
+    dtype = case.get("dtype", torch.float64)
+    return x.to(dtype), y, token_weight, grad_out
+
+
+def single_process(case: dict, parts: int = 1):
+    """memft_loss on the gathered logits (rows of ``parts`` data-parallel shards concatenated)."""
+    inputs = [make_inputs(case, p) for p in range(parts)]
+    x = torch.cat([i[0] for i in inputs]).requires_grad_(True)
+    y = torch.cat([i[1] for i in inputs])
+    tw = None if inputs[0][2] is None else torch.cat([i[2] for i in inputs])
+    opts = dict(case.get("options", {}))
+    loss, stats = memft_loss(x, y, token_weight=tw, return_stats=True, **opts)
+    grad_out = torch.cat([i[3].reshape(-1) for i in inputs]).reshape(loss.shape) if loss.dim() else inputs[0][3]
+    loss.backward(grad_out.to(loss.dtype))
+    return loss.detach(), stats.as_dict(), x.grad
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: the pure pieces over simulated splits
+# ---------------------------------------------------------------------------------------------
+
+
+def simulate(x, y, widths, opts: KernelOptions, token_weight=None, coef=None, module=reference):
+    """What the ranks compute, one slice after the other in this process: (RowStats, grad).
+    ``module``: the backend whose row_backward serves the slices when label_smoothing == 0."""
+    v = x.shape[-1]
+    starts = [sum(widths[:r]) for r in range(len(widths))]
+    parts = torch.stack([slice_row_stats(x[:, s:s + w], y, s, opts) for s, w in zip(starts, widths)])
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stats = combine_slices(parts, y, token_weight, opts, v, dt)
+    if coef is None:
+        return stats, None
+    local_opts = dataclasses.replace(opts, ignore_index=-1)
+    grads = []
+    for s, w in zip(starts, widths):
+        local_y = slice_target(y, s, w, v, opts.ignore_index)
+        if opts.label_smoothing == 0.0:
+            grads.append(module.row_backward(x[:, s:s + w], local_y, stats.lse, coef, local_opts))
+        else:
+            grads.append(slice_row_backward(x[:, s:s + w], local_y, stats.lse, coef, local_opts, v))
+    return stats, torch.cat(grads, dim=1)
+
+
+@st.composite
+def split_cases(draw):
+    widths = draw(st.lists(st.integers(1, 9), min_size=1, max_size=4))
+    n = draw(st.integers(1, 12))
+    opts = KernelOptions(
+        policy=draw(st.sampled_from(["none", "hard", "sigmoid"])),
+        threshold=draw(st.sampled_from([0.5, 0.25])),
+        ignore_index=draw(st.sampled_from([-100, 0])),
+        label_smoothing=draw(st.sampled_from([0.0, 0.1])),
+        z_loss=draw(st.sampled_from([0.0, 1e-2])),
+        softcap=draw(st.sampled_from([None, 3.0])),
+    )
+    return widths, n, opts, draw(st.integers(0, 2**16)), draw(st.booleans())
+
+
+@given(split_cases())
+def test_simulated_slices_equal_reference(case):
+    widths, n, opts, seed, tie = case
+    g = torch.Generator().manual_seed(seed)
+    v = sum(widths)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * 3.0
+    if tie:  # a shared maximum at the first and last class (different slices when there are several)
+        x[:, 0] = x[:, -1] = x.max() + 1.0
+    y = torch.randint(0, v, (n,), generator=g)
+    y[::4] = opts.ignore_index
+    tw = torch.rand(n, generator=g, dtype=torch.float64)
+    coef = torch.randn(n, generator=g, dtype=torch.float64)
+    coef[::5] = 0.0
+    coef[y == opts.ignore_index] = 0.0  # as the reduction makes it
+    ref = reference.row_forward(x, y, tw, opts)
+    stats, grad = simulate(x, y, widths, opts, tw, coef)
+    for name in ("lse", "ce", "prob", "weight", "loss"):
+        torch.testing.assert_close(getattr(stats, name), getattr(ref, name), rtol=1e-12, atol=1e-12, msg=name)
+    assert torch.equal(stats.pred, ref.pred)
+    ref_grad = reference.row_backward(x, y, ref.lse, coef, opts)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_simulated_nan_and_out_of_range_rows_follow_the_reference():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    x[1, 9] = math.nan
+    x[2, 4] = x[2, 7] = math.nan  # two NaNs in different slices: pred is the first one
+    y = torch.randint(0, 11, (6,), generator=g)
+    y[3] = 14  # out of range (validate=False): NaN loss and NaN gradient row
+    opts = KernelOptions(policy="hard", label_smoothing=0.1)
+    coef = torch.ones(6, dtype=torch.float64)
+    stats, grad = simulate(x, y, [5, 6], opts, None, coef)
+    ref = reference.row_forward(x, y, None, opts)
+    for name in ("lse", "ce", "prob", "weight", "loss"):
+        torch.testing.assert_close(getattr(stats, name), getattr(ref, name), equal_nan=True, msg=name)
+    assert torch.equal(stats.pred, ref.pred) and stats.pred[2] == 4
+    torch.testing.assert_close(grad, reference.row_backward(x, y, ref.lse, coef, opts), equal_nan=True)
+    assert torch.isnan(grad[3]).all() and torch.isnan(grad[1]).all()
+
+
+def test_float32_slices_stay_within_float32_rounding():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(64, 300, generator=g) * 4).to(torch.float32)
+    y = torch.randint(0, 300, (64,), generator=g)
+    opts = KernelOptions(policy="sigmoid", label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
+    coef = torch.rand(64, generator=g)
+    stats, grad = simulate(x, y, [100, 77, 123], opts, None, coef)
+    ref = reference.row_forward(x, y, None, opts)
+    for name in ("lse", "ce", "prob", "weight", "loss"):
+        torch.testing.assert_close(getattr(stats, name), getattr(ref, name), **_tol(torch.float32), msg=name)
+    torch.testing.assert_close(grad, reference.row_backward(x, y, ref.lse, coef, opts), **_tol(torch.float32))
+
+
+@pytest.mark.parametrize("name", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_row_backward_on_slices(name, dtype):
+    """A backend's row_backward run on slices with the slice target codes (not owned: no target
+    term; outside [0, V): NaN row) gives the slices of the reference gradient."""
+    reason = dispatch.availability(name)
+    if reason is not None:
+        pytest.skip(reason)
+    module = dispatch.resolve(name, torch.empty(1, 1, dtype=dtype))
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(9, 40, generator=g) * 3).to(dtype)
+    x[:, 16] = x[:, 17] = x.max() + 1  # a tie across the first boundary
+    y = torch.randint(0, 40, (9,), generator=g)
+    y[0], y[4] = -100, 43  # ignored; out of range (validate=False)
+    opts = KernelOptions(policy="sigmoid", z_loss=1e-2, softcap=6.0)
+    coef = torch.rand(9, generator=g)
+    coef[0] = coef[6] = 0.0  # an ignored row always has coef 0; so may a valid one
+    stats, grad = simulate(x, y, [17, 4, 19], opts, None, coef, module=module)
+    ref = reference.row_forward(x, y, None, opts)
+    torch.testing.assert_close(stats.lse, ref.lse, **_tol(torch.float32))
+    want = reference.row_backward(x, y, ref.lse, coef, opts)
+    torch.testing.assert_close(grad.float(), want.float(), equal_nan=True, **_tol(dtype))
+    assert torch.isnan(grad[4]).all() and (grad[6] == 0).all() and (grad[0] == 0).all()
+
+
+def _record(v_local=4, start=None, numel=6, target=11, weight=None, options=7, error=0):
+    return [error, v_local, int(start is not None), start or 0, numel, 99, target, int(weight is not None),
+            weight or 0, options]
+
+
+def test_check_layout_accepts_tilings_and_names_every_problem():
+    assert check_layout([_record(3), _record(5), _record(2)], 1) == (3, 10, [0, 3, 8])
+    assert check_layout([_record(3, 0), _record(5, 3)], 1).vocab_start == 3
+    cases = [
+        ([_record(3, 0), _record(5, 4)], "do not tile [0, V) in rank order: rank 1 starts at 4"),
+        ([_record(3, 1), _record(5, 4)], "rank 0 starts at 1"),
+        ([_record(3, 0), _record(5, 2)], "rank 1 starts at 2 but the slices before it end at 3"),
+        ([_record(3, 0), _record(5)], "vocab_start must be given on every rank or on none"),
+        ([_record(3), _record(5, numel=7)], "same shape on every rank"),
+        ([_record(3), _record(5, target=12)], "target differs across ranks"),
+        ([_record(3), _record(5, weight=4)], "token_weight differs"),
+        ([_record(3, weight=4), _record(5, weight=5)], "token_weight differs"),
+        ([_record(3), _record(5, options=8)], "options differ"),
+        ([_record(3), _record(error=1)], "rank(s) [1] of the group rejected their inputs"),
+    ]
+    for records, message in cases:
+        for rank in range(len(records)):
+            with pytest.raises(ValueError) as info:
+                check_layout(records, rank)
+            assert message in str(info.value)
+    with pytest.raises(TypeError, match="own"):
+        check_layout([_record(3), _record(error=1)], 1, TypeError("own"))
+
+
+def test_needs_an_initialized_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_memft_loss(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# Spawned run: the plan. ONE spawn of 4 gloo ranks runs every case; the process groups used:
+#   "pair": {0, 1} and {2, 3} (two 2-rank groups running the same cases at the same time),
+#   "trio": {0, 1, 2} (a 3-rank group; rank 3 sits out),
+#   "world": all 4 ranks with group=None,
+#   "mesh": tensor-parallel {0, 1}, {2, 3} x data-parallel {0, 2}, {1, 3} (different rows per dp rank).
+# ---------------------------------------------------------------------------------------------
+
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+WORLD = 4
+WIDTHS = {"pair": [7, 12], "trio": [5, 11, 4], "world": [3, 6, 1, 5], "mesh": [9, 3]}
+
+
+def _cases(layout):
+    """Cases compared against single-process memft_loss, for one layout."""
+    w = WIDTHS[layout]
+    cases = [
+        dict(name="none", seed=1, options=dict(policy="none")),
+        dict(name="hard_active", seed=2, ignore=True, options=dict(policy="hard")),
+        dict(name="hard_threshold", seed=3, scale=4.0, options=dict(policy="hard", threshold=0.25)),
+        dict(name="sigmoid_sum", seed=4, ignore=True, options=dict(policy="sigmoid", reduction="sum")),
+        dict(name="sigmoid_none_rows", seed=5, shape=(2, 3, 4), ignore=True,
+             options=dict(policy="sigmoid", sharpness=4.0, reduction="none")),
+        dict(name="valid_smooth_z_cap", seed=6, ignore=True, token_weight=True,
+             options=dict(policy="hard", normalize="valid", label_smoothing=0.1, z_loss=1e-2, softcap=3.0)),
+        dict(name="denominator", seed=7, options=dict(policy="sigmoid", denominator=37.0, label_smoothing=0.2)),
+        dict(name="ignore_index_0", seed=8, ignore=True, options=dict(policy="hard", ignore_index=0)),
+        dict(name="ties", seed=9, kind="ties", shape=(4, 4), options=dict(policy="sigmoid")),
+        dict(name="ties_softcap", seed=10, kind="ties", shape=(4, 4),
+             options=dict(policy="none", softcap=2.5, label_smoothing=0.1)),
+        dict(name="fallback_mean", seed=11, kind="confident", ignore=True, options=dict(policy="hard")),
+        dict(name="fallback_zero", seed=12, kind="confident", options=dict(policy="hard", fallback="zero")),
+        dict(name="all_ignored", seed=13, shape=(2,), ignore="all", options=dict(policy="hard")),
+        dict(name="nan_row", seed=14, kind="nan", options=dict(policy="hard")),
+        dict(name="out_of_range_unvalidated", seed=15, out_of_range=True, options=dict(policy="none", validate=False)),
+        dict(name="float32", seed=16, dtype=F32, shape=(4, 8), ignore=True, token_weight=True,
+             options=dict(policy="sigmoid", label_smoothing=0.1, z_loss=1e-3, softcap=5.0)),
+        dict(name="bfloat16", seed=17, dtype=BF16, shape=(4, 8), options=dict(policy="none", z_loss=1e-3)),
+        dict(name="inplace_backward", seed=18, options=dict(policy="sigmoid", inplace_backward=True)),
+        dict(name="explicit_vocab_start", seed=19, explicit_start=True, options=dict(policy="hard")),
+    ]
+    if layout == "world":
+        cases = [c for c in cases if c["name"] in ("none", "ties", "valid_smooth_z_cap", "explicit_vocab_start")]
+    if layout == "mesh":
+        cases = [c for c in cases if c["name"] in ("hard_active", "fallback_mean", "fallback_zero", "sigmoid_sum")]
+        cases.append(dict(name="valid_smooth", seed=32, ignore=True,
+                          options=dict(policy="sigmoid", normalize="valid", label_smoothing=0.1)))
+    return [dict(c, layout=layout, widths=w) for c in cases]
+
+
+def _error_cases(layout):
+    """Cases that must raise on every rank of the group (ValueError unless the rank had a local error)."""
+    w = WIDTHS[layout]
+    last = len(w) - 1
+    gap = [sum(w[:r]) + (1 if r else 0) for r in range(len(w))]
+    cases = [
+        dict(name="err_gap", seed=20, starts=gap, raises="do not tile [0, V)"),
+        dict(name="err_start_some_ranks", seed=21, starts_on=[0], raises="on every rank or on none"),
+        dict(name="err_target_value", seed=22, perturb="target_value", raises="target differs"),
+        dict(name="err_target_shape", seed=23, perturb="target_shape", raises="same shape"),
+        dict(name="err_options", seed=24, perturb="options", raises="options differ"),
+        dict(name="err_local_type", seed=25, perturb="int_logits", raises="rejected their inputs",
+             local_error=(last, "TypeError")),
+        dict(name="err_target_range", seed=26, perturb="target_range", raises="outside [0, V)"),
+    ]
+    if layout == "world":
+        cases = cases[:1] + cases[3:4]
+    return [dict(c, layout=layout, widths=w) for c in cases]
+
+
+def _plan():
+    plan = []
+    for layout in ("pair", "trio", "world"):
+        plan += _cases(layout) + _error_cases(layout)
+        # Once a case raised on every rank, the groups must still work.
+        plan.append(dict(_cases(layout)[1], name="after_errors"))
+    plan += _cases("mesh")
+    return plan
+
+
+def _case(layout, name):
+    return next(c for c in _plan() if c["layout"] == layout and c["name"] == name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spawned run: the worker (runs in each rank's process)
+# ---------------------------------------------------------------------------------------------
+
+
+def _placement(layout, rank, groups):
+    """(group, rank in the group, data-parallel part, dp_group), or None when the rank sits out."""
+    if layout == "pair":
+        return groups["pair"][rank // 2], rank % 2, 0, None
+    if layout == "trio":
+        return None if rank == 3 else (groups["trio"], rank, 0, None)
+    if layout == "world":
+        return None, rank, 0, None
+    return groups["pair"][rank // 2], rank % 2, rank // 2, groups["dp"][rank % 2]  # mesh
+
+
+def _run_case(case, rank, groups):
+    placement = _placement(case["layout"], rank, groups)
+    if placement is None:
+        return None
+    group, tp_rank, part, dp_group = placement
+    widths = case["widths"]
+    x, y, tw, grad_out = make_inputs(case, part)
+    start = sum(widths[:tp_rank])
+    local = x[..., start:start + widths[tp_rank]].clone()
+    # The reference backend for the slice backward: the compiled backends' custom ops import
+    # torch._dynamo on first use, seconds of start-up in every rank (and the one crash seen in these
+    # runs, a segfault during that import on an overloaded machine). Their row_backward on slices is
+    # tested in this process (test_backend_row_backward_on_slices).
+    opts = dict(case.get("options", {}), backend="torch")
+    if case.get("explicit_start") or tp_rank in case.get("starts_on", []):
+        opts["vocab_start"] = start
+    if "starts" in case:
+        opts["vocab_start"] = case["starts"][tp_rank]
+    perturb = case.get("perturb") if tp_rank == len(widths) - 1 else None
+    if perturb == "target_value":
+        y = y.clone()
+        y.view(-1)[3] = (y.view(-1)[3] + 1) % sum(widths)
+    elif perturb == "target_shape":
+        y, local = y[:-1], local[:-1]
+    elif perturb == "options":
+        opts["policy"] = "sigmoid"
+    elif perturb == "int_logits":
+        local = local.long()
+    if case.get("perturb") == "target_range":  # on every rank
+        y = y.clone()
+        y.view(-1)[0] = sum(widths)
+    local = local.requires_grad_(local.is_floating_point())
+    try:
+        loss, stats = vocab_parallel_memft_loss(local, y, group=group, dp_group=dp_group, token_weight=tw,
+                                                return_stats=True, **opts)
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message per rank
+        return dict(error=(type(exc).__name__, str(exc)))
+    loss.backward(grad_out.to(loss.dtype))
+    return dict(loss=loss.detach(), stats=stats.as_dict(), grad=local.grad, part=part)
+
+
+def _worker(rank, world, port, outdir):
+    faulthandler.enable()  # a crashing rank prints its Python stack
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        # Every rank creates every group, in the same order.
+        groups = dict(
+            pair=[dist.new_group([0, 1]), dist.new_group([2, 3])],
+            trio=dist.new_group([0, 1, 2]),
+            dp=[dist.new_group([0, 2]), dist.new_group([1, 3])],
+        )
+        results = {(c["layout"], c["name"]): _run_case(c, rank, groups) for c in _plan()}
+        torch.save(results, f"{outdir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(outdir, timeout_s=150.0):
+    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(outdir)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD}-rank run did not finish within {timeout_s} s: a rank hangs")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """Every rank's results of the one spawned run, keyed by (layout, case name)."""
+    return _spawn(tmp_path_factory.mktemp("vocab_parallel"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Spawned run: the checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_against_single_process(case, rank_results, parts=1):
+    """Every rank's loss and stats equal memft_loss on the gathered logits; the gradient slices,
+    concatenated in rank order, equal its gradient."""
+    dtype = case.get("dtype", torch.float64)
+    tol = _tol(dtype)
+    # float64: memft_loss's fused path forms the 1/D scale in float32, so its float64 gradient
+    # carries one float32 rounding (relative 6e-8) when the scale is known up front.
+    grad_tol = dict(rtol=1e-7, atol=1e-12) if dtype == torch.float64 else tol
+    ref_loss, ref_stats, ref_grad = single_process(case, parts)
+    if parts > 1:  # data parallel: the global loss is the sum over the dp ranks' losses
+        by_part = [[r for r in rank_results if r["part"] == p] for p in range(parts)]
+        total = sum(group[0]["loss"] for group in by_part)
+        torch.testing.assert_close(total, ref_loss, **tol)
+        grads = [torch.cat([r["grad"] for r in group], dim=-1) for group in by_part]
+        torch.testing.assert_close(torch.cat(grads), ref_grad, **grad_tol)
+        for res in rank_results:
+            assert torch.equal(res["stats"]["fell_back"], ref_stats["fell_back"])
+        return
+    first = rank_results[0]
+    for res in rank_results:
+        assert torch.equal(res["loss"], first["loss"]) or torch.isnan(first["loss"]).any(), "ranks disagree"
+        assert res["loss"].dtype == ref_loss.dtype
+        torch.testing.assert_close(res["loss"], ref_loss, equal_nan=True, **tol)
+        for name in STAT_FIELDS:
+            got, want = res["stats"][name], ref_stats[name]
+            if want.dtype in (torch.int64, torch.bool):
+                assert torch.equal(got, want), name
+            else:
+                torch.testing.assert_close(got, want, equal_nan=True, **tol, msg=name)
+    grad = torch.cat([r["grad"] for r in rank_results], dim=-1)
+    assert grad.dtype == ref_grad.dtype
+    torch.testing.assert_close(grad, ref_grad, equal_nan=True, **grad_tol)
+
+
+def _members(layout):
+    return {"pair": [[0, 1], [2, 3]], "trio": [[0, 1, 2]], "world": [[0, 1, 2, 3]]}[layout]
+
+
+@pytest.mark.parametrize("layout,case_name", [
+    (layout, c["name"]) for layout in ("pair", "trio", "world") for c in _cases(layout)
+] + [(layout, "after_errors") for layout in ("pair", "trio", "world")])
+def test_spawned_equals_single_process(spawned, layout, case_name):
+    case = _case(layout, case_name)
+    for ranks in _members(layout):
+        _check_against_single_process(case, [spawned[r][(layout, case_name)] for r in ranks])
+    if layout == "trio":
+        assert spawned[3][(layout, case_name)] is None
+
+
+@pytest.mark.parametrize("layout,case_name", [
+    (layout, c["name"]) for layout in ("pair", "trio", "world") for c in _error_cases(layout)
+])
+def test_spawned_bad_input_raises_on_every_rank(spawned, layout, case_name):
+    case = _case(layout, case_name)
+    last = len(case["widths"]) - 1
+    for ranks in _members(layout):
+        for tp_rank, rank in enumerate(ranks):
+            res = spawned[rank][(layout, case_name)]
+            assert res is not None and "error" in res, f"rank {rank} did not raise"
+            kind, message = res["error"]
+            if "local_error" in case and tp_rank == last:
+                assert kind == case["local_error"][1], message
+            else:
+                assert kind == "ValueError" and case["raises"] in message, f"rank {rank}: {kind}: {message}"
+
+
+@pytest.mark.parametrize("case_name", [c["name"] for c in _cases("mesh")])
+def test_spawned_tensor_and_data_parallel_mesh(spawned, case_name):
+    case = _case("mesh", case_name)
+    rank_results = [spawned[r][("mesh", case_name)] for r in range(WORLD)]
+    for a, b in ((0, 1), (2, 3)):  # inside a tensor-parallel group the ranks agree exactly
+        assert torch.equal(rank_results[a]["loss"], rank_results[b]["loss"])
+    _check_against_single_process(case, rank_results, parts=2)
