@@ -98,6 +98,7 @@ if triton is not None:
             if HAS_SMOOTHING:
                 x_sum += tl.sum(tl.where(mask, x, 0.0), 0)
         lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+        lse = tl.where(m == float("inf"), float("inf"), lse)  # exp(inf - inf) made s NaN; log-sum-exp is inf
 
         valid = tgt != ignore_index
         in_range = (tgt >= 0) & (tgt < V)
