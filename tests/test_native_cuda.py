@@ -101,6 +101,12 @@ def rel(a, b):
     return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
 
 
+def grad_close(out, ref, coef_scale, dtype):
+    """Terms are O(|coef|): with V = 1 they cancel to ~2 z lse, so the bound counts them too."""
+    err = float((out.double() - ref).abs().max())
+    return err <= GRAD_TOL[dtype] * float(ref.abs().max()) + 3e-7 * coef_scale
+
+
 def make(n, v, dtype=torch.float32, ignore_frac=0.2, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     logits = torch.randn(n, v, generator=g, device="cuda", dtype=torch.float32) * 3
@@ -147,15 +153,15 @@ def test_row_kernels_vs_float64(poisoned, dtype, v):
         out = torch.full_like(logits, math.nan)
         native_cuda.row_backward(logits, target, got.lse, coef, opts, out=out)
         ref = reference.row_backward(logits.double(), target, want.lse, coef.double(), opts)
-        err = float((out.double() - ref).abs().max())
-        assert err <= GRAD_TOL[dtype] * float(ref.abs().max()) + 3e-7 * float(coef.abs().max()), opt_set
+        assert grad_close(out, ref, float(coef.abs().max()), dtype), opt_set
         assert torch.all(out[coef == 0] == 0)
         grad = torch.full_like(logits, math.nan)
         fused = native_cuda.row_forward_backward(logits, target, tw, opts, torch.tensor(0.25, device="cuda"), grad)
+        assert torch.equal(fused.pred, got.pred)
         for a, b in zip(fused, got):
-            assert torch.equal(a.nan_to_num(), b.nan_to_num())
+            assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=0, equal_nan=True)
         ref = reference.row_backward(logits.double(), target, want.lse, want.weight * 0.25, opts)
-        assert rel(grad, ref) < GRAD_TOL[dtype]
+        assert grad_close(grad, ref, 0.25 * float(want.weight.abs().max()), dtype), opt_set
 
 
 @gpu
