@@ -130,11 +130,21 @@ def fmt_ci(fit, name):
 def law_section(cells, desc, figures: Path, rel_fig: str) -> tuple[str, object]:
     fit = fit_law(cells, n_boot=500, seed=0)
     fit_params = fit_law(cells, capacity="lora_params", n_boot=500, seed=0)
+    fit_zero = fit_law(cells, fit_offset=False, n_boot=500, seed=0)
     plot_fit(fit, cells, figures / "law_fit.png")
-    rows = ["| capacity variable | C | alpha | beta | b | R^2 | cells fitted |", "|---|---|---|---|---|---|---|"]
-    for f in (fit, fit_params):
-        rows.append(f"| {f.capacity} | {fmt_ci(f, 'C')} | {fmt_ci(f, 'alpha')} | {fmt_ci(f, 'beta')} | "
-                    f"{fmt_ci(f, 'b')} | {f.r2:.4f} | {f.n_cells} (+{len(f.excluded_lines)} saturated left out) |")
+    rows = ["| capacity variable | offset | C | alpha | beta | b | R^2 | cells fitted |", "|---|---|---|---|---|---|---|---|"]
+    for f in (fit, fit_params, fit_zero):
+        b = fmt_ci(f, "b") if f.fit_offset else "0 (fixed)"
+        rows.append(f"| {f.capacity} | {'fitted' if f.fit_offset else 'b = 0'} | {fmt_ci(f, 'C')} | {fmt_ci(f, 'alpha')} | "
+                    f"{fmt_ci(f, 'beta')} | {b} | {f.r2:.4f} | {f.n_cells} (+{len(f.excluded_lines)} saturated left out) |")
+    lo, hi = fit.ci.get("b", (0.0, 0.0))
+    if hi < 0 or lo > 0:
+        b_note = (f"The offset b = {fit.b:.3g} is clearly {'negative' if hi < 0 else 'positive'} (its interval excludes 0): "
+                  f"in this range dL bends {'below' if hi < 0 else 'above'} a pure power of rank on log-log axes. "
+                  f"Forced through b = 0 the law still fits with R^2 = {fit_zero.r2:.3f} (alpha = {fit_zero.alpha:.3f}, "
+                  f"beta = {fit_zero.beta:.3f}).")
+    else:
+        b_note = f"The offset b = {fit.b:.3g} is compatible with 0 (interval [{lo:.3g}, {hi:.3g}])."
     ranks = sorted({c["rank"] for c in cells})
     lengths = sorted({c["length"] for c in cells})
     grid = {(c["rank"], c["length"]): c for c in cells}
@@ -160,8 +170,8 @@ Measured dL per cell, with the fit (capacity = rank) in parentheses:
 
 ![law fit]({rel_fig}/law_fit.png)
 
-dL grows with rank (alpha = {fit.alpha:.3f} > 0) and falls with length (beta = {fit.beta:.3f} > 0): the
-law's shape. With a single LoRA module the parameter count is proportional to the rank, so both
+dL grows with rank (alpha = {fit.alpha:.3f}) and falls with length (beta = {fit.beta:.3f}): the law's
+shape, with R^2 = {fit.r2:.4f} over {fit.n_cells} cells. {b_note} With a single LoRA module the parameter count is proportional to the rank, so both
 capacity variables give the same exponents and only C changes. The paper's exponents come from
 8B models; these come from a 2-layer, 128-wide random-init model and are not comparable in value.
 """
@@ -202,6 +212,20 @@ def _cell(records, rank, length, loss):
     return None
 
 
+def prefix_by_step(record) -> str:
+    """Correct greedy prefix (tokens) at each evaluation, from the run's metrics.jsonl: 'step:prefix ...'."""
+    path = os.path.join(record.get("run_dir") or "", "metrics.jsonl")
+    if not os.path.isfile(path):
+        return "-"
+    seen = {}
+    for line in open(path, encoding="utf-8"):
+        row = json.loads(line)
+        if row.get("kind") == "eval":
+            fw = row.get("first_wrong")
+            seen[row["step"]] = record["length"] if fw is None else fw
+    return " ".join(f"{step}:{prefix}" for step, prefix in sorted(seen.items())) or "-"
+
+
 def _steps(value):
     return "never" if value is None else str(value)
 
@@ -210,8 +234,8 @@ def compare_section(title, desc, records, steps) -> tuple[str, list]:
     """Per (rank, length): each loss's exact recall, greedy prefix, p>0.5 share and steps to full recall."""
     ranks = sorted({r["rank"] for r in records})
     lengths = sorted({r["length"] for r in records})
-    head = ("| rank | length | LoRA params | loss | exact recall | first wrong token | argmax acc | p > 0.5 | "
-            "final CE | steps to 100% recall | steps to all p > 0.5 |")
+    head = ("| rank | length | LoRA params | loss | exact recall | greedy prefix (step:tokens) | argmax acc | "
+            "p > 0.5 | final CE | steps to 100% recall | steps to all p > 0.5 |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     verdicts = []
     for rank in ranks:
@@ -222,10 +246,9 @@ def compare_section(title, desc, records, steps) -> tuple[str, list]:
             for loss, r in group.items():
                 if r is None:
                     continue
-                fw = r.get("first_wrong")
                 rows.append(
                     f"| {rank} | {length} | {r['lora_params']} | {loss} | {r['exact_recall']:.0%} | "
-                    f"{'-' if fw is None else fw} | {r['token_accuracy']:.1%} | {r['recalled_frac']:.1%} | "
+                    f"{prefix_by_step(r)} | {r['token_accuracy']:.1%} | {r['recalled_frac']:.1%} | "
                     f"{r['final_loss']:.3f} | {_steps(r['steps_to_full_recall'])} | "
                     f"{_steps(r.get('steps_to_all_recalled'))} |")
             for loss in ("memft-ot", "memft-sw"):
@@ -304,14 +327,15 @@ Regenerate (the sweeps resume: finished cells are skipped):
 {chr(10).join(commands)}
 ```
 
-The same by hand, for the law sweep and fit:
+The same by hand with the `memft` command (the script builds the base model folders first):
 
 ```
-memft law sweep --out runs/results_report/law.jsonl --model runs/results_report/law_base \\
-    --ranks 1,2,4,8,16 --lengths 64,128,256 --steps 300 --set 'target_modules=["down_proj"]' \\
-    --set 'layers=[1]' --set eval_every=0 --workers 2
-memft law fit runs/results_report/law.jsonl --json fit.json
-memft law predict fit.json --rank 4 --target-dL 0.5
+memft law sweep --out law.jsonl --model runs/results_report/law_base --ranks 1,2,4,8,16 \\
+    --lengths 64,128,256 --steps 300 --set 'target_modules=["down_proj"]' --set 'layers=[1]' \\
+    --set eval_every=0 --set backend=torch --workers 2
+memft law fit law.jsonl --json fit.json                  # + law_fit.png next to law.jsonl
+memft law predict fit.json --rank 4 --target-dL 0.5      # longest text rank 4 takes to dL 0.5
+memft law predict fit.json --length 256 --target-dL 0.5  # smallest rank for 256 tokens
 memft phase runs/results_report/capacity_runs/r1_len128_random_rr0_ce_s0
 ```
 
@@ -324,7 +348,8 @@ length 256 needs rank {_safe(lambda: f"{__import__('memft_kernels.law', fromlist
 ## 3. MemFT-OT / MemFT-SW vs CE
 
 Exact recall is verbatim greedy generation of the whole sequence from its prompt (one sequence per
-cell, so 0% or 100%); "first wrong token" is the first position greedy generation gets wrong (-: none);
+cell, so 0% or 100%), at the end of the run; "greedy prefix" is how many tokens greedy generation got
+right before its first error at each evaluation (step:tokens; the whole length means exact recall);
 steps to 100% recall: the training loop confirms greedy recall by generation as soon as every
 teacher-forced argmax is right (which implies it), besides its evaluations every 50 steps.
 

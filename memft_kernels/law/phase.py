@@ -57,6 +57,8 @@ class PhaseReport:
             return (f"VIOLATION: {self.n_violations} of {self.n_above} tokens with p > 0.5 are predicted wrong "
                     f"(first token indices {self.violations[:MAX_VIOLATIONS_LISTED]}): the stats are inconsistent "
                     f"(p and pred from different logits?). {below}.")
+        if self.n_above == 0:
+            return f"no token has p > 0.5 (nothing to check there); {below}."
         return (f"all {self.n_above} tokens with p > 0.5 are predicted correctly (as the math requires); {below}.")
 
 
