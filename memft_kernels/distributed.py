@@ -9,14 +9,15 @@ the statistics and each rank's gradient slice equal ``memft_loss`` on the gather
    checked identically on every rank, so a bad split raises the same error everywhere instead of
    hanging in a later collective;
 2. per-slice row statistics (slice lse, slice max and its first index, the target logit on the
-   owning rank, the row sum for label smoothing), computed locally in row chunks;
+   owning rank, the row sum for label smoothing), computed locally with the backend's row kernel;
 3. one all_gather of those ``[5, N]`` statistics; every rank combines them in rank order, so the
    global lse, ce, pred and policy weights are bit-identical on every rank;
 4. only for ``reduction="mean"`` with ``dp_group`` and no explicit denominator: one all_reduce of
    the weight sum / valid count over the data-parallel group.
 
 The backward is local to the slice: softmax from the global lse, target term only on the owning
-rank, no communication.
+rank, no communication; it is the backend's row_backward unless label smoothing is on (its eps / V
+term needs the global V, which a backend's kernel does not take; torch ops in row chunks then).
 
 Reading order: slice statistics -> the checked exchange -> combination and reduction ->
 autograd.Function -> public function.
@@ -33,6 +34,7 @@ import torch.distributed as dist
 
 from . import dispatch
 from .loss import _make_stats
+from .ops import reference
 from .ops.reference import _capped, _chunks
 from .policy import Reduced, policy_weight, reduce_rows
 from .spec import (
@@ -45,7 +47,7 @@ from .spec import (
 )
 
 # ---------------------------------------------------------------------------------------------
-# Per-slice row statistics (local, chunked torch ops; a fused per-slice kernel is future work)
+# Per-slice row statistics and the slice backward (local work, through the backend's row kernels)
 # ---------------------------------------------------------------------------------------------
 
 # Rows of the [5, N] float64 statistics tensor each rank contributes. float64 so that the global
@@ -65,29 +67,38 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
-def slice_row_stats(logits: torch.Tensor, target: torch.Tensor, vocab_start: int, opts: KernelOptions) -> torch.Tensor:
+def slice_row_stats(
+    logits: torch.Tensor, target: torch.Tensor, vocab_start: int, opts: KernelOptions, module=reference
+) -> torch.Tensor:
     """``[5, N]`` float64 statistics of this rank's slice ``logits[N, V_local]`` (see LSE..ROW_SUM).
 
     ``target`` holds global ids; TARGET_LOGIT is 0 on rows whose target this slice does not own.
-    The soft cap is applied here, before everything else, exactly as the reference applies it.
+    The backend ``module``'s row kernel gives the slice lse and first argmax in one pass over the
+    slice; the two values needed besides (the max and the target logit) are N-element gathers, with
+    the soft cap applied to them as the reference applies it. Label smoothing adds one pass for the
+    row sums (torch ops in row chunks).
     """
     n, v = logits.shape
     dt = _compute_dtype(logits)
     out = torch.zeros(_N_SLICE_STATS, n, dtype=torch.float64, device=logits.device)
+    if n == 0:
+        return out
     t = target.long()
     owned = (t >= vocab_start) & (t < vocab_start + v)
     local = torch.where(owned, t - vocab_start, torch.zeros_like(t))
-    for a, b in _chunks(n, v):
-        x = _capped(logits[a:b].to(dt), opts.softcap)
-        out[LSE, a:b] = torch.logsumexp(x, dim=-1)
-        # max(dim) returns the first maximal index (or the first NaN), torch.argmax's rule.
-        top, idx = x.max(dim=-1)
-        out[MAX, a:b] = top
-        out[ARGMAX, a:b] = idx + vocab_start
-        tgt = x.gather(1, local[a:b, None]).squeeze(1)
-        out[TARGET_LOGIT, a:b] = torch.where(owned[a:b], tgt, torch.zeros_like(tgt))
-        if opts.label_smoothing:
-            out[ROW_SUM, a:b] = x.sum(dim=-1)
+    # Every row made a valid row of the slice (target code inside it, no ignore, no policy, no
+    # smoothing, no z-loss): the kernel then reports lse and pred for every row.
+    plain = dataclasses.replace(opts, policy="none", ignore_index=-1, label_smoothing=0.0, z_loss=0.0)
+    row = module.row_forward(logits, local, None, plain)
+    pred = row.pred.long()
+    out[LSE] = row.lse
+    out[ARGMAX] = pred + vocab_start
+    picked = _capped(logits.gather(1, torch.stack([pred, local], dim=1)).to(dt), opts.softcap)
+    out[MAX] = picked[:, 0]  # NaN when the slice row holds a NaN (pred points at it)
+    out[TARGET_LOGIT] = torch.where(owned, picked[:, 1], torch.zeros_like(picked[:, 1]))
+    if opts.label_smoothing:
+        for a, b in _chunks(n, v):
+            out[ROW_SUM, a:b] = _capped(logits[a:b].to(dt), opts.softcap).sum(dim=-1)
     return out
 
 
@@ -342,7 +353,7 @@ class _VocabParallelMemFTFunction(torch.autograd.Function):
         dt = _compute_dtype(logits)
         n = logits.shape[0]
         if n > 0:  # n is the same on every rank (checked), so every rank skips together
-            local = slice_row_stats(logits, target, layout.vocab_start, opts)
+            local = slice_row_stats(logits, target, layout.vocab_start, opts, module)
             comm = local.to(_comm_device(group, logits.device))
             gathered = [torch.empty_like(comm) for _ in range(dist.get_world_size(group))]
             dist.all_gather(gathered, comm, group=group)

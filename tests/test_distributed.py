@@ -122,10 +122,10 @@ def single_process(case: dict, parts: int = 1):
 
 def simulate(x, y, widths, opts: KernelOptions, token_weight=None, coef=None, module=reference):
     """What the ranks compute, one slice after the other in this process: (RowStats, grad).
-    ``module``: the backend whose row_backward serves the slices when label_smoothing == 0."""
+    ``module``: the backend whose row kernels serve the slices."""
     v = x.shape[-1]
     starts = [sum(widths[:r]) for r in range(len(widths))]
-    parts = torch.stack([slice_row_stats(x[:, s:s + w], y, s, opts) for s, w in zip(starts, widths)])
+    parts = torch.stack([slice_row_stats(x[:, s:s + w], y, s, opts, module) for s, w in zip(starts, widths)])
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     stats = combine_slices(parts, y, token_weight, opts, v, dt)
     if coef is None:
@@ -212,9 +212,14 @@ def test_float32_slices_stay_within_float32_rounding():
 
 @pytest.mark.parametrize("name", ["cpu", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_row_backward_on_slices(name, dtype):
-    """A backend's row_backward run on slices with the slice target codes (not owned: no target
-    term; outside [0, V): NaN row) gives the slices of the reference gradient."""
+@pytest.mark.parametrize("opts", [
+    KernelOptions(policy="sigmoid", z_loss=1e-2, softcap=6.0),
+    KernelOptions(policy="hard", threshold=0.25, label_smoothing=0.1),
+], ids=["backend_backward", "smoothing"])
+def test_backend_kernels_on_slices(name, dtype, opts):
+    """A compiled backend's row kernels serve the slices: row_forward with every row made valid
+    (slice lse and pred), row_backward with the slice target codes (not owned: no target term;
+    outside [0, V): NaN row). Together they give memft_loss's rows and gradient."""
     reason = dispatch.availability(name)
     if reason is not None:
         pytest.skip(reason)
@@ -222,17 +227,21 @@ def test_backend_row_backward_on_slices(name, dtype):
     g = torch.Generator().manual_seed(11)
     x = (torch.randn(9, 40, generator=g) * 3).to(dtype)
     x[:, 16] = x[:, 17] = x.max() + 1  # a tie across the first boundary
+    x[5, 30] = math.nan  # a NaN in the last slice
     y = torch.randint(0, 40, (9,), generator=g)
     y[0], y[4] = -100, 43  # ignored; out of range (validate=False)
-    opts = KernelOptions(policy="sigmoid", z_loss=1e-2, softcap=6.0)
     coef = torch.rand(9, generator=g)
     coef[0] = coef[6] = 0.0  # an ignored row always has coef 0; so may a valid one
     stats, grad = simulate(x, y, [17, 4, 19], opts, None, coef, module=module)
     ref = reference.row_forward(x, y, None, opts)
-    torch.testing.assert_close(stats.lse, ref.lse, **_tol(torch.float32))
+    for field in ("lse", "ce", "prob", "weight", "loss"):
+        torch.testing.assert_close(getattr(stats, field), getattr(ref, field), equal_nan=True,
+                                   **_tol(torch.float32), msg=field)
+    assert torch.equal(stats.pred, ref.pred)
     want = reference.row_backward(x, y, ref.lse, coef, opts)
     torch.testing.assert_close(grad.float(), want.float(), equal_nan=True, **_tol(dtype))
-    assert torch.isnan(grad[4]).all() and (grad[6] == 0).all() and (grad[0] == 0).all()
+    assert torch.isnan(grad[4]).all() and torch.isnan(grad[5]).all()
+    assert (grad[6] == 0).all() and (grad[0] == 0).all()
 
 
 def _record(v_local=4, start=None, numel=6, target=11, weight=None, options=7, error=0):
@@ -304,6 +313,7 @@ def _cases(layout):
         dict(name="fallback_mean", seed=11, kind="confident", ignore=True, options=dict(policy="hard")),
         dict(name="fallback_zero", seed=12, kind="confident", options=dict(policy="hard", fallback="zero")),
         dict(name="all_ignored", seed=13, shape=(2,), ignore="all", options=dict(policy="hard")),
+        dict(name="zero_rows", seed=27, shape=(0, 3), options=dict(policy="hard")),
         dict(name="nan_row", seed=14, kind="nan", options=dict(policy="hard")),
         dict(name="out_of_range_unvalidated", seed=15, out_of_range=True, options=dict(policy="none", validate=False)),
         dict(name="float32", seed=16, dtype=F32, shape=(4, 8), ignore=True, token_weight=True,
@@ -383,7 +393,7 @@ def _run_case(case, rank, groups):
     # The reference backend for the slice backward: the compiled backends' custom ops import
     # torch._dynamo on first use, seconds of start-up in every rank (and the one crash seen in these
     # runs, a segfault during that import on an overloaded machine). Their row_backward on slices is
-    # tested in this process (test_backend_row_backward_on_slices).
+    # tested in this process (test_backend_kernels_on_slices).
     opts = dict(case.get("options", {}), backend="torch")
     if case.get("explicit_start") or tp_rank in case.get("starts_on", []):
         opts["vocab_start"] = start
