@@ -353,7 +353,8 @@ def test_custom_ops_pass_opcheck():
 
 
 def _warm_dispatch():
-    """dispatch._load imports backends lazily; Dynamo cannot trace an import (see the report)."""
+    """dispatch.py imports a backend at its first use, and Dynamo cannot trace an import: load it
+    eagerly first (not needed once dispatch resolves backends through assume_constant_result)."""
     memft_loss(torch.randn(2, 3, device=DEVICE), torch.tensor([0, 1], device=DEVICE), backend="triton")
 
 

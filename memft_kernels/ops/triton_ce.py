@@ -1,6 +1,6 @@
 """Fused Triton kernels for the MemFT loss (docs/SPEC.md), backend ``"triton"``.
 
-Three kernels, each named for what it writes:
+Four kernels, each named for what it writes:
 
 * ``_row_forward_kernel``: one program per row, ONE sweep over the row's logits in vocab blocks
   (online max / sum-exp, argmax, smoothing sum), then the row's lse, ce, prob, pred, weight and loss.
@@ -8,8 +8,11 @@ Three kernels, each named for what it writes:
   and writes ``coef_i * (q (1 + 2 z lse) - (1 - eps)[j = y] - eps / V) * cap``.
 * ``_row_forward_backward_kernel``: the forward sweep, then, in the same program, a second sweep
   over the same row that writes the gradient with ``coef_i = scale * weight_i`` (scale read from a
-  0-d device tensor, so no host sync). The second sweep re-reads a row the program has just read,
-  so it is served from L2 when the rows in flight fit there; docs/KERNELS.md counts the bytes.
+  0-d device tensor, so no host sync). The second sweep re-reads, last block first, a row the
+  program has just read, so it is served from L2 when the rows in flight fit there;
+  docs/KERNELS.md counts the bytes.
+* ``_scale_rows_kernel``: ``grad *= grad_out`` with grad_out read on the device, for the backward of
+  the single-pass path; a grad_out of exactly 1 costs no pass.
 
 Reading order: kernels, launch heuristics, launchers, ``torch.library`` custom ops (with fake
 implementations, so ``torch.compile(fullgraph=True)`` traces them), then the backend interface of
@@ -22,6 +25,7 @@ with exp, so the same source compiles on the GPU host's Triton and on this proje
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Optional, Tuple
 
@@ -293,10 +297,10 @@ def launch_config(num_classes: int) -> Tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 # Launchers (plain functions on tensors; the custom ops below wrap them)
 # ----------------------------------------------------------------------------------------------
-def _scalar_options(num_classes: int, policy: str, threshold: float, sharpness: float,
-                    label_smoothing: float, z_loss: float, softcap: Optional[float]):
-    import math
-
+def _scalar_options(policy: str, threshold: float, sharpness: float, label_smoothing: float,
+                    z_loss: float, softcap: Optional[float]) -> dict:
+    """Kernel arguments shared by the forward kernels; a feature that is off becomes a False
+    constexpr, so its code is not in the binary."""
     return dict(
         threshold=threshold,
         ce_threshold=-math.log(threshold),
@@ -324,7 +328,7 @@ def _launch_forward(logits, target, token_weight, stats, grad, scale, policy, th
     if n == 0:
         return
     block, num_warps = launch_config(v)
-    opts = _scalar_options(v, policy, threshold, sharpness, label_smoothing, z_loss, softcap)
+    opts = _scalar_options(policy, threshold, sharpness, label_smoothing, z_loss, softcap)
     has_tw = token_weight is not None
     tw = token_weight if has_tw else stats[0]  # any float pointer; never read
     common = dict(V=v, ignore_index=ignore_index, HAS_TOKEN_WEIGHT=has_tw, BLOCK_V=block,
