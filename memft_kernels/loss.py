@@ -126,7 +126,8 @@ def memft_loss(
     weight1d = None if token_weight is None else token_weight.reshape(-1).to(torch.float32)
     module = dispatch.resolve(backend, logits2d)
     # In-place only when the caller asked and the storage really is the logits' (no copy was made).
-    inplace = bool(inplace_backward) and logits2d.data_ptr() == logits.data_ptr() and logits2d.is_contiguous()
+    # (logits.is_contiguous() <=> the flattening above made no copy; a data_ptr is not traceable.)
+    inplace = bool(inplace_backward) and logits.is_contiguous()
 
     loss, lse, ce, prob, pred, weight, fell_back = _MemFTLossFunction.apply(
         logits2d, target1d, weight1d, module, opts, reduction, normalize, fallback, denominator, inplace
