@@ -4,9 +4,10 @@
 tokens whose target probability is still below the recall threshold (docs/SPEC.md).
 """
 from .dispatch import available_backends
+from .linear_loss import memft_linear_loss
 from .loss import MemFTLoss, memft_loss
 from .spec import MemFTStats
 
 __version__ = "0.1.0"
 
-__all__ = ["memft_loss", "MemFTLoss", "MemFTStats", "available_backends", "__version__"]
+__all__ = ["memft_loss", "MemFTLoss", "memft_linear_loss", "MemFTStats", "available_backends", "__version__"]
