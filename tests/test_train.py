@@ -219,8 +219,27 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "memft_kernels.cli", "train", "--loss", "focal"],
+    proc = subprocess.run([sys.executable, "-m", "memft_kernels", "train", "--loss", "focal"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("memft train: error: loss='focal'")
+
+
+def test_local_model_folder_with_its_own_tokenizer(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from memft_kernels.train.data import TrainedTokenizer, read_text
+
+    tok = TrainedTokenizer([read_text(None)], 300)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok._tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    fast.save_pretrained(tmp_path / "model")
+    report = train(TrainConfig(**dict(TINY, steps=2, eval_every=0, model=str(tmp_path / "model"), length=20),
+                               task="text", plots=False, save_adapter=False, run_dir=str(tmp_path / "run")))
+    assert report["answer_tokens"] == 20 and report["final_loss"] < report["base_loss"]
+    with pytest.raises(TrainInputError, match="longer than the model's context"):
+        train(TrainConfig(**dict(TINY, model=str(tmp_path / "model"), length=64), task="text"))

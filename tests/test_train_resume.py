@@ -20,7 +20,7 @@ ARGS = ["train", "--model", "nano", "--vocab-size", "256", "--length", "24", "--
 
 def _memft(args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "memft_kernels.cli", *args], cwd=cwd, env=env,
+    return subprocess.Popen([sys.executable, "-m", "memft_kernels", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -63,7 +63,7 @@ def greedy_generate(model, prompts: List[List[int]], max_new_tokens: int, device
     ids = torch.tensor(prompts, dtype=torch.long, device=device)
     cache_kw = _cache_kwarg(model)
     out = model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
+    past = getattr(out, cache_kw)
     generated = []
     next_id = out.logits[:, -1].argmax(-1)
     for _ in range(max_new_tokens):
@@ -71,7 +71,7 @@ def greedy_generate(model, prompts: List[List[int]], max_new_tokens: int, device
         if len(generated) == max_new_tokens:
             break
         out = model(input_ids=next_id[:, None], use_cache=True, **{cache_kw: past})
-        past = out.past_key_values
+        past = getattr(out, cache_kw)
         next_id = out.logits[:, -1].argmax(-1)
     return torch.stack(generated, dim=1)
 

@@ -66,19 +66,17 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig):
     ]).cpu()
     totals = _all_reduce(totals)
     weight_sum, n_valid = float(totals[0]), float(totals[1])
+    n = max(n_valid, 1.0)
     if weight_sum > 0:
-        loss = loss_sum / weight_sum
-        fell_back = False
+        loss, fell_back, value = loss_sum / weight_sum, False, float(totals[6]) / weight_sum
     elif config.fallback == "mean" and n_valid > 0:
         loss = memft_loss(logits, labels, policy="none", reduction="sum", backend=config.backend) / n_valid
-        fell_back = True
+        fell_back, value = True, float(totals[3]) / n
     else:
-        loss = loss_sum * 0.0
-        fell_back = True
-    n = max(n_valid, 1.0)
+        loss, fell_back, value = loss_sum * 0.0, True, 0.0
     info = {
-        "loss": float(totals[6]) / weight_sum if weight_sum > 0 else (float(totals[3]) / n if fell_back and config.fallback == "mean" else 0.0),
-        "ce": float(totals[3]) / n,
+        "loss": value,  # the value being minimized (global)
+        "ce": float(totals[3]) / n,  # plain mean CE per answer token of the batch
         "recalled_frac": float(totals[4]) / n,
         "token_accuracy": float(totals[5]) / n,
         "n_active": int(totals[2]),

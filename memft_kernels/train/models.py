@@ -6,6 +6,7 @@ the task's tokenizer, so they are made after the data. No download is ever attem
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -115,7 +116,9 @@ def add_lora(model, rank: int, alpha: Optional[float], dropout: float, target_mo
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft asks transformers a deprecated question here; the warning is not the user's business.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed + 1)
         peft_model = get_peft_model(model, config)
     return peft_model
