@@ -321,6 +321,7 @@ def _cases(layout):
         dict(name="valid_smooth_z_cap", seed=6, ignore=True, token_weight=True,
              options=dict(policy="hard", normalize="valid", label_smoothing=0.1, z_loss=1e-2, softcap=3.0)),
         dict(name="denominator", seed=7, options=dict(policy="sigmoid", denominator=37.0, label_smoothing=0.2)),
+        dict(name="denominator_tensor", seed=29, ignore=True, options=dict(policy="hard", denominator=torch.tensor(9.0))),
         dict(name="ignore_index_0", seed=8, ignore=True, options=dict(policy="hard", ignore_index=0)),
         dict(name="ties", seed=9, kind="ties", shape=(4, 4), options=dict(policy="sigmoid")),
         dict(name="ties_softcap", seed=10, kind="ties", shape=(4, 4),
