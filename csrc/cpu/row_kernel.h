@@ -77,7 +77,7 @@ Scan scan_row(const T* x, int64_t n, float softcap, float* keep_exp, float* keep
       F v;
       if constexpr (kBuffered) v = Vec::load(buf + (j - b0));
       else v = Vec::load(x + j);
-      const F e = Vec::exp(Vec::sub(v, shift));
+      const F e = Vec::exp_nonpositive(Vec::sub(v, shift));  // v <= shift, or v = -inf
       if (keep_exp) Vec::store(keep_exp + j, e, false);
       run_sum = Vec::add(run_sum, e);
     }
@@ -150,7 +150,7 @@ void grad_sweep(const T* x, int64_t n, float lse, float a, float b, float softca
   const int64_t nv = n / W * W;
   for (int64_t j = 0; j < nv; j += W) {
     const F v = load_capped<kCap>(x + j, cap, inv_cap);
-    F g = Vec::fmadd(Vec::exp(Vec::sub(v, vlse)), va, vb);
+    F g = Vec::fmadd(Vec::exp(Vec::sub(v, vlse)), va, vb);  // clamped: lse is the caller's
     if constexpr (kCap) {
       const F t = Vec::mul(v, inv_cap);
       g = Vec::mul(g, Vec::fnmadd(t, t, one));

@@ -50,25 +50,27 @@ struct Vec {
   static void to_array(F v, float* out) { _mm256_storeu_ps(out, v); }
   static void to_array(I v, int32_t* out) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v); }
 
-  // exp: Cody-Waite reduction x = n ln2 + r and a degree-6 polynomial for e^r (about 1 ulp).
-  // Arguments here are <= 0 (x - max); below -87.3 the result is flushed to 0, NaN stays NaN.
+  // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and e^r by its degree-6 Taylor
+  // polynomial (truncation 1.2e-7, about 1 ulp). Arguments here are <= 0 (x - max); below -87.3
+  // the result is flushed to 0 (no denormals), NaN stays NaN.
   static F exp(F x) {
-    const F xc = _mm256_min_ps(_mm256_set1_ps(88.0f), x);  // min(c, NaN) returns the NaN
-    const F n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+    return exp_nonpositive(_mm256_min_ps(_mm256_set1_ps(88.0f), x));  // min(c, NaN) returns the NaN
+  }
+  static F exp_nonpositive(F x) {  // x <= 88 or NaN (the hot loops' x - max <= 0): no clamp
+    const F n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    F r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    F r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    F p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
-    p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+    F p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     const F y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    return _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ), y);
   }
 
   // tanh: an odd polynomial below |x| = 0.625 (keeps the relative accuracy near 0), else

@@ -30,5 +30,6 @@ struct Vec {
   static void to_array(F v, float* out) { out[0] = v; }
   static void to_array(I v, int32_t* out) { out[0] = v; }
   static F exp(F x) { return std::exp(x); }
+  static F exp_nonpositive(F x) { return std::exp(x); }
   static F tanh(F x) { return std::tanh(x); }
 };
