@@ -26,15 +26,16 @@ from memft_kernels.ops import triton_ce  # noqa: E402
 ARCHS = (80, 90)
 ELEMENT = {"fp32": "fp32", "bf16": "bf16"}
 
-# Argument types as the JIT sees them at a real launch: 16-byte aligned pointers, a row stride
-# divisible by 16 (every vocabulary this package targets is), 32-bit ints, float32 scalars.
+# Argument types as the JIT sees them at a real launch: 16-byte aligned pointers, V and the row
+# stride divisible by 16 (32000, 128256, 151936, 262144 all are: the JIT then proves the masked
+# loads can be 16-byte vectors), 32-bit ints, float32 scalars.
 _POINTERS = {
     "target_ptr": "*i64", "token_weight_ptr": "*fp32", "lse_ptr": "*fp32", "ce_ptr": "*fp32",
     "prob_ptr": "*fp32", "pred_ptr": "*i64", "weight_ptr": "*fp32", "loss_ptr": "*fp32",
     "coef_ptr": "*fp32", "scale_ptr": "*fp32", "factor_ptr": "*fp32",
 }
 _INTS = {"logits_row_stride": "i32", "grad_row_stride": "i32", "V": "i32", "ignore_index": "i32"}
-_DIVISIBLE = {"logits_row_stride", "grad_row_stride"}
+_DIVISIBLE = {"logits_row_stride", "grad_row_stride", "V"}
 
 _ALL_FEATURES = dict(POLICY=2, HAS_TOKEN_WEIGHT=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True)
 _PLAIN = dict(POLICY=1, HAS_TOKEN_WEIGHT=False, HAS_SOFTCAP=False, HAS_SMOOTHING=False, HAS_Z_LOSS=False)
