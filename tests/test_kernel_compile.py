@@ -93,8 +93,10 @@ def compile_all() -> list:
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
             cubin = compiled.asm["cubin"]
             usage = _resource_usage(cubin)
+            ptx = compiled.asm["ptx"]
             results.append(dict(arch=arch, kernel=kernel, dtype=dtype, features=features, num_warps=num_warps,
-                                cubin_bytes=len(cubin), ptx_target=re.search(r"\.target\s+(\w+)", compiled.asm["ptx"])[1],
+                                cubin_bytes=len(cubin), ptx_target=re.search(r"\.target\s+(\w+)", ptx)[1],
+                                vector_loads=bool(re.search(r"ld\.global[\w.:]*\.v4", ptx)),
                                 n_regs=usage["REG"], n_spills=usage["LOCAL"], stack=usage["STACK"]))
     return results
 
@@ -114,6 +116,8 @@ def test_every_kernel_compiles_for_gpu(capsys):
                                                  "n_spills", "stack")))
     for r in results:
         assert r["cubin_bytes"] > 1000 and r["ptx_target"].startswith(f"sm_{r['arch']}"), r
+        # The logits stream in 16-byte vectors; scalar loads would cap the bandwidth.
+        assert r["vector_loads"], r
         # A spill would mean the launch heuristic's block is too large for the register file.
         assert r["n_spills"] == 0, r
 
