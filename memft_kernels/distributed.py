@@ -102,7 +102,9 @@ def slice_row_stats(
     return out
 
 
-def slice_target(target: torch.Tensor, vocab_start: int, v_local: int, vocab_size: int, ignore_index: int) -> torch.Tensor:
+def slice_target(
+    target: torch.Tensor, vocab_start: int, v_local: int, vocab_size: int, ignore_index: int
+) -> torch.Tensor:
     """Global target ids -> this slice's codes for a row backward run with ignore_index=_NOT_OWNED:
     the index in the slice where this rank owns the target, _OUT_OF_RANGE for a target outside
     [0, V), else (another rank's target, or an ignored row) _NOT_OWNED."""
@@ -458,8 +460,12 @@ def vocab_parallel_memft_loss(
         )
         denominator = validate_denominator(denominator)
         validate_tensors(local_logits, target, token_weight, check_values=validate)
-        if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0):
-            raise ValueError(f"vocab_start={vocab_start!r} must be an int >= 0 (or None for contiguous slices in rank order)")
+        if vocab_start is not None and (
+            isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+        ):
+            raise ValueError(
+                f"vocab_start={vocab_start!r} must be an int >= 0 (or None for contiguous slices in rank order)"
+            )
         record[_F_V_LOCAL] = local_logits.shape[-1]
         record[_F_HAS_START] = vocab_start is not None
         record[_F_START] = vocab_start or 0
