@@ -298,8 +298,12 @@ def test_out_of_range_target_without_validation_is_nan_not_a_crash():
     assert torch.isnan(loss[[2, 5]]).all() and not torch.isnan(loss[[0, 1, 3, 4, 6, 7]]).any()
     loss.sum().backward()
     assert torch.isnan(x.grad[[2, 5]]).all() and not torch.isnan(x.grad[[0, 1, 3, 4, 6, 7]]).any()
-    for normalize in ("active", "valid"):
-        assert torch.isnan(memft_loss(logits, target, backend="triton", validate=False, normalize=normalize))
+    for normalize in ("active", "valid"):  # two-pass and single-pass
+        x = logits.clone().requires_grad_(True)
+        loss = memft_loss(x, target, backend="triton", validate=False, normalize=normalize)
+        loss.backward()
+        assert torch.isnan(loss)
+        assert torch.isnan(x.grad[[2, 5]]).all() and not torch.isnan(x.grad[[0, 1, 3, 4, 6, 7]]).any()
 
 
 def test_zero_rows_and_all_ignored():
