@@ -2,8 +2,9 @@
 
 Ground truth is the PyTorch reference run on the same values upcast to float64; the kernels are
 never compared with another backend. Per-row outputs and gradient buffers are poisoned (NaN / -1)
-before a kernel writes them. Both code paths run: AVX2 (when the host has it) and the portable
-scalar one (MEMFT_CPU_ISA=scalar). V = 2053 makes a row span two 2048-element blocks plus a tail.
+before a kernel writes them. Every code path the host can run is tested: the best one (AVX-512F
+where available), AVX2 (MEMFT_CPU_ISA=avx2) and the portable scalar one (MEMFT_CPU_ISA=scalar).
+V = 2053 makes a row span two 2048-element blocks plus a tail.
 """
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ OPTION_SETS = [
 ]
 
 
-@pytest.fixture(autouse=True, params=["avx2", "scalar"])
+@pytest.fixture(autouse=True, params=["best", "avx2", "scalar"])
 def isa(request, monkeypatch):
-    """Run every test on both code paths; poison every per-row output."""
-    if request.param == "scalar":
-        monkeypatch.setenv("MEMFT_CPU_ISA", "scalar")
-    elif native_cpu.isa() != "avx2+fma":
-        pytest.skip("this host has no AVX2 + FMA")
+    """Run every test on each code path; poison every per-row output."""
+    if request.param != "best":
+        if request.param == "avx2" and native_cpu.isa() != "avx512f":
+            pytest.skip("the best path here is already AVX2 (or there is no AVX2)")
+        monkeypatch.setenv("MEMFT_CPU_ISA", request.param)
+        assert native_cpu.isa() == {"avx2": "avx2+fma", "scalar": "scalar"}[request.param]
     real = native_cpu.new_row_stats
 
     def poisoned(logits):

@@ -1,7 +1,7 @@
 // CPU backend of the MemFT row kernels: OpenMP over rows, each row reduced by one thread in a fixed
-// order, so results are bitwise independent of the thread count. The vector code is compiled twice
-// (row_kernel.h): portable scalar code, and AVX2 + FMA code chosen at run time when the host has it,
-// so a wheel built here runs on every x86-64 machine (no -march=native).
+// order, so results are bitwise independent of the thread count. The vector code (row_kernel.h) is
+// compiled three times: portable scalar code, AVX2 + FMA and AVX-512F, chosen at run time by what
+// the host has, so a wheel built anywhere runs on every x86-64 machine (no -march=native).
 #include <omp.h>
 
 #include <cmath>
@@ -83,24 +83,45 @@ namespace avx2_isa {
 }  // namespace avx2_isa
 #if defined(__clang__)
 #pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#endif
+namespace avx512_isa {
+#include "vec_avx512.h"
+#include "row_kernel.h"
+}  // namespace avx512_isa
+#if defined(__clang__)
+#pragma clang attribute pop
 #else
 #pragma GCC pop_options
 #endif
 #endif
 
-bool host_has_avx2() {
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+Isa host_isa() {
 #ifdef MEMFT_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
+                                 __builtin_cpu_supports("fma")
+                             ? Isa::kAvx512
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                                                                                             : Isa::kScalar;
+  return isa;
 #else
-  return false;
+  return Isa::kScalar;
 #endif
 }
 
-// MEMFT_CPU_ISA=scalar forces the portable path (the tests run both paths on an AVX2 host).
-bool use_avx2() {
+// The best the host has; MEMFT_CPU_ISA=avx2|scalar caps it (the tests run every path the host can).
+Isa active_isa() {
+  const Isa host = host_isa();
   const char* force = std::getenv("MEMFT_CPU_ISA");
-  return host_has_avx2() && !(force && std::strcmp(force, "scalar") == 0);
+  if (force && std::strcmp(force, "scalar") == 0) return Isa::kScalar;
+  if (force && std::strcmp(force, "avx2") == 0 && host == Isa::kAvx512) return Isa::kAvx2;
+  return host;
 }
 
 RowFns select(const RowInput& in, const RowOptions& o) {
@@ -108,7 +129,9 @@ RowFns select(const RowInput& in, const RowOptions& o) {
     throw std::invalid_argument("memft CPU kernels take float32 or bfloat16 logits");
   const bool cap = o.softcap > 0.0f;
 #ifdef MEMFT_X86
-  if (use_avx2()) return avx2_isa::row_fns(in.dtype, cap);
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512) return avx512_isa::row_fns(in.dtype, cap);
+  if (isa == Isa::kAvx2) return avx2_isa::row_fns(in.dtype, cap);
 #endif
   return scalar_isa::row_fns(in.dtype, cap);
 }
@@ -154,7 +177,13 @@ void for_rows(int64_t n, int threads, int64_t scratch_floats, const Fn& fn) {
 
 }  // namespace
 
-const char* cpu_isa() { return use_avx2() ? "avx2+fma" : "scalar"; }
+const char* cpu_isa() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return "avx512f";
+    case Isa::kAvx2: return "avx2+fma";
+    default: return "scalar";
+  }
+}
 
 void cpu_row_forward(const RowInput& in, const RowOptions& opt, const RowStatsOut& out, int threads) {
   const RowFns f = select(in, opt);

@@ -1,4 +1,5 @@
-"""The native CPU backend: C++ row kernels (csrc/cpu/, OpenMP over rows, AVX2 chosen at run time).
+"""The native CPU backend: C++ row kernels (csrc/cpu/, OpenMP over rows; AVX-512F, AVX2+FMA or
+portable code, chosen at run time).
 
 Reading order: the compiled module (``memft_kernels._native_cpu``, built by setup.py with CMake and
 pybind11; it takes raw addresses and never links libtorch), then the ``torch.library`` custom ops
@@ -190,8 +191,8 @@ def supports(logits: torch.Tensor) -> Optional[str]:
 
 
 def isa() -> Optional[str]:
-    """The vector code path the kernels take here ("avx2+fma", or "scalar": no AVX2, or
-    MEMFT_CPU_ISA=scalar), None if not built."""
+    """The vector code path the kernels take here: "avx512f", "avx2+fma" or "scalar" (the best the
+    host has, capped by MEMFT_CPU_ISA=avx2|scalar), None if not built."""
     return None if _C is None else _C.isa()
 
 
