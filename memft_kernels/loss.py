@@ -22,6 +22,11 @@ from .spec import (
 )
 
 
+def _accumulate_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float64 for float64 logits (the tests' ground truth), float32 for everything else."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def _scale_known_up_front(reduction: str, normalize: str, denominator) -> bool:
     """True when coef_i = scale * w_i with a scale known before the forward (single-pass path)."""
     return reduction == "sum" or (reduction == "mean" and (denominator is not None or normalize == "valid"))
@@ -38,12 +43,13 @@ class _MemFTLossFunction(torch.autograd.Function):
         )
         if fused:
             # Gradient written during the forward with grad_out = 1; backward rescales if needed.
+            acc = _accumulate_dtype(logits)
             if denominator is not None:
-                d = torch.as_tensor(denominator, dtype=torch.float32, device=logits.device)
+                d = torch.as_tensor(denominator, dtype=acc, device=logits.device)
             elif reduction == "mean":
-                d = valid.sum().to(torch.float32)
+                d = valid.sum().to(acc)
             else:
-                d = torch.ones((), dtype=torch.float32, device=logits.device)
+                d = torch.ones((), dtype=acc, device=logits.device)
             scale = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
             grad = logits if inplace else torch.empty_like(logits)
             stats = backend.row_forward_backward(logits, target, token_weight, opts, scale, grad)
@@ -72,7 +78,7 @@ class _MemFTLossFunction(torch.autograd.Function):
                 grad = grad.mul_(grad_loss.to(grad.dtype)) if ctx.inplace else grad * grad_loss.to(grad.dtype)
             return (grad,) + (None,) * 9
         logits, target, lse, row_scale = ctx.saved_tensors
-        coef = (grad_loss * row_scale).to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        coef = (grad_loss * row_scale).to(_accumulate_dtype(logits))
         out = logits if ctx.inplace else None
         grad = ctx.backend.row_backward(logits, target, lse, coef, ctx.opts, out=out)
         return (grad,) + (None,) * 9
@@ -123,7 +129,7 @@ def memft_loss(
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     target1d = target.reshape(-1)
-    weight1d = None if token_weight is None else token_weight.reshape(-1).to(torch.float32)
+    weight1d = None if token_weight is None else token_weight.reshape(-1).to(_accumulate_dtype(logits))
     module = dispatch.resolve(backend, logits2d)
     # In-place only when the caller asked and the storage really is the logits' (no copy was made).
     # (logits.is_contiguous() <=> the flattening above made no copy; a data_ptr is not traceable.)
@@ -134,7 +140,7 @@ def memft_loss(
     )
     if reduction == "none":
         loss = loss.reshape(lead_shape)
-    loss = loss.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    loss = loss.to(_accumulate_dtype(logits))
     if not return_stats:
         return loss
     return loss, _make_stats(lead_shape, target1d, ignore_index, lse, ce, prob, pred, weight, fell_back)
