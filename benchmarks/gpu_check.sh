@@ -15,7 +15,7 @@
 #              bench_train_step, each with a time cap
 #   report     markdown table and PNG, then a short table last on stdout
 # Budget: build <= 90 s, tests <= 120 s, memcheck <= 45 s, bench <= 200 s; the whole script stops
-# starting work at MEMFT_GPU_CHECK_TOTAL_S (default 440 s; the closing table takes at most 30 s more) so that it ends under 8 minutes.
+# starting work at MEMFT_GPU_CHECK_TOTAL_S (default 430 s; the closing table takes at most 30 s more) so that it ends under 8 minutes.
 # At most 8 files land in $OUT, all at its top level (see the list at the end).
 #
 # Dry run (MEMFT_GPU_CHECK_DRYRUN=1): on a CPU machine, every stage runs its real command at tiny
@@ -33,7 +33,7 @@ LOG="$OUT/gpu_check.log"
 DRYRUN="${MEMFT_GPU_CHECK_DRYRUN:-0}"
 PY="${PYTHON:-python3}"
 SITE="${MEMFT_SITE:-/tmp/site}"
-TOTAL_S="${MEMFT_GPU_CHECK_TOTAL_S:-440}"
+TOTAL_S="${MEMFT_GPU_CHECK_TOTAL_S:-430}"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 4)}"
@@ -166,13 +166,13 @@ if [[ "$DRYRUN" == 1 ]]; then
   LINEAR=(--device cpu --quick)
   TRAIN=(--device cpu --smoke)
 else
-  BIG=(--device cuda --n 16384 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd --time-cap 90)
-  SMALL=(--device cuda --n 4096 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd fwd --time-cap 40)
+  BIG=(--device cuda --n 16384 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd --time-cap 100 --budget-s 0.5 --reps 30)
+  SMALL=(--device cuda --n 4096 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd fwd --time-cap 20 --budget-s 0.3 --reps 20)
   LINEAR=(--device cuda)
   TRAIN=(--device cuda --quick)
 fi
-stage loss-16k 105 "$PY" benchmarks/bench_loss.py "${BIG[@]}" --csv "$OUT/bench_loss.csv"
-stage loss-4k 45 "$PY" benchmarks/bench_loss.py "${SMALL[@]}" --csv "$OUT/bench_loss.csv"
+stage loss-16k 120 "$PY" benchmarks/bench_loss.py "${BIG[@]}" --csv "$OUT/bench_loss.csv"
+stage loss-4k 30 "$PY" benchmarks/bench_loss.py "${SMALL[@]}" --csv "$OUT/bench_loss.csv"
 if [[ -f benchmarks/bench_linear_loss.py ]]; then
   stage linear 25 "$PY" benchmarks/bench_linear_loss.py "${LINEAR[@]}" --out "$OUT/bench_linear_loss.csv"
 fi

@@ -54,7 +54,7 @@ def _cell(row: Optional[Dict[str, str]]) -> str:
     ms = _num(row["median_ms"])
     mem = _num(row.get("peak_mem_bytes", ""))
     frac = _num(row.get("frac_copy", ""))
-    parts = [f"{ms:.3g} ms"]
+    parts = [f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms"]
     if mem is not None:
         parts.append(f"{mem / 2**20:,.0f} MiB")
     if frac is not None:
@@ -81,9 +81,9 @@ def loss_tables(rows: List[Dict[str, str]], *, mode: Optional[str] = None, dtype
         providers = list(OrderedDict.fromkeys(r["provider"] for r in grp))
         by = {(r["provider"], int(r["V"])): r for r in grp}
         where = f"{device_name}" + (f", {threads} threads" if first["device"] == "cpu" else "")
-        copy = _num(first.get("copy_gbps", ""))
-        out.append(f"**{md}, {dt}, N = {n_rows}** on {where} ({first['date'][:10]}, torch {first['torch']}"
-                   + (f", copy {copy:.0f} GB/s" if copy else "") + ")")
+        copies = sorted(c for c in (_num(r.get("copy_gbps", "")) for r in grp) if c)
+        copy = "" if not copies else f", copy {copies[0]:.0f} GB/s" if copies[0] == copies[-1] else f", copy {copies[0]:.0f}-{copies[-1]:.0f} GB/s"
+        out.append(f"**{md}, {dt}, N = {n_rows}** on {where} ({first['date'][:10]}, torch {first['torch']}{copy})")
         out.append("")
         out.append("| provider | " + " | ".join(f"V = {v}" for v in vs) + " |")
         out.append("| --- | " + " | ".join("---" for _ in vs) + " |")
@@ -112,7 +112,9 @@ def train_table(rows: List[Dict[str, str]]) -> str:
     rows = [r for r in latest(rows, ("device_name", "threads", "provider", "dtype", "batch", "seq")) if r.get("bench") == "train_step"]
     if not rows:
         return ""
-    out = ["| machine | provider | dtype | tokens | step ms (p20-p80) | peak MiB | loss |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    first = rows[0]
+    out = [f"**LoRA train step**, tiny Llama V = {first['V']}, hidden {first['hidden']}, {first['layers']} layers, r = {first['lora_r']}, "
+           f"batch {first['batch']} x {first['seq']}", "", "| machine | provider | dtype | tokens | step ms (p20-p80) | peak MiB | loss |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if r["status"] != "ok":
             out.append(f"| {r['device_name']} | {r['provider']} | {r['dtype']} | {r.get('tokens', '')} | {r['status']} | | |")
@@ -136,15 +138,17 @@ def plot(rows: List[Dict[str, str]], png: Path) -> bool:
         groups.setdefault(tuple(r[k] for k in _GROUP), []).append(r)
     if not groups:
         return False
+    names = list(OrderedDict.fromkeys(r["provider"] for r in rows))
+    colors = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(names)}  # one color per provider everywhere
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
     for (device_name, threads, n_rows, dt, md), (ax_t, ax_m) in zip(groups, axes):
         grp = groups[(device_name, threads, n_rows, dt, md)]
         for p in OrderedDict.fromkeys(r["provider"] for r in grp):
             pts = sorted((int(r["V"]), float(r["median_ms"]), _num(r.get("peak_mem_bytes", ""))) for r in grp if r["provider"] == p)
-            ax_t.plot([v for v, _, _ in pts], [t for _, t, _ in pts], marker="o", label=p)
+            ax_t.plot([v for v, _, _ in pts], [t for _, t, _ in pts], marker="o", label=p, color=colors[p])
             mem = [(v, m / 2**20) for v, _, m in pts if m is not None and m > 0]  # log axis: 0 MiB not drawn
             if mem:
-                ax_m.plot([v for v, _ in mem], [m for _, m in mem], marker="o", label=p)
+                ax_m.plot([v for v, _ in mem], [m for _, m in mem], marker="o", label=p, color=colors[p])
         title = f"{md} {dt} N={n_rows} | {device_name}" + (f" ({threads} thr)" if grp[0]["device"] == "cpu" else "")
         ax_t.set_title("time: " + title, fontsize=8)
         ax_m.set_title("peak extra memory: " + title, fontsize=8)
