@@ -151,8 +151,10 @@ struct KernelArgs {
 
 enum Mode { kForward = 0, kBackward = 1, kForwardBackward = 2 };
 
+constexpr int kMaxThreads = 1024;
+
 template <class T, bool kCap, int kMode>
-__global__ void row_kernel(const KernelArgs a) {
+__global__ void __launch_bounds__(kMaxThreads) row_kernel(const KernelArgs a) {
   __shared__ Scan shared[kWarp];
   __shared__ float s_lse, s_coef, s_target_grad;
   const int64_t i = blockIdx.x;
@@ -213,8 +215,8 @@ void check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("memft CUDA: ") + what + ": " + cudaGetErrorString(err));
 }
 
-int threads_for(int64_t n_cols) {
-  if (n_cols >= 16384) return 1024;
+int threads_for(int64_t n_cols) {  // a multiple of 32, at most kMaxThreads
+  if (n_cols >= 16384) return kMaxThreads;
   if (n_cols >= 2048) return 512;
   if (n_cols >= 256) return 256;
   return 128;
