@@ -13,6 +13,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memft_kernels import memft_loss
 from memft_kernels.ops import reference
@@ -326,6 +328,26 @@ def test_return_stats_match_reference():
             assert rel(value, expect) < 1e-5, name
         else:
             assert torch.equal(value, expect), name
+
+
+@settings(max_examples=20)  # each example runs the interpreter: a few, drawn the same every run
+@given(
+    n=st.integers(0, 12), v=st.integers(1, 40), seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    policy=st.sampled_from(["none", "hard", "sigmoid"]), mode=st.sampled_from(ALL_MODES),
+    ignore_frac=st.floats(0.0, 1.0), label_smoothing=st.sampled_from([0.0, 0.1]),
+    z_loss=st.sampled_from([0.0, 1e-3]), softcap=st.sampled_from([None, 5.0]), threshold=st.floats(0.05, 1.0),
+)
+def test_property_matches_float64(n, v, seed, dtype, policy, mode, ignore_frac, label_smoothing, z_loss, softcap,
+                                  threshold):
+    reduction, normalize, fallback = mode
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * 4).to(dtype).to(DEVICE)
+    target = torch.randint(0, v, (n,), generator=g)
+    target[torch.rand(n, generator=g) < ignore_frac] = -100
+    check_against_float64(logits, target.to(DEVICE), policy=policy, reduction=reduction, normalize=normalize,
+                          fallback=fallback, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                          threshold=threshold)
 
 
 # ---------------------------------------------------------------------------------------------

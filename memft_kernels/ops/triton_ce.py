@@ -470,8 +470,13 @@ def supports(logits: Tensor) -> Optional[str]:
     return f"logits on {logits.device} (Triton needs CUDA, or CPU with TRITON_INTERPRET=1)"
 
 
+def _unit_stride_in_v(t: Tensor) -> bool:
+    # The stride of a dimension of size <= 1 is never used (torch leaves it arbitrary for such shapes).
+    return t.stride(1) == 1 or t.shape[1] <= 1 or t.numel() == 0
+
+
 def _check_rows(logits: Tensor, *rows: Optional[Tensor]) -> None:
-    if logits.dim() != 2 or logits.stride(1) != 1:
+    if logits.dim() != 2 or not _unit_stride_in_v(logits):
         raise ValueError(f"logits must be 2-D [N, V] with unit stride in V, got shape {tuple(logits.shape)} "
                          f"and strides {logits.stride()}")
     reason = supports(logits)
@@ -537,7 +542,7 @@ def row_forward_backward(logits: Tensor, target: Tensor, token_weight: Optional[
 
 
 def _check_grad(logits: Tensor, grad: Tensor) -> None:
-    if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.stride(1) != 1 or grad.device != logits.device:
+    if grad.shape != logits.shape or grad.dtype != logits.dtype or not _unit_stride_in_v(grad) or grad.device != logits.device:
         raise ValueError(f"grad must match logits {tuple(logits.shape)} {logits.dtype} with unit stride in V, got "
                          f"{tuple(grad.shape)} {grad.dtype} strides {grad.stride()}")
 
@@ -546,7 +551,7 @@ def scale_grad_(grad: Tensor, factor: Tensor) -> Tensor:
     """``grad *= factor`` in place, ``factor`` a one-element tensor read on the device (no host
     sync); a factor of exactly 1 leaves ``grad`` untouched without reading it. For the backward of
     the single-pass path, where the upstream gradient is known only after the forward wrote grad."""
-    if grad.dim() != 2 or grad.stride(1) != 1:
+    if grad.dim() != 2 or not _unit_stride_in_v(grad):
         raise ValueError(f"grad must be 2-D with unit stride in V, got shape {tuple(grad.shape)} strides {grad.stride()}")
     if factor.numel() != 1:
         raise ValueError(f"factor must have one element, got shape {tuple(factor.shape)}")
