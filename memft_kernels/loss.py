@@ -72,6 +72,12 @@ class _MemFTLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         if ctx.fused:
             (grad,) = ctx.saved_tensors
+            if hasattr(ctx.backend, "scale_grad_"):
+                # Scaled in place on the device: no host sync (CUDA graphs, torch.compile), and a
+                # grad_loss of exactly 1 costs no pass over the gradient. The in-place update bumps
+                # the saved tensor's version, so a second backward through the same graph fails
+                # with autograd's own error instead of scaling twice.
+                return (ctx.backend.scale_grad_(grad, grad_loss),) + (None,) * 9
             # grad_loss is a 0-d tensor; skip the N x V multiply when it is exactly 1 (the usual
             # loss.backward()), which needs a host read; under torch.compile always multiply.
             if torch.compiler.is_compiling() or float(grad_loss) != 1.0:

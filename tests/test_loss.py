@@ -544,3 +544,12 @@ def test_memft_info_runs(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "memft_kernels" in out and "torch" in out and "available" in out
+
+
+def test_second_backward_on_the_single_pass_path_raises_instead_of_scaling_twice():
+    logits, target = make()
+    x = logits.clone().requires_grad_(True)
+    loss = memft_loss(x * 1.0, target, normalize="valid", inplace_backward=True)
+    loss.backward(torch.tensor(2.0), retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(torch.tensor(2.0))

@@ -509,22 +509,10 @@ def test_gpu_torch_compile_inductor_fullgraph():
     assert rel(loss, ref_loss) < 1e-5 and rel(x.grad, ref.grad) < GRAD_TOL[torch.bfloat16]
 
 
-def _loss_scales_gradient_on_device() -> bool:
-    """Whether loss.py's single-pass backward scales by grad_out without a host read (the
-    scale_grad_ change proposed to the lead); without it that path cannot be graph-captured."""
-    import inspect
-
-    from memft_kernels import loss
-
-    return "scale_grad_" in inspect.getsource(loss._MemFTLossFunction.backward)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("normalize", [
     "active",  # two-pass
-    pytest.param("valid", marks=pytest.mark.xfail(  # single pass
-        not _loss_scales_gradient_on_device(), strict=False,
-        reason="loss.py reads grad_out on the host in the single-pass backward (float(grad_loss))")),
+    "valid",  # single pass: grad_out is applied on the device (scale_grad_), no host read
 ])
 def test_gpu_cuda_graph_capture_forward_backward(normalize):
     logits, target = _real_size(*GRAPH_SIZE, torch.bfloat16)
