@@ -75,7 +75,7 @@ class CMakeBuild(build_ext):
             try:
                 ext._output = self._cmake_build(ext)
                 built.append(ext)
-            except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
+            except (OSError, ImportError, subprocess.CalledProcessError) as exc:
                 if ext.required:
                     raise SystemExit(f"memft_kernels: building {ext.name} failed ({exc}); see the output above")
                 print(f"WARNING: memft_kernels: {ext.name} was not built ({exc}); the package works "
