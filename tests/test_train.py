@@ -19,6 +19,14 @@ from memft_kernels.train.windows import (
     window_weights,
 )
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Runs here use threads=1 (TrainConfig.threads sets torch's global count): restore it after."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY = dict(model="nano", vocab_size=256, length=32, steps=40, lr=1e-2, eval_every=10, threads=1,
             progress=False, backend="torch")
 

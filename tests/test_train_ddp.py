@@ -8,26 +8,32 @@ import sys
 import pytest
 import torch
 
+# Run as a torchrun script (2 ranks) and, in this process, as the single-process reference.
 WORKER = r'''
 import json, sys, torch
 import torch.distributed as dist
 from memft_kernels.train import TrainConfig
 from memft_kernels.train.loop import setup, train_step, trainable_parameters
 
-options, out = json.loads(sys.argv[1]), sys.argv[2]
-result = {}
-for loss in ("memft-ot", "memft-sw"):
-    run = setup(TrainConfig(**options, loss=loss, run_dir=out + "-" + loss))
-    grads, infos = [], []
-    names = [n for n, p in run.model.named_parameters() if p.requires_grad]
-    for _ in range(options["steps"]):
-        infos.append(train_step(run, on_grads=lambda r: grads.append(
-            [p.grad.detach().clone() for p in trainable_parameters(r.model)])))
-    result[loss] = {"grads": grads, "infos": infos, "names": names,
-                    "params": [p.detach().clone() for p in trainable_parameters(run.model)]}
-if not dist.is_initialized() or dist.get_rank() == 0:
-    torch.save(result, out + ".pt")
-if dist.is_initialized():
+
+def collect(options, out):
+    result = {}
+    for loss in ("memft-ot", "memft-sw"):
+        run = setup(TrainConfig(**options, loss=loss, run_dir=out + "-" + loss))
+        grads, infos = [], []
+        names = [n for n, p in run.model.named_parameters() if p.requires_grad]
+        for _ in range(options["steps"]):
+            infos.append(train_step(run, on_grads=lambda r: grads.append(
+                [p.grad.detach().clone() for p in trainable_parameters(r.model)])))
+        result[loss] = {"grads": grads, "infos": infos, "names": names,
+                        "params": [p.detach().clone() for p in trainable_parameters(run.model)]}
+    return result
+
+
+if __name__ == "__main__":
+    result = collect(json.loads(sys.argv[1]), sys.argv[2])
+    if dist.get_rank() == 0:
+        torch.save(result, sys.argv[2] + ".pt")
     dist.destroy_process_group()
 '''
 
@@ -45,12 +51,16 @@ def _run(cmd, tmp_path):
 def test_two_rank_torchrun_matches_single_process_gradients(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    opts = json.dumps(OPTIONS)
-    _run([sys.executable, str(script), opts, str(tmp_path / "single")], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(script), opts, str(tmp_path / "ddp")], tmp_path)
-    single = torch.load(tmp_path / "single.pt", weights_only=False)
+          str(script), json.dumps(OPTIONS), str(tmp_path / "ddp")], tmp_path)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    namespace = {}
+    exec(compile(WORKER, str(script), "exec"), namespace)
+    threads = torch.get_num_threads()
+    try:
+        single = namespace["collect"](OPTIONS, str(tmp_path / "single"))
+    finally:
+        torch.set_num_threads(threads)
     for loss in ("memft-ot", "memft-sw"):
         a, b = single[loss], ddp[loss]
         assert len(a["grads"]) == OPTIONS["steps"]

@@ -48,7 +48,7 @@ HELP = {
     "batch_size": "samples per step over all ranks (0 = all samples)",
     "grad_clip": "gradient norm clip (0 = off)",
     "seed": "seed of the data, the model init and the LoRA init",
-    "threads": "torch CPU threads (0 = torch default)",
+    "threads": "torch CPU threads (0 = torch default; 1 is fastest for the built-in models on a shared CPU)",
     "eval_every": "greedy-generation evaluation every k steps (0 = only at the end)",
     "checkpoint_every": "atomic checkpoint every k steps (0 = none)",
     "out_dir": "parent folder of new run folders",

@@ -65,7 +65,9 @@ class TrainConfig:
     batch_size: int = 0  # samples per step over all ranks; 0 = all samples (full batch)
     grad_clip: float = 1.0
     seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    # torch CPU threads (0 = torch's default). 1 by default: the tiny models' matrices gain little
+    # from a second thread, and on a shared CPU a second OpenMP thread spins (docs/TRAINING.md).
+    threads: int = 1
     # --- evaluation and output ----------------------------------------------------------------
     eval_every: int = 25  # greedy-generation evaluation every k steps (and at the end)
     checkpoint_every: int = 0  # 0 = no checkpoints
