@@ -248,7 +248,8 @@ def test_sweep_resumes_without_repeating_cells(tmp_path):
     assert first == {"ran": 8, "skipped": 0, "failed": []}
     again = run_sweep(grid, out, workers=0, run_root=root, run_cell=fake_cell, progress=False)
     assert again == {"ran": 0, "skipped": 8, "failed": []}
-    bigger = SweepGrid(ranks=[1, 2, 4], lengths=[64, 128], losses=["ce", "memft-ot"], base={"steps": 5})
+    bigger = SweepGrid(ranks=[1, 2, 4], lengths=[64, 128], losses=["ce", "memft-ot"], replace_rates=[0],
+                       base={"steps": 5})  # replace_rate 0 is the 0.0 of the first run
     assert run_sweep(bigger, out, workers=0, run_root=root, run_cell=fake_cell, progress=False)["ran"] == 4
     assert len(calls(root)) == 12 and len(set(calls(root))) == 12
     records = load_results(out, required=("rank", "length", "dL", "base_loss", "lora_params"))

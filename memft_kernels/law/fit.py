@@ -191,7 +191,8 @@ def select_cells(cells: Sequence[dict], where: Optional[dict] = None, keep_satur
         if not cells:
             raise LawInputError(f"no cell matches {' '.join(f'{k}={v}' for k, v in where.items())}")
     for key in ("task", "loss", "replace_rate"):
-        values = sorted({str(c.get(key)) for c in cells})
+        values = sorted({str(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+                         for v in (c.get(key) for c in cells)})
         if len(values) > 1:
             raise LawInputError(f"the cells mix {key} values ({', '.join(values)}): fit one setting at a "
                                 f"time, e.g. --where {key}={values[0]}")

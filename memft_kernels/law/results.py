@@ -30,8 +30,12 @@ class LawInputError(ValueError):
 
 
 def cell_key(cell: dict) -> str:
-    """The identity of a grid cell as a string (the same for the spec of a cell and its result)."""
-    return json.dumps({k: cell.get(k) for k in GRID_KEYS}, sort_keys=True)
+    """The identity of a grid cell as a string (the same for the spec of a cell and its result;
+    replace_rate 0 and 0.0 are the same cell)."""
+    key = {k: cell.get(k) for k in GRID_KEYS}
+    if _is_number(key["replace_rate"]):
+        key["replace_rate"] = float(key["replace_rate"])
+    return json.dumps(key, sort_keys=True)
 
 
 def _is_number(value) -> bool:

@@ -43,7 +43,8 @@ class SweepGrid:
         clash = sorted(set(self.base) & set(GRID_KEYS))
         if clash:
             raise LawInputError(f"{clash[0]!r} is a grid parameter; set it with its own option, not as a fixed setting")
-        grid = itertools.product(self.ranks, self.lengths, self.tasks, self.replace_rates, self.losses, self.seeds)
+        rates = [float(r) for r in self.replace_rates]  # 0 and 0.0 are one value
+        grid = itertools.product(self.ranks, self.lengths, self.tasks, rates, self.losses, self.seeds)
         cells = [dict(zip(GRID_KEYS, values)) for values in grid]
         unique = {cell_key(c): c for c in cells}
         return sorted(unique.values(), key=lambda c: (-c["length"], -c["rank"]))
