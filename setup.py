@@ -87,7 +87,11 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext):
         dest = Path(self.get_ext_fullpath(ext.name))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ext._output, dest)
+        # Copy then rename: a process that has the old module loaded keeps its (unlinked) file
+        # instead of seeing it rewritten under it (which crashes it).
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(ext._output, tmp)
+        os.replace(tmp, dest)
 
     def _cmake_build(self, ext):
         import pybind11

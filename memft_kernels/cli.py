@@ -47,6 +47,13 @@ def _info(args) -> int:
     except Exception:  # noqa: BLE001 - info must print whatever is or is not built
         archs = None
     print(f"CUDA architectures built: {archs or 'none'}")
+    try:
+        from .ops import native_cpu
+
+        isa = native_cpu.isa()
+    except Exception:  # noqa: BLE001 - info must print whatever is or is not built
+        isa = None
+    print(f"CPU kernels: {isa or 'not built'}")
     return 0
 
 
