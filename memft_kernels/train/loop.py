@@ -281,7 +281,8 @@ def evaluate(run: Run, generate: bool) -> dict:
 
     ``argmax_exact`` (share of samples whose every teacher-forced argmax is right) is cheap and
     equals greedy exact recall up to numerics; ``exact_recall`` comes only from real generation
-    (None when not generated): it runs at the end and when the argmax says all are recalled.
+    (None when not generated): it runs at the end and whenever the argmax says all are recalled
+    and that was not confirmed yet.
     """
     tf = teacher_forced(run.model, run.task, run.device, backend=run.config.backend)
     per_sample = tf["per_sample"]
@@ -292,7 +293,8 @@ def evaluate(run: Run, generate: bool) -> dict:
         "exact_recall": None, "whole_exact": None, "first_wrong": None,
     }
     gen = {"first_wrong": None}
-    if generate:
+    # Every argmax right (teacher-forced) makes verbatim recall likely: confirm by generating.
+    if generate or (result["argmax_exact"] == 1.0 and run.steps_to_full_recall is None):
         gen = exact_recall(run.model, run.task, run.device)
         run.last_generated = run.step
         result.update(exact_recall=gen["exact_recall"], whole_exact=gen["whole_exact"],
