@@ -33,12 +33,12 @@ import torch
 import torch.distributed as dist
 
 from . import dispatch
-from .loss import _make_stats
 from .ops import reference
 from .ops.reference import _capped, _chunks
 from .policy import Reduced, policy_weight, reduce_rows
 from .spec import (
     KernelOptions,
+    MemFTStats,
     RowStats,
     check_target_range,
     validate_denominator,
@@ -496,7 +496,7 @@ def vocab_parallel_memft_loss(
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
     target1d = target.reshape(-1)
-    weight1d = None if token_weight is None else token_weight.reshape(-1).to(torch.float32)
+    weight1d = None if token_weight is None else token_weight.reshape(-1).to(_compute_dtype(local_logits))
     module = dispatch.resolve(backend, logits2d)
     inplace = bool(inplace_backward) and logits2d.data_ptr() == local_logits.data_ptr() and logits2d.is_contiguous()
 
@@ -506,7 +506,7 @@ def vocab_parallel_memft_loss(
     )
     if reduction == "none":
         loss = loss.reshape(lead_shape)
-    loss = loss.to(torch.float64 if local_logits.dtype == torch.float64 else torch.float32)
+    loss = loss.to(_compute_dtype(local_logits))
     if not return_stats:
         return loss
-    return loss, _make_stats(lead_shape, target1d, ignore_index, lse, ce, prob, pred, weight, fell_back)
+    return loss, MemFTStats.from_rows(lead_shape, target1d, ignore_index, lse, ce, prob, pred, weight, fell_back)

@@ -31,9 +31,8 @@ from typing import Optional
 import torch
 
 from . import dispatch
-from .loss import _make_stats
 from .policy import reduce_rows
-from .spec import KernelOptions, check_target_range, validate_denominator, validate_options, validate_tensors
+from .spec import KernelOptions, MemFTStats, check_target_range, validate_denominator, validate_options, validate_tensors
 
 # Default budget for the chunk's logits buffer (the caller may set its own).
 DEFAULT_MEMORY_BUDGET_BYTES = 256 << 20
@@ -343,4 +342,4 @@ def memft_linear_loss(
     loss = loss.to(_accumulator_dtype(hidden.dtype))
     if not return_stats:
         return loss
-    return loss, _make_stats(lead_shape, target1d, ignore_index, lse, ce, prob, pred, wgt, fell_back)
+    return loss, MemFTStats.from_rows(lead_shape, target1d, ignore_index, lse, ce, prob, pred, wgt, fell_back)

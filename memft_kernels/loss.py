@@ -149,26 +149,7 @@ def memft_loss(
     loss = loss.to(_accumulate_dtype(logits))
     if not return_stats:
         return loss
-    return loss, _make_stats(lead_shape, target1d, ignore_index, lse, ce, prob, pred, weight, fell_back)
-
-
-def _make_stats(lead_shape, target1d, ignore_index, lse, ce, prob, pred, weight, fell_back) -> MemFTStats:
-    valid = target1d != ignore_index
-    n_valid = valid.sum()
-    denom = n_valid.clamp_min(1).to(prob.dtype)
-    return MemFTStats(
-        ce=ce.reshape(lead_shape),
-        prob=prob.reshape(lead_shape),
-        lse=lse.reshape(lead_shape),
-        weight=weight.reshape(lead_shape),
-        pred=pred.reshape(lead_shape),
-        n_valid=n_valid,
-        n_active=(weight > 0).sum(),
-        weight_sum=weight.sum(),
-        fell_back=fell_back,
-        recalled_frac=((prob > 0.5) & valid).sum().to(prob.dtype) / denom,
-        token_accuracy=((pred == target1d.long()) & valid).sum().to(prob.dtype) / denom,
-    )
+    return loss, MemFTStats.from_rows(lead_shape, target1d, ignore_index, lse, ce, prob, pred, weight, fell_back)
 
 
 class MemFTLoss(nn.Module):

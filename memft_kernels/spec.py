@@ -79,6 +79,26 @@ class MemFTStats:
     recalled_frac: torch.Tensor
     token_accuracy: torch.Tensor
 
+    @classmethod
+    def from_rows(cls, lead_shape, target, ignore_index: int, lse, ce, prob, pred, weight, fell_back) -> "MemFTStats":
+        """Build the statistics from a backend's 1-D row outputs (tensor ops only: no host sync)."""
+        valid = target != ignore_index
+        n_valid = valid.sum()
+        denom = n_valid.clamp_min(1).to(prob.dtype)
+        return cls(
+            ce=ce.reshape(lead_shape),
+            prob=prob.reshape(lead_shape),
+            lse=lse.reshape(lead_shape),
+            weight=weight.reshape(lead_shape),
+            pred=pred.reshape(lead_shape),
+            n_valid=n_valid,
+            n_active=(weight > 0).sum(),
+            weight_sum=weight.sum(),
+            fell_back=fell_back,
+            recalled_frac=((prob > 0.5) & valid).sum().to(prob.dtype) / denom,
+            token_accuracy=((pred == target.long()) & valid).sum().to(prob.dtype) / denom,
+        )
+
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
