@@ -64,7 +64,8 @@ def row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Option
         x = _capped(logits[a:b].to(dt), opts.softcap)
         lse[a:b] = torch.logsumexp(x, dim=-1)
         tgt_logit[a:b] = x.gather(1, safe[a:b, None]).squeeze(1)
-        mean_logit[a:b] = x.mean(dim=-1)
+        if opts.label_smoothing:
+            mean_logit[a:b] = x.mean(dim=-1)
         pred[a:b] = torch.argmax(x, dim=-1)
     nan = torch.full_like(lse, math.nan)
     ce = torch.where(in_range, lse - tgt_logit, nan)
@@ -99,22 +100,27 @@ def row_backward(
     if out is None:
         out = torch.empty_like(logits)
     valid, in_range, safe = _row_targets(target, v, opts.ignore_index)
-    eps, z = opts.label_smoothing, opts.z_loss
+    # Rows whose target is out of range (validate=False) have a NaN loss; their gradient row is
+    # NaN too. Folding that into the row factor keeps every step below a tensor op (no host sync).
+    row_factor = torch.where(valid & ~in_range, torch.full_like(coef, math.nan, dtype=dt), coef.to(dt))
     for a, b in _chunks(n, v):
         x = _capped(logits[a:b].to(dt), opts.softcap)
-        q = torch.exp(x - lse[a:b, None].to(dt))
-        g = q * (1.0 + 2.0 * z * lse[a:b, None].to(dt)) if z else q
-        if eps:
-            g = g - eps / v
+        # q = exp(x - lse) from the saved lse (not softmax(x): a vocabulary slice passes the global lse),
+        # in a new tensor that the steps below edit in place.
+        g = (x - lse[a:b, None].to(dt)).exp_()
+        if opts.z_loss:
+            g.mul_(1.0 + 2.0 * opts.z_loss * lse[a:b, None].to(dt))
+        if opts.label_smoothing:
+            g.sub_(opts.label_smoothing / v)
         rows = torch.arange(b - a, device=logits.device)
-        g[rows, safe[a:b]] -= (1.0 - eps) * in_range[a:b].to(dt)
-        # An out-of-range target (validate=False) has a NaN loss; its gradient row is NaN too.
-        g = torch.where((valid & ~in_range)[a:b, None], torch.full_like(g, math.nan), g)
+        g[rows, safe[a:b]] -= (1.0 - opts.label_smoothing) * in_range[a:b].to(dt)
         if opts.softcap is not None:
-            g = g * (1.0 - (x / opts.softcap) ** 2)
-        c = coef[a:b, None].to(dt)
+            g.mul_(1.0 - (x / opts.softcap) ** 2)
+        c = row_factor[a:b, None]
+        g.mul_(c)
         # A row with coef 0 (ignored, or weight 0) gets exact zeros, whatever its logits hold.
-        out[a:b] = torch.where(c != 0, g * c, torch.zeros_like(g)).to(out.dtype)
+        g.masked_fill_(c == 0, 0.0)
+        out[a:b] = g
     return out
 
 
