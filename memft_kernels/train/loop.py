@@ -63,8 +63,8 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig):
         ((stats.prob > 0.5) & valid).sum().double(),
         ((stats.pred == labels) & valid).sum().double(),
         loss_sum.detach().double(),
-    ]).cpu()
-    totals = _all_reduce(totals)
+    ])
+    totals = _all_reduce(totals).cpu()  # on the logits' device: nccl reduces only CUDA tensors
     weight_sum, n_valid = float(totals[0]), float(totals[1])
     n = max(n_valid, 1.0)
     if weight_sum > 0:
@@ -152,6 +152,8 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
 
 def _init_distributed(device: torch.device):
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl collectives use the current device
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
@@ -244,10 +246,11 @@ def forward_backward(run: Run, batch_index: torch.Tensor):
 
 def _window_step(run: Run, stats, batch, batch_index: torch.Tensor) -> None:
     """Move each sample's window from this step's argmax predictions (gathered over ranks)."""
-    anchors = torch.full((len(run.task.samples),), -2, dtype=torch.long)  # -2: not in this rank's rows
-    anchors[batch.index] = first_wrong(stats.pred, batch.labels).cpu()
+    anchors = torch.full((len(run.task.samples),), -2, dtype=torch.long, device=run.device)  # -2: not mine
+    anchors[batch.index.to(run.device)] = first_wrong(stats.pred, batch.labels)
     if run.world > 1:
         dist.all_reduce(anchors, op=dist.ReduceOp.MAX)
+    anchors = anchors.cpu()
     c = run.config
     run.window = update_window(run.window, batch_index, anchors[batch_index], patience=c.window_patience,
                                growth=c.window_growth, max_expand=c.window_max)
