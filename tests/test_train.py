@@ -251,3 +251,12 @@ def test_local_model_folder_with_its_own_tokenizer(tmp_path):
     assert report["answer_tokens"] == 20 and report["final_loss"] < report["base_loss"]
     with pytest.raises(TrainInputError, match="longer than the model's context"):
         train(TrainConfig(**dict(TINY, model=str(tmp_path / "model"), length=64), task="text"))
+
+
+@pytest.mark.gpu
+def test_recall_on_cuda_with_the_auto_backend(tmp_path):
+    """The same easy case on the GPU (Triton/CUDA loss backend): run by benchmarks/gpu_check.sh."""
+    report = train(TrainConfig(**dict(TINY, backend="auto"), device="cuda", loss="memft-sw",
+                               plots=False, save_adapter=False, run_dir=str(tmp_path / "run")))
+    assert report["device"].startswith("cuda")
+    assert report["token_accuracy"] == 1.0 and report["exact_recall"] == 1.0
