@@ -253,6 +253,18 @@ def test_local_model_folder_with_its_own_tokenizer(tmp_path):
         train(TrainConfig(**dict(TINY, model=str(tmp_path / "model"), length=64), task="text"))
 
 
+def test_compare_runs_each_loss_and_prints_one_table(tmp_path, capsys):
+    code = memft_main(["train", "--model", "nano", "--vocab-size", "64", "--length", "8", "--steps", "2",
+                       "--backend", "torch", "--no-progress", "--no-save-adapter",
+                       "--compare", "ce,memft-ot,memft-sw", "--run-dir", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    assert code == 0
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["ce", "memft-ot", "memft-sw"]
+    for name in ("compare.md", "compare.png", "ce/report.json", "memft-ot/report.json", "memft-sw/report.json"):
+        assert (tmp_path / "cmp" / name).is_file(), name
+
+
 @pytest.mark.gpu
 def test_recall_on_cuda_with_the_auto_backend(tmp_path):
     """The same easy case on the GPU (Triton/CUDA loss backend): run by benchmarks/gpu_check.sh."""

@@ -140,7 +140,7 @@ def _run(args) -> int:
 def _compare(config: TrainConfig, losses) -> list:
     from . import train
     from .checkpoint import atomic_write_text
-    from .report import markdown_table
+    from .report import markdown_table, write_compare_plot
 
     bad = [x for x in losses if x not in LOSSES]
     if bad:
@@ -151,4 +151,6 @@ def _compare(config: TrainConfig, losses) -> list:
 
     if not (dist.is_initialized() and dist.get_rank() != 0):
         atomic_write_text(os.path.join(base, "compare.md"), markdown_table(reports) + "\n")
+        if config.plots:
+            write_compare_plot(reports, os.path.join(base, "compare.png"))
     return reports

@@ -18,7 +18,7 @@ TABLE_COLUMNS = (
     ("exact_recall", "exact recall", "{:.1%}"),
     ("steps_to_all_recalled", "steps to all p>0.5", "{}"),
     ("steps_to_full_recall", "steps to 100% recall", "{}"),
-    ("wall_s", "wall s", "{:.0f}"),
+    ("wall_s", "wall s", "{:.1f}"),
 )
 
 
@@ -73,6 +73,31 @@ def write_plots(history: List[dict], run_dir: str, title: str) -> List[str]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def write_compare_plot(reports: List[dict], path: str) -> None:
+    """One figure for --compare: loss and share of tokens with p > 0.5 per loss function."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_p) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for report in reports:
+        with open(os.path.join(report["run_dir"], "metrics.jsonl"), encoding="utf-8") as f:
+            train = [r for r in map(json.loads, f) if r.get("kind") == "train"]
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["ce"] for r in train], label=report["loss"])
+        ax_p.plot(steps, [r["recalled_frac"] for r in train], label=report["loss"])
+    ax_loss.axhline(0.6931, color="gray", ls="--", lw=0.8)
+    ax_loss.set(yscale="log", xlabel="step", ylabel="train CE / token")
+    ax_p.set(ylim=(-0.02, 1.02), xlabel="step", ylabel="tokens with p > 0.5")
+    ax_loss.legend()
+    fig.tight_layout()
+    ckpt.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
 
 
 def write_tokens(per_sample: List[dict], first_wrong: List, path: str) -> None:
