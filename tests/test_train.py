@@ -2,7 +2,6 @@
 the curriculum, the outputs of a run and the bad-input errors of `memft train`."""
 import json
 import math
-import os
 
 import pytest
 import torch

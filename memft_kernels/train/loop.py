@@ -12,7 +12,6 @@ single-process training on the whole batch. One process is the same code with wo
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
