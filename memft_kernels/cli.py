@@ -81,7 +81,3 @@ def main(argv=None) -> int:
     except CLIError as exc:
         print(f"memft {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
