@@ -76,12 +76,16 @@ def run(logits, target, backend, grad_out=None, **opts):
     return loss.detach(), x.grad
 
 
-def check_loss(logits, target, grad_out=None, loss_tol=1e-5, **opts):
+def check_loss(logits, target, grad_out=None, loss_tol=1e-5, atol=0.0, **opts):
+    """Relative error against float64; ``atol`` is a floor on the absolute error for results that
+    are tiny by cancellation (V = 1: ce = lse - x is 0 in exact math, one float32 ulp of lse here)."""
     loss, grad = run(logits, target, "cpu", grad_out, **opts)
     ref_loss, ref_grad = run(logits.double(), target, "torch", grad_out, **opts)
     assert loss.dtype == torch.float32 and grad.dtype == logits.dtype and grad.shape == logits.shape
-    assert rel(loss, ref_loss) < loss_tol, opts
-    assert rel(grad, ref_grad) < GRAD_TOL[logits.dtype], opts
+    loss_err = float((loss.double() - ref_loss).norm())
+    grad_err = float((grad.double() - ref_grad).norm())
+    assert rel(loss, ref_loss) < loss_tol or loss_err <= atol, opts
+    assert rel(grad, ref_grad) < GRAD_TOL[logits.dtype] or grad_err <= atol, opts
     return loss, grad
 
 
@@ -327,7 +331,7 @@ def test_hypothesis_vs_float64(isa, n, v, dtype, policy, mode, smoothing, z, sof
     logits = (logits * scale / 3).to(dtype)
     reduction, normalize, fallback = mode
     grad_out = torch.rand(n) if reduction == "none" else None
-    check_loss(logits, target, grad_out=grad_out, loss_tol=3e-5, policy=policy, reduction=reduction,
+    check_loss(logits, target, grad_out=grad_out, loss_tol=3e-5, atol=1e-6 if v == 1 else 0.0, policy=policy, reduction=reduction,
                normalize=normalize, fallback=fallback, label_smoothing=smoothing, z_loss=z, softcap=softcap)
 
 
