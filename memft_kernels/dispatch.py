@@ -9,6 +9,7 @@ A backend is a module in ``memft_kernels/ops`` with the interface described in `
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Dict, Optional
 
@@ -45,6 +46,18 @@ def _load(name: str) -> Optional[ModuleType]:
     return module
 
 
+@torch.compiler.assume_constant_result
+def _load_reason(name: str) -> Optional[str]:
+    """None once backend ``name`` is imported and usable, else why not. Under torch.compile Dynamo
+    runs this eagerly and keeps the result as a constant: it cannot trace an import."""
+    return None if _load(name) is not None else _failed[name]
+
+
+def _module(name: str) -> Optional[ModuleType]:
+    """The loaded backend module (looked up in sys.modules, which Dynamo can trace), or None."""
+    return sys.modules[_MODULES[name]] if _load_reason(name) is None else None
+
+
 def availability(name: str) -> Optional[str]:
     """None if backend ``name`` is usable here, else the reason it is not."""
     return None if _load(name) is not None else _failed[name]
@@ -64,13 +77,13 @@ def resolve(backend: str, logits: torch.Tensor) -> ModuleType:
     """The backend module for these logits; RuntimeError if an explicit choice cannot run them."""
     if backend == "auto":
         for name in _AUTO_ORDER.get(logits.device.type, ("torch",)):
-            module = _load(name)
+            module = _module(name)
             if module is not None and (name == "torch" or module.supports(logits) is None):
                 return module
-        return _load("torch")
-    module = _load(backend)
+        return _module("torch")
+    module = _module(backend)
     if module is None:
-        raise RuntimeError(f"backend={backend!r} is not available: {_failed[backend]}")
+        raise RuntimeError(f"backend={backend!r} is not available: {_load_reason(backend)}")
     reason = module.supports(logits) if hasattr(module, "supports") else None
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run these logits: {reason}")

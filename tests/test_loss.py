@@ -553,3 +553,20 @@ def test_second_backward_on_the_single_pass_path_raises_instead_of_scaling_twice
     loss.backward(torch.tensor(2.0), retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward(torch.tensor(2.0))
+
+
+def test_first_call_under_torch_compile_needs_no_eager_warmup():
+    """A fresh process whose first memft_loss call is compiled: the backend import must not break the graph."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from memft_kernels import memft_loss\n"
+        "x = torch.randn(8, 13, requires_grad=True); y = torch.randint(0, 13, (8,))\n"
+        "f = torch.compile(lambda a, b: memft_loss(a, b, validate=False), fullgraph=True, backend='aot_eager')\n"
+        "f(x, y).backward()\n"
+        "assert torch.isfinite(x.grad).all()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
