@@ -219,6 +219,26 @@ def test_phase_bad_stats(tmp_path, content, message):
         load_token_stats(path)
 
 
+@pytest.mark.parametrize("argv", [
+    ["law", "fit", "{junk}.jsonl"],
+    ["law", "predict", "{junk}.json", "--rank", "4", "--target-dL", "0.5"],
+    ["phase", "{junk}.jsonl"],
+    ["phase", "{junk}.csv"],
+    ["phase", "{junk}.npz"],
+    ["phase", "{junk}.safetensors"],
+    ["phase", "{junk}.pt"],
+])
+def test_cli_damaged_file_is_one_line_exit_2(tmp_path, capsys, argv):
+    """A binary or damaged file (not UTF-8, not the format its name says) is bad input, not a crash."""
+    junk = bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)) + b"\xff\xfe"
+    for suffix in (".jsonl", ".json", ".csv", ".npz", ".safetensors", ".pt"):
+        (tmp_path / ("junk" + suffix)).write_bytes(junk)
+    argv = [a.format(junk=tmp_path / "junk") for a in argv]
+    assert memft_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "junk" in err[0] and "Traceback" not in err[0], err
+
+
 # --- sweep -----------------------------------------------------------------------------------
 
 def fake_cell(cell, base, run_root):

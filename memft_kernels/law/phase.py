@@ -197,8 +197,11 @@ def load_token_stats(path) -> tuple[np.ndarray, np.ndarray, str]:
             raise LawInputError(f"{path}: no token records")
         prob, correct = _from_records([r for _, r in rows], lambda i: f"{path} line {rows[i][0]}")
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = list(csv.DictReader(fh))
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                reader = list(csv.DictReader(fh))
+        except UnicodeDecodeError as exc:
+            raise LawInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         records = []
         for i, row in enumerate(reader):
             try:
@@ -210,17 +213,23 @@ def load_token_stats(path) -> tuple[np.ndarray, np.ndarray, str]:
             records.append(rec)
         prob, correct = _from_records(records, lambda i: f"{path} line {i + 2}")
     elif suffix in (".safetensors", ".pt", ".npz"):
-        if suffix == ".npz":
-            with np.load(path) as npz:
-                tensors = {k: npz[k] for k in npz.files}
-        elif suffix == ".safetensors":
-            from safetensors.numpy import load_file
+        try:  # a damaged or foreign file raises whatever its reader raises: one line for the user
+            if suffix == ".npz":
+                with np.load(path) as npz:
+                    tensors = {k: npz[k] for k in npz.files}
+            elif suffix == ".safetensors":
+                from safetensors.numpy import load_file
 
-            tensors = load_file(str(path))
-        else:
-            import torch
+                tensors = load_file(str(path))
+            else:
+                import torch
 
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+                tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            reason = reason if len(reason) <= 100 else reason[:97] + "..."
+            raise LawInputError(f"{path}: not a readable {suffix} file ({reason})") from None
+        if suffix == ".pt":
             if not isinstance(tensors, dict):
                 raise LawInputError(f"{path}: expected a dict of tensors")
         prob, correct = _from_records([_tensors_to_record(tensors)], lambda i: str(path))

@@ -47,18 +47,21 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise LawInputError(f"{path}: no such file")
+    try:
+        text_all = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LawInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise LawInputError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise LawInputError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
+    for lineno, text in enumerate(text_all.split("\n"), start=1):
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise LawInputError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise LawInputError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((lineno, obj))
     return rows
 
 
