@@ -173,7 +173,10 @@ def _make_run_dir(config: TrainConfig, rank: int, world: int) -> str:
         dist.broadcast_object_list(box, src=0)
         run_dir = box[0]
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as exc:  # e.g. --out-dir names a file: bad input, not a crash
+            raise TrainInputError(f"cannot create the run folder {run_dir!r}: {exc.strerror}") from None
     return run_dir
 
 
