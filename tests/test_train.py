@@ -197,6 +197,7 @@ def empty_file(tmp_path):
     (["--task", "poems"], "task='poems'"),
     (["--task", "text", "--data", "/nonexistent/file.txt"], "does not exist"),
     (["--task", "text", "--data", "EMPTY"], "is empty"),
+    (["--task", "text", "--data", "NOMODEL"], "is a folder, not a text file"),
     (["--model", "NOMODEL"], "no config.json"),
     (["--model", "nano", "--length", "2000"], "longer than the model's context"),
     (["--compare", "ce,focal"], "unknown loss 'focal'"),

@@ -143,6 +143,8 @@ class Task:
 
 def read_text(path: Optional[str]) -> str:
     path = path or BUNDLED_TEXT
+    if os.path.isdir(path):
+        raise TrainInputError(f"data file {path!r} is a folder, not a text file")
     if not os.path.isfile(path):
         raise TrainInputError(f"data file {path!r} does not exist")
     with open(path, encoding="utf-8", errors="strict") as f:
