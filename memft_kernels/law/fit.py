@@ -307,6 +307,17 @@ def smallest_capacity(fit: LawFit, length: float, target_dl: float) -> float:
 
 # --- plot ------------------------------------------------------------------------------------
 
+def _PlainLogFormatter(**kwargs):
+    """matplotlib's log-axis choice of which ticks get a label, written as plain numbers."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    return PlainLogFormatter(**kwargs)
+
+
 def plot_fit(fit: LawFit, cells: Sequence[dict], path) -> None:
     """dL vs capacity per length (log-log) with the fitted lines; residuals in a second panel."""
     import matplotlib
@@ -345,6 +356,9 @@ def plot_fit(fit: LawFit, cells: Sequence[dict], path) -> None:
         axr.scatter([r["capacity"] for r in rs], [r["residual"] for r in rs], color=color, s=20)
     axr.axhline(0, color="k", lw=0.8)
     axr.set_xscale("log")
+    for axis in (ax.xaxis, ax.yaxis, axr.xaxis):  # ranks 2 and 4 read "2" and "4", not "2 x 10^0"
+        axis.set_major_formatter(_PlainLogFormatter())
+        axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
     axr.set_xlabel(ax.get_xlabel())
     axr.set_ylabel("residual (measured - fitted dL)")
     axr.grid(True, alpha=0.3)
