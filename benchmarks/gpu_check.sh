@@ -8,21 +8,30 @@
 # Stages, each time-boxed with `timeout` and continuing when one fails:
 #   env        nvidia-smi, versions, `memft info`
 #   wheels     .whl/*.whl (e.g. liger-kernel) -> pip --no-index --no-deps --target /tmp/site
-#   build      the CUDA extension for sm_90, in place (MEMFT_CUDA=1 MEMFT_CUDA_ARCHS=90)
-#   tests      MEMFT_TEST_GPU=1 pytest -m gpu -x -q tests/
-#   memcheck   compute-sanitizer memcheck on benchmarks/cuda_memcheck.py
-#   bench      bench_loss (N=16384 then N=4096, bf16 fwd+bwd, every vocab size), bench_linear_loss,
-#              bench_train_step, each with a time cap
+#   build      the CUDA extension for sm_90, in place (MEMFT_CUDA=1 MEMFT_CUDA_ARCHS=90), in the
+#              background while the GPU tests that do not need it run
+#   t-*        MEMFT_TEST_GPU=1 pytest -m gpu, one process per test file, side by side (the GPU has
+#              room; first-time Triton / inductor compiles are CPU work): t-triton, t-linear,
+#              t-train, t-dist at once; t-cuda (the whole file: build checks too) once the build is done
+#   memcheck   compute-sanitizer memcheck on cuda_memcheck.py, then triton_memcheck.py (no caching
+#              allocator, so that every tensor is its own allocation), next to t-cuda
+#   bench      alone on the machine: bench_loss (N=16384 then N=4096, bf16, every vocab size),
+#              bench_linear_loss, bench_train_step, each with a time cap
 #   report     markdown table and PNG, then a short table last on stdout
-# Budget: build <= 90 s, tests <= 120 s, memcheck <= 45 s, bench <= 200 s; the whole script stops
-# starting work at MEMFT_GPU_CHECK_TOTAL_S (default 430 s; the closing table takes at most 30 s more) so that it ends under 8 minutes.
-# At most 8 files land in $OUT, all at its top level (see the list at the end).
+# Budget (SCALE=1): every job is killed at its limit; the parallel part ends by its slowest job
+# (expected about 100 s of the 150 s limit), the benchmarks take <= 245 s. The script starts no
+# work after MEMFT_GPU_CHECK_TOTAL_S (default 430 s; the closing table takes at most 30 s more),
+# and a job that starts late gets only what is left, so it ends under 8 minutes.
+# At most 8 files land in $OUT, all at its top level: the log, the results (see the list at the
+# end) and, only while a stage runs, its output as stage-NAME.txt (folded into the log after).
 #
 # Dry run (MEMFT_GPU_CHECK_DRYRUN=1): on a CPU machine, every stage runs its real command at tiny
 # size, except that the build skips native code (MEMFT_NATIVE=0: a shared checkout's in-place
-# modules must not be overwritten), memcheck runs the script without the sanitizer, and every time
-# box is 3x longer (MEMFT_GPU_CHECK_LIMIT_SCALE).
+# modules must not be overwritten), memcheck runs triton_memcheck.py in Triton's interpreter
+# without the sanitizer (cuda_memcheck.py needs a GPU), and every time box is 3x longer
+# (MEMFT_GPU_CHECK_LIMIT_SCALE).
 # shellcheck disable=SC2317  # the stage functions are called indirectly, through timeout + bash -c
+# shellcheck disable=SC2030,SC2031  # STAGE_LIMIT is set in each job's subshell, for that job only
 set -u
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +51,9 @@ else
 fi
 TOTAL_S=$((${MEMFT_GPU_CHECK_TOTAL_S:-430} * SCALE))
 export PYTHONUNBUFFERED=1
+# pip-installed cmake and ninja live next to the interpreter; setup.py looks them up on PATH.
+PY_SCRIPTS="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
+[[ -n "$PY_SCRIPTS" ]] && export PATH="$PATH:$PY_SCRIPTS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 4)}"
 
@@ -51,43 +63,70 @@ SUMMARY=()
 
 say() { echo "$*" | tee -a "$LOG"; }
 
-# stage NAME LIMIT_S CMD...: run CMD with its output in the log, killed after LIMIT_S seconds (or
-# when the total budget runs out); prints the stage's result and the tail of its output.
-stage() {
+STATE="$(mktemp -d)"  # end times of the jobs (outside $OUT: it must stay at <= 8 files)
+trap 'rm -rf "$STATE"' EXIT
+declare -A PID T0 LIM
+
+# stage_start NAME LIMIT_S CMD...: start CMD in the background, its output in $OUT/stage-NAME.txt,
+# killed (with its whole process group: spawned workers too) after LIMIT_S seconds, or sooner when
+# the total budget runs out. CMD may be a function of this script.
+stage_start() {
   local name=$1 limit=$(($2 * SCALE))
   shift 2
-  local now left rc t0 secs
-  now=$(date +%s)
-  left=$((TOTAL_S - (now - START)))
+  local left=$((TOTAL_S - ($(date +%s) - START)))
   if ((left < 5)); then
     say "=== [$name] not started: the total budget of ${TOTAL_S}s is used up"
-    SUMMARY+=("$(printf '%-10s %-22s %4ss' "$name" "not run (budget)" 0)")
+    SUMMARY+=("$(printf '%-15s %-22s %4ss' "$name" "not run (budget)" 0)")
     return 0
   fi
   ((limit > left)) && limit=$left
-  say "=== [$name] limit ${limit}s: $*"
-  t0=$(date +%s)
-  echo "--- output of [$name]" >>"$LOG"
-  if declare -F "$1" >/dev/null; then
-    # a function of this script: run it in a child bash (timeout only runs programs)
-    timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" >"$OUT/.stage.txt" 2>&1
-  else
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/.stage.txt" 2>&1
-  fi
+  say "=== [$name] started, limit ${limit}s: $*"
+  T0[$name]=$(date +%s)
+  LIM[$name]=$limit
+  (
+    export STAGE_LIMIT=$limit
+    if declare -F "$1" >/dev/null; then
+      # a function of this script: run it in a child bash (timeout only runs programs)
+      timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@"
+    else
+      timeout --kill-after=10 "$limit" "$@"
+    fi
+    rc=$?
+    date +%s >"$STATE/$name.end"
+    exit "$rc"
+  ) </dev/null >"$OUT/stage-$name.txt" 2>&1 &
+  PID[$name]=$!
+}
+
+# stage_finish NAME: wait for it, fold its output into the log, print its result and output tail.
+stage_finish() {
+  local name=$1
+  [[ -n "${PID[$name]:-}" ]] || return 0  # never started (budget)
+  local rc end secs status="ok"
+  wait "${PID[$name]}"
   rc=$?
-  cat "$OUT/.stage.txt" >>"$LOG"
-  secs=$(($(date +%s) - t0))
-  tail -n "${MEMFT_GPU_CHECK_TAIL:-12}" "$OUT/.stage.txt"
-  rm -f "$OUT/.stage.txt"
-  local status="ok"
+  unset "PID[$name]"
+  end=$(cat "$STATE/$name.end" 2>/dev/null || date +%s)
+  secs=$((end - T0[$name]))
+  {
+    echo "--- output of [$name]"
+    cat "$OUT/stage-$name.txt"
+  } >>"$LOG"
+  tail -n "${MEMFT_GPU_CHECK_TAIL:-12}" "$OUT/stage-$name.txt"
+  rm -f "$OUT/stage-$name.txt"
   if ((rc == 124 || rc == 137)); then
-    status="TIMEOUT (${limit}s)"
+    status="TIMEOUT (${LIM[$name]}s)"
   elif ((rc != 0)); then
     status="FAILED rc=$rc"
   fi
   say "=== [$name] $status in ${secs}s"
-  SUMMARY+=("$(printf '%-10s %-22s %4ss' "$name" "$status" "$secs")")
-  return 0
+  SUMMARY+=("$(printf '%-15s %-22s %4ss' "$name" "$status" "$secs")")
+}
+
+# stage NAME LIMIT_S CMD...: one job, alone.
+stage() {
+  stage_start "$@"
+  stage_finish "$1"
 }
 
 env_info() {
@@ -134,39 +173,66 @@ build_cuda() {
   return "$rc"
 }
 
+# gpu_pytest ARGS...: pytest in GPU mode (the real Triton JIT, gpu tests not skipped); a test still
+# running 15 s before the stage's kill prints every thread's stack (where a hang is).
+gpu_pytest() {
+  local limit=${STAGE_LIMIT:-120}
+  local dump=$((limit > 40 ? limit - 15 : limit))
+  MEMFT_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider --tb=short --durations=5 \
+    -o "faulthandler_timeout=$dump" "$@"
+}
+
 memcheck() {
-  if [[ ! -f benchmarks/cuda_memcheck.py ]]; then
-    echo "benchmarks/cuda_memcheck.py is not in this checkout"
-    return 0
+  if [[ "$DRYRUN" == 1 ]]; then
+    echo "dry run: no sanitizer; cuda_memcheck.py needs a GPU; triton_memcheck.py in Triton's interpreter"
+    TRITON_INTERPRET=1 "$PY" benchmarks/triton_memcheck.py --device cpu --quick
+    return $?
   fi
-  local sanitizer
+  local sanitizer c script rc=0 run=()
   sanitizer="$(command -v compute-sanitizer || true)"
   for c in /usr/local/cuda/bin/compute-sanitizer /opt/cuda/bin/compute-sanitizer; do
     [[ -z "$sanitizer" && -x "$c" ]] && sanitizer=$c
   done
-  if [[ "$DRYRUN" == 1 || -z "$sanitizer" ]]; then
-    echo "running without compute-sanitizer (${sanitizer:-not found}; dry run: $DRYRUN)"
-    "$PY" benchmarks/cuda_memcheck.py
-    return $?
+  if [[ -n "$sanitizer" ]]; then
+    run=("$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 --target-processes application-only)
+  else
+    echo "compute-sanitizer not found: the scripts run without it (results checked, memory not)"
   fi
-  "$sanitizer" --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_memcheck.py
+  for script in cuda_memcheck triton_memcheck; do
+    echo "--- $script.py"
+    # No caching allocator: each tensor its own allocation, so a read past its end is out of bounds.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${run[@]+"${run[@]}"} "$PY" "benchmarks/$script.py" || rc=1
+  done
+  return "$rc"
 }
 
 export ROOT OUT DRYRUN PY SITE
-export -f env_info install_wheels build_cuda memcheck
+export -f env_info install_wheels build_cuda gpu_pytest memcheck
 
 # --- stages ------------------------------------------------------------------------------------
 say "# gpu_check.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) in $ROOT (commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)), OUT=$OUT, dry run: $DRYRUN"
 
-stage env 25 env_info
+stage env 30 env_info
 stage wheels 15 install_wheels
 if [[ -d "$SITE" ]]; then
   export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
-stage build 90 build_cuda
-stage tests 120 env MEMFT_TEST_GPU=1 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests/
-stage memcheck 45 memcheck
 
+# Correctness, side by side: the build in the background with the test files that do not need it,
+# then the CUDA module's tests and the sanitizer. Everything ends here before any benchmark starts.
+stage_start build 120 build_cuda
+stage_start t-triton 150 gpu_pytest -m gpu tests/test_triton_ce.py
+stage_start t-linear 60 gpu_pytest -m gpu tests/test_linear_loss.py
+stage_start t-train 90 gpu_pytest -m gpu tests/test_train.py
+stage_start t-dist 120 gpu_pytest -m gpu tests/test_distributed.py
+stage_finish build
+stage_start t-cuda 90 gpu_pytest tests/test_native_cuda.py
+stage_start memcheck 120 memcheck
+for name in t-triton t-linear t-train t-dist t-cuda memcheck; do
+  stage_finish "$name"
+done
+
+# Benchmarks: one at a time, nothing else running.
 if [[ "$DRYRUN" == 1 ]]; then
   BIG=(--device cpu --smoke --n 64 --providers memft-cuda memft-cpu memft-torch torch-plain torch-compile liger)
   SMALL=(--device cpu --smoke --n 32 --providers memft-cuda memft-cpu memft-torch torch-plain torch-compile liger)
@@ -174,16 +240,16 @@ if [[ "$DRYRUN" == 1 ]]; then
   TRAIN=(--device cpu --smoke)
 else
   BIG=(--device cuda --n 16384 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd --time-cap 100 --budget-s 0.5 --reps 30)
-  SMALL=(--device cuda --n 4096 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd fwd --time-cap 20 --budget-s 0.3 --reps 20)
+  SMALL=(--device cuda --n 4096 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd fwd --time-cap 25 --budget-s 0.3 --reps 20)
   LINEAR=(--device cuda)
-  TRAIN=(--device cuda --quick)
+  TRAIN=(--device cuda --quick --budget-s 2)
 fi
-stage loss-16k 120 "$PY" benchmarks/bench_loss.py "${BIG[@]}" --csv "$OUT/bench_loss.csv"
-stage loss-4k 30 "$PY" benchmarks/bench_loss.py "${SMALL[@]}" --csv "$OUT/bench_loss.csv"
+stage loss-16k 130 "$PY" benchmarks/bench_loss.py "${BIG[@]}" --csv "$OUT/bench_loss.csv"
+stage loss-4k 45 "$PY" benchmarks/bench_loss.py "${SMALL[@]}" --csv "$OUT/bench_loss.csv"
 if [[ -f benchmarks/bench_linear_loss.py ]]; then
-  stage linear 25 "$PY" benchmarks/bench_linear_loss.py "${LINEAR[@]}" --out "$OUT/bench_linear_loss.csv"
+  stage linear 45 "$PY" benchmarks/bench_linear_loss.py "${LINEAR[@]}" --out "$OUT/bench_linear_loss.csv"
 fi
-stage train 25 "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --no-jsonl --csv "$OUT/bench_train_step.csv"
+stage train 40 "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --no-jsonl --csv "$OUT/bench_train_step.csv"
 
 REPORT_IN=()
 for f in "$OUT/bench_loss.csv" "$OUT/bench_train_step.csv"; do
@@ -195,7 +261,7 @@ fi
 
 # --- the short table, last on stdout -------------------------------------------------------------
 say ""
-say "# stage      result                  time   (total $(($(date +%s) - START))s; log: $LOG)"
+say "# stage           result                  time   (total $(($(date +%s) - START))s; log: $LOG)"
 for line in "${SUMMARY[@]}"; do
   say "  $line"
 done
