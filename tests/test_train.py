@@ -202,11 +202,13 @@ def empty_file(tmp_path):
     (["--model", "nano", "--length", "2000"], "longer than the model's context"),
     (["--compare", "ce,focal"], "unknown loss 'focal'"),
     (["--resume", "/nonexistent/run"], "no such run folder"),
+    (["--resume", "TMP", "--steps", "300"], "--steps cannot be changed"),
     (["--model", "nano", "--steps", "1", "--out-dir", "EMPTY"], "cannot create the run folder"),
     (["--model", "nano", "--steps", "1", "--run-dir", "EMPTY"], "cannot create the run folder"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys, tmp_path, empty_file):
-    args = [a.replace("EMPTY", empty_file).replace("NOMODEL", str(tmp_path)) for a in args]
+    args = [a.replace("EMPTY", empty_file).replace("NOMODEL", str(tmp_path)).replace("TMP", str(tmp_path))
+            for a in args]
     code = memft_main(["train", "--out-dir", str(tmp_path / "runs"), "--no-progress", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2

@@ -114,6 +114,15 @@ def _run(args) -> int:
         if args.resume:
             if not os.path.isdir(args.resume):
                 raise TrainInputError(f"--resume {args.resume!r}: no such run folder")
+            # the run continues exactly as its config.json says: a changed option would be ignored silently
+            defaults = TrainConfig()
+            changed = [f.name for f in fields(TrainConfig)
+                       if f.name != "progress" and getattr(args, f.name) != getattr(defaults, f.name)]
+            changed += ["compare"] if args.compare else []
+            if changed:
+                flag = "--" + changed[0].replace("_", "-")
+                raise TrainInputError(f"--resume continues the run as its config.json says; {flag} cannot be "
+                                      f"changed (start a new run to change it)")
             reports = [resume(args.resume)]
         else:
             options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
