@@ -1,6 +1,10 @@
 """Launch every native CUDA kernel once on small inputs, for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/cuda_memcheck.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
+        python benchmarks/cuda_memcheck.py
+
+(With torch's caching allocator a small tensor sits inside a larger cached block, so a read past
+its end is not out of bounds for the sanitizer; without it every tensor is its own allocation.)
 
 Covers forward, backward and fused forward+backward for float32, bfloat16 and float16, with and
 without the soft cap, V = 1 / odd / larger than one block's sweep, rows that start off the 16-byte

@@ -102,7 +102,7 @@ stage_start() {
 stage_finish() {
   local name=$1
   [[ -n "${PID[$name]:-}" ]] || return 0  # never started (budget)
-  local rc end secs status="ok"
+  local rc end secs note status="ok"
   wait "${PID[$name]}"
   rc=$?
   unset "PID[$name]"
@@ -113,14 +113,17 @@ stage_finish() {
     cat "$OUT/stage-$name.txt"
   } >>"$LOG"
   tail -n "${MEMFT_GPU_CHECK_TAIL:-12}" "$OUT/stage-$name.txt"
-  rm -f "$OUT/stage-$name.txt"
   if ((rc == 124 || rc == 137)); then
     status="TIMEOUT (${LIM[$name]}s)"
   elif ((rc != 0)); then
     status="FAILED rc=$rc"
   fi
   say "=== [$name] $status in ${secs}s"
-  SUMMARY+=("$(printf '%-15s %-22s %4ss' "$name" "$status" "$secs")")
+  # pytest's counts, the sanitizer's error count, the memcheck scripts' last words: at a glance
+  note=$(grep -aE '^=* ?[0-9]+ (passed|failed|skipped|deselected|errors?)|ERROR SUMMARY|^(cuda|triton)_memcheck: ' \
+    "$OUT/stage-$name.txt" | sed -E 's/^=+ //; s/ =+$//; s/ in [0-9.]+s.*$//; s/ kernel launches, worst relative error vs float64/ launches, worst rel err/' | tail -n 3 | paste -sd ';' | cut -c 1-110)
+  rm -f "$OUT/stage-$name.txt"
+  SUMMARY+=("$(printf '%-15s %-22s %4ss  %s' "$name" "$status" "$secs" "$note")")
 }
 
 # stage NAME LIMIT_S CMD...: one job, alone.
