@@ -51,6 +51,12 @@ else
 fi
 TOTAL_S=$((${MEMFT_GPU_CHECK_TOTAL_S:-430} * SCALE))
 export PYTHONUNBUFFERED=1
+# No network there: fail at once instead of waiting on the hub; one host: rendezvous on loopback.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-lo}"
+# Inductor compiles a few small kernels per graph here: in process, not in a pool of 16 workers
+# that would each import torch while the test files run side by side.
+export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-1}"
 # pip-installed cmake and ninja live next to the interpreter; setup.py looks them up on PATH.
 PY_SCRIPTS="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
 [[ -n "$PY_SCRIPTS" ]] && export PATH="$PATH:$PY_SCRIPTS"
