@@ -443,10 +443,15 @@ def _real_size(n, v, dtype, seed=0):
     return logits, target
 
 
+# prob = exp(-ce) turns ce's absolute error into a relative one: ~3e-6 on the GPU (approximate exp,
+# and tanh from exp under the soft cap: 30 * 1e-7), measured by emulation; the other stats ~2e-7.
+_STATS_TOL = {"prob": 3e-5}
+
+
 def _assert_rows_match(stats, rows, want, grad, ref_grad, dtype):
     for name in ("lse", "ce", "prob", "weight", "loss"):
         if hasattr(stats, name):  # RowStats has loss, MemFTStats does not
-            assert rel(getattr(stats, name)[rows], want[name]) < 1e-5, name
+            assert rel(getattr(stats, name)[rows], want[name]) < _STATS_TOL.get(name, 1e-5), name
     assert torch.equal(stats.pred[rows], want["pred"])
     assert rel(grad[rows], ref_grad) < GRAD_TOL[dtype]
 
