@@ -13,7 +13,7 @@
 #   t-*        MEMFT_TEST_GPU=1 pytest -m gpu, one process per test file, side by side (the GPU has
 #              room; first-time Triton / inductor compiles are CPU work): t-triton, t-linear,
 #              t-train, t-dist at once; t-cuda (the whole file: build checks too) once the build is done
-#   memcheck   compute-sanitizer memcheck on cuda_memcheck.py, then triton_memcheck.py (no caching
+#   memcheck-* compute-sanitizer memcheck on cuda_memcheck.py and on triton_memcheck.py (no caching
 #              allocator, so that every tensor is its own allocation), next to t-cuda
 #   bench      alone on the machine: bench_loss (N=16384 then N=4096, bf16, every vocab size),
 #              bench_linear_loss, bench_train_step, each with a time cap
@@ -154,6 +154,8 @@ except ImportError:
     print("triton: not installed")
 EOF
   command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 2
+  command -v cmake >/dev/null 2>&1 && cmake --version | head -n 1
+  command -v compute-sanitizer >/dev/null 2>&1 && compute-sanitizer --version | tail -n 1
   "$PY" -m memft_kernels info
 }
 
@@ -191,13 +193,18 @@ gpu_pytest() {
     -o "faulthandler_timeout=$dump" "$@"
 }
 
+# memcheck SCRIPT: benchmarks/SCRIPT.py under compute-sanitizer memcheck.
 memcheck() {
+  local script=$1 sanitizer c run=()
   if [[ "$DRYRUN" == 1 ]]; then
-    echo "dry run: no sanitizer; cuda_memcheck.py needs a GPU; triton_memcheck.py in Triton's interpreter"
-    TRITON_INTERPRET=1 "$PY" benchmarks/triton_memcheck.py --device cpu --quick
-    return $?
+    if [[ "$script" == triton_memcheck ]]; then
+      echo "dry run: no sanitizer; $script.py in Triton's interpreter, cases with V <= 64"
+      TRITON_INTERPRET=1 "$PY" "benchmarks/$script.py" --device cpu --quick
+      return $?
+    fi
+    echo "dry run: $script.py needs a GPU (the native CUDA module); not run"
+    return 0
   fi
-  local sanitizer c script rc=0 run=()
   sanitizer="$(command -v compute-sanitizer || true)"
   for c in /usr/local/cuda/bin/compute-sanitizer /opt/cuda/bin/compute-sanitizer; do
     [[ -z "$sanitizer" && -x "$c" ]] && sanitizer=$c
@@ -205,14 +212,10 @@ memcheck() {
   if [[ -n "$sanitizer" ]]; then
     run=("$sanitizer" --tool memcheck --error-exitcode 1 --print-limit 20 --target-processes application-only)
   else
-    echo "compute-sanitizer not found: the scripts run without it (results checked, memory not)"
+    echo "compute-sanitizer not found: $script.py runs without it (results checked, memory not)"
   fi
-  for script in cuda_memcheck triton_memcheck; do
-    echo "--- $script.py"
-    # No caching allocator: each tensor its own allocation, so a read past its end is out of bounds.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${run[@]+"${run[@]}"} "$PY" "benchmarks/$script.py" || rc=1
-  done
-  return "$rc"
+  # No caching allocator: each tensor its own allocation, so a read past its end is out of bounds.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 ${run[@]+"${run[@]}"} "$PY" "benchmarks/$script.py"
 }
 
 export ROOT OUT DRYRUN PY SITE
@@ -236,8 +239,9 @@ stage_start t-train 90 gpu_pytest -m gpu tests/test_train.py
 stage_start t-dist 120 gpu_pytest -m gpu tests/test_distributed.py
 stage_finish build
 stage_start t-cuda 90 gpu_pytest tests/test_native_cuda.py
-stage_start memcheck 120 memcheck
-for name in t-triton t-linear t-train t-dist t-cuda memcheck; do
+stage_start memcheck-cuda 90 memcheck cuda_memcheck
+stage_start memcheck-triton 90 memcheck triton_memcheck
+for name in t-triton t-linear t-train t-dist t-cuda memcheck-cuda memcheck-triton; do
   stage_finish "$name"
 done
 
