@@ -277,7 +277,14 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     if device.type == "cpu":
         timing.tune_malloc_for_rss()
     info = timing.machine_info(device)
-    csv_path = Path(args.csv) if args.csv else timing.default_results_path("bench_loss", info)
+    if args.csv:
+        csv_path = Path(args.csv)
+    elif args.quick or args.smoke:
+        # Quick and smoke runs are checks, not results: keep them out of the committed files.
+        csv_path = Path("runs") / "bench" / timing.default_results_path("bench_loss", info).name
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        csv_path = timing.default_results_path("bench_loss", info)
     writer = timing.ResultWriter(csv_path, FIELDS, jsonl=not args.no_jsonl)
     settings = Settings(warmup=args.warmup, reps=args.reps, budget_s=args.budget_s, smoke=args.smoke, measure_memory=not args.no_memory)
 
@@ -388,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None, help="time per measurement; fewer reps (>= 3) past it")
     p.add_argument("--time-cap", type=float, default=0.0, help="stop measuring after this many seconds (rows say so)")
     p.add_argument("--copy-mib", type=int, default=None, help="buffer size of the copy-bandwidth measurement")
-    p.add_argument("--csv", help="CSV to append to (default benchmarks/results/bench_loss_<device>.csv); JSON lines next to it")
+    p.add_argument("--csv", help="CSV to append to (default benchmarks/results/bench_loss_<device>.csv, or runs/bench/ for --quick and --smoke); JSON lines next to it")
     p.add_argument("--no-jsonl", action="store_true", help="CSV only")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
     p.add_argument("--note", default="", help="free text stored in every row (e.g. 'CPU shared with other jobs')")
