@@ -19,8 +19,8 @@
 #              bench_linear_loss, bench_train_step, each with a time cap
 #   report     markdown table and PNG, then a short table last on stdout
 # Budget (SCALE=1): every job is killed at its limit; the parallel part ends by its slowest job
-# (expected about 100 s of the 150 s limit), the benchmarks take <= 245 s. The script starts no
-# work after MEMFT_GPU_CHECK_TOTAL_S (default 430 s; the closing table takes at most 30 s more),
+# (expected 100-140 s; limits 90-150 s), the benchmarks take <= 290 s. The script starts no
+# work after MEMFT_GPU_CHECK_TOTAL_S (default 420 s; the closing table takes at most 30 s more),
 # and a job that starts late gets only what is left, so it ends under 8 minutes.
 # At most 8 files land in $OUT, all at its top level: the log, the results (see the list at the
 # end) and, only while a stage runs, its output as stage-NAME.txt (folded into the log after).
@@ -49,7 +49,7 @@ if [[ "$DRYRUN" == 1 ]]; then
 else
   SCALE="${MEMFT_GPU_CHECK_LIMIT_SCALE:-1}"
 fi
-TOTAL_S=$((${MEMFT_GPU_CHECK_TOTAL_S:-430} * SCALE))
+TOTAL_S=$((${MEMFT_GPU_CHECK_TOTAL_S:-420} * SCALE))
 export PYTHONUNBUFFERED=1
 # No network there: fail at once instead of waiting on the hub; one host: rendezvous on loopback.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
