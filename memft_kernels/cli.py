@@ -58,7 +58,10 @@ def _info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="memft", description="MemFT loss kernels, LoRA memorization training and the Parametric Memory Law.")
+    parser.add_argument("--version", action="version", version=f"memft_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="version, backends available here and why the others are not")
     info.set_defaults(func=_info)
@@ -81,3 +84,10 @@ def main(argv=None) -> int:
     except CLIError as exc:
         print(f"memft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `memft info | head`: the reader left; stop quietly, with stdout pointed at nothing so the
+        # interpreter's final flush does not raise again.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -570,3 +570,14 @@ def test_first_call_under_torch_compile_needs_no_eager_warmup():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_memft_version_and_closed_pipe():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "memft_kernels", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("memft_kernels ")
+    piped = subprocess.run(f"'{sys.executable}' -m memft_kernels info | head -n 1", shell=True,
+                           capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in piped.stderr and piped.stdout.startswith("memft_kernels")
