@@ -41,7 +41,7 @@ mkdir -p "$OUT" || exit 1
 OUT="$(cd "$OUT" && pwd)"
 LOG="$OUT/gpu_check.log"
 DRYRUN="${MEMFT_GPU_CHECK_DRYRUN:-0}"
-PY="${PYTHON:-python3}"
+PY="${MEMFT_PYTHON:-python3}"  # the host's python3 (the one with torch), unless named
 SITE="${MEMFT_SITE:-/tmp/site}"
 if [[ "$DRYRUN" == 1 ]]; then
   # a 2-core CPU is far slower than the GPU host at everything: same stages, looser time boxes
