@@ -219,8 +219,7 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
                     coef = valid.to(acc)
                     _gradient_sweep(hidden, weight, bias, target, lse, coef, module, opts, rows, grads)
                     scale = _inverse(coef.sum())
-            ctx.save_for_backward(*_finish(grads, scale, weight, rows))
-            ctx.has = tuple(t is not None for t in (grads.hidden, grads.weight, grads.bias))
+            ctx.save_for_backward(*_finish(grads, scale, weight, rows))  # None where not needed
         elif want_grad:  # reduction="none"
             ctx.save_for_backward(hidden, weight, bias, target, lse, wgt)
             ctx.needs = needs
@@ -237,8 +236,7 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
             _gradient_sweep(hidden, weight, bias, target, lse, coef, ctx.module, ctx.opts, ctx.rows, grads)
             one = torch.ones((), dtype=wgt.dtype, device=wgt.device)
             return (*_finish(grads, one, weight, ctx.rows),) + none
-        saved = iter(ctx.saved_tensors)
-        out = [next(saved) if has else None for has in ctx.has]
+        out = list(ctx.saved_tensors)  # (hidden, weight, bias) gradients, None where not needed
         # Skip the multiply when grad_loss is exactly 1 (the usual loss.backward()); reading it
         # is a host sync, so under torch.compile always multiply.
         if torch.compiler.is_compiling() or float(grad_loss) != 1.0:

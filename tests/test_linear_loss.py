@@ -59,7 +59,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-@pytest.mark.parametrize("bias,weight_grad", [(True, True), (False, False)], ids=["bias-trainable", "nobias-frozen"])
+@pytest.mark.parametrize("bias,weight_grad", [(True, True), (False, False), (True, False)],
+                         ids=["bias-trainable", "nobias-frozen", "bias-frozen"])
 def test_matches_materialized_and_float64(case, bias, weight_grad):
     hidden, weight, b, target = make(bias=bias, weight_grad=weight_grad)
     kw = dict(case)
