@@ -138,8 +138,14 @@ def run(args) -> List[Dict[str, object]]:
             if args.only and name not in args.only:
                 continue
             inputs = make_inputs(size["n"], size["v"], size["d"], dtype, device, trainable)
-            results.append(measure(name, fn, inputs, device, args.reps, args.warmup))
+            try:
+                results.append(measure(name, fn, inputs, device, args.reps, args.warmup))
+            except Exception as exc:  # noqa: BLE001 - one provider's failure must not lose the others' rows
+                print(f"# {name} ({'trainable' if trainable else 'frozen'} weight) failed: "
+                      f"{type(exc).__name__}: {exc}", file=sys.stderr)
             del inputs
+            if device == "cuda":
+                torch.cuda.empty_cache()
         base = next((r for r in results if r["provider"] == "memft-materialized"), None)
         for r in results:
             row = {
