@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 from . import dispatch
 from .ops import reference
-from .ops.reference import _capped, _chunks
-from .policy import Reduced, policy_weight, reduce_rows
+from .ops.reference import _capped, _chunks, row_stats_from_parts
+from .policy import Reduced, reduce_rows
 from .spec import (
     KernelOptions,
     MemFTStats,
@@ -292,24 +292,8 @@ def combine_slices(
     t = target.long()
     valid = t != opts.ignore_index
     in_range = (t >= 0) & (t < vocab_size)
-    ce = torch.where(in_range, lse - tgt_logit, torch.full_like(lse, math.nan))
-    eps, z = opts.label_smoothing, opts.z_loss
-    loss = (1.0 - eps) * ce
-    if eps:
-        mean_logit = (parts[:, ROW_SUM].sum(dim=0) / vocab_size).to(dtype)
-        loss = loss + eps * (lse - mean_logit)
-    if z:
-        loss = loss + z * lse * lse
-    zero = torch.zeros_like(lse)
-    weight = policy_weight(ce, valid, token_weight, opts)
-    return RowStats(
-        lse=torch.where(valid, lse, zero),
-        ce=torch.where(valid, ce, zero),
-        prob=torch.where(valid, torch.exp(-ce), zero),
-        pred=pred,
-        weight=weight,
-        loss=torch.where(valid, loss, zero),
-    )
+    mean_logit = (parts[:, ROW_SUM].sum(dim=0) / vocab_size).to(dtype) if opts.label_smoothing else None
+    return row_stats_from_parts(lse, tgt_logit, mean_logit, pred, valid, in_range, token_weight, opts)
 
 
 def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denominator, dp_group) -> Reduced:

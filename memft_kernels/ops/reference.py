@@ -67,8 +67,13 @@ def row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Option
         if opts.label_smoothing:
             mean_logit[a:b] = x.mean(dim=-1)
         pred[a:b] = torch.argmax(x, dim=-1)
-    nan = torch.full_like(lse, math.nan)
-    ce = torch.where(in_range, lse - tgt_logit, nan)
+    return row_stats_from_parts(lse, tgt_logit, mean_logit, pred, valid, in_range, token_weight, opts)
+
+
+def row_stats_from_parts(lse, tgt_logit, mean_logit, pred, valid, in_range, token_weight, opts: KernelOptions) -> RowStats:
+    """SPEC.md's per-row quantities from a row's lse, target logit and mean logit (the mean is read
+    only with label smoothing). Shared with the vocab-parallel loss, which gets these by all-reduce."""
+    ce = torch.where(in_range, lse - tgt_logit, torch.full_like(lse, math.nan))
     eps, z = opts.label_smoothing, opts.z_loss
     loss = (1.0 - eps) * ce
     if eps:
@@ -76,13 +81,12 @@ def row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Option
     if z:
         loss = loss + z * lse * lse
     zero = torch.zeros_like(lse)
-    weight = policy_weight(ce, valid, token_weight, opts)
     return RowStats(
         lse=torch.where(valid, lse, zero),
         ce=torch.where(valid, ce, zero),
         prob=torch.where(valid, torch.exp(-ce), zero),
         pred=pred,
-        weight=weight,
+        weight=policy_weight(ce, valid, token_weight, opts),
         loss=torch.where(valid, loss, zero),
     )
 
