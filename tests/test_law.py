@@ -3,7 +3,6 @@
 Synthetic data come from the law itself with fixed-seed noise, so the true parameters are known.
 """
 import json
-import math
 import os
 
 import numpy as np
