@@ -150,6 +150,17 @@ if triton is not None:
         return tl.where(coef != 0.0, g * coef, 0.0)
 
     @triton.jit
+    def _store_row_stats(lse_ptr, ce_ptr, prob_ptr, pred_ptr, weight_ptr, loss_ptr, row,
+                         lse, ce, prob, pred, w, loss, valid):
+        """Write one row's RowStats; lse, ce, prob and loss are 0 at ignored rows."""
+        tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+        tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
+        tl.store(prob_ptr + row, tl.where(valid, prob, 0.0))
+        tl.store(pred_ptr + row, pred.to(tl.int64))
+        tl.store(weight_ptr + row, w)
+        tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+
+    @triton.jit
     def _row_forward_kernel(
         logits_ptr, logits_row_stride, target_ptr, token_weight_ptr,
         lse_ptr, ce_ptr, prob_ptr, pred_ptr, weight_ptr, loss_ptr,
@@ -165,12 +176,8 @@ if triton is not None:
             token_weight_ptr, row,
             POLICY, HAS_TOKEN_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, HAS_Z_LOSS, BLOCK_V,
         )
-        tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
-        tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
-        tl.store(prob_ptr + row, tl.where(valid, prob, 0.0))
-        tl.store(pred_ptr + row, pred.to(tl.int64))
-        tl.store(weight_ptr + row, w)
-        tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+        _store_row_stats(lse_ptr, ce_ptr, prob_ptr, pred_ptr, weight_ptr, loss_ptr, row,
+                         lse, ce, prob, pred, w, loss, valid)
 
     @triton.jit
     def _row_backward_kernel(
@@ -216,12 +223,8 @@ if triton is not None:
             token_weight_ptr, row,
             POLICY, HAS_TOKEN_WEIGHT, HAS_SOFTCAP, HAS_SMOOTHING, HAS_Z_LOSS, BLOCK_V,
         )
-        tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
-        tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
-        tl.store(prob_ptr + row, tl.where(valid, prob, 0.0))
-        tl.store(pred_ptr + row, pred.to(tl.int64))
-        tl.store(weight_ptr + row, w)
-        tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+        _store_row_stats(lse_ptr, ce_ptr, prob_ptr, pred_ptr, weight_ptr, loss_ptr, row,
+                         lse, ce, prob, pred, w, loss, valid)
 
         # Sweep 2: the gradient, re-reading the row just read (from L2 when it is still there).
         coef = tl.load(scale_ptr).to(tl.float32) * w
