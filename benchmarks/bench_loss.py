@@ -84,6 +84,9 @@ class Provider:
     # why it cannot run these logits, or None
     unavailable: Callable[[torch.Tensor, bool], Optional[str]]
     overwrites_input: bool = False
+    # Its backward re-reads only the rows whose gradient coefficient is nonzero (the others are
+    # written as zeros unread): of its fwd+bwd reads, one pass counts active_frac of the rows.
+    skips_inactive_rows: bool = False
 
 
 def _memft_unavailable(backend: str) -> Callable[[torch.Tensor, bool], Optional[str]]:
@@ -137,7 +140,9 @@ def _liger_unavailable(logits: torch.Tensor, smoke: bool) -> Optional[str]:
 
 
 _KERNEL_PASSES = {"fwd": (1, 0), "fwd+bwd": (2, 1)}
-_KERNEL_NOTE = "fwd 1R; fwd+bwd two-pass 2R+1W (active mean: the gradient scale needs the forward's weight sum)"
+_KERNEL_NOTE = ("fwd 1R; fwd+bwd two-pass (1+active_frac)R+1W: forward 1R, backward re-reads only the rows "
+                "with a nonzero gradient coefficient and writes every row (active mean: the gradient scale "
+                "needs the forward's weight sum)")
 
 PROVIDERS: Dict[str, Provider] = {
     f"memft-{b}": Provider(
@@ -146,6 +151,7 @@ PROVIDERS: Dict[str, Provider] = {
         _KERNEL_NOTE if b != "torch" else _KERNEL_NOTE + "; chunked float32 temporaries of the reference not counted",
         _memft_make(b),
         _memft_unavailable(b),
+        skips_inactive_rows=True,
     )
     for b in ("triton", "cuda", "cpu", "torch")
 }
@@ -168,16 +174,35 @@ PROVIDERS["liger"] = Provider(
 PROVIDERS["torch-compile"] = Provider(
     "torch-compile",
     dict(_KERNEL_PASSES),
-    "modeled as fused: fwd 1R; fwd+bwd 2R+1W (inductor recomputes softmax in the backward)",
+    "modeled as fused: fwd 1R; fwd+bwd 2R+1W (inductor recomputes softmax in the backward, every row)",
     _compile_make,
     _compile_unavailable,
 )
 
 
-def bytes_moved(provider: str, mode: str, n: int, v: int, element_size: int) -> Tuple[int, int, int]:
-    """(reads, writes, bytes) of ``provider`` in ``mode`` over an N x V logits tensor."""
-    reads, writes = PROVIDERS[provider].passes[mode]
-    return reads, writes, (reads + writes) * n * v * element_size
+def bytes_moved(provider: str, mode: str, n: int, v: int, element_size: int,
+                active_frac: float = 1.0) -> Tuple[float, int, int]:
+    """(reads, writes, bytes) of ``provider`` in ``mode`` over an N x V logits tensor, reads and
+    writes in units of N x V elements. ``active_frac``: the share of rows whose gradient
+    coefficient is nonzero; a provider that skips the other rows in its backward is charged only
+    for the rows it reads (counting all N would overstate its bandwidth)."""
+    spec = PROVIDERS[provider]
+    reads, writes = spec.passes[mode]
+    if mode == "fwd+bwd" and spec.skips_inactive_rows:
+        reads = reads - 1 + active_frac
+    return reads, writes, int(round((reads + writes) * n * v * element_size))
+
+
+def reference_loss(logits: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:
+    """(loss, active_frac) from the float32 reference: the value every provider's loss is compared
+    with, and the share of rows that get a nonzero gradient under the benchmarked loss (SPEC's
+    default: hard threshold 0.5, mean over the active tokens, every valid token when none is)."""
+    from memft_kernels import memft_loss
+
+    with torch.no_grad():
+        loss, stats = memft_loss(logits.float(), target, backend="torch", return_stats=True)
+    n_grad = int(stats.n_active) if int(stats.n_active) > 0 else int(stats.n_valid)
+    return float(loss), n_grad / max(1, target.numel())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +236,7 @@ def make_inputs(n: int, v: int, dtype: torch.dtype, device: torch.device, seed: 
 FIELDS = [
     "date", "host", "device", "device_name", "cpu_name", "cpu_count", "threads", "python", "torch", "triton", "cuda",
     "memft", "commit", "bench", "provider", "mode", "dtype", "N", "V", "status", "median_ms", "p20_ms", "p80_ms",
-    "reps", "n_sets", "peak_mem_bytes", "peak_mem_vs_logits", "mem_method", "reads", "writes", "bytes", "gbps",
+    "reps", "n_sets", "peak_mem_bytes", "peak_mem_vs_logits", "mem_method", "active_frac", "reads", "writes", "bytes", "gbps",
     "copy_gbps", "frac_copy", "loss", "rel_err", "pass_note", "note",
 ]
 
@@ -312,19 +337,18 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                 over_time = args.time_cap and time.monotonic() - started > args.time_cap
                 sets = [] if over_time else [make_inputs(n, v, dtype, device, args.seed + k) for k in range(n_sets)]
                 ref = None
+                active_frac = 1.0
                 if sets:
-                    from memft_kernels import memft_loss
-
-                    with torch.no_grad():
-                        ref = float(memft_loss(sets[0][0].float(), sets[0][1], backend="torch"))
+                    ref, active_frac = reference_loss(sets[0][0], sets[0][1])
                 for mode in args.mode:
                     for name in names:
                         provider = PROVIDERS[name]
-                        reads, writes, nbytes = bytes_moved(name, mode, n, v, elt)
+                        reads, writes, nbytes = bytes_moved(name, mode, n, v, elt, active_frac)
                         row: Dict[str, object] = dict(info)
                         row.update(
                             bench="loss", provider=name, mode=mode, dtype=dtype_name, N=n, V=v, n_sets=n_sets,
-                            mem_method=timing.memory_method(device.type), reads=reads, writes=writes, bytes=nbytes,
+                            mem_method=timing.memory_method(device.type), active_frac=active_frac,
+                            reads=reads, writes=writes, bytes=nbytes,
                             copy_gbps=copy_gbps, pass_note=provider.pass_note, note=args.note,
                         )
                         if args.time_cap and time.monotonic() - started > args.time_cap:

@@ -100,7 +100,8 @@ def loss_tables(rows: List[Dict[str, str]], *, mode: Optional[str] = None, dtype
         if errors:
             out.append("")
             out.append("Errors: " + "; ".join(errors))
-        notes = sorted({r.get("note", "") for r in grp} - {""})
+        # each distinct remark once, in first-seen order (a row's note may join several with "; ")
+        notes = list(dict.fromkeys(part for r in grp for part in r.get("note", "").split("; ") if part))
         if notes:
             out.append("")
             out.append("Note: " + "; ".join(notes))

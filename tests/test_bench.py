@@ -72,10 +72,22 @@ def test_byte_counts_match_a_hand_count(smoke_csv):
     assert bench_loss.bytes_moved("torch-plain", "fwd", n, v, elt) == (1, 1, 160)  # log_softmax in, out
     assert bench_loss.bytes_moved("torch-plain", "fwd+bwd", n, v, elt) == (3, 3, 480)
     assert bench_loss.bytes_moved("liger", "fwd+bwd", n, v, elt) == (3, 2, 400)
+    # memft's backward reads only the rows it gives a gradient (1 of 4 here) and writes all 4
+    assert bench_loss.bytes_moved("memft-cpu", "fwd+bwd", n, v, elt, 0.25) == (1.25, 1, 180)
+    assert bench_loss.bytes_moved("torch-plain", "fwd+bwd", n, v, elt, 0.25) == (3, 3, 480)  # reads every row
+    assert bench_loss.bytes_moved("torch-compile", "fwd+bwd", n, v, elt, 0.25) == (2, 1, 240)
+    # make_inputs: rows 0, 2, 4, ... are memorized (p ~ 1), rows 1, 17, 33, ... ignored: 7 of 16 active
+    logits, target = bench_loss.make_inputs(64, 1000, torch.float32, torch.device("cpu"), seed=0)
+    ce = torch.nn.functional.cross_entropy(logits.double(), target, reduction="none", ignore_index=-100)
+    active = (ce > math.log(2)) & (target != -100)
+    assert int(active.sum()) == 28
+    assert bench_loss.reference_loss(logits, target)[1] == pytest.approx(28 / 64)
     rows, _ = _read(smoke_csv)
     for row in rows:  # smoke: N=64, V=1000, float32
-        passes = int(row["reads"]) + int(row["writes"])
-        assert int(row["bytes"]) == passes * 64 * 1000 * 4
+        passes = float(row["reads"]) + float(row["writes"])
+        assert int(row["bytes"]) == round(passes * 64 * 1000 * 4)
+        if row["provider"].startswith("memft-") and row["mode"] == "fwd+bwd":
+            assert float(row["reads"]) == pytest.approx(1 + 28 / 64) and float(row["active_frac"]) == pytest.approx(28 / 64)
         if row["status"] == "ok":
             gbps = int(row["bytes"]) / (float(row["median_ms"]) * 1e-3) / 1e9
             assert float(row["gbps"]) == pytest.approx(gbps, rel=1e-4)
