@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -58,6 +59,13 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
+    if sys.prefix != sys.base_prefix:
+        # Run from a venv: --system-site-packages exposes the base interpreter's site-packages, not
+        # this venv's, where torch is. List this venv's directories (after the new venv's own, so the
+        # wheel still wins over an editable install here; their .pth files are not processed).
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+        Path(purelib, "_outer_venv.pth").write_text("".join(f"{d}\n" for d in site.getsitepackages()))
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    check=True, cwd=tmp_path)
     out = subprocess.run([str(python), "-c", SCRIPT], check=True, capture_output=True, text=True, cwd=tmp_path,
