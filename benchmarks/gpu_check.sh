@@ -15,11 +15,12 @@
 #              t-train, t-dist at once; t-cuda (the whole file: build checks too) once the build is done
 #   memcheck-* compute-sanitizer memcheck on cuda_memcheck.py and on triton_memcheck.py (no caching
 #              allocator, so that every tensor is its own allocation), next to t-cuda
-#   bench      alone on the machine: bench_loss (N=16384 then N=4096, bf16, every vocab size),
-#              bench_linear_loss, bench_train_step, each with a time cap
+#   bench      alone on the machine, each with a time cap: bench_loss (N=16384, bf16, every vocab
+#              size), tune_triton (block / warps sweep per Triton kernel, V = 128256 and 32000),
+#              bench_linear_loss, bench_loss at N=4096, bench_train_step
 #   report     markdown table and PNG, then a short table last on stdout
 # Budget (SCALE=1): every job is killed at its limit; the parallel part ends by its slowest job
-# (expected 100-140 s; limits 90-150 s), the benchmarks take <= 290 s. The script starts no
+# (expected 100-140 s; limits 90-150 s), the benchmarks take <= 350 s. The script starts no
 # work after MEMFT_GPU_CHECK_TOTAL_S (default 420 s; the closing table takes at most 30 s more),
 # and a job that starts late gets only what is left, so it ends under 8 minutes.
 # At most 8 files land in $OUT, all at its top level: the log, the results (see the list at the
@@ -253,17 +254,23 @@ if [[ "$DRYRUN" == 1 ]]; then
   SMALL=(--device cpu --smoke --n 32 --providers memft-cuda memft-cpu memft-torch torch-plain torch-compile liger)
   LINEAR=(--device cpu --quick)
   TRAIN=(--device cpu --smoke)
+  TUNE=(--device cpu --smoke --n 4 --kernels forward backward)
+  TUNE_ENV=(TRITON_INTERPRET=1)
 else
   BIG=(--device cuda --n 16384 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd --time-cap 100 --budget-s 0.5 --reps 30)
   SMALL=(--device cuda --n 4096 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd fwd --time-cap 25 --budget-s 0.3 --reps 20)
   LINEAR=(--device cuda)
   TRAIN=(--device cuda --quick --budget-s 2)
+  TUNE=(--device cuda --n 16384 --v 128256 32000 --dtype bf16 --time-cap 50)
+  TUNE_ENV=()
 fi
-stage loss-16k 130 "$PY" benchmarks/bench_loss.py "${BIG[@]}" --csv "$OUT/bench_loss.csv"
-stage loss-4k 45 "$PY" benchmarks/bench_loss.py "${SMALL[@]}" --csv "$OUT/bench_loss.csv"
+# In order of what the open issues need most, since the last ones may not fit in the total budget.
+stage loss-16k 130 "$PY" benchmarks/bench_loss.py "${BIG[@]}" --no-jsonl --csv "$OUT/bench_loss.csv"
+stage tune 60 env ${TUNE_ENV[@]+"${TUNE_ENV[@]}"} "$PY" benchmarks/tune_triton.py "${TUNE[@]}" --csv "$OUT/tune_triton.csv"
 if [[ -f benchmarks/bench_linear_loss.py ]]; then
   stage linear 45 "$PY" benchmarks/bench_linear_loss.py "${LINEAR[@]}" --out "$OUT/bench_linear_loss.csv"
 fi
+stage loss-4k 45 "$PY" benchmarks/bench_loss.py "${SMALL[@]}" --no-jsonl --csv "$OUT/bench_loss.csv"
 stage train 40 "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --no-jsonl --csv "$OUT/bench_train_step.csv"
 
 REPORT_IN=()

@@ -5,6 +5,7 @@ command says so.
     memft bench loss --quick            # benchmarks/bench_loss.py --quick
     memft bench train-step              # benchmarks/bench_train_step.py
     memft bench linear-loss --quick     # benchmarks/bench_linear_loss.py --quick
+    memft bench tune-triton             # benchmarks/tune_triton.py (GPU: launch configurations)
     memft bench report RESULTS.csv      # benchmarks/report.py RESULTS.csv
     memft bench gpu-check               # bash benchmarks/gpu_check.sh (GPU host)
 
@@ -22,6 +23,7 @@ SCRIPTS = {
     "loss": "bench_loss.py",
     "train-step": "bench_train_step.py",
     "linear-loss": "bench_linear_loss.py",
+    "tune-triton": "tune_triton.py",
     "report": "report.py",
     "gpu-check": "gpu_check.sh",
 }
@@ -61,7 +63,7 @@ def _run(args) -> int:
 def add_subcommands(subparsers) -> None:
     bench = subparsers.add_parser(
         "bench",
-        help="run a benchmark script (loss, train-step, linear-loss, report, gpu-check)",
+        help="run a benchmark script (loss, train-step, linear-loss, tune-triton, report, gpu-check)",
         description=__doc__.split("\n\n")[0],
         epilog="Arguments after the script name go to the script; `memft bench loss --help` shows them.",
     )

@@ -19,6 +19,7 @@ import bench_loss  # noqa: E402
 import bench_train_step  # noqa: E402
 import report  # noqa: E402
 import timing  # noqa: E402
+import tune_triton  # noqa: E402
 
 from memft_kernels import dispatch  # noqa: E402
 
@@ -114,6 +115,51 @@ def test_interpreted_triton_and_liger_run(tmp_path, monkeypatch):
     for r in rows:
         if r["provider"] == "liger":
             assert r["status"] == "ok" or r["status"].startswith("skipped: liger_kernel not importable")
+
+
+def test_tune_triton_checks_then_times_every_config(tmp_path, monkeypatch):
+    """The launch-configuration sweep in Triton's interpreter: the heuristic first (speedup 1), every
+    other configuration compared with its outputs before it is timed, and one that computes a wrong
+    result reported as such instead of timed."""
+    if dispatch.availability("triton") is not None:
+        pytest.skip(dispatch.availability("triton"))
+    wrong_block = tune_triton.SMOKE_CONFIGS[0][0]
+    check = tune_triton.Case.check
+
+    def planted(self, kernel):  # the smallest block "computes" a wrong gradient
+        err = check(self, kernel)
+        from memft_kernels.ops import triton_ce
+
+        return 0.5 if kernel == "backward" and triton_ce.launch_config(37)[0] == wrong_block else err
+
+    monkeypatch.setattr(tune_triton.Case, "check", planted)
+    path = tmp_path / "tune.csv"
+    rows = tune_triton.main(["--smoke", "--device", "cpu", "--n", "4", "--kernels", "forward", "backward",
+                             "--csv", str(path)])
+    parsed = timing.read_rows(path)
+    assert len(parsed) == len(rows) == 2 * (1 + len(tune_triton.SMOKE_CONFIGS))
+    for kernel in ("forward", "backward"):
+        mine = [r for r in parsed if r["kernel"] == kernel]
+        assert mine[0]["heuristic"] == "True" and float(mine[0]["speedup"]) == 1.0
+        for r in mine:
+            if kernel == "backward" and int(r["block_v"]) == wrong_block:
+                assert r["status"].startswith("wrong: rel_err 0.5") and r["median_ms"] == ""
+            else:
+                assert r["status"] == "ok" and float(r["rel_err"]) < 1e-2 and float(r["median_ms"]) > 0, r
+    back = [r for r in parsed if r["kernel"] == "backward"][0]
+    n_v_bytes = 4 * 37 * 2  # bf16
+    assert int(back["bytes"]) == round((1 + float(back["active_frac"])) * n_v_bytes)
+
+
+def test_tune_rel_err_sees_unwritten_elements():
+    ref = torch.randn(5, 7)
+    out = ref.clone()
+    assert tune_triton.rel_err(out, ref, rows_per_chunk=2) == 0.0
+    out[3, 4] = float("nan")
+    assert math.isnan(tune_triton.rel_err(out, ref, rows_per_chunk=2))
+    out[3, 4] = ref[3, 4] + 1.0
+    expected = 1.0 / float(torch.linalg.vector_norm(ref.double()))
+    assert tune_triton.rel_err(out, ref, rows_per_chunk=2) == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------------------------------
