@@ -367,6 +367,21 @@ def test_out_of_range_target_without_validation_gives_nan_not_a_crash():
     assert torch.isnan(mean)
 
 
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in available_backends()])
+def test_out_of_range_target_gradient_rows(backend):
+    """validate=False: an out-of-range target's gradient row is NaN, unless its coefficient is 0
+    (token weight 0), which gives exact zeros like every row with coefficient 0, in every backend."""
+    logits, target = make(n=6, v=5, ignore_frac=0.0)
+    target[1], target[4] = 5, -7
+    token_weight = torch.ones(6)
+    token_weight[4] = 0.0
+    x = logits.clone().requires_grad_(True)
+    memft_loss(x, target, validate=False, policy="none", token_weight=token_weight, reduction="none",
+               backend=backend).backward(torch.ones(6))
+    assert torch.isnan(x.grad[1]).all() and torch.equal(x.grad[4], torch.zeros(5))
+    assert torch.isfinite(x.grad[[0, 2, 3, 5]]).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------------

@@ -295,14 +295,8 @@ def _driver(so_path):
         x = vals.to(dtype).requires_grad_(True)
         return x, x.detach()
 
-    def close(a, b, rtol, atol, what, zero_rows=None):
+    def close(a, b, rtol, atol, what):
         a, b = a.detach(), b.detach()
-        if zero_rows is not None and bool(zero_rows.any()):
-            # Known divergence of the torch reference (ops/reference.py), not a kernel fault: an
-            # out-of-range target (validate=False) on a row whose coef is 0 (token weight 0) gets
-            # NaN there, exact zeros in the CPU, CUDA and Triton kernels ("coef 0: exact zeros").
-            assert bool((a[zero_rows] == 0).all()), f"{what}: coef-0 rows are not exact zeros"
-            a, b = a[~zero_rows], b[~zero_rows]
         if a.dtype == torch.int64:
             ok = a.shape == b.shape and torch.equal(a, b)
         else:
@@ -352,9 +346,7 @@ def _driver(so_path):
         for field in ("ce", "prob", "lse", "weight", "pred"):
             close(getattr(got[1], field), getattr(want[1], field), 1e-4, 2e-5, f"{what}: {field}")
         if c["needs_grad"]:
-            t = target.long()
-            zero_rows = ((t != -100) & ((t < 0) | (t >= v)) & (tw == 0)) if tw is not None else None
-            close(got[2], want[2], 1e-4 if dtype == torch.float32 else 1.6e-2, 1e-6, f"{what}: grad", zero_rows)
+            close(got[2], want[2], 1e-4 if dtype == torch.float32 else 1.6e-2, 1e-6, f"{what}: grad")
         if not c["kwargs"].get("inplace_backward"):  # the input, row padding included, is untouched
             assert torch.equal(bits(storage.detach()), bits(before)), f"{what}: the kernel wrote into its input"
         return want
@@ -380,12 +372,9 @@ def _driver(so_path):
             stats = native_cpu.row_forward_backward(logits, target, None, opt, torch.tensor(0.3), grad)
             for field in ("lse", "ce", "prob", "weight", "loss", "pred"):
                 close(getattr(stats, field), getattr(ref, field), 1e-4, 2e-5, f"{what}: {field}")
-            zero_rows = None
         else:
             native_cpu.row_backward(logits, target, ref.lse, coef, opt, out=grad)
-            t = target.long()
-            zero_rows = (t != -100) & ((t < 0) | (t >= v)) & (coef == 0)
-        close(grad, want_grad, 1e-4 if dtype == torch.float32 else 1.6e-2, 1e-6, f"{what}: grad", zero_rows)
+        close(grad, want_grad, 1e-4 if dtype == torch.float32 else 1.6e-2, 1e-6, f"{what}: grad")
         pad = torch.ones_like(gflat, dtype=torch.bool)
         pad[storage_view(torch.arange(gflat.numel()), n, v, stride).flatten()] = False
         assert torch.isnan(gflat[pad].float()).all(), f"{what}: wrote into the gradient's row padding"

@@ -105,8 +105,10 @@ def row_backward(
         out = torch.empty_like(logits)
     valid, in_range, safe = _row_targets(target, v, opts.ignore_index)
     # Rows whose target is out of range (validate=False) have a NaN loss; their gradient row is
-    # NaN too. Folding that into the row factor keeps every step below a tensor op (no host sync).
-    row_factor = torch.where(valid & ~in_range, torch.full_like(coef, math.nan, dtype=dt), coef.to(dt))
+    # NaN too, unless their coef is 0 (e.g. token weight 0): such a row gets exact zeros, as every
+    # row with coef 0 does, in every backend (the kernels write it without reading it). Folding that
+    # into the row factor keeps every step below a tensor op (no host sync).
+    row_factor = torch.where(valid & ~in_range & (coef != 0), torch.full_like(coef, math.nan, dtype=dt), coef.to(dt))
     for a, b in _chunks(n, v):
         x = _capped(logits[a:b].to(dt), opts.softcap)
         # q = exp(x - lse) from the saved lse (not softmax(x): a vocabulary slice passes the global lse),
