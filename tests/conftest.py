@@ -17,6 +17,40 @@ settings.register_profile(
 settings.load_profile("ci")
 
 
+def _interpreter_numpy_problem():
+    """Triton < 3.7's interpreter converts a scalar kernel argument with int() on a 1-element array,
+    which NumPy >= 2.4 refuses (triton-lang/triton issue 9171; fixed in 3.7): every interpreted
+    kernel with a loop bound read from an argument then fails with "only 0-dimensional arrays can
+    be converted to Python scalars". Only the interpreter: compiled kernels on a GPU are unaffected."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return None
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return None
+
+    def version(v):
+        return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (>= 2.4; triton "
+                f"issue 9171): interpreted Triton tests fail here. Use numpy<2.4, triton>=3.7, or on a GPU "
+                f"MEMFT_TEST_GPU=1 (no interpreter).")
+    return None
+
+
+def pytest_report_header(config):
+    problem = _interpreter_numpy_problem()
+    return [f"WARNING: {problem}"] if problem else []
+
+
+def pytest_terminal_summary(terminalreporter):
+    problem = _interpreter_numpy_problem()
+    if problem:
+        terminalreporter.write_line(f"WARNING: {problem}", yellow=True)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (run by benchmarks/gpu_check.sh)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
