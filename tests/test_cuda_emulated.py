@@ -178,7 +178,7 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
 
     import torch
 
-    from memft_kernels.ops import native_cpu as helpers  # the argument helpers native_cuda.py uses
+    from memft_kernels.ops import native_args as helpers  # the argument helpers native_cuda.py uses
     from memft_kernels.ops import reference
     from memft_kernels.spec import KernelOptions, RowStats
 

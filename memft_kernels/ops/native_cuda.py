@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..spec import KernelOptions, RowStats
-from .native_cpu import (
-    _NOT_BUILT,
+from .native_args import (
+    NOT_BUILT,
     check_grad,
     make_input,
     make_options,
@@ -132,7 +132,7 @@ def built_architectures() -> Optional[Tuple[str, ...]]:
 
 def availability() -> Optional[str]:
     if _C is None:
-        return _NOT_BUILT.format(what="CUDA", name="_native_cuda", error=_IMPORT_ERROR,
+        return NOT_BUILT.format(what="CUDA", name="_native_cuda", error=_IMPORT_ERROR,
                                  needs="nvcc is on PATH or MEMFT_CUDA=1")
     if not torch.cuda.is_available():
         return f"the CUDA module is built ({' '.join(built_architectures())}) but torch sees no CUDA device"
