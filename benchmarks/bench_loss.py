@@ -5,6 +5,8 @@ the active tokens, fallback to the plain mean when none is active):
 
 * ``memft-triton`` / ``memft-cuda`` / ``memft-cpu`` / ``memft-torch``: ``memft_loss(..., backend=...)``
   for each backend available here (``memft-torch`` is the chunked PyTorch reference);
+* ``memft-triton-inplace`` / ``memft-cuda-inplace`` / ``memft-cpu-inplace``: the same with
+  ``inplace_backward=True`` (the gradient overwrites the logits: no N x V buffer);
 * ``torch-plain``: the loss as a user writes it in PyTorch (``F.cross_entropy(reduction="none")``,
   keep the tokens with ce > ln 2, divide by their count);
 * ``torch-compile``: ``torch.compile(fullgraph=True)`` of that function;
@@ -107,11 +109,11 @@ def _memft_unavailable(backend: str) -> Callable[[torch.Tensor, bool], Optional[
     return check
 
 
-def _memft_make(backend: str):
+def _memft_make(backend: str, inplace: bool = False):
     def make():
         from memft_kernels import memft_loss
 
-        return lambda x, y: memft_loss(x, y, backend=backend)
+        return lambda x, y: memft_loss(x, y, backend=backend, inplace_backward=inplace)
 
     return make
 
@@ -155,6 +157,21 @@ PROVIDERS: Dict[str, Provider] = {
     )
     for b in ("triton", "cuda", "cpu", "torch")
 }
+# The same kernels writing the gradient into the logits' storage (inplace_backward=True): no N x V
+# allocation, so no fresh pages for the OS to zero on a CPU; the caller's logits are overwritten
+# (restored outside the timed region here).
+PROVIDERS.update({
+    f"memft-{b}-inplace": Provider(
+        f"memft-{b}-inplace",
+        dict(_KERNEL_PASSES),
+        _KERNEL_NOTE + "; gradient written into the logits",
+        _memft_make(b, inplace=True),
+        _memft_unavailable(b),
+        overwrites_input=True,
+        skips_inactive_rows=True,
+    )
+    for b in ("triton", "cuda", "cpu")
+})
 PROVIDERS["torch-plain"] = Provider(
     "torch-plain",
     {"fwd": (1, 1), "fwd+bwd": (3, 3)},

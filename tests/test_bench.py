@@ -38,17 +38,17 @@ def _read(path: Path):
 def smoke_csv(tmp_path_factory):
     """One smoke run of every provider that is fast on CPU (the interpreted Triton ones run below)."""
     path = tmp_path_factory.mktemp("bench") / "loss.csv"
-    providers = [p for p in bench_loss.PROVIDERS if p not in ("memft-triton", "liger")]
+    providers = [p for p in bench_loss.PROVIDERS if not p.startswith("memft-triton") and p != "liger"]
     bench_loss.main(["--smoke", "--device", "cpu", "--csv", str(path), "--providers", *providers])
     return path
 
 
 def test_every_provider_runs_and_outputs_parse(smoke_csv):
     rows, objs = _read(smoke_csv)
-    assert len(rows) == len(objs) == 2 * (len(bench_loss.PROVIDERS) - 2)
+    assert len(rows) == len(objs) == 2 * (len(bench_loss.PROVIDERS) - 3)
     must_run = {"memft-torch", "torch-plain", "torch-compile"}
     if dispatch.availability("cpu") is None:
-        must_run.add("memft-cpu")
+        must_run |= {"memft-cpu", "memft-cpu-inplace"}
     for row, obj in zip(rows, objs):
         assert row["provider"] == obj["provider"] and row["mode"] == obj["mode"]
         assert row["device"] == "cpu" and row["device_name"] and int(row["threads"]) >= 1
@@ -108,10 +108,10 @@ def test_interpreted_triton_and_liger_run(tmp_path, monkeypatch):
         pytest.skip(dispatch.availability("triton"))
     path = tmp_path / "tri.csv"
     bench_loss.main(["--smoke", "--device", "cpu", "--n", "4", "--v", "64", "--reps", "1", "--no-memory",
-                     "--csv", str(path), "--providers", "memft-triton", "liger"])
+                     "--csv", str(path), "--providers", "memft-triton", "memft-triton-inplace", "liger"])
     rows, _ = _read(path)
-    tri = [r for r in rows if r["provider"] == "memft-triton"]
-    assert [r["status"] for r in tri] == ["ok", "ok"] and all(float(r["rel_err"]) < 1e-5 for r in tri)
+    tri = [r for r in rows if r["provider"].startswith("memft-triton")]
+    assert [r["status"] for r in tri] == ["ok"] * 4 and all(float(r["rel_err"]) < 1e-5 for r in tri)
     for r in rows:
         if r["provider"] == "liger":
             assert r["status"] == "ok" or r["status"].startswith("skipped: liger_kernel not importable")
