@@ -83,6 +83,13 @@ def _resource_usage(cubin: bytes) -> dict:
     return {key: int(value) for key, value in re.findall(r"\b(REG|LOCAL|STACK|SHARED):(\d+)", out)}
 
 
+def _row_offset_types(ttir: str, fn) -> dict:
+    """For each row-base pointer argument, the integer types of the scalar offsets added to it in
+    the TTIR: i64 means row * row_stride is formed in 64 bits (N x V > 2^31 elements is safe)."""
+    return {name: sorted(set(re.findall(rf"tt\.addptr %{name}, %[\w#]+ : !tt\.ptr<\w+>, (i\d+)", ttir)))
+            for name in ("logits_ptr", "grad_ptr") if name in fn.arg_names}
+
+
 def compile_all() -> list:
     """Compile every specialization for every arch; one dict per binary. Needs the real JIT, so it
     runs in a process without TRITON_INTERPRET (the test below starts one)."""
@@ -97,7 +104,8 @@ def compile_all() -> list:
             results.append(dict(arch=arch, kernel=kernel, dtype=dtype, features=features, num_warps=num_warps,
                                 cubin_bytes=len(cubin), ptx_target=re.search(r"\.target\s+(\w+)", ptx)[1],
                                 vector_loads=bool(re.search(r"ld\.global[\w.:]*\.v4", ptx)),
-                                n_regs=usage["REG"], n_spills=usage["LOCAL"], stack=usage["STACK"]))
+                                n_regs=usage["REG"], n_spills=usage["LOCAL"], stack=usage["STACK"],
+                                row_offsets=_row_offset_types(compiled.asm["ttir"], getattr(triton_ce, kernel))))
     return results
 
 
@@ -120,6 +128,9 @@ def test_every_kernel_compiles_for_gpu(capsys):
         assert r["vector_loads"], r
         # A spill would mean the launch heuristic's block is too large for the register file.
         assert r["n_spills"] == 0, r
+        # Row starts are 64-bit offsets (the 32-bit row stride widened before the multiply), so a
+        # row past element 2^31 is addressed correctly: the compiled form of the int64 rule.
+        assert r["row_offsets"] and all(types == ["i64"] for types in r["row_offsets"].values()), r
 
 
 if __name__ == "__main__":
