@@ -147,7 +147,7 @@ def plot(rows: List[Dict[str, str]], png: Path) -> bool:
         for p in OrderedDict.fromkeys(r["provider"] for r in grp):
             pts = sorted((int(r["V"]), float(r["median_ms"]), _num(r.get("peak_mem_bytes", ""))) for r in grp if r["provider"] == p)
             ax_t.plot([v for v, _, _ in pts], [t for _, t, _ in pts], marker="o", label=p, color=colors[p])
-            mem = [(v, m / 2**20) for v, _, m in pts if m is not None and m > 0]  # log axis: 0 MiB not drawn
+            mem = [(v, m / 2**20) for v, _, m in pts if m is not None]  # symlog axis: 0 MiB is drawn
             if mem:
                 ax_m.plot([v for v, _ in mem], [m for _, m in mem], marker="o", label=p, color=colors[p])
         title = f"{md} {dt} N={n_rows} | {device_name}" + (f" ({threads} thr)" if grp[0]["device"] == "cpu" else "")
@@ -155,9 +155,10 @@ def plot(rows: List[Dict[str, str]], png: Path) -> bool:
         ax_m.set_title("peak extra memory: " + title, fontsize=8)
         ax_t.set_ylabel("median ms")
         ax_m.set_ylabel("MiB")
+        ax_t.set_yscale("log")
+        ax_m.set_yscale("symlog", linthresh=1.0)  # linear below 1 MiB: no extra memory shows as 0
         for ax in (ax_t, ax_m):
             ax.set_xlabel("V")
-            ax.set_yscale("log")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
