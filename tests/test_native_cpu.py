@@ -314,6 +314,31 @@ def test_custom_ops_trace_under_torch_compile():
     assert torch.equal(loss.detach(), want_loss) and torch.equal(x.grad, want_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_past_element_2_to_the_31(dtype):
+    """A row that starts past element 2^31 of its storage (row stride 2^31 + 64 over 8 or 4 GiB of
+    lazily committed memory, two rows touched): the row offsets are 64-bit in forward, backward and
+    the fused pass, on each instruction set."""
+    v, stride = 64, 2**31 + 64
+    storage = torch.empty(stride + v, dtype=dtype)  # virtual: only the two rows' pages are touched
+    x = storage.as_strided((2, v), (stride, 1))
+    dense, target = make(n=2, v=v, ignore_frac=0.0, seed=3)
+    x.copy_(dense.to(dtype))
+    dense = x.contiguous()
+    opts = KernelOptions(policy="none")
+    got, want = native_cpu.row_forward(x, target, None, opts), reference.row_forward(dense.double(), target, None, opts)
+    assert rel(got.lse, want.lse) < 1e-6 and torch.equal(got.pred, want.pred)
+    coef = torch.tensor([0.5, 2.0])
+    grad = native_cpu.row_backward(x, target, got.lse, coef, opts)
+    want_grad = reference.row_backward(dense.double(), target, want.lse, coef.double(), opts)
+    assert rel(grad, want_grad) < (1e-6 if dtype == torch.float32 else 1e-2)
+    fused = torch.full((2, v), math.nan, dtype=dtype)
+    stats = native_cpu.row_forward_backward(x, target, None, opts, torch.tensor(0.5), fused)
+    assert rel(stats.lse, want.lse) < 1e-6
+    assert rel(fused, reference.row_backward(dense.double(), target, want.lse, torch.full((2,), 0.5).double(), opts)) < (
+        1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_custom_ops_under_inductor_fullgraph():
     """The default torch.compile backend (inductor, C++ codegen here) over the three paths: two-pass
     "active" mean with masked rows, single-pass "valid" mean, per-row "none" with an upstream
