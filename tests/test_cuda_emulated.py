@@ -164,7 +164,7 @@ OPTION_SETS = (
 )
 # Each (dtype, V) runs two of the option sets, in turn, so each set meets every dtype and most V
 # (the script with --all-options runs all four everywhere).
-EXPECTED_CASES = len(DTYPES) * len(VOCAB) * 2 + 1  # + one V = 16411 case (1024 threads)
+EXPECTED_CASES = len(DTYPES) * len(VOCAB) * 2 + 2  # + one V = 16411 case (1024 threads) + one row past element 2^31
 
 
 def option_sets_for(dtype_index: int, v_index: int):
@@ -377,6 +377,28 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
         call_fused(logits, target, None, torch.tensor(0.37), grad, args)
         ref = reference.row_backward(logits.double(), target, want.lse, want.weight * 0.37, opts)
         check_grad(grad, ref, None, (want.weight * 0.37).float(), torch.float32, f"float32 V={v} fused")
+        cases += 1
+
+    if not only:  # a row that starts past element 2^31: row * row_stride must be formed in 64 bits
+        v, stride = 64, 2**31 + 64
+        opts = KernelOptions(policy="none")
+        args = helpers.option_args(opts)
+        storage = torch.empty(stride + v, dtype=torch.bfloat16)  # 4 GiB, virtual: two rows touched
+        logits = storage.as_strided((2, v), (stride, 1))
+        x64, t = make_case(torch.bfloat16, v, 0)
+        logits.copy_(x64[:2].to(torch.bfloat16))
+        target = t[:2].clone()
+        dense = logits.double()
+        got = call_forward(logits, target, None, args)
+        want = reference.row_forward(dense, target, None, opts)
+        check_stats(got, want, torch.bfloat16, "bfloat16 row past element 2^31 forward")
+        coef = torch.tensor([0.5, 2.0])
+        grad = torch.full((2, v), math.nan, dtype=torch.bfloat16)
+        call_backward(logits, target, got.lse, coef, grad, args)
+        ref = reference.row_backward(dense, target, want.lse, coef.double(), opts)
+        torch_lp = reference.row_backward(logits.contiguous(), target, want.lse.float(), coef, opts)
+        check_grad(grad, ref, torch_lp, coef, torch.bfloat16, "bfloat16 row past element 2^31 backward")
+        del storage, logits
         cases += 1
 
     for (dt, what), err in sorted(worst.items()):
