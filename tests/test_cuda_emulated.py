@@ -23,7 +23,6 @@ Run by hand: ``python -m pytest -q tests/test_cuda_emulated.py -s`` prints the c
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -37,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "csrc" / "cuda" / "memft_cuda.cu"
 SHIM = ROOT / "tests" / "cuda_emu"
 MODULE = "_memft_cuda_emu"
-SANITIZER_MARKS = ("AddressSanitizer", "runtime error", "UndefinedBehaviorSanitizer", "CUDA-EMU ERROR")
+sys.path.insert(0, str(ROOT / "tests"))
+from asan_harness import asan_toolchain, assert_clean, run_driver  # noqa: E402
 
 # kernel<...><<<config>>>(args);  ->  ::emu::launch(::emu::LaunchConfig{config}, kernel<...>, args);
 LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<([^;]*?)>>>\s*\(([^;]*?)\)\s*;")
@@ -52,18 +52,11 @@ def rewrite_launches(src: str) -> str:
 # ------------------------------------------------------------------------------ build (pytest side)
 def _toolchain():
     """(g++, libasan path, pybind11 include), or the reason the emulated build cannot run."""
-    if sys.platform != "linux":
-        return "the harness preloads an ELF sanitizer runtime (Linux only)"
     cxx = shutil.which("g++")
-    if cxx is None:
-        return "g++ is not installed"
-    libasan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    if not os.path.isabs(libasan) or not os.path.exists(libasan):
-        return f"g++ has no AddressSanitizer runtime (libasan.so not found: {libasan!r})"
-    try:
-        import pybind11
-    except ImportError:
-        return "pybind11 (a build requirement of the native modules) is not installed"
+    tools = asan_toolchain(cxx)
+    if isinstance(tools, str):
+        return tools
+    libasan, pybind11 = tools
     return cxx, libasan, pybind11.get_include()
 
 
@@ -98,16 +91,7 @@ def build(out_dir: Path, cxx: str, pybind11_include: str) -> Path:
 
 
 def _run_driver(so, libasan, *args, timeout=240):
-    env = dict(os.environ)
-    env.update(
-        LD_PRELOAD=libasan,  # the ASan runtime must come first; the module pulls in libubsan itself
-        ASAN_OPTIONS="detect_leaks=0",  # CPython and torch "leak" by design: noise
-        UBSAN_OPTIONS="print_stacktrace=1",
-        PYTHONMALLOC="malloc",  # Python's own buffers through malloc, where ASan sees them
-        OMP_NUM_THREADS="1",
-    )
-    return subprocess.run([sys.executable, str(Path(__file__).resolve()), str(so), *args],
-                          capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=timeout)
+    return run_driver(__file__, so, libasan, *args, threads=1, timeout=timeout)
 
 
 if __name__ != "__main__":
@@ -135,10 +119,7 @@ if __name__ != "__main__":
         so, libasan = emulated_module
         t0 = time.perf_counter()
         r = _run_driver(so, libasan)
-        report = f"exit code {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-12000:]}"
-        for mark in SANITIZER_MARKS:
-            assert mark not in r.stderr, report
-        assert r.returncode == 0, report
+        report = assert_clean(r, extra_marks=("CUDA-EMU ERROR",), stdout_tail=4000)
         m = re.search(r"EMU-OK cases=(\d+) launches=(\d+)", r.stdout)
         assert m and int(m.group(1)) == EXPECTED_CASES, report
         print(r.stdout[-2500:])
