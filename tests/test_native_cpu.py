@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from memft_kernels import memft_loss
-from memft_kernels.ops import native_cpu, reference
+from memft_kernels.ops import native_args, native_cpu, reference
 from memft_kernels.spec import KernelOptions
 
 pytestmark = pytest.mark.skipif(native_cpu.availability() is not None, reason=str(native_cpu.availability()))
@@ -390,7 +390,7 @@ def test_hypothesis_vs_float64(isa, n, v, dtype, policy, mode, smoothing, z, sof
 def test_custom_ops_pass_opcheck():
     logits, target = make(n=5, v=33)
     tw = torch.rand(5)
-    args = native_cpu.option_args(KernelOptions(policy="sigmoid", label_smoothing=0.1))
+    args = native_args.option_args(KernelOptions(policy="sigmoid", label_smoothing=0.1))
     grad = torch.empty_like(logits)
     torch.library.opcheck(native_cpu.cpu_row_forward, (logits, target, tw) + args)
     torch.library.opcheck(native_cpu.cpu_row_forward_backward, (logits, target, tw, torch.tensor(0.5), grad) + args)

@@ -1,6 +1,7 @@
 """Arguments of the compiled modules, shared by the native CPU and CUDA backends: tensors become
 the raw addresses, sizes and strides that ``csrc/bindings.cpp`` takes (the modules never see a
-torch tensor, so they link no libtorch), options become the scalars of its ``RowOptions``.
+torch tensor, so they link no libtorch), options become the scalars of its ``RowOptions``; and the
+backend interface of ``ops/reference.py`` written once over a module's three custom ops.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..spec import KernelOptions
+from ..spec import KernelOptions, RowStats
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _POLICY_CODES = {"none": 0, "hard": 1, "sigmoid": 2}
@@ -81,3 +82,28 @@ def prepare(logits, target, token_weight):
     if token_weight is not None and token_weight.dtype != torch.float32:
         token_weight = token_weight.to(torch.float32)
     return logits, target, token_weight
+
+
+# ------------------------------------------------------ the backend interface over a module's custom ops
+def row_forward(op, logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
+                opts: KernelOptions) -> RowStats:
+    logits, target, token_weight = prepare(logits, target, token_weight)
+    return RowStats(*op(logits, target, token_weight, *option_args(opts)))
+
+
+def row_backward(op, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+                 opts: KernelOptions, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    logits, target, _ = prepare(logits, target, None)
+    if out is None:
+        out = torch.empty_like(logits)
+    lse = lse.to(torch.float32).contiguous()
+    coef = coef.to(torch.float32).contiguous()
+    op(logits, target, lse, coef, out, *option_args(opts))
+    return out
+
+
+def row_forward_backward(op, logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
+                         opts: KernelOptions, scale: torch.Tensor, grad: torch.Tensor) -> RowStats:
+    logits, target, token_weight = prepare(logits, target, token_weight)
+    scale = scale.to(device=logits.device, dtype=torch.float32).reshape(())
+    return RowStats(*op(logits, target, token_weight, scale, grad, *option_args(opts)))

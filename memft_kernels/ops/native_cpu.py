@@ -16,14 +16,13 @@ from typing import Optional, Tuple
 import torch
 
 from ..spec import KernelOptions, RowStats
+from . import native_args
 from .native_args import (
     NOT_BUILT,
     check_grad,
     make_input,
     make_options,
     new_row_stats,
-    option_args,
-    prepare,
     stats_args,
 )
 
@@ -136,23 +135,14 @@ def isa() -> Optional[str]:
 
 def row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
                 opts: KernelOptions) -> RowStats:
-    logits, target, token_weight = prepare(logits, target, token_weight)
-    return RowStats(*cpu_row_forward(logits, target, token_weight, *option_args(opts)))
+    return native_args.row_forward(cpu_row_forward, logits, target, token_weight, opts)
 
 
 def row_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
                  opts: KernelOptions, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    logits, target, _ = prepare(logits, target, None)
-    if out is None:
-        out = torch.empty_like(logits)
-    lse = lse.to(torch.float32).contiguous()
-    coef = coef.to(torch.float32).contiguous()
-    cpu_row_backward(logits, target, lse, coef, out, *option_args(opts))
-    return out
+    return native_args.row_backward(cpu_row_backward, logits, target, lse, coef, opts, out)
 
 
 def row_forward_backward(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
                          opts: KernelOptions, scale: torch.Tensor, grad: torch.Tensor) -> RowStats:
-    logits, target, token_weight = prepare(logits, target, token_weight)
-    scale = scale.to(device=logits.device, dtype=torch.float32).reshape(())
-    return RowStats(*cpu_row_forward_backward(logits, target, token_weight, scale, grad, *option_args(opts)))
+    return native_args.row_forward_backward(cpu_row_forward_backward, logits, target, token_weight, opts, scale, grad)
