@@ -7,12 +7,12 @@ on small random-init models on this machine's CPU.
 Three sweeps, each a `memft law sweep` results file under --work (default runs/results_report/);
 a re-run skips every finished cell, so an interrupted report resumes where it stopped:
 
-- law: the weak regime of docs CALIBRATION fact 4 (hidden 128, 2 layers, V 2048, init 0.02, a
+- law: the weak regime of docs/TRAINING.md fact 4 (hidden 128, 2 layers, V 2048, init 0.02, a
   single LoRA on layer 1's down_proj, 300 steps, CE): unsaturated cells, the region the fit uses.
 - capacity: MemFT-OT / MemFT-SW vs CE where LoRA capacity is tight (init 0.2, one layer's LoRA),
   the regime in which the paper reports MemFT's gains.
 - highcap: the same comparison with LoRA on every layer (ample capacity), where MemFT is expected
-  to be no faster (CALIBRATION fact 3). Both regimes are reported.
+  to be no faster (docs/TRAINING.md fact 3). Both regimes are reported.
 
 The base models are local Hugging Face folders built from a config with a word-level tokenizer
 (no download): the same `--model PATH` route a user takes with their own model.
