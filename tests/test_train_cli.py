@@ -86,6 +86,14 @@ SEMANTIC = {
     "--attn": ["bogus"],
     "--compare": ["bogus", "ce,bogus"],
     "--resume": ["MISSING", "DIR"],
+    "--recipe": ["bogus", "paper-phonebook:bogus"],
+    "--window-state": ["bogus"],
+    "--curriculum-style": ["bogus"],
+    "--curriculum-ratios": ["abc", "0.5"],
+    "--curriculum-boundaries": ["abc", "5"],
+    "--grad-accum": ["0"],
+    "--accum-normalize": ["bogus"],
+    "--epochs": ["-1"],
 }
 
 
