@@ -113,6 +113,15 @@ def test_interpreted_triton_and_liger_run(tmp_path, monkeypatch):
     for r in rows:
         if r["provider"] == "liger":
             assert r["status"] == "ok" or r["status"].startswith("skipped: liger_kernel not importable")
+            if r["status"] == "ok":
+                assert float(r["rel_err"]) < 1e-5
+    # Liger's fused linear cross-entropy, in the interpreter at the linear benchmark's smoke size
+    rows = bench_linear_loss.main(["--smoke", "--device", "cpu", "--weight", "frozen", "--only", "memft-materialized",
+                                   "liger-flce", "--out", str(tmp_path / "lin.csv")])
+    (liger,) = [r for r in rows if r["provider"] == "liger-flce"]
+    assert liger["status"] == "ok" or liger["status"].startswith("skipped: liger_kernel not importable"), liger
+    if liger["status"] == "ok":
+        assert liger["loss_rel_err"] < 1e-5  # random head: every token active, so MemFT's loss is the CE mean
 
 
 def test_tune_triton_checks_then_times_every_config(tmp_path, monkeypatch):
