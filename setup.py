@@ -165,7 +165,8 @@ setup(
             "matplotlib>=3.7",
             "scipy>=1.10",
         ],
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # trl: tests/test_integration_trainer.py (MemFTSFTTrainer); tested with trl 1.16 + transformers 5.24.
+        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2"],
     },
     entry_points={"console_scripts": ["memft=memft_kernels.cli:main"]},
 )

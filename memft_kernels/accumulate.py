@@ -75,11 +75,15 @@ class MemFTAccumulator:
         group=None,
         grad_reduction: str = "sum",
         backward_multiplier: float = 1.0,
+        last_micro_batch: Optional[Callable[[], bool]] = None,
+        returned_value: str = "sum",
     ):
         if fallback not in ("mean", "zero"):
             raise ValueError(f"fallback={fallback!r} is not supported; choose one of 'mean', 'zero'")
         if grad_reduction not in ("sum", "mean", "none"):
             raise ValueError(f"grad_reduction={grad_reduction!r} is not supported; choose one of 'sum', 'mean', 'none'")
+        if returned_value not in ("sum", "step"):
+            raise ValueError(f"returned_value={returned_value!r} is not supported; choose one of 'sum', 'step'")
         if not backward_multiplier > 0:
             raise ValueError(f"backward_multiplier must be > 0, got {backward_multiplier!r}")
         self.params = self._trainable(params)
@@ -89,6 +93,13 @@ class MemFTAccumulator:
         # A framework that multiplies every returned loss by a constant before backward (the
         # Trainer does for average_tokens_across_devices) sets it here; the scale divides by it.
         self.backward_multiplier = float(backward_multiplier)
+        # Says whether the micro-batch being computed is the step's last (when ``last`` is not
+        # passed): the Trainer's ``accelerator.sync_gradients``.
+        self.last_micro_batch = last_micro_batch
+        # "sum": the returned tensor's value is what it backpropagates; "step": its value is 0 except
+        # on the last micro-batch, where it is the step's loss (divided by backward_multiplier), so
+        # that a framework summing the returned values logs the step's loss. Same gradients.
+        self.returned_value = returned_value
         self._reset()
 
     @staticmethod
@@ -124,7 +135,7 @@ class MemFTAccumulator:
     # ------------------------------------------------------------------------------------------
     # One micro-batch
     # ------------------------------------------------------------------------------------------
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, *, last: bool = False, **options) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, *, last: Optional[bool] = None, **options) -> torch.Tensor:
         """The tensor to backpropagate for this micro-batch (``memft_loss`` keywords in ``options``).
 
         Its gradient is this micro-batch's ``sum_i w_i l_i`` (or, while the step has no active
@@ -141,7 +152,7 @@ class MemFTAccumulator:
             last=last,
         )
 
-    def linear_loss(self, hidden, weight, target, bias=None, *, last: bool = False, **options) -> torch.Tensor:
+    def linear_loss(self, hidden, weight, target, bias=None, *, last: Optional[bool] = None, **options) -> torch.Tensor:
         """``loss`` for ``memft_linear_loss(hidden, weight, target, bias)`` (no logits materialized)."""
         from .linear_loss import memft_linear_loss
 
@@ -169,12 +180,13 @@ class MemFTAccumulator:
         stats: MemFTStats,
         plain_sum: Optional[Callable[[], torch.Tensor]] = None,
         *,
-        last: bool = False,
+        last: Optional[bool] = None,
     ) -> torch.Tensor:
         """The general form of ``loss``: ``loss_sum`` = sum_i w_i l_i of a ``reduction="sum"`` call
         with its ``stats``; ``plain_sum()`` computes the same call's loss with ``policy="none"`` and
         no token weight (needed only for ``fallback="mean"``, called only while the step has no
-        active token). Returns the tensor to backpropagate."""
+        active token). ``last=None`` asks ``last_micro_batch()`` (False without one). Returns the
+        tensor to backpropagate."""
         if self._scaled:
             raise RuntimeError("MemFTAccumulator: loss(last=True) was already called; call finish_step() first")
         totals = torch.stack([
@@ -205,11 +217,16 @@ class MemFTAccumulator:
             self._fallback_sum += float(value[0])
             self._holds_fallback_grads = True
 
+        if last is None:
+            last = bool(self.last_micro_batch()) if self.last_micro_batch is not None else False
         if last:
             scale = self.step_scale()
             self._scale_grads(scale)
             self._scaled = True
             out = out * scale
+        if self.returned_value == "step":
+            value = self.step_loss() / self.backward_multiplier if last else 0.0
+            out = out + (value - out.detach())
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -264,6 +281,12 @@ class MemFTAccumulator:
         over every micro-batch and rank, and starts a new step. Call it on every rank."""
         if self.micro_batches == 0:
             raise RuntimeError("MemFTAccumulator.finish_step(): no micro-batch was accumulated in this step")
+        if self.last_micro_batch is not None and not self._scaled:
+            raise RuntimeError(
+                "MemFTAccumulator.finish_step(): last_micro_batch() never said True in this step, so the "
+                "gradients were not scaled before the framework used them (clipping); is gradient "
+                "synchronization on every micro-batch (sync_each_batch, DeepSpeed)? That is not supported."
+            )
         if self.grad_reduction == "sum" and self.world_size() > 1:
             for g in self._grads():
                 dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self.group)

@@ -272,3 +272,26 @@ def test_two_ranks_equal_one_call(spawned, case):
         assert info["fell_back"] == bool(ref_stats.fell_back)
         assert info["n_active"] == int(ref_stats.n_active)
         assert info["n_valid"] == int(ref_stats.n_valid)
+
+
+def test_returned_value_step_and_last_micro_batch_provider():
+    """returned_value="step": values 0, ..., 0, step loss (the Trainer sums them for its log); the
+    gradients are those of the plain returned sums. The provider flags the last micro-batch."""
+    x, w, target, _ = make_case(6, "mixed")
+    ref_loss, ref_grad, _ = reference_grad(x, w, target)
+    p = w.clone().requires_grad_(True)
+    flags = iter([False, False, True])
+    acc = MemFTAccumulator([p], last_micro_batch=lambda: next(flags), returned_value="step", backward_multiplier=2.0)
+    values = []
+    for rows in (slice(0, 10), slice(10, 30), slice(30, 48)):
+        out = acc.loss(x[rows] @ p.T, target[rows])
+        values.append(float(out.detach()))
+        (out * 2.0).backward()  # a framework multiplying every returned loss by backward_multiplier
+    assert values[:2] == [0.0, 0.0] and values[2] * 2.0 == pytest.approx(float(ref_loss), rel=REL)
+    assert rel_err(p.grad, ref_grad) < REL  # final before finish_step (clipping would see these)
+    acc.finish_step()
+    assert rel_err(p.grad, ref_grad) < REL  # not scaled twice
+    never = MemFTAccumulator([p], last_micro_batch=lambda: False)
+    never.loss(x @ p.T, target)
+    with pytest.raises(RuntimeError, match="never said True"):
+        never.finish_step()
