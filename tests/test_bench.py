@@ -388,3 +388,17 @@ def test_targets_table_marks_misses():
     lines = {line.split(" | ")[1]: line for line in report.targets_tables(rows).splitlines() if line.startswith("| 128256")}
     assert lines["memft-triton"] == "| 128256 | memft-triton | 1 | 4,000 | 90% | 5.00x | 1.20x (miss) | - |"
     assert lines["memft-cuda"] == "| 128256 | memft-cuda | 2 | 2,000 | 45% (miss) | 2.50x (miss) | 0.60x (miss) | - |"
+
+
+def test_train_step_provider_list_is_extensible(tmp_path, monkeypatch):
+    """A row is one more TrainProvider: its prepare() sees the fresh model, unavailable() skips it."""
+    seen = []
+    extra = [
+        bench_train_step.TrainProvider("memft-prepared", bench_train_step.PROVIDERS[1].loss, "test",
+                                       prepare=lambda model: seen.append(type(model).__name__)),
+        bench_train_step.TrainProvider("never", bench_train_step.PROVIDERS[1].loss, "test", unavailable=lambda: "not here"),
+    ]
+    monkeypatch.setattr(bench_train_step, "PROVIDERS", bench_train_step.PROVIDERS + extra)
+    rows = bench_train_step.main(["--smoke", "--device", "cpu", "--reps", "1", "--providers", "memft-prepared", "never",
+                                  "--csv", str(tmp_path / "t.csv")])
+    assert [r["status"] for r in rows] == ["ok", "skipped: not here"] and seen == ["PeftModel"]
