@@ -165,7 +165,9 @@ setup(
             "matplotlib>=3.7",
             "scipy>=1.10",
         ],
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # `memft law sweep --engine ray` (docs/LAW.md); the tests run it on a local Ray instance.
+        "cluster": ["ray>=2.10"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "ray>=2.10"],
     },
     entry_points={"console_scripts": ["memft=memft_kernels.cli:main"]},
 )
