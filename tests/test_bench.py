@@ -1,5 +1,6 @@
-"""The benchmark harness on CPU at smoke size: every provider runs, the outputs parse, the byte
-counts match a hand count, the clocks are read only after a synchronize, and gpu_check.sh parses."""
+"""The benchmark harness (memft_kernels.bench) on CPU at smoke size: every provider runs, the outputs
+parse, the byte counts match a hand count, the clocks are read only after a synchronize, the
+committed results still read, `memft bench` runs the package's modules, and gpu_check.sh parses."""
 import csv
 import json
 import math
@@ -11,17 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from memft_kernels import dispatch
+from memft_kernels.bench import linear_loss as bench_linear_loss
+from memft_kernels.bench import loss as bench_loss
+from memft_kernels.bench import report, timing, tune_triton
+from memft_kernels.bench import train_step as bench_train_step
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import bench_loss  # noqa: E402
-import bench_train_step  # noqa: E402
-import report  # noqa: E402
-import timing  # noqa: E402
-import tune_triton  # noqa: E402
-
-from memft_kernels import dispatch  # noqa: E402
 
 NUMERIC = ("median_ms", "p20_ms", "p80_ms", "gbps", "copy_gbps", "frac_copy", "loss", "rel_err", "bytes")
 
@@ -269,17 +267,95 @@ def test_train_step_smoke(tmp_path):
     assert [r["provider"] for r in parsed] == [r["provider"] for r in rows]
 
 
-def test_memft_bench_command(monkeypatch):
+def test_memft_bench_runs_the_package(tmp_path, monkeypatch, capsys):
+    """`memft bench NAME` runs the package's module in process (no checkout needed); only gpu-check
+    needs the checkout's script, and says so without one."""
     from memft_kernels import bench, cli
 
-    cmd = bench.command_for("loss", ["--smoke"])
-    assert cmd[0] == sys.executable and cmd[1].endswith("benchmarks/bench_loss.py") and cmd[2:] == ["--smoke"]
-    assert bench.command_for("gpu-check", [])[:1] == ["bash"]
+    assert set(bench.BENCHMARKS) | set(bench.CHECKOUT_ONLY) == set(bench.NAMES)
+    for name in bench.BENCHMARKS:
+        assert callable(bench.entry_point(name)), name
     args = cli.build_parser().parse_args(["bench", "report", "x.csv", "--no-png"])
     assert args.script == "report" and args.script_args == ["x.csv", "--no-png"]
-    monkeypatch.setattr(bench, "benchmarks_dir", lambda: None)
+    assert bench.command_for("gpu-check", ["-x"]) == ["bash", str(BENCH / "gpu_check.sh"), "-x"]
+    assert cli.main(["bench", "loss", "--help"]) == 0
+    assert "usage: memft bench loss" in capsys.readouterr().out
+    assert cli.main(["bench", "loss", "--smoke", "--providers", "nope"]) == 2  # the module's refusal, one line
+    assert "unknown provider" in capsys.readouterr().err
+    # as from an installed wheel: no checkout, so results go to ./bench_results and gpu-check refuses
+    monkeypatch.setattr(timing, "checkout_root", lambda: None)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(cli.CLIError, match="source checkout"):
-        bench.command_for("loss", [])
+        bench.command_for("gpu-check", [])
+    info = timing.machine_info(torch.device("cpu"))
+    assert info["commit"] == "unknown"
+    assert timing.default_results_path("bench_loss", info) == tmp_path / "bench_results" / f"bench_loss_cpu-{timing.slug(str(info['device_name']))}.csv"
+    assert cli.main(["bench", "train-step", "--smoke", "--device", "cpu", "--providers", "memft", "--reps", "1"]) == 0
+    (written,) = (tmp_path / "bench_results").glob("bench_train_step_cpu-*.csv")
+    assert [r["status"] for r in timing.read_rows(written)] == ["ok"]
+
+
+def test_thin_entry_points_call_the_package():
+    """benchmarks/*.py stay as entry points (gpu_check.sh and the docs run them) and hold no code."""
+    import ast
+
+    for script, module in [("bench_loss", "loss"), ("bench_linear_loss", "linear_loss"), ("bench_train_step", "train_step"),
+                           ("tune_triton", "tune_triton"), ("report", "report"), ("make_results_report", "results_report")]:
+        tree = ast.parse((BENCH / f"{script}.py").read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == f"memft_kernels.bench.{module}"]
+        assert [a.name for n in imports for a in n.names] == ["main"], script
+        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body), script
+    out = subprocess.run([sys.executable, str(BENCH / "report.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage: report.py" in out.stdout, out.stderr
+
+
+def test_committed_results_still_read(tmp_path):
+    """Every CSV under benchmarks/results/ goes through the moved report code (tables, the PNG)."""
+    csvs = sorted((BENCH / "results").glob("*.csv"))
+    assert any(p.name.startswith("bench_loss_") for p in csvs)
+    rows = report.load(csvs)
+    text = report.loss_tables(rows) + report.train_table(rows) + report.linear_table(rows)
+    assert "| memft-cpu |" in text and "LoRA train step" in text and "| memft-fused |" in text
+    assert report.main([str(p) for p in csvs] + ["--md", str(tmp_path / "r.md"), "--png", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_result_writer_adds_new_columns_to_an_old_file(tmp_path):
+    path = tmp_path / "old.csv"
+    timing.ResultWriter(path, ["a", "b"], jsonl=False).write({"a": 1, "b": 2})
+    w = timing.ResultWriter(path, ["a", "b", "status"], jsonl=False)  # a column added since
+    w.write({"a": 3, "b": 4, "status": "ok"})
+    assert timing.read_rows(path) == [{"a": "1", "b": "2", "status": ""}, {"a": "3", "b": "4", "status": "ok"}]
+    with pytest.raises(ValueError, match="other columns"):
+        timing.ResultWriter(path, ["b", "a", "status"])  # reordered: not the same file
+
+
+def test_linear_loss_smoke_and_skipped_providers(tmp_path, capsys):
+    """bench linear-loss end to end at a toy size; a provider that cannot run here is a row saying why."""
+    out = tmp_path / "rows.csv"
+    rows = bench_linear_loss.main(["--device", "cpu", "--n", "64", "--v", "97", "--d", "16", "--reps", "1", "--warmup", "0",
+                                   "--only", "memft-materialized", "memft-fused", "liger-flce", "--out", str(out)])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["provider"], r["weight"]) for r in ok} == {
+        (p, w) for p in ("memft-materialized", "memft-fused") for w in ("frozen", "trainable")
+    }
+    assert all(r["loss_rel_err"] < 1e-5 for r in ok)
+    liger = [r for r in rows if r["provider"] == "liger-flce"]
+    assert len(liger) == 2 and all(r["status"].startswith("skipped: ") for r in liger)  # GPU only
+    assert len(timing.read_rows(out)) == 6 and "| memft-fused |" in capsys.readouterr().out
+    text = report.linear_table(report.load([out]))
+    assert "| memft-fused | frozen |" in text and "skipped" in text
+
+
+def test_gpu_sets_are_issue_13s_matrix():
+    """The GPU run's arguments, checked here because no GPU runs in the test suite."""
+    args = bench_loss.parse_args(["--gpu-set", "--device", "cpu"])
+    assert args.n == [16384] and args.v == [32000, 128256, 151936, 262144] and args.dtype == ["bf16"]
+    assert set(args.mode) == {"fwd", "fwd+bwd"}
+    assert set(args.providers) == {"memft-triton", "memft-cuda", "memft-triton-inplace", "memft-cuda-inplace",
+                                   "torch-plain", "torch-compile", "liger"}
+    assert bench_linear_loss.SIZES[("cuda", False)] == dict(n=8192, v=128256, d=4096, dtype="bfloat16")
+    assert set(bench_linear_loss.providers("cuda")) == {"memft-materialized", "memft-fused", "torch-linear-ce", "liger-flce"}
 
 
 def test_gpu_check_script_parses():
