@@ -113,6 +113,15 @@ def test_interpreted_triton_and_liger_run(tmp_path, monkeypatch):
     for r in rows:
         if r["provider"] == "liger":
             assert r["status"] == "ok" or r["status"].startswith("skipped: liger_kernel not importable")
+            if r["status"] == "ok":
+                assert float(r["rel_err"]) < 1e-5
+    # Liger's fused linear cross-entropy, in the interpreter at the linear benchmark's smoke size
+    rows = bench_linear_loss.main(["--smoke", "--device", "cpu", "--weight", "frozen", "--only", "memft-materialized",
+                                   "liger-flce", "--out", str(tmp_path / "lin.csv")])
+    (liger,) = [r for r in rows if r["provider"] == "liger-flce"]
+    assert liger["status"] == "ok" or liger["status"].startswith("skipped: liger_kernel not importable"), liger
+    if liger["status"] == "ok":
+        assert liger["loss_rel_err"] < 1e-5  # random head: every token active, so MemFT's loss is the CE mean
 
 
 def test_tune_triton_checks_then_times_every_config(tmp_path, monkeypatch):
@@ -364,3 +373,18 @@ def test_gpu_check_script_parses():
     if shutil.which("shellcheck"):
         res = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
+
+
+def test_targets_table_marks_misses():
+    """Speedups are the peer's median over the kernel's, checked against issue 13's targets; a peer
+    that did not run leaves "-"."""
+    base = dict(bench="loss", device="cuda", device_name="GPU", threads="1", N="16384", dtype="bf16", mode="fwd+bwd",
+                V="128256", status="ok", date="2026-12-01T00:00:00Z")
+    rows = [dict(base, provider="memft-triton", median_ms="1.0", gbps="4000", frac_copy="0.9"),
+            dict(base, provider="memft-cuda", median_ms="2.0", gbps="2000", frac_copy="0.45"),
+            dict(base, provider="torch-plain", median_ms="5.0", frac_copy="0.5"),
+            dict(base, provider="torch-compile", median_ms="1.2", frac_copy="0.8"),
+            dict(base, provider="liger", status="skipped: liger_kernel not importable")]
+    lines = {line.split(" | ")[1]: line for line in report.targets_tables(rows).splitlines() if line.startswith("| 128256")}
+    assert lines["memft-triton"] == "| 128256 | memft-triton | 1 | 4,000 | 90% | 5.00x | 1.20x (miss) | - |"
+    assert lines["memft-cuda"] == "| 128256 | memft-cuda | 2 | 2,000 | 45% (miss) | 2.50x (miss) | 0.60x (miss) | - |"
