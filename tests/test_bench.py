@@ -2,6 +2,7 @@
 parse, the byte counts match a hand count, the clocks are read only after a synchronize, the
 committed results still read, `memft bench` runs the package's modules, and gpu_check.sh parses."""
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -305,17 +306,38 @@ def test_memft_bench_runs_the_package(tmp_path, monkeypatch, capsys):
 
 
 def test_thin_entry_points_call_the_package():
-    """benchmarks/*.py stay as entry points (gpu_check.sh and the docs run them) and hold no code."""
+    """benchmarks/*.py stay as entry points (the docs run them) and hold no code: each is `memft bench NAME`."""
     import ast
 
-    for script, module in [("bench_loss", "loss"), ("bench_linear_loss", "linear_loss"), ("bench_train_step", "train_step"),
-                           ("tune_triton", "tune_triton"), ("report", "report"), ("make_results_report", "results_report")]:
-        tree = ast.parse((BENCH / f"{script}.py").read_text())
-        imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == f"memft_kernels.bench.{module}"]
-        assert [a.name for n in imports for a in n.names] == ["main"], script
+    from memft_kernels import bench
+
+    for script, name in [("bench_loss", "loss"), ("bench_linear_loss", "linear-loss"), ("bench_train_step", "train-step"),
+                         ("tune_triton", "tune-triton"), ("report", "report"), ("make_results_report", "results-report")]:
+        text = (BENCH / f"{script}.py").read_text()
+        tree = ast.parse(text)
         assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body), script
-    out = subprocess.run([sys.executable, str(BENCH / "report.py"), "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "usage: report.py" in out.stdout, out.stderr
+        assert f'main(["bench", "{name}", *sys.argv[1:]])' in text and name in bench.BENCHMARKS, script
+    out = subprocess.run([sys.executable, str(BENCH / "bench_loss.py"), "--providers", "nope"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "memft bench: error: unknown provider" in out.stderr, out.stderr
+
+
+def test_a_failing_provider_fails_the_command(monkeypatch, tmp_path, capsys):
+    """Rows are written for every provider, but `memft bench loss` exits 1 when one failed, so that
+    gpu_check.sh's summary shows it at a glance."""
+    from memft_kernels import bench
+
+    def broken():
+        def fn(x, y):
+            raise RuntimeError("planted")
+        return fn
+
+    monkeypatch.setitem(bench_loss.PROVIDERS, "torch-plain", dataclasses.replace(bench_loss.PROVIDERS["torch-plain"], make=broken))
+    rc = bench.run("loss", ["--smoke", "--device", "cpu", "--mode", "fwd", "--providers", "torch-plain", "memft-torch",
+                            "--no-memory", "--csv", str(tmp_path / "x.csv")])
+    rows = timing.read_rows(tmp_path / "x.csv")
+    assert rc == 1 and [r["status"] for r in rows] == ["error: RuntimeError: planted", "ok"]
+    assert "1 provider(s) failed: torch-plain" in capsys.readouterr().err
 
 
 def test_committed_results_still_read(tmp_path):

@@ -101,11 +101,11 @@ def run(args) -> List[Dict[str, object]]:
     dtype = getattr(torch, args.dtype or size["dtype"])
     info = timing.machine_info(torch.device(device))
     out_path = Path(args.out) if args.out else timing.default_results_path("bench_linear_loss", info)
-    writer = timing.ResultWriter(out_path, FIELDS, jsonl=False)
     names = args.only or list(providers(device))
     unknown = [n for n in names if n not in LINEAR_PROVIDERS]
     if unknown:
         raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(LINEAR_PROVIDERS)}")
+    writer = timing.ResultWriter(out_path, FIELDS, jsonl=False)
     rows = []
     for trainable in {"frozen": (False,), "trainable": (True,), "both": (False, True)}[args.weight]:
         results = []

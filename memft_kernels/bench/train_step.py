@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     if device.type == "cpu":
         timing.tune_malloc_for_rss()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    selected = [get_provider(name) for name in args.providers or provider_names()]  # unknown names: refused here
     info = timing.machine_info(device)
     csv_path = Path(args.csv) if args.csv else timing.default_results_path("bench_train_step", info)
     writer = timing.ResultWriter(csv_path, FIELDS, jsonl=not args.no_jsonl)
@@ -128,7 +129,6 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     labels = ids.clone()
     rows: List[Dict[str, object]] = []
-    selected = [get_provider(name) for name in args.providers or provider_names()]
     for provider in selected:
         name = provider.name
         row: Dict[str, object] = dict(info)
