@@ -54,6 +54,10 @@ def _info(args) -> int:
     except Exception:  # noqa: BLE001 - info must print whatever is or is not built
         archs = None
     print(f"CUDA architectures built: {archs or 'none'}")
+    if archs:
+        from .ops import cuda_driver
+
+        print(f"CUDA runtime in the CUDA module: {cuda_driver.describe(native_cuda._C)}")
     try:
         from .ops import native_cpu
 
