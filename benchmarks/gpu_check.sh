@@ -254,7 +254,7 @@ done
 
 # Benchmarks: one at a time, nothing else running. Result files carry the machine in their names,
 # as the committed ones in benchmarks/results/ do (e.g. bench_loss_gpu-nvidia-h200.csv).
-MACHINE=$("$PY" -c 'import torch
+MACHINE=$(timeout 60 "$PY" -c 'import torch
 from memft_kernels.bench import timing
 print(timing.machine_slug(timing.machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))))' 2>>"$LOG")
 MACHINE="${MACHINE:-unknown}"

@@ -190,6 +190,13 @@ def _run(args) -> int:
                 print(describe(config, given), flush=True)
             else:
                 config = TrainConfig(**options).validate()
+            if args.plan:
+                from .loop import setup
+                from .plan import format_plan
+
+                run = setup(config, make_dir=False)
+                print(format_plan(run.plan, run.world, config.fsdp))
+                return 0
             if args.compare:
                 reports = _compare(config, args.compare)
             else:
