@@ -126,6 +126,12 @@ def test_a_failing_cell_is_retried_then_recorded(cluster, tmp_path):
                      progress=False) == {"ran": 1, "skipped": 1, "failed": []}
 
 
+def test_an_address_while_ray_is_initialized_here_is_refused(cluster, tmp_path):
+    with pytest.raises(LawInputError, match="Ray is already initialized in this process"):
+        run_sweep(grid(), tmp_path / "s.jsonl", engine="ray", address=cluster, run_cell=law_cells.fake_cell,
+                  progress=False)
+
+
 DRIVER = """
 import sys
 import law_cells
