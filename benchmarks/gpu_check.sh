@@ -254,15 +254,17 @@ done
 
 # Benchmarks: one at a time, nothing else running. Result files carry the machine in their names,
 # as the committed ones in benchmarks/results/ do (e.g. bench_loss_gpu-nvidia-h200.csv).
-MACHINE=$("$PY" -c 'import torch
+MACHINE=$(timeout 60 "$PY" -c 'import torch
 from memft_kernels.bench import timing
 print(timing.machine_slug(timing.machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))))' 2>>"$LOG")
 MACHINE="${MACHINE:-unknown}"
 BENCH=("$PY" -m memft_kernels.bench)
 if [[ "$DRYRUN" == 1 ]]; then
-  # the GPU run's providers and modes at smoke size (the GPU-only ones are rows saying why not)
-  LOSS=(--gpu-set --device cpu --smoke)
-  LINEAR=(--device cpu --quick)
+  # the GPU run's providers and modes at smoke size; the Triton ones (memft-triton, Liger) in
+  # Triton's interpreter, so that their Python runs; the CUDA ones are rows saying why not
+  LOSS=(--gpu-set --device cpu --smoke --n 8 --v 256)
+  LINEAR=(--device cpu --smoke)
+  BENCH_ENV=(TRITON_INTERPRET=1)
   TRAIN=(--device cpu --smoke)
   TUNE=(--device cpu --smoke --n 4 --kernels forward backward)
   TUNE_ENV=(TRITON_INTERPRET=1)
@@ -270,6 +272,7 @@ else
   # issue 13's matrix (--gpu-set: bf16, N=16384, 4 vocabularies, fwd+bwd and fwd, 7 providers); the
   # chunked reference is left out (slow, and not a peer)
   LOSS=(--gpu-set --device cuda --time-cap 160 --budget-s 0.3 --reps 20)
+  BENCH_ENV=()
   LINEAR=(--device cuda)  # N=8192, V=128256, D=4096, bf16, frozen and trainable weight
   TRAIN=(--device cuda --quick --budget-s 2)
   TUNE=(--device cuda --n 16384 --v 128256 32000 --dtype bf16 --time-cap 45)
@@ -279,8 +282,8 @@ LOSS_CSV="$OUT/bench_loss_$MACHINE.csv"
 LINEAR_CSV="$OUT/bench_linear_loss_$MACHINE.csv"
 TRAIN_CSV="$OUT/bench_train_step_$MACHINE.csv"
 # In order of what issue 13 needs most, since the last ones may not fit in the total budget.
-stage loss-16k 175 "${BENCH[@]}" loss "${LOSS[@]}" --no-jsonl --csv "$LOSS_CSV"
-stage linear 45 "${BENCH[@]}" linear-loss "${LINEAR[@]}" --out "$LINEAR_CSV"
+stage loss-16k 175 env ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "${BENCH[@]}" loss "${LOSS[@]}" --no-jsonl --csv "$LOSS_CSV"
+stage linear 45 env ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "${BENCH[@]}" linear-loss "${LINEAR[@]}" --out "$LINEAR_CSV"
 stage tune 55 env ${TUNE_ENV[@]+"${TUNE_ENV[@]}"} "${BENCH[@]}" tune-triton "${TUNE[@]}" --csv "$OUT/tune_triton_$MACHINE.csv"
 stage train 40 "${BENCH[@]}" train-step "${TRAIN[@]}" --no-jsonl --csv "$TRAIN_CSV"
 

@@ -4,8 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package, first
 
-from memft_kernels.bench.report import main  # noqa: E402
+from memft_kernels.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    result = main()
-    sys.exit(result if isinstance(result, int) else 0)
+    sys.exit(main(["bench", "report", *sys.argv[1:]]))

@@ -2,6 +2,7 @@
 parse, the byte counts match a hand count, the clocks are read only after a synchronize, the
 committed results still read, `memft bench` runs the package's modules, and gpu_check.sh parses."""
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -113,6 +114,15 @@ def test_interpreted_triton_and_liger_run(tmp_path, monkeypatch):
     for r in rows:
         if r["provider"] == "liger":
             assert r["status"] == "ok" or r["status"].startswith("skipped: liger_kernel not importable")
+            if r["status"] == "ok":
+                assert float(r["rel_err"]) < 1e-5
+    # Liger's fused linear cross-entropy, in the interpreter at the linear benchmark's smoke size
+    rows = bench_linear_loss.main(["--smoke", "--device", "cpu", "--weight", "frozen", "--only", "memft-materialized",
+                                   "liger-flce", "--out", str(tmp_path / "lin.csv")])
+    (liger,) = [r for r in rows if r["provider"] == "liger-flce"]
+    assert liger["status"] == "ok" or liger["status"].startswith("skipped: liger_kernel not importable"), liger
+    if liger["status"] == "ok":
+        assert liger["loss_rel_err"] < 1e-5  # random head: every token active, so MemFT's loss is the CE mean
 
 
 def test_tune_triton_checks_then_times_every_config(tmp_path, monkeypatch):
@@ -296,17 +306,38 @@ def test_memft_bench_runs_the_package(tmp_path, monkeypatch, capsys):
 
 
 def test_thin_entry_points_call_the_package():
-    """benchmarks/*.py stay as entry points (gpu_check.sh and the docs run them) and hold no code."""
+    """benchmarks/*.py stay as entry points (the docs run them) and hold no code: each is `memft bench NAME`."""
     import ast
 
-    for script, module in [("bench_loss", "loss"), ("bench_linear_loss", "linear_loss"), ("bench_train_step", "train_step"),
-                           ("tune_triton", "tune_triton"), ("report", "report"), ("make_results_report", "results_report")]:
-        tree = ast.parse((BENCH / f"{script}.py").read_text())
-        imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == f"memft_kernels.bench.{module}"]
-        assert [a.name for n in imports for a in n.names] == ["main"], script
+    from memft_kernels import bench
+
+    for script, name in [("bench_loss", "loss"), ("bench_linear_loss", "linear-loss"), ("bench_train_step", "train-step"),
+                         ("tune_triton", "tune-triton"), ("report", "report"), ("make_results_report", "results-report")]:
+        text = (BENCH / f"{script}.py").read_text()
+        tree = ast.parse(text)
         assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body), script
-    out = subprocess.run([sys.executable, str(BENCH / "report.py"), "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "usage: report.py" in out.stdout, out.stderr
+        assert f'main(["bench", "{name}", *sys.argv[1:]])' in text and name in bench.BENCHMARKS, script
+    out = subprocess.run([sys.executable, str(BENCH / "bench_loss.py"), "--providers", "nope"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "memft bench: error: unknown provider" in out.stderr, out.stderr
+
+
+def test_a_failing_provider_fails_the_command(monkeypatch, tmp_path, capsys):
+    """Rows are written for every provider, but `memft bench loss` exits 1 when one failed, so that
+    gpu_check.sh's summary shows it at a glance."""
+    from memft_kernels import bench
+
+    def broken():
+        def fn(x, y):
+            raise RuntimeError("planted")
+        return fn
+
+    monkeypatch.setitem(bench_loss.PROVIDERS, "torch-plain", dataclasses.replace(bench_loss.PROVIDERS["torch-plain"], make=broken))
+    rc = bench.run("loss", ["--smoke", "--device", "cpu", "--mode", "fwd", "--providers", "torch-plain", "memft-torch",
+                            "--no-memory", "--csv", str(tmp_path / "x.csv")])
+    rows = timing.read_rows(tmp_path / "x.csv")
+    assert rc == 1 and [r["status"] for r in rows] == ["error: RuntimeError: planted", "ok"]
+    assert "1 provider(s) failed: torch-plain" in capsys.readouterr().err
 
 
 def test_committed_results_still_read(tmp_path):
@@ -364,3 +395,32 @@ def test_gpu_check_script_parses():
     if shutil.which("shellcheck"):
         res = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
+
+
+def test_targets_table_marks_misses():
+    """Speedups are the peer's median over the kernel's, checked against issue 13's targets; a peer
+    that did not run leaves "-"."""
+    base = dict(bench="loss", device="cuda", device_name="GPU", threads="1", N="16384", dtype="bf16", mode="fwd+bwd",
+                V="128256", status="ok", date="2026-12-01T00:00:00Z")
+    rows = [dict(base, provider="memft-triton", median_ms="1.0", gbps="4000", frac_copy="0.9"),
+            dict(base, provider="memft-cuda", median_ms="2.0", gbps="2000", frac_copy="0.45"),
+            dict(base, provider="torch-plain", median_ms="5.0", frac_copy="0.5"),
+            dict(base, provider="torch-compile", median_ms="1.2", frac_copy="0.8"),
+            dict(base, provider="liger", status="skipped: liger_kernel not importable")]
+    lines = {line.split(" | ")[1]: line for line in report.targets_tables(rows).splitlines() if line.startswith("| 128256")}
+    assert lines["memft-triton"] == "| 128256 | memft-triton | 1 | 4,000 | 90% | 5.00x | 1.20x (miss) | - |"
+    assert lines["memft-cuda"] == "| 128256 | memft-cuda | 2 | 2,000 | 45% (miss) | 2.50x (miss) | 0.60x (miss) | - |"
+
+
+def test_train_step_provider_list_is_extensible(tmp_path, monkeypatch):
+    """A row is one more TrainProvider: its prepare() sees the fresh model, unavailable() skips it."""
+    seen = []
+    extra = [
+        bench_train_step.TrainProvider("memft-prepared", bench_train_step.PROVIDERS[1].loss, "test",
+                                       prepare=lambda model: seen.append(type(model).__name__)),
+        bench_train_step.TrainProvider("never", bench_train_step.PROVIDERS[1].loss, "test", unavailable=lambda: "not here"),
+    ]
+    monkeypatch.setattr(bench_train_step, "PROVIDERS", bench_train_step.PROVIDERS + extra)
+    rows = bench_train_step.main(["--smoke", "--device", "cpu", "--reps", "1", "--providers", "memft-prepared", "never",
+                                  "--csv", str(tmp_path / "t.csv")])
+    assert [r["status"] for r in rows] == ["ok", "skipped: not here"] and seen == ["PeftModel"]

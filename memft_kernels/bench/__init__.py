@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import subprocess
+import sys
 from typing import Callable, Dict, List, Optional
 
 # name -> the module whose main(argv, prog) runs it
@@ -56,8 +57,14 @@ def command_for(name: str, extra: List[str]) -> List[str]:
     return ["bash", str(root / "benchmarks" / CHECKOUT_ONLY[name]), *extra]
 
 
+# Benchmarks whose rows say "error: ..." when a provider failed (a skipped one is not a failure;
+# tune-triton's failing configurations are its findings).
+_FAIL_ON_ERROR_ROWS = ("loss", "linear-loss", "train-step")
+
+
 def run(name: str, extra: List[str]) -> int:
-    """Run benchmark ``name`` with arguments ``extra`` in this process; its exit code."""
+    """Run benchmark ``name`` with arguments ``extra`` in this process; its exit code: 0, or 1 when
+    a provider failed (its rows are written all the same), 2 for bad arguments."""
     if name in CHECKOUT_ONLY:
         return subprocess.call(command_for(name, extra))
     try:
@@ -68,7 +75,15 @@ def run(name: str, extra: List[str]) -> int:
         from ..cli import CLIError
 
         raise CLIError(str(exc.code)) from None
-    return result if isinstance(result, int) else 0
+    if isinstance(result, int):
+        return result
+    if name in _FAIL_ON_ERROR_ROWS and isinstance(result, list):
+        failed = sorted({str(r.get("provider")) for r in result if str(r.get("status", "")).startswith("error")})
+        if failed:
+            print(f"memft bench {name}: {len(failed)} provider(s) failed: {', '.join(failed)} (see their rows)",
+                  file=sys.stderr)
+            return 1
+    return 0
 
 
 def _run(args) -> int:
@@ -92,8 +107,6 @@ def add_subcommands(subparsers) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m memft_kernels.bench NAME [args]``: the same as ``memft bench NAME [args]``."""
-    import sys
-
     from ..cli import main as cli_main
 
     return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

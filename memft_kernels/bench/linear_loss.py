@@ -39,6 +39,7 @@ SIZES = {
     ("cpu", True): dict(n=1024, v=8000, d=256, dtype="float32"),
     ("cuda", True): dict(n=4096, v=32000, d=1024, dtype="bfloat16"),
 }
+SMOKE_SIZE = dict(n=64, v=97, d=16, dtype="float32")  # checks that everything runs (Triton's interpreter too)
 FIELDS = [
     "provider", "weight", "n", "v", "d", "dtype", "peak_extra_mib", "mem_vs_materialized", "median_ms", "p20_ms",
     "p80_ms", "reps", "time_vs_materialized", "loss_rel_err", "memory_method", "date", "device", "device_name",
@@ -93,24 +94,24 @@ def measure(name, loss_fn, inputs, device, reps, warmup) -> Dict[str, object]:
 
 def run(args) -> List[Dict[str, object]]:
     device = args.device
-    size = dict(SIZES[(device, args.quick)])
+    size = dict(SMOKE_SIZE if args.smoke else SIZES[(device, args.quick)])
     for key in ("n", "v", "d"):
         if getattr(args, key):
             size[key] = getattr(args, key)
     dtype = getattr(torch, args.dtype or size["dtype"])
     info = timing.machine_info(torch.device(device))
     out_path = Path(args.out) if args.out else timing.default_results_path("bench_linear_loss", info)
-    writer = timing.ResultWriter(out_path, FIELDS, jsonl=False)
     names = args.only or list(providers(device))
     unknown = [n for n in names if n not in LINEAR_PROVIDERS]
     if unknown:
         raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(LINEAR_PROVIDERS)}")
+    writer = timing.ResultWriter(out_path, FIELDS, jsonl=False)
     rows = []
     for trainable in {"frozen": (False,), "trainable": (True,), "both": (False, True)}[args.weight]:
         results = []
         for name in names:
             provider = LINEAR_PROVIDERS[name]
-            reason = provider.unavailable(device)
+            reason = provider.unavailable(device, args.smoke)
             if reason is not None:
                 results.append({"provider": name, "status": f"skipped: {reason}"})
                 continue
@@ -172,6 +173,8 @@ def markdown_table(rows: List[Dict[str, object]]) -> str:
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes (CPU N=1024 V=8000 D=256; GPU N=4096 V=32000 D=1024)")
+    p.add_argument("--smoke", action="store_true", help="N=64 V=97 D=16, 1 rep: checks that everything runs (with "
+                   "TRITON_INTERPRET=1 on a CPU the GPU-only providers too, in Triton's interpreter)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--out", default=None, help="CSV file to append rows to (default benchmarks/results/ in a checkout, "
                    "./bench_results/ otherwise)")
@@ -198,6 +201,8 @@ def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
         args.device = "cuda"
     elif args.device != "cpu":
         raise SystemExit(f"--device must be cpu, cuda or auto, got {args.device!r}")
+    if args.smoke:
+        args.reps, args.warmup = args.reps or 1, 0
     if args.reps is None:
         args.reps = 10 if args.device == "cuda" else 3
     return args

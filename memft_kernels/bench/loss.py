@@ -181,9 +181,6 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     if args.note:
         print(f"# note: {args.note}", flush=True)
     names = args.providers or list(PROVIDERS)
-    unknown = [p for p in names if p not in PROVIDERS]
-    if unknown:
-        raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
 
     started = time.monotonic()
     rows: List[Dict[str, object]] = []
@@ -320,6 +317,9 @@ def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
         args.budget_s = 1.0 if gpu else 8.0
     if args.copy_mib is None:
         args.copy_mib = 16 if args.smoke else (1024 if gpu else 256)
+    unknown = [p for p in args.providers or [] if p not in PROVIDERS]
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; choose from {list(PROVIDERS)}")
     bad = [x for x in args.n + args.v if x <= 0]
     if bad:
         raise SystemExit(f"--n and --v must be positive, got {bad}")

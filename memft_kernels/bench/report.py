@@ -161,7 +161,8 @@ def targets_tables(rows: List[Dict[str, str]], *, mode: Optional[str] = None, dt
                 cells.append(f"{speedup:.2f}x{_mark(speedup >= TARGETS[p])}")
             frac_txt = "-" if frac is None else f"{100 * frac:.0f}%{_mark(frac >= TARGETS['frac_copy'])}"
             gbps = _num(r.get("gbps", ""))
-            out.append(f"| {v} | {r['provider']} | {ms:.3g} | {'-' if gbps is None else f'{gbps:,.0f}'} | {frac_txt} | "
+            ms_txt = f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
+            out.append(f"| {v} | {r['provider']} | {ms_txt} | {'-' if gbps is None else f'{gbps:,.0f}'} | {frac_txt} | "
                        + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -8,9 +8,10 @@ Providers (same model, same batch, same adapter and optimizer; only the loss cha
 * ``memft-linear``: the last hidden states and the lm_head weight into ``memft_linear_loss`` (no
   logits tensor).
 
-The providers are ``PROVIDERS``, a list of ``TrainProvider(name, loss, what, unavailable)``: a new row
-(another head, checkpointing) is one more entry, whose ``loss(model, input_ids, labels)`` returns
-the step's loss and whose ``unavailable()`` says why it cannot run here (None when it can).
+The providers are ``PROVIDERS``, a list of ``TrainProvider(name, loss, what, unavailable, prepare)``:
+a new row (another head, checkpointing) is one more entry, whose ``loss(model, input_ids, labels)``
+returns the step's loss, whose ``unavailable()`` says why it cannot run here (None when it can) and
+whose optional ``prepare(model)`` changes the fresh model first (e.g. gradient checkpointing).
 
 A step is zero_grad, forward, loss, backward, AdamW step. The model is built from a config with
 random weights (no download), so no token is memorized yet: every token is active and the MemFT
@@ -87,6 +88,9 @@ class TrainProvider:
     loss: Callable  # (model, input_ids, labels) -> scalar loss of one step
     what: str = ""
     unavailable: Callable[[], Optional[str]] = field(default=lambda: None)  # why not here, or None
+    # called once on the fresh (peft-wrapped) model before the optimizer is built, e.g. to turn on
+    # gradient checkpointing; None: the model as built
+    prepare: Optional[Callable[[torch.nn.Module], None]] = None
 
 
 PROVIDERS: List[TrainProvider] = [
@@ -114,6 +118,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     if device.type == "cpu":
         timing.tune_malloc_for_rss()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    selected = [get_provider(name) for name in args.providers or provider_names()]  # unknown names: refused here
     info = timing.machine_info(device)
     csv_path = Path(args.csv) if args.csv else timing.default_results_path("bench_train_step", info)
     writer = timing.ResultWriter(csv_path, FIELDS, jsonl=not args.no_jsonl)
@@ -124,7 +129,6 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     labels = ids.clone()
     rows: List[Dict[str, object]] = []
-    selected = [get_provider(name) for name in args.providers or provider_names()]
     for provider in selected:
         name = provider.name
         row: Dict[str, object] = dict(info)
@@ -158,6 +162,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
 def _measure(provider: TrainProvider, args, dtype, device, ids, labels) -> Dict[str, object]:
     # A fresh model per provider: same seed, so the same weights, adapter and first step.
     model = build_model(args.vocab, args.hidden, args.layers, args.lora_r, dtype, device, args.seed)
+    if provider.prepare is not None:
+        provider.prepare(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)

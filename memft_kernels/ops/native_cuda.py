@@ -135,7 +135,9 @@ def availability() -> Optional[str]:
                                  needs="nvcc is on PATH or MEMFT_CUDA=1")
     if not torch.cuda.is_available():
         return f"the CUDA module is built ({' '.join(built_architectures())}) but torch sees no CUDA device"
-    return None
+    from .cuda_driver import module_problem  # the driver must support the runtime the module carries
+
+    return module_problem(_C, [a for a in built_architectures() if a.startswith("sm_")])
 
 
 def supports(logits: torch.Tensor) -> Optional[str]:

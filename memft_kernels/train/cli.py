@@ -65,6 +65,13 @@ HELP = {
     "save_adapter": "save the LoRA adapter (safetensors)",
     "plots": "write loss.png and recall.png",
     "progress": "show a progress bar",
+    "fused_head": "loss from the last hidden states with memft_linear_loss, no N x V logits "
+                  "(default: on when V x tokens per step >= 2^26, i.e. 256 MiB of float32 logits)",
+    "gradient_checkpointing": "recompute each decoder layer's activations in the backward",
+    "autocast": "off | bf16 (float32 weights, bfloat16 matmuls)",
+    "attn": "attention implementation: auto | sdpa | eager | flash (flash_attention_2, CUDA)",
+    "compile": "torch.compile the model's forward",
+    "fsdp": "under torchrun: shard the base model with FSDP2, one unit per decoder layer",
 }
 
 
@@ -127,7 +134,7 @@ def add_subcommands(subparsers) -> None:
         default = getattr(defaults, f.name)
         hint = hints[f.name]
         kwargs = dict(dest=f.name, default=default, help=HELP.get(f.name, ""), action=_Store)
-        if hint is bool:
+        if hint is bool or f.name == "fused_head":
             kwargs["action"] = _Bool
         elif f.name == "curriculum_ratios":
             kwargs["type"] = _floats
@@ -149,6 +156,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--compare", type=_list, default=None, metavar="LOSSES",
                    help="run the same setting under each loss (e.g. ce,memft-ot,memft-sw) and print one table")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a checkpointed run")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan (per device) and exit without training; every run prints it first")
     p.set_defaults(func=_run)
 
 
@@ -181,6 +190,13 @@ def _run(args) -> int:
                 print(describe(config, given), flush=True)
             else:
                 config = TrainConfig(**options).validate()
+            if args.plan:
+                from .loop import setup
+                from .plan import format_plan
+
+                run = setup(config, make_dir=False)
+                print(format_plan(run.plan, run.world, config.fsdp))
+                return 0
             if args.compare:
                 reports = _compare(config, args.compare)
             else:

@@ -8,6 +8,7 @@ a one-line error.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
@@ -18,6 +19,17 @@ FALLBACKS = ("mean", "zero")
 WINDOW_STATES = ("row", "sample")  # memft-sw window state: per batch row (the authors') or per sample
 CURRICULUM_STYLES = ("paper", "stages")
 ACCUM_NORMALIZE = ("mean", "tokens")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
+AUTOCASTS = ("off", "bf16")
+ATTNS = ("auto", "sdpa", "eager", "flash")
+
+
+def _is_device(name) -> bool:
+    if not isinstance(name, str):
+        return False
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    return name.startswith("cuda:") and name[5:].isdigit()
 
 
 class TrainInputError(ValueError):
@@ -78,6 +90,15 @@ class TrainConfig:
     # torch CPU threads (0 = torch's default). 1 by default: the tiny models' matrices gain little
     # from a second thread, and on a shared CPU a second OpenMP thread spins (docs/TRAINING.md).
     threads: int = 1
+    # --- memory and speed (docs/TRAINING.md, "Large models") -----------------------------------
+    # The loss from the last hidden states with memft_linear_loss (no N x V logits). None = auto:
+    # on when V x tokens-per-step >= FUSED_HEAD_AUTO_ELEMENTS (see plan.fused_head_default).
+    fused_head: Optional[bool] = None
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward
+    autocast: str = "off"  # off | bf16 (float32 weights, bfloat16 matmuls)
+    attn: str = "auto"  # auto (transformers' choice) | sdpa | eager | flash (flash_attention_2)
+    compile: bool = False  # torch.compile of the model's forward
+    fsdp: bool = False  # under torchrun: shard the base model with FSDP2 (per decoder layer)
     # --- evaluation and output ----------------------------------------------------------------
     eval_every: int = 25  # greedy-generation evaluation every k steps (and at the end)
     checkpoint_every: int = 0  # 0 = no checkpoints
@@ -146,6 +167,17 @@ class TrainConfig:
             need(all(isinstance(b, int) and b > 0 for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:])),
                  f"curriculum_boundaries={bounds} must be increasing epoch numbers > 0")
             need(self.batch_size > 0, "the paper curriculum floors each epoch to whole batches: give --batch-size > 0")
+        need(self.data is None or self.task == "text", f"data={self.data!r} is for the text task; this is task={self.task!r}")
+        need(self.backend in BACKENDS, f"backend={self.backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+        need(_is_device(self.device), f"device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        need(self.autocast in AUTOCASTS, f"autocast={self.autocast!r} is not supported; choose one of {', '.join(AUTOCASTS)}")
+        need(self.attn in ATTNS, f"attn={self.attn!r} is not supported; choose one of {', '.join(ATTNS)}")
+        need(not (self.autocast != "off" and self.dtype != "float32"),
+             f"autocast={self.autocast!r} is for float32 weights; the weights are {self.dtype}")
+        for f in fields(self):  # inf / nan pass the range checks above (nan compares False both ways)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainInputError(f"{f.name}={value!r} must be a finite number")
         return self
 
     def to_dict(self) -> dict:

@@ -27,7 +27,9 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, TrainInputError
 from .data import IGNORE, build_task, to_batch
 from .evaluate import exact_recall, teacher_forced
-from .models import add_lora, build_model, check_model_dir, context_length, count_trainable, is_builtin, load_model, trainable_parameters
+from .plan import check_fits, format_plan, make_plan
+from .head import FusedHead, LogitsHead, autocast_context, forward_head, use_fused_head
+from .models import add_lora, compile_decoder, configure_model, build_model, check_model_dir, context_length, count_trainable, is_builtin, load_model, trainable_parameters
 from .windows import PAPER_BOUNDARIES, PAPER_RATIOS, SlidingWindow, curriculum_active, curriculum_ratio, curriculum_size
 
 POLICY = {"ce": "none", "memft-ot": "hard", "memft-sw": "sigmoid"}
@@ -40,9 +42,6 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-_HAS_WEIGHT_FN = "weight_fn" in inspect.signature(memft_loss).parameters
 
 
 class _Pred:
@@ -61,15 +60,16 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig, *, weig
     weights computed from this forward's statistics. ``denominator`` (``--accum-normalize
     tokens``) replaces the sum of weights: the loss is sum_i w_i l_i / denominator, no fallback.
     """
+    head = logits if isinstance(logits, (LogitsHead, FusedHead)) else LogitsHead(logits)
     extra = {}
     if weight_fn is not None:
-        if _HAS_WEIGHT_FN:
+        if head.accepts("weight_fn"):
             extra["weight_fn"] = weight_fn
-        else:  # memft_loss without weight_fn: this forward's argmax costs one more read of the logits
-            window = weight_fn(labels, _Pred(logits.detach().argmax(-1)))
+        else:  # a loss without weight_fn: this forward's argmax costs one more read of the logits
+            window = weight_fn(labels, _Pred(head.argmax()))
             token_weight = window if token_weight is None else token_weight * window
-    loss_sum, stats = memft_loss(
-        logits, labels, policy=POLICY[config.loss], threshold=config.threshold, sharpness=config.sharpness,
+    loss_sum, stats = head.loss(
+        labels, policy=POLICY[config.loss], threshold=config.threshold, sharpness=config.sharpness,
         token_weight=token_weight, reduction="sum", return_stats=True, backend=config.backend, **extra,
     )
     valid = labels != IGNORE
@@ -90,7 +90,7 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig, *, weig
     elif weight_sum > 0:
         loss, fell_back, value = loss_sum / weight_sum, False, float(totals[6]) / weight_sum
     elif config.fallback == "mean" and n_valid > 0:
-        loss = memft_loss(logits, labels, policy="none", reduction="sum", backend=config.backend) / n_valid
+        loss = head.loss(labels, policy="none", reduction="sum", backend=config.backend) / n_valid
         fell_back, value = True, float(totals[3]) / n
     else:
         loss, fell_back, value = loss_sum * 0.0, True, 0.0
@@ -184,6 +184,9 @@ class Run:
     sampler: Sampler
     window: SlidingWindow
     window_rows: int = 0  # global batch size the row-keyed window state belongs to
+    fused_head: bool = False  # the loss through memft_linear_loss (train/head.py)
+    decoder: object = None  # the compiled decoder under --compile, else None (the model's own)
+    plan: object = None  # the memory plan (train/plan.py)
     lr_steps: int = 0
     step: int = 0
     base_loss: float = float("nan")
@@ -197,9 +200,31 @@ class Run:
 def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainInputError(f"device={name!r} but no CUDA device is available")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainInputError(f"device={name!r} but no CUDA device is available")
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise TrainInputError(f"device={name!r} but there are {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
+
+
+def logits_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype the loss sees: the weights' dtype, or bfloat16 under --autocast bf16."""
+    if config.autocast == "bf16":
+        return torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+
+
+def check_backend(config: TrainConfig, device: torch.device) -> None:
+    """Refuse, before anything is built or written, a loss backend that cannot run this run's logits."""
+    from .. import dispatch
+
+    probe = torch.empty((1, 8), dtype=logits_dtype(config), device=device)
+    try:
+        dispatch.resolve(config.backend, probe)
+    except RuntimeError as exc:
+        raise TrainInputError(f"{exc} (device {device}, {str(probe.dtype).replace('torch.', '')} logits)") from None
 
 
 def _init_distributed(device: torch.device):
@@ -233,12 +258,17 @@ def _make_run_dir(config: TrainConfig, rank: int, world: int) -> str:
     return run_dir
 
 
-def setup(config: TrainConfig) -> Run:
-    """Everything a run needs, built deterministically from the config (no file written but the folder)."""
+def setup(config: TrainConfig, make_dir: bool = True) -> Run:
+    """Everything a run needs, built deterministically from the config (no file written but the
+    folder; not even that with ``make_dir=False``, as for ``memft train --plan``)."""
     config.validate()
+    if config.fsdp:
+        raise TrainInputError("--fsdp (FSDP2 sharding of the base model) is not built in this version; under torchrun "
+                              "without --fsdp every rank holds the whole model (DDP-style)")
     if config.threads:
         torch.set_num_threads(config.threads)
     device = _resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_backend(config, device)
     rank, world = _init_distributed(device)
 
     if not is_builtin(config.model):
@@ -257,6 +287,7 @@ def setup(config: TrainConfig) -> Run:
     if ctx is not None and task.max_len > ctx:
         raise TrainInputError(f"a sample is {task.max_len} tokens long (prompt + answer), longer than the "
                               f"model's context of {ctx}; lower --length")
+    configure_model(model, config.attn, config.gradient_checkpointing)
     model = add_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.layers, config.seed)
     model.to(device).train()
 
@@ -278,9 +309,14 @@ def setup(config: TrainConfig) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / lr_steps))
     window = SlidingWindow(config.window_span, config.window_decay, config.window_floor, config.window_patience,
                            config.window_growth, config.window_max, ignore_index=IGNORE)
-    run_dir = _make_run_dir(config, rank, world)
+    rows = -(-(config.batch_size or len(task.samples)) // max(1, config.grad_accum * world))
+    fused = use_fused_head(config, model, rows * task.max_len)
+    memory = make_plan(config, model, rows, task.max_len, device, fused)
+    check_fits(memory)
+    decoder = compile_decoder(model) if config.compile else None
+    run_dir = _make_run_dir(config, rank, world) if make_dir else None
     return Run(config, run_dir, device, rank, world, task, model, optimizer, scheduler, sampler, window,
-               lr_steps=lr_steps)
+               lr_steps=lr_steps, fused_head=fused, decoder=decoder, plan=memory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,8 +339,10 @@ def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, de
     local_index = batch_index[run.rank::run.world]
     batch = to_batch(task, local_index.tolist(), task.max_len).to(run.device)
     weight_fn = _window_fn(run, local_index, len(batch_index)) if config.loss == "memft-sw" else None
-    logits = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    loss, stats, info = memorization_loss(logits, batch.labels, None, config, weight_fn=weight_fn,
+    with autocast_context(config, run.device):
+        head = forward_head(run.model, batch.input_ids, batch.attention_mask, run.fused_head, run.decoder,
+                            autocast=config.autocast == "bf16")
+    loss, stats, info = memorization_loss(head, batch.labels, None, config, weight_fn=weight_fn,
                                           denominator=denominator)
     (loss * scale if scale != 1.0 else loss).backward()
     return info, stats, batch
@@ -354,6 +392,11 @@ def train_step(run: Run, on_grads=None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Evaluation, logging, checkpoints
 # ---------------------------------------------------------------------------------------------
+def _teacher_forced(run: Run) -> dict:
+    return teacher_forced(run.model, run.task, run.device, backend=run.config.backend, fused=run.fused_head,
+                          autocast=run.config.autocast == "bf16")
+
+
 def evaluate(run: Run, generate: bool) -> dict:
     """Teacher-forced stats of every sample; with ``generate`` also real greedy generation.
 
@@ -362,7 +405,7 @@ def evaluate(run: Run, generate: bool) -> dict:
     (None when not generated): it runs at the end and whenever the argmax says all are recalled
     and that was not confirmed yet.
     """
-    tf = teacher_forced(run.model, run.task, run.device, backend=run.config.backend)
+    tf = _teacher_forced(run)
     per_sample = tf["per_sample"]
     result = {
         "kind": "eval", "step": run.step, "loss": tf["loss"], "dL": run.base_loss - tf["loss"],
@@ -405,6 +448,7 @@ def _checkpoint_state(run: Run) -> dict:
         "steps_to_full_recall": run.steps_to_full_recall,
         "steps_to_all_recalled": run.steps_to_all_recalled,
         "last_generated": run.last_generated,
+        "config": dict(run.config.to_dict(), run_dir=run.run_dir),
     }
 
 
@@ -446,13 +490,59 @@ def _restore(run: Run, state: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> dict:
-    start = time.time()
-    run = setup(config)
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the run stopped after a whole step and saved a checkpoint."""
+
+
+class _StopOnInterrupt:
+    """The first SIGINT asks the loop to stop after the current step (which then checkpoints);
+    a second one interrupts at once. Installed only in the main thread over Python's default handler."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def stop(self, run: Run) -> bool:
+        """Whether to stop now (agreed over ranks: one rank's Ctrl-C stops all at the same step)."""
+        if run.world == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _remove_if_empty(run_dir: str) -> None:
+    try:
+        os.rmdir(run_dir)  # only succeeds on an empty folder: never deletes anything a run wrote
+    except OSError:
+        pass
+
+
+def _begin(run: Run, resume_state: Optional[dict]) -> None:
+    """Base evaluation and the run folder's first files (new run), or the checkpoint's state (resume)."""
     config = run.config
     if resume_state is None:
         torch.manual_seed(config.seed)  # dropout stream; restored from the checkpoint on resume
-        run.base_loss = teacher_forced(run.model, run.task, run.device, backend=config.backend)["loss"]
+        run.base_loss = _teacher_forced(run)["loss"]
         if run.rank == 0:
             ckpt.atomic_write_json(os.path.join(run.run_dir, "config.json"), dict(config.to_dict(), run_dir=run.run_dir))
             open(os.path.join(run.run_dir, "metrics.jsonl"), "w").close()
@@ -460,32 +550,60 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
     else:
         _restore(run, resume_state)
 
+
+def _save(run: Run) -> None:
+    state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
+    if run.rank == 0:
+        ckpt.save_checkpoint(run.run_dir, state)
+
+
+def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> dict:
+    start = time.time()
+    run = setup(config)
+    config = run.config
+    if run.rank == 0 and config.progress:
+        print(format_plan(run.plan, run.world, config.fsdp), flush=True)
+    try:
+        _begin(run, resume_state)
+    except BaseException:
+        if resume_state is None and run.rank == 0:
+            _remove_if_empty(run.run_dir)  # a run that failed before writing anything leaves no folder
+        raise
+    if run.rank == 0:
+        ckpt.atomic_write_json(os.path.join(run.run_dir, "plan.json"), run.plan.as_dict())
+
     bar = None
     if run.rank == 0 and config.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=run.step, desc=f"memft train [{config.loss}]", unit="step")
-    while run.step < config.steps:
-        info = train_step(run)
-        if info["covers_all"] and info["recalled_frac"] == 1.0 and run.steps_to_all_recalled is None:
-            # This forward saw the model after step-1 updates with every token at p > 0.5.
-            run.steps_to_all_recalled = run.step - 1
-        _log(run, dict(kind="train", **{k: v for k, v in info.items() if k != "covers_all"}))
-        last = run.step == config.steps
-        due = config.eval_every and run.step % config.eval_every == 0
-        # A full batch with every argmax right means greedy recall is likely: confirm it now.
-        hint = (info["covers_all"] and info["token_accuracy"] == 1.0 and run.steps_to_full_recall is None
-                and run.step - run.last_generated >= 10)
-        if run.rank == 0 and (last or due or hint):
-            _log(run, evaluate(run, generate=last or hint))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{info['ce']:.3f}", acc=f"{info['token_accuracy']:.0%}",
-                            p50=f"{info['recalled_frac']:.0%}", recall=f"{run.last_eval.get('argmax_exact', 0):.0%}")
-        if config.checkpoint_every and run.step % config.checkpoint_every == 0 and not last:
-            state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
-            if run.rank == 0:
-                ckpt.save_checkpoint(run.run_dir, state)
+    with _StopOnInterrupt() as interrupt:
+        while run.step < config.steps:
+            info = train_step(run)
+            if info["covers_all"] and info["recalled_frac"] == 1.0 and run.steps_to_all_recalled is None:
+                # This forward saw the model after step-1 updates with every token at p > 0.5.
+                run.steps_to_all_recalled = run.step - 1
+            _log(run, dict(kind="train", **{k: v for k, v in info.items() if k != "covers_all"}))
+            last = run.step == config.steps
+            due = config.eval_every and run.step % config.eval_every == 0
+            # A full batch with every argmax right means greedy recall is likely: confirm it now.
+            hint = (info["covers_all"] and info["token_accuracy"] == 1.0 and run.steps_to_full_recall is None
+                    and run.step - run.last_generated >= 10)
+            if run.rank == 0 and (last or due or hint):
+                _log(run, evaluate(run, generate=last or hint))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{info['ce']:.3f}", acc=f"{info['token_accuracy']:.0%}",
+                                p50=f"{info['recalled_frac']:.0%}", recall=f"{run.last_eval.get('argmax_exact', 0):.0%}")
+            if config.checkpoint_every and run.step % config.checkpoint_every == 0 and not last:
+                _save(run)
+            if not last and interrupt.stop(run):
+                if not (config.checkpoint_every and run.step % config.checkpoint_every == 0):
+                    _save(run)
+                if bar is not None:
+                    bar.close()
+                raise RunInterrupted(f"interrupted after step {run.step} of {config.steps}; checkpoint saved, "
+                                     f"continue with: memft train --resume {run.run_dir}")
     if bar is not None:
         bar.close()
 
