@@ -71,3 +71,11 @@ def bad_input_cell(cell, base, run_root):
 
         raise TrainInputError("length is longer than the model's context (simulated)")
     return fake_cell(cell, base, run_root)
+
+
+def slow_big_cell(cell, base, run_root):
+    """Sleeps base["sleep"] seconds for ranks >= 4 (after writing started-<pid>.txt); quick otherwise."""
+    if cell["rank"] >= 4:
+        _mark(run_root, "started", cell)
+        time.sleep(base.get("sleep", 60))
+    return fake_cell(cell, base, run_root)

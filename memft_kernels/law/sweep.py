@@ -293,9 +293,12 @@ def _local_worker_main(conn, run_cell, threads: int, parent_pid: int, env: dict)
         try:
             job = conn.recv()
         except (EOFError, OSError):
-            return
-        if job is None:
-            return
+            job = None
+        if job is None:  # done: leave at once (a full interpreter shutdown with torch loaded takes seconds)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
         cell, base, run_root = job
         try:
             result, seconds = execute_cell(run_cell, cell, base, run_root)
@@ -332,14 +335,25 @@ class _LocalWorker:
         child.close()
 
     def stop(self, kill: bool = False) -> None:
-        if not kill:
+        _stop_workers([self], kill)
+
+
+def _stop_workers(workers, kill: bool, grace: float = 2.0) -> None:
+    """Ask the workers to exit (None), give them ``grace`` seconds together, then kill the rest
+    (a worker past its last cell holds nothing: its results are already with the driver)."""
+    if not kill:
+        for worker in workers:
             with contextlib.suppress(OSError, ValueError):
-                self.conn.send(None)
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(5)
-        self.conn.close()
+                worker.conn.send(None)
+        deadline = time.monotonic() + grace
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.kill()
+    for worker in workers:
+        worker.process.join(5)
+        worker.conn.close()
 
 
 def _exit_text(code: Optional[int]) -> str:
@@ -408,9 +422,7 @@ def _run_local(todo, driver, *, run_cell, base, run_root, workers, threads, gpus
                     queue.append(cell)
         clean = True
     finally:
-        for worker in slots:
-            if worker is not None:
-                worker.stop(kill=not clean)
+        _stop_workers([w for w in slots if w is not None], kill=not clean)
 
 
 def _run_in_process(todo, driver, *, run_cell, base, run_root) -> None:
