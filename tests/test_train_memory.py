@@ -281,3 +281,26 @@ def test_a_sequence_longer_than_the_context_is_memorized_in_windows(tmp_path):
     report = train(TrainConfig(**dict(BASE, samples=1, batch_size=0, length=1100, steps=2, eval_every=0),
                                run_dir=str(tmp_path / "long")))
     assert report["samples"] == 3 and report["answer_tokens"] == 1100 and report["exact_recall"] is not None
+
+
+def test_compile_wraps_the_decoder_of_the_training_forward(monkeypatch, tmp_path):
+    """--compile: the training forward goes through torch.compile(decoder) (here a recording stand-in:
+    compiling on the CPU costs a minute), generation and evaluation through the eager model."""
+    from memft_kernels.train import loop
+
+    compiled, calls = [], []
+
+    def fake_compile(module, **kwargs):
+        compiled.append(module)
+
+        def forward(*args, **kw):
+            calls.append(kw["input_ids"].shape)
+            return module(*args, **kw)
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    report = train(TrainConfig(**dict(BASE, steps=2, eval_every=0), compile=True, run_dir=str(tmp_path / "c")))
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "LlamaModel"
+    assert len(calls) == 2  # one training forward per step (batch 2 of 3 samples, no accumulation)
+    assert report["exact_recall"] is not None
