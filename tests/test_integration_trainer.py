@@ -216,3 +216,74 @@ def test_reference_is_memft_loss_on_shifted_labels():
     direct = memft_loss(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), policy="hard", threshold=1.0 / V)
     via = memft_causal_lm_loss(logits, labels, policy="hard", threshold=1.0 / V)
     assert float(direct) == pytest.approx(float(via), rel=1e-6)
+
+
+# ---------------------------------------------------------------- Trainer under DDP: 2 gloo ranks
+
+
+def _ddp_rows():
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(4, V, (8, T), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[5, :7] = -100
+    return ids, labels
+
+
+def _ddp_lora_model():
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           init_lora_weights=False)
+    return peft.get_peft_model(tiny_llama(), lora)
+
+
+def _ddp_worker(rank, port, outdir):
+    import os
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")  # loopback only
+    torch.set_num_threads(1)
+    ids, labels = _ddp_rows()
+    model = _ddp_lora_model()
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    trainer = transformers.Trainer(model=model, args=sgd_args(Path(outdir) / f"r{rank}"), train_dataset=dataset)
+    add_memft_to_trainer(trainer, policy="hard", threshold=1.0 / V)
+    before = snapshot(model)
+    trainer.train()
+    torch.save(dict(update=updates(model, before), log=trainer.state.log_history[0], world=trainer.args.world_size,
+                    step=trainer.memft_callbacks[1].last_step), f"{outdir}/rank{rank}.pt")
+
+
+def test_trainer_ddp_two_gloo_ranks_is_one_active_mean_call(tmp_path):
+    """2 processes x 4 micro-batches of one row = the 8 rows of one step: DDP averages the gradients
+    and the Trainer multiplies the loss by the process count; the update is still the gradient of
+    one call over all 8 rows, on both ranks."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240.0
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2-rank Trainer run did not finish within 240 s: a rank hangs")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+    ids, labels = _ddp_rows()
+    ref_loss, ref_stats, ref = reference(_ddp_lora_model(), ids, labels, policy="hard", threshold=1.0 / V)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["world"] == 2 and result["step"]["micro_batches"] == ROWS
+        assert result["update"].keys() == ref.keys()
+        for name in ref:
+            assert rel(result["update"][name], ref[name]) < 1e-5, (rank, name)
+        assert result["log"]["loss"] == pytest.approx(ref_loss, rel=1e-5)
+        assert result["log"]["n_active"] == int(ref_stats.n_active)
+        assert result["log"]["token_accuracy"] == pytest.approx(float(ref_stats.token_accuracy), abs=1e-6)
