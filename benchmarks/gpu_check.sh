@@ -15,16 +15,20 @@
 #              t-train, t-dist at once; t-cuda (the whole file: build checks too) once the build is done
 #   memcheck-* compute-sanitizer memcheck on cuda_memcheck.py and on triton_memcheck.py (no caching
 #              allocator, so that every tensor is its own allocation), next to t-cuda
-#   bench      alone on the machine, each with a time cap: bench_loss (N=16384, bf16, every vocab
-#              size), tune_triton (block / warps sweep per Triton kernel, V = 128256 and 32000),
-#              bench_linear_loss, bench_loss at N=4096, bench_train_step
-#   report     markdown table and PNG, then a short table last on stdout
+#   bench      alone on the machine, each with a time cap, through `python -m memft_kernels.bench`
+#              (the harness is in the package): loss --gpu-set (issue 13's matrix: bf16, N=16384,
+#              V in {32000, 128256, 151936, 262144}, fwd+bwd and fwd, memft triton / cuda / both in
+#              place, plain PyTorch, torch.compile, Liger + mask), linear-loss (V=128256, D=4096:
+#              fused vs materialized, Liger FLCE, F.linear_cross_entropy), tune-triton (block / warps
+#              per Triton kernel, V = 128256 and 32000), train-step
+#   report     markdown tables (with the targets) and PNG, then a short table last on stdout
 # Budget (SCALE=1): every job is killed at its limit; the parallel part ends by its slowest job
-# (expected 100-140 s; limits 90-150 s), the benchmarks take <= 350 s. The script starts no
+# (expected 100-140 s; limits 90-150 s), the benchmarks take <= 300 s. The script starts no
 # work after MEMFT_GPU_CHECK_TOTAL_S (default 420 s; the closing table takes at most 30 s more),
 # and a job that starts late gets only what is left, so it ends under 8 minutes.
-# At most 8 files land in $OUT, all at its top level: the log, the results (see the list at the
-# end) and, only while a stage runs, its output as stage-NAME.txt (folded into the log after).
+# At most 8 files land in $OUT, all at its top level: the log, the results (named as in
+# benchmarks/results/, e.g. bench_loss_gpu-nvidia-h200.csv: copy them there to commit) and, only
+# while a stage runs, its output as stage-NAME.txt (folded into the log after).
 #
 # Dry run (MEMFT_GPU_CHECK_DRYRUN=1): on a CPU machine, every stage runs its real command at tiny
 # size, except that the build skips native code (MEMFT_NATIVE=0: a shared checkout's in-place
@@ -248,39 +252,47 @@ for name in t-triton t-linear t-train t-dist t-cuda memcheck-cuda memcheck-trito
   stage_finish "$name"
 done
 
-# Benchmarks: one at a time, nothing else running.
+# Benchmarks: one at a time, nothing else running. Result files carry the machine in their names,
+# as the committed ones in benchmarks/results/ do (e.g. bench_loss_gpu-nvidia-h200.csv).
+MACHINE=$(timeout 60 "$PY" -c 'import torch
+from memft_kernels.bench import timing
+print(timing.machine_slug(timing.machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))))' 2>>"$LOG")
+MACHINE="${MACHINE:-unknown}"
+BENCH=("$PY" -m memft_kernels.bench)
 if [[ "$DRYRUN" == 1 ]]; then
-  BIG=(--device cpu --smoke --n 64 --providers memft-cuda memft-cpu memft-cpu-inplace memft-torch torch-plain torch-compile liger)
-  SMALL=(--device cpu --smoke --n 32 --providers memft-cuda memft-cpu memft-torch torch-plain torch-compile liger)
-  LINEAR=(--device cpu --quick)
+  # the GPU run's providers and modes at smoke size; the Triton ones (memft-triton, Liger) in
+  # Triton's interpreter, so that their Python runs; the CUDA ones are rows saying why not
+  LOSS=(--gpu-set --device cpu --smoke --n 8 --v 256)
+  LINEAR=(--device cpu --smoke)
+  BENCH_ENV=(TRITON_INTERPRET=1)
   TRAIN=(--device cpu --smoke)
   TUNE=(--device cpu --smoke --n 4 --kernels forward backward)
   TUNE_ENV=(TRITON_INTERPRET=1)
 else
-  # The GPU providers and the peers of issue 3's targets (the reference is left out: slow, and not a peer).
-  GPU_PROVIDERS=(--providers memft-triton memft-cuda memft-triton-inplace torch-plain liger torch-compile)
-  BIG=(--device cuda --n 16384 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd --time-cap 100 --budget-s 0.5 --reps 30 "${GPU_PROVIDERS[@]}")
-  SMALL=(--device cuda --n 4096 --v 32000 128256 151936 262144 --dtype bf16 --mode fwd+bwd fwd --time-cap 25 --budget-s 0.3 --reps 20 "${GPU_PROVIDERS[@]}")
-  LINEAR=(--device cuda)
+  # issue 13's matrix (--gpu-set: bf16, N=16384, 4 vocabularies, fwd+bwd and fwd, 7 providers); the
+  # chunked reference is left out (slow, and not a peer)
+  LOSS=(--gpu-set --device cuda --time-cap 160 --budget-s 0.3 --reps 20)
+  BENCH_ENV=()
+  LINEAR=(--device cuda)  # N=8192, V=128256, D=4096, bf16, frozen and trainable weight
   TRAIN=(--device cuda --quick --budget-s 2)
-  TUNE=(--device cuda --n 16384 --v 128256 32000 --dtype bf16 --time-cap 50)
+  TUNE=(--device cuda --n 16384 --v 128256 32000 --dtype bf16 --time-cap 45)
   TUNE_ENV=()
 fi
-# In order of what the open issues need most, since the last ones may not fit in the total budget.
-stage loss-16k 130 "$PY" benchmarks/bench_loss.py "${BIG[@]}" --no-jsonl --csv "$OUT/bench_loss.csv"
-stage tune 60 env ${TUNE_ENV[@]+"${TUNE_ENV[@]}"} "$PY" benchmarks/tune_triton.py "${TUNE[@]}" --csv "$OUT/tune_triton.csv"
-if [[ -f benchmarks/bench_linear_loss.py ]]; then
-  stage linear 45 "$PY" benchmarks/bench_linear_loss.py "${LINEAR[@]}" --out "$OUT/bench_linear_loss.csv"
-fi
-stage loss-4k 45 "$PY" benchmarks/bench_loss.py "${SMALL[@]}" --no-jsonl --csv "$OUT/bench_loss.csv"
-stage train 40 "$PY" benchmarks/bench_train_step.py "${TRAIN[@]}" --no-jsonl --csv "$OUT/bench_train_step.csv"
+LOSS_CSV="$OUT/bench_loss_$MACHINE.csv"
+LINEAR_CSV="$OUT/bench_linear_loss_$MACHINE.csv"
+TRAIN_CSV="$OUT/bench_train_step_$MACHINE.csv"
+# In order of what issue 13 needs most, since the last ones may not fit in the total budget.
+stage loss-16k 175 env ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "${BENCH[@]}" loss "${LOSS[@]}" --no-jsonl --csv "$LOSS_CSV"
+stage linear 45 env ${BENCH_ENV[@]+"${BENCH_ENV[@]}"} "${BENCH[@]}" linear-loss "${LINEAR[@]}" --out "$LINEAR_CSV"
+stage tune 55 env ${TUNE_ENV[@]+"${TUNE_ENV[@]}"} "${BENCH[@]}" tune-triton "${TUNE[@]}" --csv "$OUT/tune_triton_$MACHINE.csv"
+stage train 40 "${BENCH[@]}" train-step "${TRAIN[@]}" --no-jsonl --csv "$TRAIN_CSV"
 
 REPORT_IN=()
-for f in "$OUT/bench_loss.csv" "$OUT/bench_train_step.csv"; do
+for f in "$LOSS_CSV" "$LINEAR_CSV" "$TRAIN_CSV"; do
   [[ -f "$f" ]] && REPORT_IN+=("$f")
 done
 if ((${#REPORT_IN[@]} > 0)); then
-  stage report 30 "$PY" benchmarks/report.py "${REPORT_IN[@]}" --md "$OUT/bench_report.md" --png "$OUT/bench_loss.png"
+  stage report 30 "${BENCH[@]}" report "${REPORT_IN[@]}" --md "$OUT/bench_report_$MACHINE.md" --png "$OUT/bench_loss_$MACHINE.png"
 fi
 
 # --- the short table, last on stdout -------------------------------------------------------------
@@ -289,9 +301,9 @@ say "# stage           result                  time   (total $(($(date +%s) - ST
 for line in "${SUMMARY[@]}"; do
   say "  $line"
 done
-if [[ -f "$OUT/bench_loss.csv" ]]; then
+if [[ -f "$LOSS_CSV" ]]; then
   say ""
-  timeout 30 "$PY" benchmarks/report.py "$OUT/bench_loss.csv" --mode fwd+bwd --dtype bf16 --no-png 2>&1 | tee -a "$LOG"
+  timeout 30 "${BENCH[@]}" report "$LOSS_CSV" --mode fwd+bwd --no-png 2>&1 | tee -a "$LOG"
 fi
 say "files in $OUT: $(find "$OUT" -maxdepth 1 -type f -printf '%f ' | head -c 400)"
 n_files=$(find "$OUT" -type f | wc -l)

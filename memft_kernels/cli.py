@@ -21,6 +21,13 @@ class CLIError(Exception):
     """Bad input from the command line: reported in one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors in one line (no usage block), exit code 2, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _info(args) -> int:
     import platform
 
@@ -47,6 +54,10 @@ def _info(args) -> int:
     except Exception:  # noqa: BLE001 - info must print whatever is or is not built
         archs = None
     print(f"CUDA architectures built: {archs or 'none'}")
+    if archs:
+        from .ops import cuda_driver
+
+        print(f"CUDA runtime in the CUDA module: {cuda_driver.describe(native_cuda._C)}")
     try:
         from .ops import native_cpu
 
@@ -60,7 +71,7 @@ def _info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="memft", description="MemFT loss kernels, LoRA memorization training and the Parametric Memory Law.")
+    parser = OneLineParser(prog="memft", description="MemFT loss kernels, LoRA memorization training and the Parametric Memory Law.")
     parser.add_argument("--version", action="version", version=f"memft_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="version, backends available here and why the others are not")
@@ -84,6 +95,9 @@ def main(argv=None) -> int:
     except CLIError as exc:
         print(f"memft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line, no traceback (a run says how to resume)
+        print(f"memft {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `memft info | head`: the reader left; stop quietly, with stdout pointed at nothing so the
         # interpreter's final flush does not raise again.

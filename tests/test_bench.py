@@ -1,6 +1,8 @@
-"""The benchmark harness on CPU at smoke size: every provider runs, the outputs parse, the byte
-counts match a hand count, the clocks are read only after a synchronize, and gpu_check.sh parses."""
+"""The benchmark harness (memft_kernels.bench) on CPU at smoke size: every provider runs, the outputs
+parse, the byte counts match a hand count, the clocks are read only after a synchronize, the
+committed results still read, `memft bench` runs the package's modules, and gpu_check.sh parses."""
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -11,17 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from memft_kernels import dispatch
+from memft_kernels.bench import linear_loss as bench_linear_loss
+from memft_kernels.bench import loss as bench_loss
+from memft_kernels.bench import report, timing, tune_triton
+from memft_kernels.bench import train_step as bench_train_step
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import bench_loss  # noqa: E402
-import bench_train_step  # noqa: E402
-import report  # noqa: E402
-import timing  # noqa: E402
-import tune_triton  # noqa: E402
-
-from memft_kernels import dispatch  # noqa: E402
 
 NUMERIC = ("median_ms", "p20_ms", "p80_ms", "gbps", "copy_gbps", "frac_copy", "loss", "rel_err", "bytes")
 
@@ -115,6 +114,15 @@ def test_interpreted_triton_and_liger_run(tmp_path, monkeypatch):
     for r in rows:
         if r["provider"] == "liger":
             assert r["status"] == "ok" or r["status"].startswith("skipped: liger_kernel not importable")
+            if r["status"] == "ok":
+                assert float(r["rel_err"]) < 1e-5
+    # Liger's fused linear cross-entropy, in the interpreter at the linear benchmark's smoke size
+    rows = bench_linear_loss.main(["--smoke", "--device", "cpu", "--weight", "frozen", "--only", "memft-materialized",
+                                   "liger-flce", "--out", str(tmp_path / "lin.csv")])
+    (liger,) = [r for r in rows if r["provider"] == "liger-flce"]
+    assert liger["status"] == "ok" or liger["status"].startswith("skipped: liger_kernel not importable"), liger
+    if liger["status"] == "ok":
+        assert liger["loss_rel_err"] < 1e-5  # random head: every token active, so MemFT's loss is the CE mean
 
 
 def test_tune_triton_checks_then_times_every_config(tmp_path, monkeypatch):
@@ -269,17 +277,116 @@ def test_train_step_smoke(tmp_path):
     assert [r["provider"] for r in parsed] == [r["provider"] for r in rows]
 
 
-def test_memft_bench_command(monkeypatch):
+def test_memft_bench_runs_the_package(tmp_path, monkeypatch, capsys):
+    """`memft bench NAME` runs the package's module in process (no checkout needed); only gpu-check
+    needs the checkout's script, and says so without one."""
     from memft_kernels import bench, cli
 
-    cmd = bench.command_for("loss", ["--smoke"])
-    assert cmd[0] == sys.executable and cmd[1].endswith("benchmarks/bench_loss.py") and cmd[2:] == ["--smoke"]
-    assert bench.command_for("gpu-check", [])[:1] == ["bash"]
+    assert set(bench.BENCHMARKS) | set(bench.CHECKOUT_ONLY) == set(bench.NAMES)
+    for name in bench.BENCHMARKS:
+        assert callable(bench.entry_point(name)), name
     args = cli.build_parser().parse_args(["bench", "report", "x.csv", "--no-png"])
     assert args.script == "report" and args.script_args == ["x.csv", "--no-png"]
-    monkeypatch.setattr(bench, "benchmarks_dir", lambda: None)
+    assert bench.command_for("gpu-check", ["-x"]) == ["bash", str(BENCH / "gpu_check.sh"), "-x"]
+    assert cli.main(["bench", "loss", "--help"]) == 0
+    assert "usage: memft bench loss" in capsys.readouterr().out
+    assert cli.main(["bench", "loss", "--smoke", "--providers", "nope"]) == 2  # the module's refusal, one line
+    assert "unknown provider" in capsys.readouterr().err
+    # as from an installed wheel: no checkout, so results go to ./bench_results and gpu-check refuses
+    monkeypatch.setattr(timing, "checkout_root", lambda: None)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(cli.CLIError, match="source checkout"):
-        bench.command_for("loss", [])
+        bench.command_for("gpu-check", [])
+    info = timing.machine_info(torch.device("cpu"))
+    assert info["commit"] == "unknown"
+    assert timing.default_results_path("bench_loss", info) == tmp_path / "bench_results" / f"bench_loss_cpu-{timing.slug(str(info['device_name']))}.csv"
+    assert cli.main(["bench", "train-step", "--smoke", "--device", "cpu", "--providers", "memft", "--reps", "1"]) == 0
+    (written,) = (tmp_path / "bench_results").glob("bench_train_step_cpu-*.csv")
+    assert [r["status"] for r in timing.read_rows(written)] == ["ok"]
+
+
+def test_thin_entry_points_call_the_package():
+    """benchmarks/*.py stay as entry points (the docs run them) and hold no code: each is `memft bench NAME`."""
+    import ast
+
+    from memft_kernels import bench
+
+    for script, name in [("bench_loss", "loss"), ("bench_linear_loss", "linear-loss"), ("bench_train_step", "train-step"),
+                         ("tune_triton", "tune-triton"), ("report", "report"), ("make_results_report", "results-report")]:
+        text = (BENCH / f"{script}.py").read_text()
+        tree = ast.parse(text)
+        assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) for n in tree.body), script
+        assert f'main(["bench", "{name}", *sys.argv[1:]])' in text and name in bench.BENCHMARKS, script
+    out = subprocess.run([sys.executable, str(BENCH / "bench_loss.py"), "--providers", "nope"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "memft bench: error: unknown provider" in out.stderr, out.stderr
+
+
+def test_a_failing_provider_fails_the_command(monkeypatch, tmp_path, capsys):
+    """Rows are written for every provider, but `memft bench loss` exits 1 when one failed, so that
+    gpu_check.sh's summary shows it at a glance."""
+    from memft_kernels import bench
+
+    def broken():
+        def fn(x, y):
+            raise RuntimeError("planted")
+        return fn
+
+    monkeypatch.setitem(bench_loss.PROVIDERS, "torch-plain", dataclasses.replace(bench_loss.PROVIDERS["torch-plain"], make=broken))
+    rc = bench.run("loss", ["--smoke", "--device", "cpu", "--mode", "fwd", "--providers", "torch-plain", "memft-torch",
+                            "--no-memory", "--csv", str(tmp_path / "x.csv")])
+    rows = timing.read_rows(tmp_path / "x.csv")
+    assert rc == 1 and [r["status"] for r in rows] == ["error: RuntimeError: planted", "ok"]
+    assert "1 provider(s) failed: torch-plain" in capsys.readouterr().err
+
+
+def test_committed_results_still_read(tmp_path):
+    """Every CSV under benchmarks/results/ goes through the moved report code (tables, the PNG)."""
+    csvs = sorted((BENCH / "results").glob("*.csv"))
+    assert any(p.name.startswith("bench_loss_") for p in csvs)
+    rows = report.load(csvs)
+    text = report.loss_tables(rows) + report.train_table(rows) + report.linear_table(rows)
+    assert "| memft-cpu |" in text and "LoRA train step" in text and "| memft-fused |" in text
+    assert report.main([str(p) for p in csvs] + ["--md", str(tmp_path / "r.md"), "--png", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_result_writer_adds_new_columns_to_an_old_file(tmp_path):
+    path = tmp_path / "old.csv"
+    timing.ResultWriter(path, ["a", "b"], jsonl=False).write({"a": 1, "b": 2})
+    w = timing.ResultWriter(path, ["a", "b", "status"], jsonl=False)  # a column added since
+    w.write({"a": 3, "b": 4, "status": "ok"})
+    assert timing.read_rows(path) == [{"a": "1", "b": "2", "status": ""}, {"a": "3", "b": "4", "status": "ok"}]
+    with pytest.raises(ValueError, match="other columns"):
+        timing.ResultWriter(path, ["b", "a", "status"])  # reordered: not the same file
+
+
+def test_linear_loss_smoke_and_skipped_providers(tmp_path, capsys):
+    """bench linear-loss end to end at a toy size; a provider that cannot run here is a row saying why."""
+    out = tmp_path / "rows.csv"
+    rows = bench_linear_loss.main(["--device", "cpu", "--n", "64", "--v", "97", "--d", "16", "--reps", "1", "--warmup", "0",
+                                   "--only", "memft-materialized", "memft-fused", "liger-flce", "--out", str(out)])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {(r["provider"], r["weight"]) for r in ok} == {
+        (p, w) for p in ("memft-materialized", "memft-fused") for w in ("frozen", "trainable")
+    }
+    assert all(r["loss_rel_err"] < 1e-5 for r in ok)
+    liger = [r for r in rows if r["provider"] == "liger-flce"]
+    assert len(liger) == 2 and all(r["status"].startswith("skipped: ") for r in liger)  # GPU only
+    assert len(timing.read_rows(out)) == 6 and "| memft-fused |" in capsys.readouterr().out
+    text = report.linear_table(report.load([out]))
+    assert "| memft-fused | frozen |" in text and "skipped" in text
+
+
+def test_gpu_sets_are_issue_13s_matrix():
+    """The GPU run's arguments, checked here because no GPU runs in the test suite."""
+    args = bench_loss.parse_args(["--gpu-set", "--device", "cpu"])
+    assert args.n == [16384] and args.v == [32000, 128256, 151936, 262144] and args.dtype == ["bf16"]
+    assert set(args.mode) == {"fwd", "fwd+bwd"}
+    assert set(args.providers) == {"memft-triton", "memft-cuda", "memft-triton-inplace", "memft-cuda-inplace",
+                                   "torch-plain", "torch-compile", "liger"}
+    assert bench_linear_loss.SIZES[("cuda", False)] == dict(n=8192, v=128256, d=4096, dtype="bfloat16")
+    assert set(bench_linear_loss.providers("cuda")) == {"memft-materialized", "memft-fused", "torch-linear-ce", "liger-flce"}
 
 
 def test_gpu_check_script_parses():
@@ -288,3 +395,32 @@ def test_gpu_check_script_parses():
     if shutil.which("shellcheck"):
         res = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
+
+
+def test_targets_table_marks_misses():
+    """Speedups are the peer's median over the kernel's, checked against issue 13's targets; a peer
+    that did not run leaves "-"."""
+    base = dict(bench="loss", device="cuda", device_name="GPU", threads="1", N="16384", dtype="bf16", mode="fwd+bwd",
+                V="128256", status="ok", date="2026-12-01T00:00:00Z")
+    rows = [dict(base, provider="memft-triton", median_ms="1.0", gbps="4000", frac_copy="0.9"),
+            dict(base, provider="memft-cuda", median_ms="2.0", gbps="2000", frac_copy="0.45"),
+            dict(base, provider="torch-plain", median_ms="5.0", frac_copy="0.5"),
+            dict(base, provider="torch-compile", median_ms="1.2", frac_copy="0.8"),
+            dict(base, provider="liger", status="skipped: liger_kernel not importable")]
+    lines = {line.split(" | ")[1]: line for line in report.targets_tables(rows).splitlines() if line.startswith("| 128256")}
+    assert lines["memft-triton"] == "| 128256 | memft-triton | 1 | 4,000 | 90% | 5.00x | 1.20x (miss) | - |"
+    assert lines["memft-cuda"] == "| 128256 | memft-cuda | 2 | 2,000 | 45% (miss) | 2.50x (miss) | 0.60x (miss) | - |"
+
+
+def test_train_step_provider_list_is_extensible(tmp_path, monkeypatch):
+    """A row is one more TrainProvider: its prepare() sees the fresh model, unavailable() skips it."""
+    seen = []
+    extra = [
+        bench_train_step.TrainProvider("memft-prepared", bench_train_step.PROVIDERS[1].loss, "test",
+                                       prepare=lambda model: seen.append(type(model).__name__)),
+        bench_train_step.TrainProvider("never", bench_train_step.PROVIDERS[1].loss, "test", unavailable=lambda: "not here"),
+    ]
+    monkeypatch.setattr(bench_train_step, "PROVIDERS", bench_train_step.PROVIDERS + extra)
+    rows = bench_train_step.main(["--smoke", "--device", "cpu", "--reps", "1", "--providers", "memft-prepared", "never",
+                                  "--csv", str(tmp_path / "t.csv")])
+    assert [r["status"] for r in rows] == ["ok", "skipped: not here"] and seen == ["PeftModel"]

@@ -85,9 +85,9 @@ def test_fit_without_offset():
 def test_saturated_cells_are_left_out():
     cells = synthetic_cells(noise=0.0)
     extra = [
-        {**cells[0], "dL": 7.9, "exact_recall": 1.0, "_line": 101},
-        {**cells[1], "dL": 5.0, "recalled_frac": 0.995, "_line": 102},
-        {**cells[2], "dL": 7.7, "_line": 103},  # dL >= 0.95 * base_loss (8.0)
+        {**cells[0], "seed": 1, "dL": 7.9, "exact_recall": 1.0, "_line": 101},
+        {**cells[1], "seed": 1, "dL": 5.0, "recalled_frac": 0.995, "_line": 102},
+        {**cells[2], "seed": 1, "dL": 7.7, "_line": 103},  # dL >= 0.95 * base_loss (8.0)
     ]
     fit = fit_law(cells + extra, n_boot=0)
     assert sorted(fit.excluded_lines) == [101, 102, 103]
@@ -288,11 +288,6 @@ def test_sweep_in_worker_processes(tmp_path):
     assert summary == {"ran": 3, "skipped": 0, "failed": []}
     assert len(calls(root)) == 3
     assert sorted(r["rank"] for r in load_results(out)) == [1, 2, 4]
-    # a line truncated by a crash is an error naming it, not silently skipped
-    with open(out, "a") as fh:
-        fh.write('{"rank": 8, "len')
-    with pytest.raises(LawInputError, match="line 4: not valid JSON"):
-        run_sweep(grid, out, workers=0, run_root=root, run_cell=fake_cell, progress=False)
 
 
 def failing_cell(cell, base, run_root):

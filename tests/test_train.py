@@ -8,15 +8,7 @@ import torch
 
 from memft_kernels.cli import main as memft_main
 from memft_kernels.train import TrainConfig, TrainInputError, train
-from memft_kernels.train.loop import Sampler, memorization_loss
-from memft_kernels.train.windows import (
-    NO_ANCHOR,
-    WindowState,
-    curriculum_size,
-    first_wrong,
-    update_window,
-    window_weights,
-)
+from memft_kernels.train.loop import memorization_loss
 
 @pytest.fixture(autouse=True)
 def _keep_torch_threads():
@@ -134,50 +126,7 @@ def test_memft_sw_weight_is_gate_times_window():
     torch.testing.assert_close(stats.weight, expected, rtol=1e-5, atol=1e-7)
 
 
-# ---------------------------------------------------------------------------------------------
-# The window on hand-made stats
-# ---------------------------------------------------------------------------------------------
-def test_first_wrong_position():
-    labels = torch.tensor([[-100, 5, 6, 7, 8], [-100, 1, 2, 3, -100], [-100, -100, 4, 4, 4]])
-    pred = torch.tensor([[9, 5, 6, 0, 0], [0, 1, 2, 3, 9], [0, 0, 4, 1, 4]])
-    assert first_wrong(pred, labels).tolist() == [3, NO_ANCHOR, 3]
-
-
-def test_window_weights_values():
-    state = WindowState.new(3)
-    state.anchor[:] = torch.tensor([10, NO_ANCHOR, 2])
-    state.expand[:] = torch.tensor([1.0, 1.0, 2.0])
-    w = window_weights(state, torch.tensor([0, 1, 2]), 140, span=50, decay=20, floor=0.01)
-    assert torch.all(w[0, :10] == 1) and torch.all(w[1] == 1)
-    assert w[0, 10] == 1.0
-    assert w[0, 30].item() == pytest.approx(math.exp(-1.0))
-    assert w[0, 59].item() == pytest.approx(math.exp(-49 / 20))
-    assert torch.allclose(w[0, 60:], torch.full((80,), 0.01))  # [anchor, anchor + 50 e) with e = 1
-    assert w[2, 101].item() == pytest.approx(math.exp(-99 / 20))  # e = 2: inside up to 2 + 100
-    assert w[2, 102].item() == pytest.approx(0.01)
-
-
-def test_window_grows_while_the_anchor_stays_and_resets_when_it_moves():
-    state = WindowState.new(2)
-    idx = torch.tensor([0, 1])
-    expands = []
-    for anchor0 in (7, 7, 7, 7, 7, 7, 7, 7, 9):
-        state = update_window(state, idx, torch.tensor([anchor0, NO_ANCHOR]), patience=3, growth=0.5, max_expand=4.0)
-        expands.append(state.expand[0].item())
-    assert expands == [1.0, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 1.0]
-    assert state.anchor[1] == NO_ANCHOR and state.expand[1] == 1.0
-    # Samples not in the batch keep their state.
-    state2 = update_window(state, torch.tensor([1]), torch.tensor([4]), patience=3, growth=0.5, max_expand=4.0)
-    assert state2.anchor[0] == 9 and state2.anchor[1] == 4
-
-
-def test_curriculum_prefix_grows_by_epoch():
-    assert [curriculum_size(10, e) for e in range(7)] == [2, 4, 6, 8, 10, 10, 10]
-    assert [curriculum_size(10, e, epochs_per_stage=2) for e in range(4)] == [2, 2, 4, 4]
-    sampler = Sampler(10, 0, seed=0, curriculum=True, epochs_per_stage=1)
-    seen = [set(sampler.next_batch().tolist()) for _ in range(5)]
-    assert [len(s) for s in seen] == [2, 4, 6, 8, 10]
-    assert seen[0] < seen[1] < seen[2] < seen[3]  # a growing prefix of one shuffled order
+# The window and the curriculum: tests/test_train_recipe.py
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +148,6 @@ def empty_file(tmp_path):
     (["--task", "text", "--data", "EMPTY"], "is empty"),
     (["--task", "text", "--data", "NOMODEL"], "is a folder, not a text file"),
     (["--model", "NOMODEL"], "no config.json"),
-    (["--model", "nano", "--length", "2000"], "longer than the model's context"),
     (["--compare", "ce,focal"], "unknown loss 'focal'"),
     (["--resume", "/nonexistent/run"], "no such run folder"),
     (["--resume", "TMP", "--steps", "300"], "--steps cannot be changed"),
@@ -253,8 +201,10 @@ def test_local_model_folder_with_its_own_tokenizer(tmp_path):
     report = train(TrainConfig(**dict(TINY, steps=2, eval_every=0, model=str(tmp_path / "model"), length=20),
                                task="text", plots=False, save_adapter=False, run_dir=str(tmp_path / "run")))
     assert report["answer_tokens"] == 20 and report["final_loss"] < report["base_loss"]
-    with pytest.raises(TrainInputError, match="longer than the model's context"):
-        train(TrainConfig(**dict(TINY, model=str(tmp_path / "model"), length=64), task="text"))
+    # longer than the context of 64: memorized in windows of 32 tokens (train/longcontext.py)
+    report = train(TrainConfig(**dict(TINY, steps=2, eval_every=0, model=str(tmp_path / "model"), length=100),
+                               task="text", plots=False, save_adapter=False, run_dir=str(tmp_path / "long")))
+    assert report["answer_tokens"] == 100 and report["samples"] == 4
 
 
 def test_compare_runs_each_loss_and_prints_one_table(tmp_path, capsys):

@@ -43,6 +43,22 @@ assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item())), (loss.i
 print("ok", native_cpu.isa(), memft_kernels.__file__)
 """
 
+# `memft bench` from the wheel (the harness is in the package): a smoke run writes its CSV here, and
+# the one checkout-only entry (gpu-check) says so instead of failing obscurely.
+BENCH_SCRIPT = """
+import csv, sys
+from memft_kernels import cli
+from memft_kernels.bench import timing
+assert timing.checkout_root() is None
+rc = cli.main(["bench", "loss", "--smoke", "--device", "cpu", "--providers", "memft-cpu", "torch-plain",
+               "--no-memory", "--csv", "bench.csv"])
+assert rc == 0, rc
+rows = list(csv.DictReader(open("bench.csv")))
+assert [r["status"] for r in rows] == ["ok"] * 4 and all(r["commit"] == "unknown" for r in rows), rows
+assert cli.main(["bench", "gpu-check"]) == 2
+print("bench ok")
+"""
+
 
 @pytest.mark.slow
 def test_wheel_builds_installs_and_runs(tmp_path):
@@ -79,3 +95,7 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     out = subprocess.run([str(python), "-c", SCRIPT], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env=dict(clean, OMP_NUM_THREADS="1"))
     assert out.stdout.startswith("ok"), out.stdout + out.stderr
+    out = subprocess.run([str(python), "-c", BENCH_SCRIPT], capture_output=True, text=True, cwd=tmp_path,
+                         env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and "bench ok" in out.stdout, out.stdout + out.stderr
+    assert "source checkout" in out.stderr

@@ -35,7 +35,7 @@ from ..spec import LossOptions, takes_loss_options
 # memft_loss keywords a causal-LM loss accepts (reduction is always "mean", as transformers' is).
 LOSS_OPTIONS = (
     "policy", "threshold", "sharpness", "normalize", "fallback", "label_smoothing", "z_loss",
-    "softcap", "backend", "validate", "stats_callback",
+    "softcap", "backend", "validate", "stats_callback", "accumulator",
 )
 # Extra keywords of the fused path (memft_linear_loss's chunking).
 LINEAR_OPTIONS = ("chunk_size", "memory_budget_bytes")
@@ -72,6 +72,7 @@ def memft_causal_lm_loss(
     shift_labels: Optional[torch.Tensor] = None,
     *,
     stats_callback: Optional[Callable] = None,
+    accumulator=None,
     policy: str = "hard",
     threshold: float = 0.5,
     sharpness: float = 10.0,
@@ -91,6 +92,9 @@ def memft_causal_lm_loss(
     denominator: the loss is then sum_i w_i l_i / num_items, so that the micro-batch losses add up
     to the whole step's. Other keywords a model forward passes along are ignored, as transformers'
     own loss ignores them. ``stats_callback(MemFTStats)``, if given, receives the statistics.
+    ``accumulator`` (a ``MemFTAccumulator``): a loss that will be backpropagated (logits that require
+    grad) goes through it -- the exact active mean over the optimizer step, ``num_items_in_batch``
+    unused; evaluation (no grad) computes the plain per-call loss.
     """
     num_classes = logits.shape[-1]
     if vocab_size is not None and vocab_size != num_classes:
@@ -99,6 +103,16 @@ def memft_causal_lm_loss(
         if labels is None:
             raise ValueError("memft_causal_lm_loss needs labels (or shift_labels)")
         shift_labels = _shifted_labels(labels, ignore_index)
+    if accumulator is not None and logits.requires_grad:
+        options = dict(
+            threshold=threshold, sharpness=sharpness, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, backend=backend, validate=validate, ignore_index=ignore_index,
+        )
+        flat_logits, flat_labels = logits.reshape(-1, num_classes), shift_labels.reshape(-1).to(logits.device)
+        return _accumulated(
+            accumulator, stats_callback,
+            lambda **kw: memft_loss(flat_logits, flat_labels, reduction="sum", **options, **kw), policy,
+        )
     result = memft_loss(
         logits.reshape(-1, num_classes), shift_labels.reshape(-1).to(logits.device),
         policy=policy, threshold=threshold, sharpness=sharpness, normalize=normalize, fallback=fallback,
@@ -113,14 +127,34 @@ def memft_causal_lm_loss(
     return loss
 
 
+def _accumulated(accumulator, stats_callback, loss_fn, policy):
+    """Through a MemFTAccumulator: ``loss_fn(**kw)`` is the reduction="sum" loss with extra keywords."""
+    loss_sum, stats = loss_fn(policy=policy, return_stats=True)
+    if stats_callback is not None:
+        stats_callback(stats)
+    return accumulator.accumulate(loss_sum, stats, lambda: loss_fn(policy="none"))
+
+
 def _checked_options(options: dict, allowed) -> dict:
     unknown = sorted(set(options) - set(allowed) - {"ignore_index"})
     if unknown:
         raise TypeError(f"unknown MemFT option(s) {unknown}; allowed: {', '.join(sorted(allowed))}, ignore_index")
-    LossOptions(**{k: v for k, v in options.items() if k in LossOptions.names()}).kernel_options()
+    checked = LossOptions(**{k: v for k, v in options.items() if k in LossOptions.names()})
+    checked.kernel_options()
     cb = options.get("stats_callback")
     if cb is not None and not callable(cb):
         raise TypeError(f"stats_callback must be callable, got {type(cb).__name__}")
+    accumulator = options.get("accumulator")
+    if accumulator is not None:
+        from ..accumulate import MemFTAccumulator
+
+        if not isinstance(accumulator, MemFTAccumulator):
+            raise TypeError(f"accumulator must be a MemFTAccumulator, got {type(accumulator).__name__}")
+        if checked.normalize != "active" or checked.fallback != accumulator.fallback:
+            raise ValueError(
+                f"with an accumulator the loss is the step's active mean with the accumulator's fallback "
+                f"({accumulator.fallback!r}); got normalize={checked.normalize!r}, fallback={checked.fallback!r}"
+            )
     return dict(options)
 
 
@@ -214,8 +248,9 @@ def _output_class(decoder_output):
 
 
 def _fused_loss(model, hidden, labels, shift_labels, num_items_in_batch, options, model_softcap):
-    loss_options = {k: v for k, v in options.items() if k != "stats_callback"}
+    loss_options = {k: v for k, v in options.items() if k not in ("stats_callback", "accumulator")}
     callback = options.get("stats_callback")
+    accumulator = options.get("accumulator")
     ignore_index = loss_options.pop("ignore_index", -100)
     if model_softcap is not None:
         loss_options["softcap"] = model_softcap
@@ -232,7 +267,7 @@ def _fused_loss(model, hidden, labels, shift_labels, num_items_in_batch, options
         logits_options = {k: v for k, v in loss_options.items() if k not in LINEAR_OPTIONS}
         return memft_causal_lm_loss(
             model.lm_head(hidden), None, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-            ignore_index=ignore_index, stats_callback=callback, **logits_options,
+            ignore_index=ignore_index, stats_callback=callback, accumulator=accumulator, **logits_options,
         )
     x, weight, bias = parts
     device_type = x.device.type
@@ -241,6 +276,18 @@ def _fused_loss(model, hidden, labels, shift_labels, num_items_in_batch, options
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = weight.dtype
+    if accumulator is not None and torch.is_grad_enabled():
+        policy = loss_options.pop("policy", "hard")
+        for name in ("normalize", "fallback"):
+            loss_options.pop(name, None)
+        bias = None if bias is None else bias.to(dtype)
+
+        def linear_sum(**kw):
+            with torch.autocast(device_type, enabled=False):
+                return memft_linear_loss(x.to(dtype), weight.to(dtype), shift_labels.to(x.device), bias,
+                                         ignore_index=ignore_index, reduction="sum", **loss_options, **kw)
+
+        return _accumulated(accumulator, callback, linear_sum, policy)
     with torch.autocast(device_type, enabled=False):
         result = memft_linear_loss(
             x.to(dtype), weight.to(dtype), shift_labels.to(x.device), None if bias is None else bias.to(dtype),

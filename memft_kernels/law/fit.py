@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .results import LawInputError, load_results
+from .results import LawInputError, cell_key, load_results
 
 CAPACITIES = ("rank", "lora_params")
 SATURATED_RECALLED_FRAC = 0.99  # share of tokens with p > 0.5
@@ -64,12 +64,14 @@ class LawFit:
     saturation_rule: str = SATURATION_RULE
     params_per_rank: Optional[float] = None  # lora_params / rank, when the same for every cell
     residuals: list = field(default_factory=list)
+    repeated_lines: list = field(default_factory=list)  # [line, earlier line of the same cell], left out
 
     def predict(self, capacity, length):
         return law(np.asarray(capacity, dtype=float), np.asarray(length, dtype=float), self.C, self.alpha, self.beta, self.b)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """A dict for json.dumps: a number that is not finite (NaN, inf) becomes null, as JSON has none."""
+        return _finite_or_none(asdict(self))
 
     def summary(self) -> str:
         def fmt(name):
@@ -86,6 +88,16 @@ class LawFit:
         lines.append(f"  R^2 = {self.r2:.4f}   RMSE = {self.rmse:.4g}   "
                      f"({int(self.ci_level * 100)}% bootstrap CIs from {self.n_boot_used}/{self.n_boot} resamples)")
         return "\n".join(lines)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _log_linear(x, length, y):
@@ -134,6 +146,13 @@ def _check_design(x, length, n_params):
                                 f"its exponent cannot be fitted; sweep at least two values")
 
 
+def _check_response(y):
+    if np.ptp(y) <= 1e-12 * max(float(np.max(np.abs(y))), 1e-300):
+        raise LawInputError(f"every fitted cell has the same dL ({y[0]:.6g}): dL does not vary with rank or "
+                            f"length, so the law's exponents (and R^2) are undefined; check the sweep "
+                            f"(too few steps? a broken run?)")
+
+
 def fit_arrays(x, length, y, *, fit_offset=True) -> tuple[float, float, float, float]:
     """Point estimate (C, alpha, beta, b) on arrays; the degenerate checks of ``fit_law`` apply."""
     x, length, y = (np.asarray(v, dtype=float) for v in (x, length, y))
@@ -141,6 +160,7 @@ def fit_arrays(x, length, y, *, fit_offset=True) -> tuple[float, float, float, f
     _check_design(x, length, n_params)
     if np.any(y <= 0):
         raise LawInputError("dL must be positive in every fitted cell (log-linear start)")
+    _check_response(y)
     C0, a0, b0 = _log_linear(x, length, y)
     try:
         return _nonlinear(x, length, y, (C0, a0, b0, 0.0), fit_offset)
@@ -201,11 +221,40 @@ def select_cells(cells: Sequence[dict], where: Optional[dict] = None, keep_satur
     return [c for c in cells if not is_saturated(c)], [c for c in cells if is_saturated(c)]
 
 
+def drop_repeats(cells: Sequence[dict]) -> tuple[list, list]:
+    """(cells, repeats): a line for a grid cell (rank, length, task, replace_rate, loss, seed) that an
+    earlier line already holds is left out -- two sweeps writing one file, or a file concatenated
+    twice, would otherwise count a cell twice and narrow the intervals. ``repeats`` holds
+    [line, earlier line] pairs. Lines of one cell run with different fixed settings are refused."""
+    first: dict = {}
+    kept, repeats = [], []
+    for c in cells:
+        key = cell_key(c)
+        if key in first:
+            earlier = first[key]
+            if c.get("sweep") != earlier.get("sweep"):
+                raise LawInputError(f"line {c.get('_line', '?')} and line {earlier.get('_line', '?')} are the "
+                                    f"same cell run with other fixed settings: two experiments in one file; "
+                                    f"fit them separately")
+            repeats.append([c.get("_line"), earlier.get("_line")])
+        else:
+            first[key] = c
+            kept.append(c)
+    return kept, repeats
+
+
+def required_fields(capacity: str) -> tuple:
+    """The fields every line of a results file needs for a fit on ``capacity``."""
+    return ("rank", "length", "dL", "base_loss") + (("lora_params",) if capacity == "lora_params" else ())
+
+
 def fit_law(cells: Sequence[dict], *, capacity="rank", fit_offset=True, n_boot=300, seed=0, level=0.95,
             where: Optional[dict] = None, keep_saturated=False) -> LawFit:
-    """Fit the law to results cells (as ``load_results`` returns them)."""
+    """Fit the law to results cells (as ``load_results`` returns them); repeated cells are left out
+    (``drop_repeats``) and named in ``repeated_lines``."""
     if capacity not in CAPACITIES:
         raise LawInputError(f"capacity must be one of {', '.join(CAPACITIES)}, got {capacity!r}")
+    cells, repeats = drop_repeats(cells)
     fitted, saturated = select_cells(cells, where, keep_saturated)
     for c in fitted:
         if c.get(capacity) is None:
@@ -240,12 +289,12 @@ def fit_law(cells: Sequence[dict], *, capacity="rank", fit_offset=True, n_boot=3
              "dL": float(yi), "predicted": float(pi), "residual": float(yi - pi)}
             for c, xi, li, yi, pi in zip(fitted, x, length, y, pred)
         ],
+        repeated_lines=repeats,
     )
 
 
 def fit_results_file(path, **kwargs) -> LawFit:
-    required = ("rank", "length", "dL", "base_loss") + (("lora_params",) if kwargs.get("capacity") == "lora_params" else ())
-    return fit_law(load_results(path, required=required), **kwargs)
+    return fit_law(load_results(path, required=required_fields(kwargs.get("capacity", "rank"))), **kwargs)
 
 
 def load_fit(path) -> LawFit:
@@ -291,7 +340,7 @@ def longest_length(fit: LawFit, capacity: float, target_dl: float) -> float:
     if fit.beta <= 0:
         raise LawInputError(f"the fit has beta = {fit.beta:.4g} <= 0: dL does not fall with length, "
                             f"so there is no longest length")
-    return float((fit.C * capacity ** fit.alpha / (target_dl - fit.b)) ** (1.0 / fit.beta))
+    return _finite_answer(lambda: (fit.C * capacity ** fit.alpha / (target_dl - fit.b)) ** (1.0 / fit.beta), "length")
 
 
 def smallest_capacity(fit: LawFit, length: float, target_dl: float) -> float:
@@ -302,7 +351,18 @@ def smallest_capacity(fit: LawFit, length: float, target_dl: float) -> float:
     if fit.alpha <= 0:
         raise LawInputError(f"the fit has alpha = {fit.alpha:.4g} <= 0: dL does not grow with "
                             f"{fit.capacity}, so no {fit.capacity} reaches the target")
-    return float(((target_dl - fit.b) * length ** fit.beta / fit.C) ** (1.0 / fit.alpha))
+    return _finite_answer(lambda: ((target_dl - fit.b) * length ** fit.beta / fit.C) ** (1.0 / fit.alpha), fit.capacity)
+
+
+def _finite_answer(formula, what: str) -> float:
+    try:
+        value = float(formula())
+    except (OverflowError, ZeroDivisionError):
+        value = math.inf
+    if not math.isfinite(value):
+        raise LawInputError(f"the fit's {what} for this target is beyond floating point range; the law does not "
+                            f"pin it down")
+    return value
 
 
 # --- plot ------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 # The grid parameters that identify a cell; a re-run skips a cell whose key is already in the file.
 GRID_KEYS = ("rank", "length", "task", "replace_rate", "loss", "seed")
@@ -42,13 +44,26 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_jsonl(path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; a line that is not a JSON object is an error."""
+class LawWarning(UserWarning):
+    """Something the law tools worked around and the user should know (one line; the CLI prints it)."""
+
+
+def read_jsonl(path, *, allow_cut_last: bool = False) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a line that is not a JSON object is an error.
+
+    ``allow_cut_last``: a last line that is not valid JSON and has no newline after it is what a crash
+    in the middle of writing leaves (a results file is appended to one whole line at a time). It is
+    then left out with a LawWarning that names it, instead of refusing the whole file.
+    """
     path = Path(path)
     if not path.is_file():
         raise LawInputError(f"{path}: no such file")
+    data = path.read_bytes()
+    cut = cut_line_offset(path, data) if allow_cut_last else None
+    if cut is not None:
+        data = data[:cut]
     try:
-        text_all = path.read_text(encoding="utf-8")
+        text_all = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LawInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     rows = []
@@ -62,7 +77,25 @@ def read_jsonl(path) -> list[tuple[int, dict]]:
         if not isinstance(obj, dict):
             raise LawInputError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
         rows.append((lineno, obj))
+    if cut is not None:  # said only once the rest of the file has read well
+        lineno = data.count(b"\n") + 1
+        warnings.warn(f"{path} line {lineno} is cut short (a crash while it was written?): read up to "
+                      f"line {lineno - 1}, line {lineno} left out", LawWarning, stacklevel=2)
     return rows
+
+
+def cut_line_offset(path, data: Optional[bytes] = None) -> Optional[int]:
+    """The byte offset where a cut last line (see ``read_jsonl``) starts, or None if the file ends
+    with a whole line (or with valid JSON missing only its newline)."""
+    data = Path(path).read_bytes() if data is None else data
+    if not data or data.endswith(b"\n"):
+        return None
+    start = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[start:].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return start
+    return None
 
 
 def load_results(path, required: Iterable[str] = FIT_REQUIRED) -> list[dict]:
@@ -74,7 +107,7 @@ def load_results(path, required: Iterable[str] = FIT_REQUIRED) -> list[dict]:
     """
     path = Path(path)
     cells = []
-    for lineno, obj in read_jsonl(path):
+    for lineno, obj in read_jsonl(path, allow_cut_last=True):
         where = f"{path} line {lineno}"
         for key in required:
             if key not in obj or obj[key] is None:
@@ -101,10 +134,12 @@ def _plain(value):
 
 
 def append_line(path, obj: dict) -> None:
-    """Append one JSON line and make it durable (flush + fsync): a crash loses at most this cell."""
-    import os
+    """Append one JSON line and make it durable (flush + fsync): a crash loses at most this cell.
 
+    The line is written with one write() call on an O_APPEND file, so a reader never sees two
+    writers' lines interleaved."""
+    line = json.dumps(obj, sort_keys=True, default=_plain) + "\n"
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj, sort_keys=True, default=_plain) + "\n")
+        fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())

@@ -57,7 +57,9 @@ class CudaBackend(NativeBackend):
             return reason
         if not torch.cuda.is_available():
             return f"the CUDA module is built ({' '.join(built_architectures())}) but torch sees no CUDA device"
-        return None
+        from .cuda_driver import module_problem  # the driver must support the runtime the module carries
+
+        return module_problem(self.ext, [a for a in built_architectures() if a.startswith("sm_")])
 
     def supports(self, logits: torch.Tensor) -> Optional[str]:
         if logits.device.type != "cuda":

@@ -25,15 +25,36 @@ def train(config: TrainConfig) -> dict:
 
 
 def resume(run_dir: str) -> dict:
-    """Continue the run in ``run_dir`` from its last checkpoint; same result as never stopping."""
+    """Continue the run in ``run_dir`` from its last checkpoint; same result as never stopping.
+
+    The newest usable checkpoint is used (the older one, with a warning, if the newest is
+    corrupt); a corrupt ``config.json`` is replaced by the copy stored in the checkpoint.
+    """
+    import json
+    import warnings
+
     from . import checkpoint as ckpt
     from .loop import run_training
 
+    if not os.path.isdir(run_dir):
+        raise TrainInputError(f"{run_dir!r}: no such run folder")
     path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) and not any(os.path.isfile(os.path.join(run_dir, n)) for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS)):
         raise TrainInputError(f"{run_dir!r} is not a run folder (no config.json)")
-    config = TrainConfig.load(path)
     state = ckpt.load_checkpoint(run_dir)
+    try:
+        config = TrainConfig.load(path).validate()
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as exc:  # missing, not JSON, wrong keys or types
+        stored = state.get("config")
+        if stored is None:
+            raise TrainInputError(f"{path!r} is unusable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}) "
+                                  "and the checkpoint holds no copy of the config") from None
+        warnings.warn(f"{path!r} is unusable ({type(exc).__name__}); using the copy of the config stored in "
+                      "the checkpoint", stacklevel=2)
+        config = TrainConfig.from_dict(stored)
+        ckpt.atomic_write_json(path, dict(config.to_dict(), run_dir=config.run_dir or run_dir))
+    if config.run_dir is None or os.path.abspath(config.run_dir) != os.path.abspath(run_dir):
+        config = config.replace(run_dir=run_dir)  # the folder was moved or renamed: keep writing here
     return run_training(config, resume_state=state)
 
 

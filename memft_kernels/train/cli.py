@@ -30,8 +30,11 @@ HELP = {
     "tokenizer": "auto | byte | trained | model",
     "trained_vocab": "vocabulary size of the tokenizer trained in-process",
     "vocab_size": "random task on a built-in model: vocabulary of the model and of the random ids",
-    "curriculum": "phonebook: train on 20/40/60/80/100%% of the shuffled entries, one stage per epoch(s)",
-    "curriculum_epochs": "epochs per curriculum stage",
+    "curriculum": "train on a growing prefix of one seeded order of the samples (docs/TRAINING.md)",
+    "curriculum_style": "paper (the authors': ratios by epoch boundaries, whole batches) | stages (20/40/../100%% per --curriculum-epochs)",
+    "curriculum_ratios": "paper curriculum: comma-separated shares of the samples (default 0.2,0.4,0.6,0.8,1.0)",
+    "curriculum_boundaries": "paper curriculum: comma-separated epochs where each ratio ends (default 20,40,60,80,200)",
+    "curriculum_epochs": "stages curriculum: epochs per stage",
     "loss": "ce | memft-ot | memft-sw",
     "threshold": "recall threshold tau on the target probability",
     "sharpness": "memft-sw sigmoid gate sharpness",
@@ -42,10 +45,15 @@ HELP = {
     "window_patience": "memft-sw: steps the anchor must stay before the window grows",
     "window_growth": "memft-sw: growth of e per step",
     "window_max": "memft-sw: largest e",
+    "window_state": "memft-sw window state: row (per batch row, the authors') | sample (per sample)",
     "backend": "memft_loss backend: auto, torch, triton, cuda, cpu",
     "steps": "optimizer steps",
     "lr": "AdamW learning rate (linear decay to 0)",
-    "batch_size": "samples per step over all ranks (0 = all samples)",
+    "batch_size": "samples per micro-batch over all ranks (0 = all samples)",
+    "grad_accum": "micro-batches per optimizer step",
+    "accum_normalize": "mean: each micro-batch's MemFT mean / grad-accum (the authors') | tokens: sum w l / valid tokens of the step",
+    "epochs": "train this many epochs (steps and lr schedule follow, as the authors'); 0 = use --steps",
+    "recipe": "the authors' settings as defaults: paper-phonebook | paper-longcontext [:llama|:qwen [:LENGTH]]",
     "grad_clip": "gradient norm clip (0 = off)",
     "seed": "seed of the data, the model init and the LoRA init",
     "threads": "torch CPU threads (0 = torch default; 1 is fastest for the built-in models on a shared CPU)",
@@ -57,6 +65,13 @@ HELP = {
     "save_adapter": "save the LoRA adapter (safetensors)",
     "plots": "write loss.png and recall.png",
     "progress": "show a progress bar",
+    "fused_head": "loss from the last hidden states with memft_linear_loss, no N x V logits "
+                  "(default: on when V x tokens per step >= 2^26, i.e. 256 MiB of float32 logits)",
+    "gradient_checkpointing": "recompute each decoder layer's activations in the backward",
+    "autocast": "off | bf16 (float32 weights, bfloat16 matmuls)",
+    "attn": "attention implementation: auto | sdpa | eager | flash (flash_attention_2, CUDA)",
+    "compile": "torch.compile the model's forward",
+    "fsdp": "under torchrun: shard the base model with FSDP2, one unit per decoder layer",
 }
 
 
@@ -73,6 +88,39 @@ def _layers(text: str):
         raise argparse.ArgumentTypeError(f"layers must be 'all' or comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str):
+    try:
+        return [float(x) for x in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str):
+    try:
+        return [int(x) for x in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _note_given(namespace, dest: str) -> None:
+    """Remember which options were given on the command line (a recipe's defaults yield to them)."""
+    given = set(getattr(namespace, "given_options", None) or ())
+    given.add(dest)
+    namespace.given_options = given
+
+
+class _Store(argparse._StoreAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _note_given(namespace, self.dest)
+
+
+class _Bool(argparse.BooleanOptionalAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _note_given(namespace, self.dest)
+
+
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="LoRA memorization training with MemFT or CE (embedded default: ~3 min on 2 CPU cores)",
@@ -85,9 +133,15 @@ def add_subcommands(subparsers) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         hint = hints[f.name]
-        kwargs = dict(dest=f.name, default=default, help=HELP.get(f.name, ""))
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        kwargs = dict(dest=f.name, default=default, help=HELP.get(f.name, ""), action=_Store)
+        if hint is bool or f.name == "fused_head":
+            kwargs["action"] = _Bool
+        elif f.name == "curriculum_ratios":
+            kwargs["type"] = _floats
+        elif f.name == "curriculum_boundaries":
+            kwargs["type"] = _ints
+        elif f.name == "recipe":
+            kwargs["type"] = str
         elif f.name == "layers":
             kwargs["type"] = _layers
         elif f.name == "target_modules":
@@ -102,6 +156,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--compare", type=_list, default=None, metavar="LOSSES",
                    help="run the same setting under each loss (e.g. ce,memft-ot,memft-sw) and print one table")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a checkpointed run")
+    p.add_argument("--plan", action="store_true",
+                   help="print the memory plan (per device) and exit without training; every run prints it first")
     p.set_defaults(func=_run)
 
 
@@ -126,7 +182,21 @@ def _run(args) -> int:
             reports = [resume(args.resume)]
         else:
             options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
-            config = TrainConfig(**options).validate()
+            if args.recipe:
+                from .recipes import describe, recipe_config
+
+                given = set(getattr(args, "given_options", None) or ()) - {"recipe"}
+                config = recipe_config(args.recipe, **{k: options[k] for k in given})
+                print(describe(config, given), flush=True)
+            else:
+                config = TrainConfig(**options).validate()
+            if args.plan:
+                from .loop import setup
+                from .plan import format_plan
+
+                run = setup(config, make_dir=False)
+                print(format_plan(run.plan, run.world, config.fsdp))
+                return 0
             if args.compare:
                 reports = _compare(config, args.compare)
             else:

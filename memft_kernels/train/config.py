@@ -8,6 +8,7 @@ a one-line error.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
@@ -15,6 +16,20 @@ LOSSES = ("ce", "memft-ot", "memft-sw")
 TASKS = ("random", "text", "phonebook")
 TOKENIZERS = ("auto", "byte", "trained", "model")
 FALLBACKS = ("mean", "zero")
+WINDOW_STATES = ("row", "sample")  # memft-sw window state: per batch row (the authors') or per sample
+CURRICULUM_STYLES = ("paper", "stages")
+ACCUM_NORMALIZE = ("mean", "tokens")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
+AUTOCASTS = ("off", "bf16")
+ATTNS = ("auto", "sdpa", "eager", "flash")
+
+
+def _is_device(name) -> bool:
+    if not isinstance(name, str):
+        return False
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    return name.startswith("cuda:") and name[5:].isdigit()
 
 
 class TrainInputError(ValueError):
@@ -45,8 +60,11 @@ class TrainConfig:
     tokenizer: str = "auto"  # auto (model's own for --model, else byte) | byte | trained | model
     trained_vocab: int = 512  # vocabulary of the tokenizer trained in-process
     vocab_size: int = 4096  # random task on a built-in model: ids drawn from [0, vocab_size)
-    curriculum: bool = False  # phonebook: 20/40/60/80/100% of the shuffled entries, by epochs
-    curriculum_epochs: int = 1  # epochs per curriculum stage
+    curriculum: bool = False  # train on a growing prefix of one seeded order of the samples
+    curriculum_style: str = "paper"  # paper: the authors' rule (below); stages: 20/40/.../100% every curriculum_epochs
+    curriculum_ratios: Optional[List[float]] = None  # paper: share of the samples per period; None = 0.2,0.4,0.6,0.8,1.0
+    curriculum_boundaries: Optional[List[int]] = None  # paper: epoch where each ratio ends; None = 20,40,60,80,200
+    curriculum_epochs: int = 1  # stages: epochs per curriculum stage
     # --- loss ---------------------------------------------------------------------------------
     loss: str = "memft-ot"
     threshold: float = 0.5
@@ -58,16 +76,29 @@ class TrainConfig:
     window_patience: int = 3  # steps the anchor must stay put before e grows
     window_growth: float = 0.5
     window_max: float = 4.0
+    window_state: str = "row"  # row: state per row of the batch (the authors'); sample: per sample
     backend: str = "auto"  # memft_loss backend
     # --- optimization -------------------------------------------------------------------------
     steps: int = 150
     lr: float = 1e-2
-    batch_size: int = 0  # samples per step over all ranks; 0 = all samples (full batch)
+    batch_size: int = 0  # samples per micro-batch over all ranks; 0 = all samples (full batch)
+    grad_accum: int = 1  # micro-batches per optimizer step (never across an epoch's end, as the authors')
+    accum_normalize: str = "mean"  # mean: each micro-batch's loss / grad_accum (authors'); tokens: sum w l / valid tokens of the step
+    epochs: int = 0  # > 0: train this many epochs (steps and the lr schedule follow from it, as the authors'); 0: use steps
     grad_clip: float = 1.0
     seed: int = 0
     # torch CPU threads (0 = torch's default). 1 by default: the tiny models' matrices gain little
     # from a second thread, and on a shared CPU a second OpenMP thread spins (docs/TRAINING.md).
     threads: int = 1
+    # --- memory and speed (docs/TRAINING.md, "Large models") -----------------------------------
+    # The loss from the last hidden states with memft_linear_loss (no N x V logits). None = auto:
+    # on when V x tokens-per-step >= FUSED_HEAD_AUTO_ELEMENTS (see plan.fused_head_default).
+    fused_head: Optional[bool] = None
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward
+    autocast: str = "off"  # off | bf16 (float32 weights, bfloat16 matmuls)
+    attn: str = "auto"  # auto (transformers' choice) | sdpa | eager | flash (flash_attention_2)
+    compile: bool = False  # torch.compile of the model's forward
+    fsdp: bool = False  # under torchrun: shard the base model with FSDP2 (per decoder layer)
     # --- evaluation and output ----------------------------------------------------------------
     eval_every: int = 25  # greedy-generation evaluation every k steps (and at the end)
     checkpoint_every: int = 0  # 0 = no checkpoints
@@ -77,6 +108,7 @@ class TrainConfig:
     save_adapter: bool = True
     plots: bool = True
     progress: bool = True
+    recipe: Optional[str] = None  # informational: the --recipe these defaults came from (train/recipes.py)
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad option; return self."""
@@ -114,7 +146,38 @@ class TrainConfig:
         need(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0")
         need(self.init_range > 0, f"init_range={self.init_range!r} must be > 0")
         need(self.curriculum_epochs >= 1, f"curriculum_epochs={self.curriculum_epochs!r} must be >= 1")
-        need(not (self.curriculum and self.task != "phonebook"), "curriculum applies to the phonebook task only")
+        need(self.window_state in WINDOW_STATES, f"window_state={self.window_state!r} must be one of {', '.join(WINDOW_STATES)}")
+        need(self.curriculum_style in CURRICULUM_STYLES,
+             f"curriculum_style={self.curriculum_style!r} must be one of {', '.join(CURRICULUM_STYLES)}")
+        need(isinstance(self.grad_accum, int) and self.grad_accum >= 1, f"grad_accum={self.grad_accum!r} must be an integer >= 1")
+        need(self.accum_normalize in ACCUM_NORMALIZE,
+             f"accum_normalize={self.accum_normalize!r} must be one of {', '.join(ACCUM_NORMALIZE)}")
+        need(isinstance(self.epochs, int) and self.epochs >= 0, f"epochs={self.epochs!r} must be an integer >= 0 (0 = use steps)")
+        paper_lists = self.curriculum_ratios is not None or self.curriculum_boundaries is not None
+        need(not paper_lists or (self.curriculum and self.curriculum_style == "paper"),
+             "curriculum_ratios / curriculum_boundaries need --curriculum (style paper)")
+        if self.curriculum and self.curriculum_style == "paper":
+            from .windows import PAPER_BOUNDARIES, PAPER_RATIOS
+
+            ratios = list(self.curriculum_ratios if self.curriculum_ratios is not None else PAPER_RATIOS)
+            bounds = list(self.curriculum_boundaries if self.curriculum_boundaries is not None else PAPER_BOUNDARIES)
+            need(len(ratios) == len(bounds) and len(ratios) > 0,
+                 f"curriculum_ratios {ratios} and curriculum_boundaries {bounds} must have the same, non-zero length")
+            need(all(0 < r <= 1 for r in ratios), f"curriculum_ratios={ratios} must be in (0, 1]")
+            need(all(isinstance(b, int) and b > 0 for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:])),
+                 f"curriculum_boundaries={bounds} must be increasing epoch numbers > 0")
+            need(self.batch_size > 0, "the paper curriculum floors each epoch to whole batches: give --batch-size > 0")
+        need(self.data is None or self.task == "text", f"data={self.data!r} is for the text task; this is task={self.task!r}")
+        need(self.backend in BACKENDS, f"backend={self.backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+        need(_is_device(self.device), f"device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        need(self.autocast in AUTOCASTS, f"autocast={self.autocast!r} is not supported; choose one of {', '.join(AUTOCASTS)}")
+        need(self.attn in ATTNS, f"attn={self.attn!r} is not supported; choose one of {', '.join(ATTNS)}")
+        need(not (self.autocast != "off" and self.dtype != "float32"),
+             f"autocast={self.autocast!r} is for float32 weights; the weights are {self.dtype}")
+        for f in fields(self):  # inf / nan pass the range checks above (nan compares False both ways)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainInputError(f"{f.name}={value!r} must be a finite number")
         return self
 
     def to_dict(self) -> dict:

@@ -3,18 +3,22 @@ real greedy generation from each sample's prompt (exact match, first wrong posit
 from __future__ import annotations
 
 import inspect
-from collections import defaultdict
 from typing import Dict, List
 
 import torch
 
 from ..loss import memft_loss
 from .data import Task, to_batch
+from .head import forward_head
 
 
 @torch.no_grad()
-def teacher_forced(model, task: Task, device, batch_size: int = 16, backend: str = "auto") -> Dict:
+def teacher_forced(model, task: Task, device, batch_size: int = 16, backend: str = "auto", fused: bool = False,
+                   autocast: bool = False) -> Dict:
     """Per-token CE / prob / argmax over every answer token (one forward per batch, no grad).
+
+    ``fused``: the statistics come from ``memft_linear_loss`` on the last hidden states (no logits);
+    ``autocast``: the forward runs under bfloat16 autocast, as in training.
 
     Returns means over all answer tokens (``loss`` is the plain CE per token) and the per-sample
     per-token arrays (lists of tensors) for tokens.npz.
@@ -26,8 +30,9 @@ def teacher_forced(model, task: Task, device, batch_size: int = 16, backend: str
     for start in range(0, len(task.samples), batch_size):
         idx = range(start, min(len(task.samples), start + batch_size))
         batch = to_batch(task, idx, width).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        _, stats = memft_loss(logits, batch.labels, policy="none", reduction="sum", return_stats=True, backend=backend)
+        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            head = forward_head(model, batch.input_ids, batch.attention_mask, fused, autocast=autocast)
+        _, stats = head.loss(batch.labels, policy="none", reduction="sum", return_stats=True, backend=backend)
         valid = batch.labels != -100
         correct = (stats.pred == batch.labels) & valid
         total_ce += float(stats.ce[valid].double().sum())
@@ -57,27 +62,52 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def _left_padded(prompts: List[List[int]], pad_id: int, device):
+    """Prompts right-aligned in one batch: ids, attention mask and position ids (0 at each prompt's start)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
+
+
 @torch.no_grad()
-def greedy_generate(model, prompts: List[List[int]], max_new_tokens: int, device) -> torch.Tensor:
-    """Greedy continuation of equal-length prompts with the KV cache: [B, max_new_tokens]."""
-    ids = torch.tensor(prompts, dtype=torch.long, device=device)
+def greedy_generate(model, prompts: List[List[int]], max_new_tokens: int, device, use_cache: bool = True,
+                    pad_id: int = 0) -> torch.Tensor:
+    """Greedy continuations of a batch of prompts (any lengths: left-padded): [B, max_new_tokens].
+
+    With the KV cache (default) the prompts take one forward and every new token one forward of
+    one position per row, so recalling N tokens costs about one generation of N tokens. Without it
+    (``use_cache=False``, the reference) every new token re-runs the whole sequence.
+    """
+    ids, mask, pos = _left_padded(prompts, pad_id, device)
     cache_kw = _cache_kwarg(model)
-    out = model(input_ids=ids, use_cache=True)
-    past = getattr(out, cache_kw)
     generated = []
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, logits_to_keep=1)
+    past = getattr(out, cache_kw) if use_cache else None
     next_id = out.logits[:, -1].argmax(-1)
-    for _ in range(max_new_tokens):
+    while True:
         generated.append(next_id)
         if len(generated) == max_new_tokens:
             break
-        out = model(input_ids=next_id[:, None], use_cache=True, **{cache_kw: past})
-        past = getattr(out, cache_kw)
+        mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+        if use_cache:
+            out = model(input_ids=next_id[:, None], attention_mask=mask, position_ids=pos[:, -1:], use_cache=True,
+                        logits_to_keep=1, **{cache_kw: past})
+            past = getattr(out, cache_kw)
+        else:
+            ids = torch.cat([ids, next_id[:, None]], dim=1)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
         next_id = out.logits[:, -1].argmax(-1)
     return torch.stack(generated, dim=1)
 
 
 @torch.no_grad()
-def exact_recall(model, task: Task, device, batch_size: int = 64) -> Dict:
+def exact_recall(model, task: Task, device, batch_size: int = 64, use_cache: bool = True) -> Dict:
     """Generate each sample's answer greedily from its prompt and compare token by token.
 
     ``exact_recall`` is the share of samples reproduced verbatim; ``whole_exact`` whether all are
@@ -85,15 +115,15 @@ def exact_recall(model, task: Task, device, batch_size: int = 64) -> Dict:
     first wrong position in the concatenation of all answers (None if all exact).
     """
     model.eval()
-    groups = defaultdict(list)  # equal prompt lengths batch without padding
-    for i, s in enumerate(task.samples):
-        groups[len(s.prompt)].append(i)
+    # Batches of samples with similar answer lengths; prompts of any length share a batch (left-padded).
+    order = sorted(range(len(task.samples)), key=lambda i: len(task.samples[i].answer))
     first_wrong: List = [None] * len(task.samples)
-    for members in groups.values():
+    for members in [order]:
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
             n_new = max(len(task.samples[i].answer) for i in chunk)
-            gen = greedy_generate(model, [task.samples[i].prompt for i in chunk], n_new, device).cpu()
+            gen = greedy_generate(model, [task.samples[i].prompt for i in chunk], n_new, device, use_cache=use_cache,
+                                  pad_id=task.tokenizer.pad).cpu()
             for row, i in enumerate(chunk):
                 answer = torch.tensor(task.samples[i].answer)
                 wrong = (gen[row, : len(answer)] != answer).nonzero()

@@ -1,8 +1,8 @@
 """The memorization loop: read it top to bottom.
 
-setup (data -> base model -> LoRA -> optimizer) -> base evaluation -> steps (forward, MemFT loss,
-backward, all-reduce, clip, AdamW, window update, log, evaluate, checkpoint) -> final evaluation,
-report, plots, adapter.
+setup (data -> base model -> LoRA -> optimizer) -> base evaluation -> steps (K micro-batches of
+forward, MemFT loss (memft-sw: the window from this very forward), backward; all-reduce, clip,
+AdamW, log, evaluate, checkpoint) -> final evaluation, report, plots, adapter.
 
 Distributed (torchrun): every rank holds the whole model and task and takes rows ``rank::world``
 of each global batch. The loss is ``sum_i w_i l_i / D`` with D the *global* sum of weights
@@ -11,7 +11,9 @@ single-process training on the whole batch. One process is the same code with wo
 """
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,8 +27,11 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, TrainInputError
 from .data import IGNORE, build_task, to_batch
 from .evaluate import exact_recall, teacher_forced
-from .models import add_lora, build_model, check_model_dir, context_length, count_trainable, is_builtin, load_model, trainable_parameters
-from .windows import WindowState, curriculum_size, first_wrong, update_window, window_weights
+from .longcontext import split_long_samples
+from .plan import check_fits, format_plan, make_plan
+from .head import FusedHead, LogitsHead, autocast_context, forward_head, use_fused_head
+from .models import add_lora, compile_decoder, configure_model, build_model, check_model_dir, context_length, count_trainable, is_builtin, load_model, trainable_parameters
+from .windows import PAPER_BOUNDARIES, PAPER_RATIOS, SlidingWindow, curriculum_active, curriculum_ratio, curriculum_size
 
 POLICY = {"ce": "none", "memft-ot": "hard", "memft-sw": "sigmoid"}
 
@@ -40,18 +45,33 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def memorization_loss(logits, labels, token_weight, config: TrainConfig):
+class _Pred:
+    def __init__(self, pred):
+        self.pred = pred
+
+
+def memorization_loss(logits, labels, token_weight, config: TrainConfig, *, weight_fn=None, denominator=None):
     """(loss to backpropagate, stats, global totals) for this rank's rows.
 
     ``memft_loss`` with reduction="sum" gives sum_i w_i l_i and, in the same pass, the stats; the
     sum of weights (and the counts for logging) is all-reduced and the local sum divided by it:
     exactly the "active" mean over the whole global batch. If no token is active anywhere (only
     possible for memft-ot), ``fallback`` decides: the plain CE mean ("mean", the authors' code) or
-    zero gradient ("zero").
+    zero gradient ("zero"). ``weight_fn`` (the memft-sw window) multiplies the policy weight with
+    weights computed from this forward's statistics. ``denominator`` (``--accum-normalize
+    tokens``) replaces the sum of weights: the loss is sum_i w_i l_i / denominator, no fallback.
     """
-    loss_sum, stats = memft_loss(
-        logits, labels, policy=POLICY[config.loss], threshold=config.threshold, sharpness=config.sharpness,
-        token_weight=token_weight, reduction="sum", return_stats=True, backend=config.backend,
+    head = logits if isinstance(logits, (LogitsHead, FusedHead)) else LogitsHead(logits)
+    extra = {}
+    if weight_fn is not None:
+        if head.accepts("weight_fn"):
+            extra["weight_fn"] = weight_fn
+        else:  # a loss without weight_fn: this forward's argmax costs one more read of the logits
+            window = weight_fn(labels, _Pred(head.argmax()))
+            token_weight = window if token_weight is None else token_weight * window
+    loss_sum, stats = head.loss(
+        labels, policy=POLICY[config.loss], threshold=config.threshold, sharpness=config.sharpness,
+        token_weight=token_weight, reduction="sum", return_stats=True, backend=config.backend, **extra,
     )
     valid = labels != IGNORE
     totals = torch.stack([
@@ -66,10 +86,12 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig):
     totals = _all_reduce(totals).cpu()  # on the logits' device: nccl reduces only CUDA tensors
     weight_sum, n_valid = float(totals[0]), float(totals[1])
     n = max(n_valid, 1.0)
-    if weight_sum > 0:
+    if denominator is not None:
+        loss, fell_back, value = loss_sum / denominator, False, float(totals[6]) / denominator
+    elif weight_sum > 0:
         loss, fell_back, value = loss_sum / weight_sum, False, float(totals[6]) / weight_sum
     elif config.fallback == "mean" and n_valid > 0:
-        loss = memft_loss(logits, labels, policy="none", reduction="sum", backend=config.backend) / n_valid
+        loss = head.loss(labels, policy="none", reduction="sum", backend=config.backend) / n_valid
         fell_back, value = True, float(totals[3]) / n
     else:
         loss, fell_back, value = loss_sum * 0.0, True, 0.0
@@ -86,34 +108,64 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches: a seeded order per epoch; the curriculum trains on a growing prefix of the entries.
+# Batches: epochs of batches from one seeded order; the curriculum trains on a growing prefix of it.
 # ---------------------------------------------------------------------------------------------
 class Sampler:
-    def __init__(self, n_samples: int, batch_size: int, seed: int, curriculum: bool, epochs_per_stage: int):
-        self.n, self.batch_size, self.seed = n_samples, batch_size, seed
-        self.curriculum, self.epochs_per_stage = curriculum, epochs_per_stage
-        self.order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
-        self.epoch, self.pos = 0, 0
+    """The batches of every epoch, deterministic from the seed.
 
-    def active(self) -> int:
-        return curriculum_size(self.n, self.epoch, self.epochs_per_stage) if self.curriculum else self.n
+    No curriculum: all samples, reshuffled every epoch, the last batch may be short. Curriculum
+    ``paper`` (the authors'): one seeded order kept every epoch; epoch e trains, in that order, on
+    ``curriculum_active(n, batch, curriculum_ratio(e))`` samples (whole batches, drop_last).
+    Curriculum ``stages`` (this project's earlier rule): 20/40/60/80/100% of the order, stage by
+    ``epochs_per_stage``, reshuffled inside the prefix every epoch.
+    """
+
+    def __init__(self, n_samples: int, batch_size: int, seed: int, curriculum: bool = False,
+                 epochs_per_stage: int = 1, style: str = "paper", ratios=None, boundaries=None):
+        self.n, self.batch_size, self.seed = n_samples, batch_size, seed
+        self.curriculum, self.epochs_per_stage, self.style = curriculum, epochs_per_stage, style
+        self.ratios = list(PAPER_RATIOS if ratios is None else ratios)
+        self.boundaries = list(PAPER_BOUNDARIES if boundaries is None else boundaries)
+        self.order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
+        self.epoch, self.pos = 0, 0  # pos: batches of the epoch already drawn
+
+    def epoch_batches(self, epoch: int) -> List[torch.Tensor]:
+        if self.curriculum and self.style == "paper":
+            active = curriculum_active(self.n, self.batch_size, curriculum_ratio(epoch, self.ratios, self.boundaries))
+            return list(self.order[:active].split(self.batch_size))
+        active = curriculum_size(self.n, epoch, self.epochs_per_stage) if self.curriculum else self.n
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
+        perm = self.order[:active][torch.randperm(active, generator=g)]
+        return list(perm.split(self.batch_size or active))
 
     def next_batch(self) -> torch.Tensor:
-        active = self.active()
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 1)
-        perm = self.order[:active][torch.randperm(active, generator=g)]
-        size = self.batch_size or active
-        batch = perm[self.pos:self.pos + size]
-        self.pos += size
-        if self.pos >= active:
+        return self.next_step(1)[0]
+
+    def next_step(self, micro_batches: int) -> List[torch.Tensor]:
+        """Up to ``micro_batches`` batches for one optimizer step; a step never crosses an epoch's end."""
+        batches = self.epoch_batches(self.epoch)
+        out = batches[self.pos:self.pos + micro_batches]
+        self.pos += len(out)
+        if self.pos >= len(batches):
             self.epoch, self.pos = self.epoch + 1, 0
-        return batch
+        return out
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.pos = d["epoch"], d["pos"]
+
+
+def schedule_length(config: TrainConfig, sampler: Sampler):
+    """(optimizer steps, steps of the linear lr decay). With ``epochs`` both follow the authors:
+    every epoch's batches in steps of ``grad_accum`` (the last one of an epoch may be short), and
+    the decay over the sum of ``batches // grad_accum`` (so a short step past it runs at lr 0)."""
+    if not config.epochs:
+        return config.steps, config.steps
+    counts = [len(sampler.epoch_batches(e)) for e in range(config.epochs)]
+    k = config.grad_accum
+    return sum(math.ceil(c / k) for c in counts), max(1, sum(c // k for c in counts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +183,12 @@ class Run:
     optimizer: object
     scheduler: object
     sampler: Sampler
-    window: WindowState
+    window: SlidingWindow
+    window_rows: int = 0  # global batch size the row-keyed window state belongs to
+    fused_head: bool = False  # the loss through memft_linear_loss (train/head.py)
+    decoder: object = None  # the compiled decoder under --compile, else None (the model's own)
+    plan: object = None  # the memory plan (train/plan.py)
+    lr_steps: int = 0
     step: int = 0
     base_loss: float = float("nan")
     steps_to_full_recall: Optional[int] = None
@@ -144,9 +201,31 @@ class Run:
 def _resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainInputError(f"device={name!r} but no CUDA device is available")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainInputError(f"device={name!r} but no CUDA device is available")
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise TrainInputError(f"device={name!r} but there are {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
+
+
+def logits_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype the loss sees: the weights' dtype, or bfloat16 under --autocast bf16."""
+    if config.autocast == "bf16":
+        return torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+
+
+def check_backend(config: TrainConfig, device: torch.device) -> None:
+    """Refuse, before anything is built or written, a loss backend that cannot run this run's logits."""
+    from .. import dispatch
+
+    probe = torch.empty((1, 8), dtype=logits_dtype(config), device=device)
+    try:
+        dispatch.resolve(config.backend, probe)
+    except RuntimeError as exc:
+        raise TrainInputError(f"{exc} (device {device}, {str(probe.dtype).replace('torch.', '')} logits)") from None
 
 
 def _init_distributed(device: torch.device):
@@ -180,12 +259,17 @@ def _make_run_dir(config: TrainConfig, rank: int, world: int) -> str:
     return run_dir
 
 
-def setup(config: TrainConfig) -> Run:
-    """Everything a run needs, built deterministically from the config (no file written but the folder)."""
+def setup(config: TrainConfig, make_dir: bool = True) -> Run:
+    """Everything a run needs, built deterministically from the config (no file written but the
+    folder; not even that with ``make_dir=False``, as for ``memft train --plan``)."""
     config.validate()
+    if config.fsdp:
+        raise TrainInputError("--fsdp (FSDP2 sharding of the base model) is not built in this version; under torchrun "
+                              "without --fsdp every rank holds the whole model (DDP-style)")
     if config.threads:
         torch.set_num_threads(config.threads)
     device = _resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_backend(config, device)
     rank, world = _init_distributed(device)
 
     if not is_builtin(config.model):
@@ -202,8 +286,11 @@ def setup(config: TrainConfig) -> Run:
                                   f"{model.get_input_embeddings().num_embeddings}")
     ctx = context_length(model)
     if ctx is not None and task.max_len > ctx:
-        raise TrainInputError(f"a sample is {task.max_len} tokens long (prompt + answer), longer than the "
-                              f"model's context of {ctx}; lower --length")
+        if config.task not in ("random", "text") or ctx < 4:
+            raise TrainInputError(f"a sample is {task.max_len} tokens long (prompt + answer), longer than the "
+                                  f"model's context of {ctx}; lower --length")
+        task = split_long_samples(task, ctx)  # memorized in windows (train/longcontext.py)
+    configure_model(model, config.attn, config.gradient_checkpointing)
     model = add_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.layers, config.seed)
     model.to(device).train()
 
@@ -213,74 +300,106 @@ def setup(config: TrainConfig) -> Run:
     if batch_size < world:
         raise TrainInputError(f"batch_size={batch_size} is smaller than the {world} ranks: every rank needs a row")
 
+    sampler = Sampler(len(task.samples), config.batch_size, config.seed, config.curriculum, config.curriculum_epochs,
+                      config.curriculum_style, config.curriculum_ratios, config.curriculum_boundaries)
+    try:
+        steps, lr_steps = schedule_length(config, sampler)
+    except ValueError as exc:  # e.g. a curriculum with fewer samples than one batch
+        raise TrainInputError(str(exc)) from None
+    config = config.replace(steps=steps)
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / config.steps))
-    sampler = Sampler(len(task.samples), config.batch_size, config.seed, config.curriculum, config.curriculum_epochs)
-    run_dir = _make_run_dir(config, rank, world)
-    return Run(config, run_dir, device, rank, world, task, model, optimizer, scheduler, sampler,
-               WindowState.new(len(task.samples)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / lr_steps))
+    window = SlidingWindow(config.window_span, config.window_decay, config.window_floor, config.window_patience,
+                           config.window_growth, config.window_max, ignore_index=IGNORE)
+    rows = -(-(config.batch_size or len(task.samples)) // max(1, config.grad_accum * world))
+    fused = use_fused_head(config, model, rows * task.max_len)
+    memory = make_plan(config, model, rows, task.max_len, device, fused)
+    check_fits(memory)
+    decoder = compile_decoder(model) if config.compile else None
+    run_dir = _make_run_dir(config, rank, world) if make_dir else None
+    return Run(config, run_dir, device, rank, world, task, model, optimizer, scheduler, sampler, window,
+               lr_steps=lr_steps, fused_head=fused, decoder=decoder, plan=memory)
 
 
 # ---------------------------------------------------------------------------------------------
 # One step
 # ---------------------------------------------------------------------------------------------
-def forward_backward(run: Run, batch_index: torch.Tensor):
-    """Forward + MemFT loss + backward on this rank's rows, then the gradient all-reduce.
+def _window_fn(run: Run, local_index: torch.Tensor, global_rows: int):
+    """memft-sw: the authors' window, called by the loss on this forward's predictions."""
+    if run.config.window_state == "sample":
+        return run.window.bind(local_index.to(run.device))
+    if global_rows != run.window_rows:  # the authors start over when the batch size changes
+        run.window.reset()
+        run.window_rows = global_rows
+    return run.window  # keyed by the rows of this rank's slice (a fixed map to global rows)
 
-    Leaves the summed gradients in ``.grad``; returns (info, stats, local batch).
-    """
+
+def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, denominator=None):
+    """Forward + MemFT loss + backward (of ``scale`` x the loss) on this rank's rows of one
+    micro-batch; gradients accumulate in ``.grad`` (not all-reduced). Returns (info, stats, batch)."""
     config, task = run.config, run.task
     local_index = batch_index[run.rank::run.world]
     batch = to_batch(task, local_index.tolist(), task.max_len).to(run.device)
-    token_weight = None
-    if config.loss == "memft-sw":
-        token_weight = window_weights(run.window, local_index, task.max_len, span=config.window_span,
-                                      decay=config.window_decay, floor=config.window_floor).to(run.device)
-    logits = run.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    loss, stats, info = memorization_loss(logits, batch.labels, token_weight, config)
-    loss.backward()
-    if run.world > 1:
-        for p in trainable_parameters(run.model):
-            _all_reduce(p.grad)
+    weight_fn = _window_fn(run, local_index, len(batch_index)) if config.loss == "memft-sw" else None
+    with autocast_context(config, run.device):
+        head = forward_head(run.model, batch.input_ids, batch.attention_mask, run.fused_head, run.decoder,
+                            autocast=config.autocast == "bf16")
+    loss, stats, info = memorization_loss(head, batch.labels, None, config, weight_fn=weight_fn,
+                                          denominator=denominator)
+    (loss * scale if scale != 1.0 else loss).backward()
     return info, stats, batch
 
 
-def _window_step(run: Run, stats, batch, batch_index: torch.Tensor) -> None:
-    """Move each sample's window from this step's argmax predictions (gathered over ranks)."""
-    anchors = torch.full((len(run.task.samples),), -2, dtype=torch.long, device=run.device)  # -2: not mine
-    anchors[batch.index.to(run.device)] = first_wrong(stats.pred, batch.labels)
-    if run.world > 1:
-        dist.all_reduce(anchors, op=dist.ReduceOp.MAX)
-    anchors = anchors.cpu()
-    c = run.config
-    run.window = update_window(run.window, batch_index, anchors[batch_index], patience=c.window_patience,
-                               growth=c.window_growth, max_expand=c.window_max)
+def _merge_infos(infos: List[dict], normalize: str, accum: int) -> dict:
+    """One step's log row from its micro-batches (token-weighted means; the optimized value)."""
+    if len(infos) == 1 and accum == 1:
+        return infos[0]
+    n = sum(i["n_valid"] for i in infos)
+    out = {k: sum(i[k] * i["n_valid"] for i in infos) / max(n, 1) for k in ("ce", "recalled_frac", "token_accuracy")}
+    total = sum(i["loss"] for i in infos)
+    out.update(loss=total / accum if normalize == "mean" else total, n_active=sum(i["n_active"] for i in infos),
+               n_valid=n, fell_back=any(i["fell_back"] for i in infos), micro_batches=len(infos))
+    return out
 
 
 def train_step(run: Run, on_grads=None) -> dict:
-    """One optimizer step; ``on_grads(run)`` (tests) sees the all-reduced, unclipped gradients."""
-    batch_index = run.sampler.next_batch()
-    info, stats, batch = forward_backward(run, batch_index)
+    """One optimizer step over up to ``grad_accum`` micro-batches; ``on_grads(run)`` (tests) sees
+    the all-reduced, unclipped gradients."""
+    config = run.config
+    micro = run.sampler.next_step(config.grad_accum)
+    denominator = None
+    if config.accum_normalize == "tokens":  # one denominator: the valid tokens of all micro-batches
+        denominator = float(sum(len(run.task.samples[i].answer) for b in micro for i in b.tolist()))
+    scale = 1.0 / config.grad_accum if config.accum_normalize == "mean" else 1.0
+    infos = [forward_backward(run, b, scale, denominator)[0] for b in micro]
+    params = trainable_parameters(run.model)
+    if run.world > 1:
+        for p in params:
+            _all_reduce(p.grad)
     if on_grads is not None:
         on_grads(run)
-    params = trainable_parameters(run.model)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.config.grad_clip if run.config.grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if run.config.loss == "memft-sw":
-        _window_step(run, stats, batch, batch_index)
     run.step += 1
-    info.update(step=run.step, lr=lr, grad_norm=float(grad_norm), batch=len(batch_index),
-                covers_all=len(batch_index) == len(run.task.samples))
+    info = _merge_infos(infos, config.accum_normalize, config.grad_accum)
+    seen = torch.cat(micro)
+    info.update(step=run.step, lr=lr, grad_norm=float(grad_norm), batch=len(seen),
+                covers_all=len(seen.unique()) == len(run.task.samples))
     return info
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation, logging, checkpoints
 # ---------------------------------------------------------------------------------------------
+def _teacher_forced(run: Run) -> dict:
+    return teacher_forced(run.model, run.task, run.device, backend=run.config.backend, fused=run.fused_head,
+                          autocast=run.config.autocast == "bf16")
+
+
 def evaluate(run: Run, generate: bool) -> dict:
     """Teacher-forced stats of every sample; with ``generate`` also real greedy generation.
 
@@ -289,7 +408,7 @@ def evaluate(run: Run, generate: bool) -> dict:
     (None when not generated): it runs at the end and whenever the argmax says all are recalled
     and that was not confirmed yet.
     """
-    tf = teacher_forced(run.model, run.task, run.device, backend=run.config.backend)
+    tf = _teacher_forced(run)
     per_sample = tf["per_sample"]
     result = {
         "kind": "eval", "step": run.step, "loss": tf["loss"], "dL": run.base_loss - tf["loss"],
@@ -327,11 +446,12 @@ def _checkpoint_state(run: Run) -> dict:
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "sampler": run.sampler.state_dict(),
-        "window": run.window.state_dict(),
+        "window": dict(run.window.state_dict(), rows=run.window_rows),
         "base_loss": run.base_loss,
         "steps_to_full_recall": run.steps_to_full_recall,
         "steps_to_all_recalled": run.steps_to_all_recalled,
         "last_generated": run.last_generated,
+        "config": dict(run.config.to_dict(), run_dir=run.run_dir),
     }
 
 
@@ -346,7 +466,8 @@ def _restore(run: Run, state: dict) -> None:
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     run.sampler.load_state_dict(state["sampler"])
-    run.window = WindowState.from_state_dict(state["window"])
+    run.window.load_state_dict(state["window"])
+    run.window_rows = state["window"]["rows"]
     run.step = state["step"]
     run.base_loss = state["base_loss"]
     run.steps_to_full_recall = state["steps_to_full_recall"]
@@ -372,13 +493,59 @@ def _restore(run: Run, state: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
-def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> dict:
-    start = time.time()
-    run = setup(config)
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the run stopped after a whole step and saved a checkpoint."""
+
+
+class _StopOnInterrupt:
+    """The first SIGINT asks the loop to stop after the current step (which then checkpoints);
+    a second one interrupts at once. Installed only in the main thread over Python's default handler."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def stop(self, run: Run) -> bool:
+        """Whether to stop now (agreed over ranks: one rank's Ctrl-C stops all at the same step)."""
+        if run.world == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def _remove_if_empty(run_dir: str) -> None:
+    try:
+        os.rmdir(run_dir)  # only succeeds on an empty folder: never deletes anything a run wrote
+    except OSError:
+        pass
+
+
+def _begin(run: Run, resume_state: Optional[dict]) -> None:
+    """Base evaluation and the run folder's first files (new run), or the checkpoint's state (resume)."""
     config = run.config
     if resume_state is None:
         torch.manual_seed(config.seed)  # dropout stream; restored from the checkpoint on resume
-        run.base_loss = teacher_forced(run.model, run.task, run.device, backend=config.backend)["loss"]
+        run.base_loss = _teacher_forced(run)["loss"]
         if run.rank == 0:
             ckpt.atomic_write_json(os.path.join(run.run_dir, "config.json"), dict(config.to_dict(), run_dir=run.run_dir))
             open(os.path.join(run.run_dir, "metrics.jsonl"), "w").close()
@@ -386,32 +553,60 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
     else:
         _restore(run, resume_state)
 
+
+def _save(run: Run) -> None:
+    state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
+    if run.rank == 0:
+        ckpt.save_checkpoint(run.run_dir, state)
+
+
+def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> dict:
+    start = time.time()
+    run = setup(config)
+    config = run.config
+    if run.rank == 0 and config.progress:
+        print(format_plan(run.plan, run.world, config.fsdp), flush=True)
+    try:
+        _begin(run, resume_state)
+    except BaseException:
+        if resume_state is None and run.rank == 0:
+            _remove_if_empty(run.run_dir)  # a run that failed before writing anything leaves no folder
+        raise
+    if run.rank == 0:
+        ckpt.atomic_write_json(os.path.join(run.run_dir, "plan.json"), run.plan.as_dict())
+
     bar = None
     if run.rank == 0 and config.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=run.step, desc=f"memft train [{config.loss}]", unit="step")
-    while run.step < config.steps:
-        info = train_step(run)
-        if info["covers_all"] and info["recalled_frac"] == 1.0 and run.steps_to_all_recalled is None:
-            # This forward saw the model after step-1 updates with every token at p > 0.5.
-            run.steps_to_all_recalled = run.step - 1
-        _log(run, dict(kind="train", **{k: v for k, v in info.items() if k != "covers_all"}))
-        last = run.step == config.steps
-        due = config.eval_every and run.step % config.eval_every == 0
-        # A full batch with every argmax right means greedy recall is likely: confirm it now.
-        hint = (info["covers_all"] and info["token_accuracy"] == 1.0 and run.steps_to_full_recall is None
-                and run.step - run.last_generated >= 10)
-        if run.rank == 0 and (last or due or hint):
-            _log(run, evaluate(run, generate=last or hint))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{info['ce']:.3f}", acc=f"{info['token_accuracy']:.0%}",
-                            p50=f"{info['recalled_frac']:.0%}", recall=f"{run.last_eval.get('argmax_exact', 0):.0%}")
-        if config.checkpoint_every and run.step % config.checkpoint_every == 0 and not last:
-            state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
-            if run.rank == 0:
-                ckpt.save_checkpoint(run.run_dir, state)
+    with _StopOnInterrupt() as interrupt:
+        while run.step < config.steps:
+            info = train_step(run)
+            if info["covers_all"] and info["recalled_frac"] == 1.0 and run.steps_to_all_recalled is None:
+                # This forward saw the model after step-1 updates with every token at p > 0.5.
+                run.steps_to_all_recalled = run.step - 1
+            _log(run, dict(kind="train", **{k: v for k, v in info.items() if k != "covers_all"}))
+            last = run.step == config.steps
+            due = config.eval_every and run.step % config.eval_every == 0
+            # A full batch with every argmax right means greedy recall is likely: confirm it now.
+            hint = (info["covers_all"] and info["token_accuracy"] == 1.0 and run.steps_to_full_recall is None
+                    and run.step - run.last_generated >= 10)
+            if run.rank == 0 and (last or due or hint):
+                _log(run, evaluate(run, generate=last or hint))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{info['ce']:.3f}", acc=f"{info['token_accuracy']:.0%}",
+                                p50=f"{info['recalled_frac']:.0%}", recall=f"{run.last_eval.get('argmax_exact', 0):.0%}")
+            if config.checkpoint_every and run.step % config.checkpoint_every == 0 and not last:
+                _save(run)
+            if not last and interrupt.stop(run):
+                if not (config.checkpoint_every and run.step % config.checkpoint_every == 0):
+                    _save(run)
+                if bar is not None:
+                    bar.close()
+                raise RunInterrupted(f"interrupted after step {run.step} of {config.steps}; checkpoint saved, "
+                                     f"continue with: memft train --resume {run.run_dir}")
     if bar is not None:
         bar.close()
 

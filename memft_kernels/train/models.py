@@ -131,3 +131,37 @@ def trainable_parameters(model):
 
 def count_trainable(model) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
+
+
+ATTN_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
+
+
+def configure_model(model, attn: str = "auto", gradient_checkpointing: bool = False) -> None:
+    """Attention implementation and gradient checkpointing of the (not yet LoRA-wrapped) model."""
+    if attn != "auto":
+        name = ATTN_IMPLEMENTATIONS[attn]
+        try:
+            model.set_attn_implementation(name)
+        except (ImportError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainInputError(f"attn={attn!r} ({name}) is not available for this model here: {first}") from None
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise TrainInputError(f"{type(model).__name__} does not support gradient checkpointing")
+        # non-reentrant: works with a frozen embedding (no input grads needed) and with LoRA
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def decoder_module(model):
+    """The decoder stack under the causal-LM head (``model.model`` for Llama), through peft."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix)
+
+
+def compile_decoder(model):
+    """``torch.compile`` of the decoder, used for the training forward only (generation keeps the
+    eager model: its KV-cache shapes change every token)."""
+    return torch.compile(decoder_module(model))

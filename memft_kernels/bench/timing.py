@@ -1,5 +1,5 @@
-"""Shared helpers for the benchmark scripts: clocks, memory peaks, copy bandwidth, machine facts
-and the result files.
+"""Shared helpers of the benchmarks: clocks, memory peaks, copy bandwidth, machine facts and the
+result files.
 
 Timing rules (the same for every script):
 
@@ -276,9 +276,25 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def checkout_root() -> Optional[Path]:
+    """The source checkout this package runs from (the folder holding ``benchmarks/gpu_check.sh``
+    next to ``memft_kernels/``), or None for an installed wheel."""
+    root = Path(__file__).resolve().parent.parent.parent
+    return root if (root / "benchmarks" / "gpu_check.sh").is_file() else None
+
+
+def results_dir() -> Path:
+    """Where results go by default: the checkout's ``benchmarks/results/`` (the committed files),
+    else ``./bench_results/`` in the working directory (an installed wheel)."""
+    root = checkout_root()
+    return root / "benchmarks" / "results" if root is not None else Path.cwd() / "bench_results"
+
+
 def git_commit() -> str:
+    root = checkout_root()
+    if root is None or not (root / ".git").exists():
+        return "unknown"  # a wheel: no repository to ask (and never an unrelated enclosing one)
     try:
-        root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -322,10 +338,15 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "unknown"
 
 
-def default_results_path(script: str, info: Dict[str, object]) -> Path:
-    """benchmarks/results/<script>_<cpu|gpu>-<device name>.csv"""
+def machine_slug(info: Dict[str, object]) -> str:
+    """'gpu-nvidia-h200' or 'cpu-amd-epyc-7b13-64-core-processor': the machine part of a result file's name."""
     kind = "gpu" if info["device"] == "cuda" else "cpu"
-    return Path(__file__).resolve().parent / "results" / f"{script}_{kind}-{slug(str(info['device_name']))}.csv"
+    return f"{kind}-{slug(str(info['device_name']))}"
+
+
+def default_results_path(script: str, info: Dict[str, object]) -> Path:
+    """<results_dir()>/<script>_<cpu|gpu>-<device name>.csv (benchmarks/results/ in a checkout)."""
+    return results_dir() / f"{script}_{machine_slug(info)}.csv"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,8 +356,10 @@ def default_results_path(script: str, info: Dict[str, object]) -> Path:
 class ResultWriter:
     """Appends rows to ``path`` (CSV) and ``path.with_suffix('.jsonl')`` (one JSON object a row).
 
-    The CSV header is written when the file is new; an existing file with other columns is an
-    error (the caller should pick another file) rather than silently misaligned rows.
+    The CSV header is written when the file is new. A file written before columns were added (its
+    header is a subset of ``fields``, in the same order) is rewritten once with the new header, its
+    old rows blank in the new columns; any other header is an error (the caller should pick
+    another file) rather than silently misaligned rows.
     """
 
     def __init__(self, path: Path, fields: Iterable[str], *, jsonl: bool = True):
@@ -348,7 +371,14 @@ class ResultWriter:
             with open(self.path, newline="", encoding="utf-8") as fh:
                 header = next(csv.reader(fh), [])
             if header != self.fields:
-                raise ValueError(f"{self.path} has other columns ({len(header)} vs {len(self.fields)}); write to a new file with --csv")
+                if not _is_ordered_subset(header, self.fields):
+                    raise ValueError(f"{self.path} has other columns ({len(header)} vs {len(self.fields)}); "
+                                     "write to a new file with --csv")
+                old = read_rows(self.path)
+                with open(self.path, "w", newline="", encoding="utf-8") as fh:
+                    out = csv.DictWriter(fh, self.fields, restval="")
+                    out.writeheader()
+                    out.writerows(old)
         else:
             with open(self.path, "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow(self.fields)
@@ -362,6 +392,11 @@ class ResultWriter:
         if self.jsonl_path is not None:
             with open(self.jsonl_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps({k: row.get(k, None) for k in self.fields}) + "\n")
+
+
+def _is_ordered_subset(old: List[str], new: List[str]) -> bool:
+    it = iter(new)
+    return bool(old) and all(name in it for name in old)
 
 
 def _fmt(value: object) -> object:

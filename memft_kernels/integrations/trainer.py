@@ -1,0 +1,163 @@
+"""MemFT in a ``transformers.Trainer``: the exact active mean per optimizer step and recall metrics
+in the Trainer's own logs.
+
+* ``MemFTMetricsCallback``: a ``TrainerCallback`` whose ``record`` is the loss's ``stats_callback``;
+  at every logging step it adds ``recalled_frac``, ``token_accuracy`` (shares of the trained tokens
+  since the last log, over every micro-batch and rank) and ``n_active`` (active tokens per
+  optimizer step, averaged since the last log) to the Trainer's ``logs``, so every ``report_to``
+  integration and ``trainer.state.log_history`` get them. From the statistics the loss computes
+  anyway: no extra pass, no host read per micro-batch (one small all-reduce per log).
+* ``add_memft_to_trainer(trainer, ...)``: the one call that makes a built Trainer (or TRL
+  ``SFTTrainer``) train its model with MemFT: ``use_memft`` / ``apply_memft_to_model`` on the model,
+  optionally a ``MemFTAccumulator`` for the exact active mean over the whole optimizer step
+  (gradient accumulation and data parallelism), and the metrics callback.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from ..accumulate import MemFTAccumulator
+from .transformers import apply_memft_to_model, use_memft
+
+# Index of each running sum in MemFTMetricsCallback's vector.
+_N_VALID, _RECALLED, _CORRECT, _N_ACTIVE = range(4)
+
+
+class MemFTMetricsCallback(TrainerCallback):
+    """Logs ``recalled_frac``, ``token_accuracy`` and ``n_active`` at every Trainer logging step.
+
+    Pass ``callback.record`` as the MemFT loss's ``stats_callback`` (``add_memft_to_trainer`` does).
+    Statistics of losses computed without gradient (evaluation) are not counted. The keys are
+    added to the Trainer's ``logs`` in ``on_log``: a callback sees them only if it runs after this
+    one, so put this callback FIRST (``add_memft_to_trainer`` does; ``callbacks=[...]`` in the
+    Trainer's constructor places it after the ``report_to`` integrations, which then miss them).
+    """
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self._sums: Optional[torch.Tensor] = None  # float64 running sums on the loss's device
+        self._steps = 0
+
+    def record(self, stats) -> None:
+        """The loss's ``stats_callback``: adds one micro-batch's counts (tensor ops, no host read)."""
+        if not torch.is_grad_enabled():
+            return
+        n_valid = stats.n_valid.double()
+        counts = torch.stack([
+            n_valid,
+            stats.recalled_frac.double() * n_valid,
+            stats.token_accuracy.double() * n_valid,
+            stats.n_active.double(),
+        ]).detach()
+        self._sums = counts if self._sums is None else self._sums + counts
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._steps += 1
+
+    def metrics(self) -> dict:
+        """The window's metrics (all-reduced over the ranks), and starts a new window."""
+        sums = self._sums if self._sums is not None else torch.zeros(4, dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sums = sums.clone()
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        sums = sums.cpu().tolist()
+        steps = max(self._steps, 1)
+        n = max(sums[_N_VALID], 1.0)
+        self._sums, self._steps = None, 0
+        p = self.prefix
+        return {
+            f"{p}recalled_frac": sums[_RECALLED] / n,
+            f"{p}token_accuracy": sums[_CORRECT] / n,
+            f"{p}n_active": sums[_N_ACTIVE] / steps,
+        }
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:  # training logs only (eval logs have eval_loss)
+            return
+        metrics = self.metrics()
+        logs.update(metrics)
+        # Trainer.log stored a copy in the history before the callbacks ran: keep it complete.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step and "loss" in state.log_history[-1]:
+            state.log_history[-1].update(metrics)
+
+
+class _MemFTStepCallback(TrainerCallback):
+    """Closes the accumulator's step before the optimizer step (the gradients were already scaled
+    before the step's last backward, so the Trainer's clipping saw the final gradients)."""
+
+    def __init__(self, accumulator: MemFTAccumulator):
+        self.accumulator = accumulator
+        self.last_step: Optional[dict] = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.last_step = self.accumulator.finish_step()
+
+
+def _insert_first(trainer, callback) -> None:
+    trainer.callback_handler.callbacks.insert(0, callback)
+
+
+def add_memft_to_trainer(
+    trainer,
+    *,
+    fused: bool = False,
+    exact_active_mean: bool = True,
+    metrics: bool = True,
+    fallback: str = "mean",
+    **options,
+):
+    """Train ``trainer.model`` with the MemFT loss; returns ``trainer``. Call it after building the
+    Trainer (or TRL ``SFTTrainer``: use ``memft_kernels.integrations.trl.MemFTSFTTrainer``) and before
+    ``train()``.
+
+    ``fused``: ``apply_memft_to_model`` (no logits in training; Llama-like families and GPT-2)
+    instead of ``use_memft`` (logits, any causal LM). ``exact_active_mean``: the loss of every
+    optimizer step is ``sum w l / sum w`` over all its micro-batches and ranks (``MemFTAccumulator``,
+    docs/INTEGRATIONS.md), gradients final before the Trainer clips them; otherwise transformers'
+    ``num_items_in_batch`` convention (the "valid" normalization across micro-batches). ``metrics``:
+    add ``MemFTMetricsCallback``. Other keywords are the loss's (``policy``, ``threshold``, ...).
+    """
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ValueError("add_memft_to_trainer: the Trainer already has a compute_loss_func; the MemFT loss is "
+                         "computed by the model's own forward here, so build the Trainer without it")
+    if "stats_callback" in options or "accumulator" in options:
+        raise TypeError("add_memft_to_trainer sets stats_callback and accumulator itself")
+    callbacks = []
+    if metrics:
+        metrics_callback = MemFTMetricsCallback()
+        options["stats_callback"] = metrics_callback.record
+        callbacks.append(metrics_callback)
+    if exact_active_mean:
+        if trainer.args.gradient_accumulation_steps > 1 and getattr(trainer.accelerator, "distributed_type", None) is not None:
+            kind = str(trainer.accelerator.distributed_type)
+            if "DEEPSPEED" in kind or "FSDP" in kind:
+                raise NotImplementedError(f"exact_active_mean under {kind}: gradients are reduced on every micro-batch there")
+        world = max(int(trainer.args.world_size), 1)
+        # Trainer.compute_loss multiplies the loss by the process count when it averages tokens
+        # across devices (num_items_in_batch is set whenever the batch has labels).
+        multiplier = world if (world > 1 and getattr(trainer.args, "average_tokens_across_devices", False)) else 1
+        accumulator = MemFTAccumulator(
+            trainer.model, fallback=fallback, grad_reduction="mean" if world > 1 else "none",
+            backward_multiplier=multiplier, last_micro_batch=lambda: trainer.accelerator.sync_gradients,
+            returned_value="step",
+        )
+        options["accumulator"] = accumulator
+        # The returned loss is final for the step: the Trainer must not divide it by the number of
+        # accumulation steps.
+        trainer.loss_is_scaled_for_ga = True
+        step_callback = _MemFTStepCallback(accumulator)
+        callbacks.append(step_callback)
+        trainer.memft_accumulator = accumulator
+    options["fallback"] = fallback
+    if fused:
+        apply_memft_to_model(trainer.model, **options)
+    else:
+        use_memft(trainer.model, **options)
+    for callback in reversed(callbacks):
+        _insert_first(trainer, callback)
+    trainer.memft_callbacks = callbacks
+    return trainer

@@ -1,0 +1,289 @@
+"""The Trainer and TRL's SFTTrainer end to end on a tiny Llama (built from a config, no download):
+one optimizer step over K micro-batches equals the gradient of ONE MemFT loss call over the whole
+batch (the exact active mean, its fallback, gradient clipping on the final gradients), with logits
+(use_memft) and fused (apply_memft_to_model); the recall metrics reach the Trainer's logs."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from memft_kernels import memft_loss  # noqa: E402
+from memft_kernels.integrations.trainer import MemFTMetricsCallback, add_memft_to_trainer  # noqa: E402
+from memft_kernels.integrations.transformers import memft_causal_lm_loss, memft_compute_loss_func  # noqa: E402
+
+V = 97
+ROWS, T = 4, 10
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=V, max_position_embeddings=64, initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).train()
+
+
+def rows(seed=7, prompt=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (ROWS, T), generator=g)
+    labels = ids.clone()
+    if prompt:  # micro-batches with different numbers of trained tokens
+        labels[0, :3] = -100
+        labels[2, :6] = -100
+    return ids, labels
+
+
+def reference(model, ids, labels, **options):
+    """Loss, stats and gradients of ONE memft_causal_lm_loss call over the whole batch."""
+    ref = copy.deepcopy(model).train()
+    seen = []
+    loss = memft_causal_lm_loss(ref(input_ids=ids).logits, labels, stats_callback=seen.append, **options)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters() if p.requires_grad}
+    return float(loss.detach()), seen[0], grads
+
+
+def sgd_args(tmp_path, cls=None, **overrides):
+    """One SGD step with lr = 1 over K = 4 micro-batches of one row: the update is the gradient."""
+    cls = cls or transformers.TrainingArguments
+    kwargs = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=ROWS, max_steps=1,
+        learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        warmup_steps=0, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+        dataloader_num_workers=0, seed=0, disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def updates(model, before):
+    return {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Recorder(transformers.TrainerCallback):
+    """Stands for a report_to integration: what on_log hands it."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+# Mixed: hard threshold 1/V makes about half the tokens active at init. All recalled: threshold
+# 1e-6 makes every token "recalled" (p > 1e-6), so the whole step falls back to the plain mean.
+CASES = {
+    "mixed": dict(policy="hard", threshold=1.0 / V),
+    "all_recalled": dict(policy="hard", threshold=1e-6),
+    "sigmoid": dict(policy="sigmoid", threshold=1.0 / V),
+}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+@pytest.mark.parametrize("case,clip", [("mixed", False), ("all_recalled", False), ("sigmoid", True)])
+def test_trainer_step_is_one_active_mean_call(fused, case, clip, tmp_path):
+    ids, labels = rows()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           init_lora_weights=False)
+    model = peft.get_peft_model(tiny_llama(), lora)
+    ref_loss, ref_stats, ref = reference(model, ids, labels, **CASES[case])
+    assert bool(ref_stats.fell_back) == (case == "all_recalled")
+    norm = torch.cat([g.flatten() for g in ref.values()]).norm().item()
+    max_norm = 0.5 * norm if clip else 0.0  # clipping halves the final gradient, not a partial sum
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    recorder = Recorder()
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path, max_grad_norm=max_norm),
+                                   train_dataset=dataset, callbacks=[recorder])
+    add_memft_to_trainer(trainer, fused=fused, **CASES[case])
+    before = snapshot(model)
+    trainer.train()
+    update = updates(model, before)
+    assert update.keys() == ref.keys()
+    factor = 0.5 if clip else 1.0
+    for name in ref:
+        assert rel(update[name], factor * ref[name]) < 1e-5, name
+    log = recorder.logs[0]
+    assert log["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert log["recalled_frac"] == pytest.approx(float(ref_stats.recalled_frac), abs=1e-6)
+    assert log["token_accuracy"] == pytest.approx(float(ref_stats.token_accuracy), abs=1e-6)
+    assert log["n_active"] == int(ref_stats.n_active)
+    assert trainer.state.log_history[0]["recalled_frac"] == log["recalled_frac"]
+    step = trainer.callback_handler.callbacks[1].last_step  # the accumulator's step, all micro-batches
+    assert step["micro_batches"] == ROWS and step["fell_back"] == bool(ref_stats.fell_back)
+
+
+def test_metrics_callback_without_accumulation_and_not_counting_eval(tmp_path):
+    """num_items_in_batch convention (no accumulator); lr = 0 so that one log over 2 steps covers
+    the 4 rows of a fixed model; an evaluation before training must not be counted."""
+    ids, labels = rows(seed=11)
+    model = tiny_llama()
+    options = dict(policy="hard", threshold=1.0 / V)
+    _, stats, _ = reference(model, ids, labels, **options)
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    recorder = Recorder()
+    args = sgd_args(tmp_path, gradient_accumulation_steps=2, max_steps=2, logging_steps=2, learning_rate=0.0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset[:2],
+                                   callbacks=[recorder])
+    add_memft_to_trainer(trainer, exact_active_mean=False, **options)
+    assert isinstance(trainer.callback_handler.callbacks[0], MemFTMetricsCallback)  # before every reporter
+    trainer.evaluate()
+    trainer.train()
+    log = [entry for entry in recorder.logs if "loss" in entry][0]
+    assert log["recalled_frac"] == pytest.approx(float(stats.recalled_frac), abs=1e-6)
+    assert log["token_accuracy"] == pytest.approx(float(stats.token_accuracy), abs=1e-6)
+    assert log["n_active"] == pytest.approx(int(stats.n_active) / 2)  # per optimizer step
+
+
+def test_refusals(tmp_path):
+    model = tiny_llama()
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[],
+                                   compute_loss_func=memft_compute_loss_func())
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        add_memft_to_trainer(trainer)
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[])
+    with pytest.raises(ValueError, match="normalize"):
+        add_memft_to_trainer(trainer, normalize="valid")
+
+
+# ---------------------------------------------------------------- TRL SFTTrainer
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(V)}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+        pad_token="t1", eos_token="t2", bos_token="t3",
+    )
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+def test_trl_sft_trainer_step_is_one_active_mean_call(fused, tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from memft_kernels.integrations.trl import MemFTSFTTrainer
+
+    ids, labels = rows(seed=5, prompt=False)  # SFT on whole sequences (TRL builds the labels)
+    model = tiny_llama()
+    options = dict(policy="hard", threshold=1.0 / V)
+    ref_loss, ref_stats, ref = reference(model, ids, labels, **options)
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    args = sgd_args(tmp_path, cls=trl.SFTConfig, dataset_num_proc=None, bf16=False)  # SFTConfig defaults to bf16
+    trainer = MemFTSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=_tokenizer(),
+                              memft=options, fused=fused)
+    before = snapshot(model)
+    trainer.train()
+    update = updates(model, before)
+    assert update.keys() == ref.keys()
+    for name in ref:
+        assert rel(update[name], ref[name]) < 1e-5, name
+    log = trainer.state.log_history[0]
+    assert log["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert log["recalled_frac"] == pytest.approx(float(ref_stats.recalled_frac), abs=1e-6)
+    assert log["token_accuracy"] == pytest.approx(float(ref_stats.token_accuracy), abs=1e-6)
+    assert log["n_active"] == int(ref_stats.n_active)
+
+
+def test_trl_refuses_other_loss_types(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from memft_kernels.integrations.trl import MemFTSFTTrainer
+
+    dataset = datasets.Dataset.from_dict({"input_ids": rows()[0].tolist()})
+    args = sgd_args(tmp_path, cls=trl.SFTConfig, dataset_num_proc=None, loss_type="dft")
+    with pytest.raises(ValueError, match="loss_type"):
+        MemFTSFTTrainer(model=tiny_llama(), args=args, train_dataset=dataset, processing_class=_tokenizer())
+
+
+def test_reference_is_memft_loss_on_shifted_labels():
+    """The reference above is memft_loss over the whole batch with labels shifted by one."""
+    ids, labels = rows()
+    model = tiny_llama()
+    logits = model(input_ids=ids).logits
+    direct = memft_loss(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), policy="hard", threshold=1.0 / V)
+    via = memft_causal_lm_loss(logits, labels, policy="hard", threshold=1.0 / V)
+    assert float(direct) == pytest.approx(float(via), rel=1e-6)
+
+
+# ---------------------------------------------------------------- Trainer under DDP: 2 gloo ranks
+
+
+def _ddp_rows():
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(4, V, (8, T), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[5, :7] = -100
+    return ids, labels
+
+
+def _ddp_lora_model():
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           init_lora_weights=False)
+    return peft.get_peft_model(tiny_llama(), lora)
+
+
+def _ddp_worker(rank, port, outdir):
+    import os
+    from pathlib import Path
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")  # loopback only
+    torch.set_num_threads(1)
+    ids, labels = _ddp_rows()
+    model = _ddp_lora_model()
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    trainer = transformers.Trainer(model=model, args=sgd_args(Path(outdir) / f"r{rank}"), train_dataset=dataset)
+    add_memft_to_trainer(trainer, policy="hard", threshold=1.0 / V)
+    before = snapshot(model)
+    trainer.train()
+    torch.save(dict(update=updates(model, before), log=trainer.state.log_history[0], world=trainer.args.world_size,
+                    step=trainer.memft_callbacks[1].last_step), f"{outdir}/rank{rank}.pt")
+
+
+def test_trainer_ddp_two_gloo_ranks_is_one_active_mean_call(tmp_path):
+    """2 processes x 4 micro-batches of one row = the 8 rows of one step: DDP averages the gradients
+    and the Trainer multiplies the loss by the process count; the update is still the gradient of
+    one call over all 8 rows, on both ranks."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240.0
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2-rank Trainer run did not finish within 240 s: a rank hangs")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+    ids, labels = _ddp_rows()
+    ref_loss, ref_stats, ref = reference(_ddp_lora_model(), ids, labels, policy="hard", threshold=1.0 / V)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["world"] == 2 and result["step"]["micro_batches"] == ROWS
+        assert result["update"].keys() == ref.keys()
+        for name in ref:
+            assert rel(result["update"][name], ref[name]) < 1e-5, (rank, name)
+        assert result["log"]["loss"] == pytest.approx(ref_loss, rel=1e-5)
+        assert result["log"]["n_active"] == int(ref_stats.n_active)
+        assert result["log"]["token_accuracy"] == pytest.approx(float(ref_stats.token_accuracy), abs=1e-6)

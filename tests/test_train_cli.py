@@ -1,0 +1,340 @@
+"""`memft train`, `memft info`, `memft bench` fed a bad value for every flag: exit 2, one line on
+stderr, no traceback, no run folder left behind; Ctrl-C stops a run with one line and leaves it
+resumable; corrupt checkpoints and config.json fall back or fail in one line."""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from memft_kernels.cli import build_parser
+from memft_kernels.cli import main as memft_main
+from memft_kernels.train import checkpoint as ckpt
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _subparser(name):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _options(name):
+    """{flag: action} of a subcommand (the first long option string of each)."""
+    out = {}
+    for action in _subparser(name)._actions:
+        longs = [s for s in action.option_strings if s.startswith("--") and not s.startswith("--no-")]
+        if longs and longs[0] != "--help":
+            out[longs[0]] = action
+    return out
+
+
+# Values that are wrong for a flag beyond its type (ranges, names, paths). FILE is a regular file,
+# MISSING a path that does not exist.
+SEMANTIC = {
+    "--model": ["bogus-model", "MISSING", "FILE"],
+    "--init-range": ["0", "-0.1"],
+    "--dtype": ["float64", "int8"],
+    "--device": ["bogus", "cuda:x", "gpu"],
+    "--rank": ["0", "-2"],
+    "--alpha": ["0", "-1"],
+    "--dropout": ["1", "-0.5"],
+    "--target-modules": ["nonexistent_proj", ","],
+    "--layers": ["abc", "99", "-1"],
+    "--task": ["bogus"],
+    "--length": ["0", "-5"],
+    "--samples": ["0"],
+    "--data": ["MISSING", "FILE_EMPTY", "DIR", "FILE"],  # FILE: --data with the random task
+    "--replace-rate": ["1.5", "-0.1"],
+    "--tokenizer": ["bogus"],
+    "--trained-vocab": ["10"],
+    "--vocab-size": ["1", "0"],
+    "--curriculum-epochs": ["0"],
+    "--loss": ["bogus"],
+    "--threshold": ["0", "1.5"],
+    "--sharpness": ["0", "-1"],
+    "--fallback": ["bogus"],
+    "--window-span": ["0"],
+    "--window-decay": ["-1"],
+    "--window-floor": ["2"],
+    "--window-patience": ["0"],
+    "--window-growth": ["-1"],
+    "--window-max": ["0.5"],
+    "--backend": ["bogus", "TORCH"],
+    "--steps": ["0", "-1"],
+    "--lr": ["0", "-1"],
+    "--batch-size": ["-1", "1000"],
+    "--grad-clip": ["-1"],
+    "--seed": ["x"],
+    "--threads": ["-1"],
+    "--eval-every": ["-1"],
+    "--checkpoint-every": ["-1"],
+    "--out-dir": ["FILE"],
+    "--run-dir": ["FILE/sub"],
+    "--autocast": ["fp8", "bogus"],
+    "--attn": ["bogus"],
+    "--compare": ["bogus", "ce,bogus"],
+    "--resume": ["MISSING", "DIR"],
+    "--recipe": ["bogus", "paper-phonebook:bogus"],
+    "--window-state": ["bogus"],
+    "--curriculum-style": ["bogus"],
+    "--curriculum-ratios": ["abc", "0.5"],
+    "--curriculum-boundaries": ["abc", "5"],
+    "--grad-accum": ["0"],
+    "--accum-normalize": ["bogus"],
+    "--epochs": ["-1"],
+}
+
+
+def _bad_values(flag, action):
+    """Every bad value for one flag: the semantic ones above plus ones its type rejects."""
+    values = list(SEMANTIC.get(flag, []))
+    if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
+        return [f"{flag}=bogus"]
+    if action.type is int:
+        values += ["abc", "1.5", ""]
+    elif action.type is float:
+        values += ["abc", "nan", "inf", "-inf"]
+    elif action.choices is not None:
+        values += ["bogus"]
+    pre = ["--task", "text"] if flag == "--data" else []
+    return [pre + [flag, v] if not (flag == "--data" and v == "FILE") else [flag, v] for v in values]
+
+
+def _fill(args, tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "dir").mkdir(exist_ok=True)
+    subs = {"MISSING": str(tmp_path / "missing"), "FILE_EMPTY": str(tmp_path / "empty.txt"),
+            "FILE": str(tmp_path / "file.txt"), "DIR": str(tmp_path / "dir")}
+    out = []
+    for a in args:
+        for key in ("MISSING", "FILE_EMPTY", "FILE", "DIR"):
+            a = a.replace(key, subs[key])
+        out.append(a)
+    return out
+
+
+def _one_line_exit_2(argv, capsys):
+    try:
+        code = memft_main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (argv, code, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert err.startswith(f"memft {argv[0]}: error:") or err.startswith("memft: error:"), err
+    return err
+
+
+def _train_cases():
+    cases = []
+    for flag, action in _options("train").items():
+        for value in _bad_values(flag, action):
+            cases.append(value if isinstance(value, list) else [value])
+    # combinations that are each fine alone
+    from memft_kernels import dispatch
+
+    # explicit backends that cannot run here (conftest turns on Triton's CPU interpreter for the tests)
+    cases += [["--backend", name] for name in ("cuda", "triton") if dispatch.availability(name) is not None]
+    cases += [["--backend", "cpu", "--dtype", "float16"],
+              ["--autocast", "bf16", "--dtype", "bfloat16"], ["--curriculum"], ["--device", "cuda"],
+              ["--task", "text", "--data", "DIR"]]
+    return cases
+
+
+def test_every_train_flag_has_bad_values():
+    """A flag added to `memft train` must get its bad values here (type-only flags get them for free)."""
+    missing = [f for f, a in _options("train").items()
+               if not _bad_values(f, a) and f not in ("--plan",)]
+    assert not missing, f"add bad values for {missing} to SEMANTIC"
+
+
+@pytest.mark.parametrize("case", _train_cases(), ids=lambda c: " ".join(c)[:60])
+def test_train_bad_value_is_one_line_exit_2_and_leaves_no_run_folder(case, capsys, tmp_path):
+    out_dir = tmp_path / "runs"
+    base = ["train", "--model", "nano", "--vocab-size", "64", "--length", "8", "--steps", "1",
+            "--no-progress", "--no-plots", "--out-dir", str(out_dir)]
+    flags = {a for a in case if a.startswith("--")}
+    if "--out-dir" in flags:
+        base = base[:-2]
+    if "--resume" in flags:
+        base = ["train", "--no-progress"]
+    if "--model" in flags:
+        i = base.index("--model")
+        base = base[:i] + base[i + 2:]
+    _one_line_exit_2(base + _fill(case, tmp_path), capsys)
+    assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
+
+
+@pytest.mark.parametrize("argv", [["info", "--bogus"], ["info", "extra"], ["info", "--version=1"]])
+def test_info_bad_values(argv, capsys):
+    _one_line_exit_2(argv, capsys)
+
+
+def _bench_cases():
+    cases = [["bench", "bogus"], ["bench", "--bogus"]]
+    for action in _subparser("bench")._actions:
+        if action.option_strings or action.dest == "help":
+            flag = next((s for s in action.option_strings if s.startswith("--")), None)
+            if flag is None or flag == "--help":
+                continue
+            for value in _bad_values(flag, action):
+                cases.append(["bench", *(value if isinstance(value, list) else [value])])
+        elif action.choices is not None and not isinstance(action, argparse._SubParsersAction):
+            cases.append(["bench", "bogus-choice"])
+    return cases
+
+
+@pytest.mark.parametrize("argv", _bench_cases(), ids=lambda c: " ".join(c))
+def test_bench_bad_values(argv, capsys):
+    _one_line_exit_2(argv, capsys)
+
+
+def test_top_level_bad_values(capsys):
+    for argv in (["bogus"], ["--bogus"], []):
+        try:
+            code = memft_main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: the last two, checksummed, fallback, one-line failure
+# ---------------------------------------------------------------------------------------------
+RUN = ["train", "--model", "nano", "--vocab-size", "64", "--length", "16", "--steps", "6",
+       "--checkpoint-every", "2", "--eval-every", "0", "--threads", "1", "--backend", "torch",
+       "--no-progress", "--no-plots", "--no-save-adapter"]
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A finished run with checkpoints at steps 2 and 4, and its report (the reference)."""
+    run_dir = str(tmp_path_factory.mktemp("ckpt") / "run")
+    assert memft_main(RUN + ["--run-dir", run_dir]) == 0
+    return run_dir, json.load(open(os.path.join(run_dir, "report.json")))
+
+
+def _copy(run_dir, tmp_path):
+    import shutil
+
+    dst = str(tmp_path / "copy")
+    shutil.copytree(run_dir, dst)
+    os.remove(os.path.join(dst, "report.json"))
+    return dst
+
+
+def test_the_last_two_checkpoints_are_kept(checkpointed):
+    run_dir, _ = checkpointed
+    newest = ckpt.decode(open(os.path.join(run_dir, ckpt.CHECKPOINT), "rb").read())
+    older = ckpt.decode(open(os.path.join(run_dir, ckpt.PREVIOUS), "rb").read())
+    assert (newest["step"], older["step"]) == (4, 2)
+    assert newest["config"]["steps"] == 6
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "flipped"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_with_a_warning(damage, checkpointed, tmp_path, capsys):
+    run_dir, report = checkpointed
+    run = _copy(run_dir, tmp_path)
+    path = os.path.join(run, ckpt.CHECKPOINT)
+    data = open(path, "rb").read()
+    bad = {"truncated": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(4096),
+           "flipped": data[:-100] + bytes([data[-100] ^ 1]) + data[-99:]}[damage]
+    open(path, "wb").write(bad)
+    with pytest.warns(UserWarning, match="resuming from the older checkpoint.prev.pt"):
+        assert memft_main(["train", "--resume", run]) == 0
+    resumed = json.load(open(os.path.join(run, "report.json")))
+    for key in ("base_loss", "final_loss", "token_accuracy", "recalled_frac", "exact_recall"):
+        assert resumed[key] == report[key], key
+
+
+def test_no_usable_checkpoint_is_one_line_exit_2(checkpointed, tmp_path, capsys):
+    run = _copy(checkpointed[0], tmp_path)
+    open(os.path.join(run, ckpt.CHECKPOINT), "wb").write(b"")
+    open(os.path.join(run, ckpt.PREVIOUS), "wb").write(b"PK\x03\x04 not a checkpoint")
+    err = _one_line_exit_2(["train", "--resume", run], capsys)
+    assert "no usable checkpoint" in err and "checkpoint.prev.pt" in err
+
+
+def test_a_pickle_without_the_resume_keys_is_not_usable(tmp_path):
+    open(tmp_path / ckpt.CHECKPOINT, "wb").write(ckpt.encode({"step": 3}))
+    with pytest.raises(ckpt.TrainInputError, match="lacks trainable"):
+        ckpt.load_checkpoint(str(tmp_path))
+
+
+@pytest.mark.parametrize("text", ["", "{not json", "[1, 2]", '{"steps": "many"}', '{"bogus_option": 1}'])
+def test_a_corrupt_config_json_uses_the_checkpoint_copy(text, checkpointed, tmp_path):
+    run_dir, report = checkpointed
+    run = _copy(run_dir, tmp_path)
+    open(os.path.join(run, "config.json"), "w").write(text)
+    with pytest.warns(UserWarning, match="config.json.*is unusable"):
+        assert memft_main(["train", "--resume", run]) == 0
+    assert json.load(open(os.path.join(run, "report.json")))["final_loss"] == report["final_loss"]
+    assert json.load(open(os.path.join(run, "config.json")))["steps"] == 6  # rewritten from the checkpoint
+
+
+def test_a_corrupt_config_json_without_a_stored_copy_is_one_line_exit_2(checkpointed, tmp_path, capsys):
+    run = _copy(checkpointed[0], tmp_path)
+    for name in (ckpt.CHECKPOINT, ckpt.PREVIOUS):  # checkpoints from before the config was stored in them
+        path = os.path.join(run, name)
+        state = ckpt.decode(open(path, "rb").read())
+        state.pop("config")
+        open(path, "wb").write(ckpt.encode(state))
+    open(os.path.join(run, "config.json"), "w").write("{not json")
+    err = _one_line_exit_2(["train", "--resume", run], capsys)
+    assert "config.json" in err and "JSONDecodeError" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C: one line, no traceback, a checkpoint to resume from, the same result as never stopping
+# ---------------------------------------------------------------------------------------------
+SIGINT_RUN = ["train", "--model", "nano", "--vocab-size", "64", "--length", "16", "--steps", "30",
+              "--eval-every", "0", "--threads", "1", "--backend", "torch", "--no-progress", "--no-plots",
+              "--no-save-adapter"]
+
+
+def _memft(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "memft_kernels", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigint_prints_one_line_and_leaves_a_resumable_run(tmp_path):
+    full_dir, stopped_dir = str(tmp_path / "full"), str(tmp_path / "stopped")
+    full = _memft(SIGINT_RUN + ["--run-dir", full_dir], tmp_path)
+    stopped = _memft(SIGINT_RUN + ["--run-dir", stopped_dir], tmp_path)
+    metrics = os.path.join(stopped_dir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3):  # base row + 2 steps
+        assert stopped.poll() is None, stopped.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    stopped.send_signal(signal.SIGINT)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err and "memft train --resume" in lines[0], err
+    assert not os.path.exists(os.path.join(stopped_dir, "report.json")), "finished before the signal"
+    assert ckpt.load_checkpoint(stopped_dir)["step"] >= 2
+
+    resumed = _memft(["train", "--resume", stopped_dir], tmp_path)
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err
+    assert full.wait(timeout=240) == 0, full.communicate()
+    a = json.load(open(os.path.join(full_dir, "report.json")))
+    b = json.load(open(os.path.join(stopped_dir, "report.json")))
+    for key in ("base_loss", "final_loss", "token_accuracy", "recalled_frac", "exact_recall", "first_wrong"):
+        assert a[key] == b[key], key
