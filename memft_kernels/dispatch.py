@@ -71,8 +71,16 @@ def available_backends() -> Dict[str, bool]:
 
 
 def backend_report() -> Dict[str, str]:
-    """Each backend's name with 'available' or the reason it is not (for `memft info`)."""
-    return {name: ("available" if _load(name) is not None else _failed[name]) for name in _MODULES}
+    """Each backend's name with 'available' or the reason it is not (for `memft info`): asked afresh,
+    not from the cache that ``resolve`` uses."""
+    report = {}
+    for name, module_name in _MODULES.items():
+        try:
+            reason = importlib.import_module(module_name).BACKEND.availability()
+        except ImportError as exc:
+            reason = f"could not import {module_name}: {exc}"
+        report[name] = "available" if reason is None else reason
+    return report
 
 
 def resolve(backend: str, logits: torch.Tensor) -> Backend:

@@ -16,7 +16,7 @@ CUDA it never reaches the host). Scalar options travel as ``spec.KernelScalars``
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional
+from typing import Callable, ContextManager, Optional, Tuple
 
 import torch
 
@@ -118,9 +118,19 @@ class NativeBackend(Backend):
 
     prefix: str = ""
 
-    def __init__(self, ext, import_error: Optional[str]):
-        self.ext, self.import_error = ext, import_error
+    def __init__(self, module_state: Callable[[], Tuple[object, Optional[str]]]):
+        # (compiled module or None, import error): read at each use, so that the module global of
+        # native_cpu.py / native_cuda.py stays the one truth (tests substitute it).
+        self._module_state = module_state
         self.ops = self._define_ops()
+
+    @property
+    def ext(self):
+        return self._module_state()[0]
+
+    @property
+    def import_error(self) -> Optional[str]:
+        return self._module_state()[1]
 
     # The one difference between the native backends: where and how a kernel runs.
     def context(self, t: torch.Tensor) -> ContextManager[dict]:

@@ -56,4 +56,4 @@ def isa() -> Optional[str]:
     return None if _C is None else _C.isa()
 
 
-export(CpuBackend(_C, _IMPORT_ERROR), globals())
+export(CpuBackend(lambda: (_C, _IMPORT_ERROR)), globals())

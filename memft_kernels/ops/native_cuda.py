@@ -71,4 +71,4 @@ class CudaBackend(NativeBackend):
         return None
 
 
-export(CudaBackend(_C, _IMPORT_ERROR), globals())
+export(CudaBackend(lambda: (_C, _IMPORT_ERROR)), globals())
