@@ -325,12 +325,27 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _environment(env: dict):
+    """``env`` set in this process while a child is started (a spawned child copies the environment)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class _LocalWorker:
     def __init__(self, context, run_cell, threads: int, env: dict):
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_local_worker_main, name="memft-sweep-worker", daemon=True,
                                        args=(child, run_cell, threads, os.getpid(), env))
-        with _sigint_ignored():
+        with _sigint_ignored(), _environment(env):  # the child starts with its device: set before python runs
             self.process.start()
         child.close()
 
@@ -483,6 +498,9 @@ def _ray_check(cells, base, run_root):
 def _start_ray(ray, address: Optional[str]) -> bool:
     """Connect to (or start) Ray; True if this call started it (and so should shut it down)."""
     if ray.is_initialized():
+        if address is not None:
+            raise LawInputError(f"Ray is already initialized in this process; leave the address unset to use "
+                                f"that connection (got {address!r})")
         return False
     if address is not None:
         _check_reachable(address)
