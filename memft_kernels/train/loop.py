@@ -11,7 +11,6 @@ single-process training on the whole batch. One process is the same code with wo
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -22,7 +21,6 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from ..loss import memft_loss
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainInputError
 from .data import IGNORE, build_task, to_batch
