@@ -12,8 +12,9 @@ PARAMS_PER_RANK = 384
 
 def _mark(run_root, name, cell):
     os.makedirs(run_root, exist_ok=True)
+    mark = {**cell, "device": os.environ.get("CUDA_VISIBLE_DEVICES"), "device_at_exec": _exec_env("CUDA_VISIBLE_DEVICES")}
     with open(os.path.join(run_root, f"{name}-{os.getpid()}.txt"), "a") as fh:
-        fh.write(json.dumps(cell, sort_keys=True) + "\n")
+        fh.write(json.dumps(mark, sort_keys=True) + "\n")
 
 
 def calls(run_root, name="calls"):

@@ -132,6 +132,37 @@ def test_an_address_while_ray_is_initialized_here_is_refused(cluster, tmp_path):
                   progress=False)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_cancels_the_cells_in_flight_and_the_rerun_does_the_rest(cluster, tmp_path, monkeypatch):
+    """Ctrl-C while the driver waits on Ray (a KeyboardInterrupt out of ray.wait, as the signal gives):
+    SweepInterrupted with the count written, the running cell cancelled, the rest on a re-run.
+    (The signal itself, sent to the process group of `memft law sweep --engine ray`, is the same
+    path; tests/test_law_sweep.py sends it to the local engine.)"""
+    from memft_kernels.law.sweep import SweepInterrupted
+
+    out, root = tmp_path / "s.jsonl", str(tmp_path / "runs")
+    real_wait = ray.wait
+
+    def wait(refs, num_returns=1, timeout=None, **kwargs):
+        if len(calls(root, "started")) == 1 and out.exists() and len(out.read_text().splitlines()) == 2:
+            raise KeyboardInterrupt
+        return real_wait(refs, num_returns=num_returns, timeout=0.5, **kwargs)
+
+    monkeypatch.setattr(ray, "wait", wait)
+    with pytest.raises(SweepInterrupted) as info:
+        run_sweep(grid(ranks=[1, 2, 4], sleep=300), out, engine="ray", run_root=root,
+                  run_cell=law_cells.slow_big_cell, progress=False)
+    monkeypatch.setattr(ray, "wait", real_wait)
+    assert info.value.summary["ran"] == 2
+    started = [name for name in os.listdir(root) if name.startswith("started-")]
+    running = int(started[0].split("-")[1].split(".")[0])
+    assert wait_for(lambda: not alive(running), timeout=60), "the cancelled cell kept running"
+    summary = run_sweep(grid(ranks=[1, 2, 4], sleep=300), out, engine="ray", run_root=root,
+                        run_cell=law_cells.fake_cell, progress=False)
+    assert summary == {"ran": 1, "skipped": 2, "failed": []}
+    assert sorted(r["rank"] for r in lines_of(out)) == [1, 2, 4]
+
+
 DRIVER = """
 import sys
 import law_cells
