@@ -44,7 +44,7 @@ RowInput make_input(uintptr_t logits, int dtype, int64_t n_rows, int64_t n_cols,
 }
 
 RowOptions make_options(int policy, float threshold, float sharpness, float ce_threshold, int64_t ignore_index,
-                        float label_smoothing, float z_loss, float softcap) {
+                        float label_smoothing, float inv_vocab, float z_loss, float softcap) {
   if (policy != kPolicyNone && policy != kPolicyHard && policy != kPolicySigmoid)
     throw std::invalid_argument("memft native: unknown policy code " + std::to_string(policy));
   RowOptions o;
@@ -54,6 +54,7 @@ RowOptions make_options(int policy, float threshold, float sharpness, float ce_t
   o.ce_threshold = ce_threshold;
   o.ignore_index = ignore_index;
   o.label_smoothing = label_smoothing;
+  o.inv_vocab = inv_vocab;
   o.z_loss = z_loss;
   o.softcap = softcap;
   return o;
@@ -89,8 +90,8 @@ PYBIND11_MODULE(MEMFT_MODULE_NAME, m) {
         py::arg("row_stride"), py::arg("target"), py::arg("target_int64"), py::arg("target_stride"),
         py::arg("token_weight"), py::arg("token_weight_stride"));
   m.def("make_options", &make_options, py::arg("policy"), py::arg("threshold"), py::arg("sharpness"),
-        py::arg("ce_threshold"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"),
-        py::arg("softcap"));
+        py::arg("ce_threshold"), py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("inv_vocab"),
+        py::arg("z_loss"), py::arg("softcap"));
   m.def("make_stats", &make_stats, py::arg("lse"), py::arg("ce"), py::arg("prob"), py::arg("pred"),
         py::arg("weight"), py::arg("loss"));
 
@@ -121,12 +122,23 @@ PYBIND11_MODULE(MEMFT_MODULE_NAME, m) {
       },
       py::arg("input"), py::arg("options"), py::arg("stats"), py::arg("scale"), py::arg("grad"),
       py::arg("grad_row_stride"), py::arg(MEMFT_EXEC_ARG));
+  m.def(
+      "scale_rows",
+      [](uintptr_t grad, int dtype, int64_t n_rows, int64_t n_cols, int64_t row_stride, uintptr_t factor,
+         Exec exec) {
+        if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16)
+          throw std::invalid_argument("memft native: unknown dtype code " + std::to_string(dtype));
+        py::gil_scoped_release release;
+        MEMFT_CALL(scale_rows)(address<void>(grad), dtype, n_rows, n_cols, row_stride, address<const float>(factor),
+                               exec);
+      },
+      py::arg("grad"), py::arg("dtype"), py::arg("n_rows"), py::arg("n_cols"), py::arg("row_stride"),
+      py::arg("factor"), py::arg(MEMFT_EXEC_ARG));
+  m.attr("ABI") = py::int_(MEMFT_NATIVE_ABI);
 
 #if defined(MEMFT_MODULE_CPU)
-  m.def("isa", &cpu_isa, "the vector code path the CPU kernels take here: avx2+fma or scalar");
-  m.attr("DTYPES") = py::make_tuple("float32", "bfloat16");
+  m.def("isa", &cpu_isa, "the vector code path the CPU kernels take here: avx512f, avx2+fma or scalar");
 #else
   m.attr("BUILT_ARCHITECTURES") = py::str(MEMFT_CUDA_ARCHS_STRING);
-  m.attr("DTYPES") = py::make_tuple("float32", "bfloat16", "float16");
 #endif
 }

@@ -3,6 +3,10 @@
 // raw addresses, sizes and strides, so one compiled module serves every torch version.
 #pragma once
 
+// Bumped whenever an entry point or argument struct changes; memft_kernels/ops/native.py refuses a
+// module built from another version (a stale build) with a message saying to rebuild.
+#define MEMFT_NATIVE_ABI 2
+
 #include <cstdint>
 
 namespace memft {
@@ -18,6 +22,7 @@ struct RowOptions {
   float ce_threshold = 0.6931472f;  // ln(1/threshold), computed in double by the caller
   int64_t ignore_index = -100;
   float label_smoothing = 0.0f;
+  float inv_vocab = 0.0f;  // 1 / V of the eps / V gradient term (V the global vocabulary); 0: 1 / n_cols
   float z_loss = 0.0f;
   float softcap = 0.0f;  // 0: no soft cap
 };
@@ -59,7 +64,11 @@ void cpu_row_backward(const RowInput& in, const RowOptions& opt, const float* ls
                       const GradOut& grad, int threads);
 void cpu_row_forward_backward(const RowInput& in, const RowOptions& opt, const RowStatsOut& out,
                               const float* scale, const GradOut& grad, int threads);
-const char* cpu_isa();  // the vector code path this host runs: "avx2+fma" or "scalar"
+// grad[n_rows, n_cols] (dtype code, row stride in elements) *= *factor; factor read where the
+// kernel runs, and a factor of exactly 1 writes nothing.
+void cpu_scale_rows(void* grad, int dtype, int64_t n_rows, int64_t n_cols, int64_t row_stride, const float* factor,
+                    int threads);
+const char* cpu_isa();  // the vector code path this host runs: "avx512f", "avx2+fma" or "scalar"
 
 // CUDA (a block per row; every pointer is device memory; `stream` is a cudaStream_t as an integer).
 // Errors throw std::runtime_error (RuntimeError in Python).
@@ -68,5 +77,7 @@ void cuda_row_backward(const RowInput& in, const RowOptions& opt, const float* l
                        const GradOut& grad, uintptr_t stream);
 void cuda_row_forward_backward(const RowInput& in, const RowOptions& opt, const RowStatsOut& out,
                                const float* scale, const GradOut& grad, uintptr_t stream);
+void cuda_scale_rows(void* grad, int dtype, int64_t n_rows, int64_t n_cols, int64_t row_stride, const float* factor,
+                     uintptr_t stream);
 
 }  // namespace memft

@@ -12,7 +12,9 @@
 #ifdef __CUDACC__
 #define MEMFT_HD __host__ __device__ __forceinline__
 #else
-#define MEMFT_HD inline
+// static: every CPU translation unit (one per instruction set, csrc/cpu/cpu_common.h) keeps its own
+// copy, compiled with its own flags.
+#define MEMFT_HD static inline
 #endif
 
 namespace memft {
@@ -88,7 +90,10 @@ struct GradCoefs {
 MEMFT_HD GradCoefs grad_coefs(const RowOptions& o, int64_t n_cols, float lse, float coef) {
   GradCoefs c;
   c.zfac = o.z_loss != 0.0f ? 1.0f + 2.0f * o.z_loss * lse : 1.0f;
-  c.smooth = o.label_smoothing != 0.0f ? o.label_smoothing / static_cast<float>(n_cols) : 0.0f;
+  // eps / V with V the whole vocabulary: inv_vocab from the caller (a vocabulary slice passes the
+  // global 1 / V), or 1 / n_cols when it is not set.
+  const float inv_v = o.inv_vocab > 0.0f ? o.inv_vocab : 1.0f / static_cast<float>(n_cols);
+  c.smooth = o.label_smoothing != 0.0f ? o.label_smoothing * inv_v : 0.0f;
   c.a = coef * c.zfac;
   c.b = -coef * c.smooth;
   return c;

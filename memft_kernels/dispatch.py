@@ -1,19 +1,18 @@
 """Backend choice and availability.
 
-A backend is a module in ``memft_kernels/ops`` with the interface described in ``ops/reference.py``
-(``row_forward``, ``row_backward``, optionally ``row_forward_backward``) plus two functions:
-
-* ``availability() -> str | None``: None when usable in this process, else why not and how to get it;
-* ``supports(logits) -> str | None``: None when it handles this tensor (device, dtype), else why not.
+A backend is a module in ``memft_kernels/ops`` whose ``BACKEND`` is an instance of ``ops.base.Backend``
+(the whole contract: availability, supports, row forward / backward, fused forward + backward,
+in-place variants, device-side gradient scaling). ``resolve`` returns that instance; docs/ARCHITECTURE.md
+says how to add one.
 """
 from __future__ import annotations
 
 import importlib
-import sys
-from types import ModuleType
 from typing import Dict, Optional
 
 import torch
+
+from .ops.base import Backend
 
 _MODULES = {
     "torch": "memft_kernels.ops.reference",
@@ -24,11 +23,11 @@ _MODULES = {
 # "auto" tries these in order for each device type; the reference is always last.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
-_loaded: Dict[str, ModuleType] = {}
+_loaded: Dict[str, Backend] = {}
 _failed: Dict[str, str] = {}
 
 
-def _load(name: str) -> Optional[ModuleType]:
+def _load(name: str) -> Optional[Backend]:
     if name in _loaded:
         return _loaded[name]
     if name in _failed:
@@ -38,12 +37,15 @@ def _load(name: str) -> Optional[ModuleType]:
     except ImportError as exc:
         _failed[name] = f"could not import {_MODULES[name]}: {exc}"
         return None
-    reason = module.availability() if hasattr(module, "availability") else None
+    backend = module.BACKEND
+    if not isinstance(backend, Backend):
+        raise TypeError(f"{_MODULES[name]}.BACKEND must be an ops.base.Backend, got {type(backend).__name__}")
+    reason = backend.availability()
     if reason is not None:
         _failed[name] = reason
         return None
-    _loaded[name] = module
-    return module
+    _loaded[name] = backend
+    return backend
 
 
 @torch.compiler.assume_constant_result
@@ -53,9 +55,9 @@ def _load_reason(name: str) -> Optional[str]:
     return None if _load(name) is not None else _failed[name]
 
 
-def _module(name: str) -> Optional[ModuleType]:
-    """The loaded backend module (looked up in sys.modules, which Dynamo can trace), or None."""
-    return sys.modules[_MODULES[name]] if _load_reason(name) is None else None
+def _backend(name: str) -> Optional[Backend]:
+    """The loaded backend (a dict lookup, which Dynamo can trace), or None."""
+    return _loaded[name] if _load_reason(name) is None else None
 
 
 def availability(name: str) -> Optional[str]:
@@ -69,22 +71,30 @@ def available_backends() -> Dict[str, bool]:
 
 
 def backend_report() -> Dict[str, str]:
-    """Each backend's name with 'available' or the reason it is not (for `memft info`)."""
-    return {name: ("available" if _load(name) is not None else _failed[name]) for name in _MODULES}
+    """Each backend's name with 'available' or the reason it is not (for `memft info`): asked afresh,
+    not from the cache that ``resolve`` uses."""
+    report = {}
+    for name, module_name in _MODULES.items():
+        try:
+            reason = importlib.import_module(module_name).BACKEND.availability()
+        except ImportError as exc:
+            reason = f"could not import {module_name}: {exc}"
+        report[name] = "available" if reason is None else reason
+    return report
 
 
-def resolve(backend: str, logits: torch.Tensor) -> ModuleType:
-    """The backend module for these logits; RuntimeError if an explicit choice cannot run them."""
+def resolve(backend: str, logits: torch.Tensor) -> Backend:
+    """The backend for these logits; RuntimeError if an explicit choice cannot run them."""
     if backend == "auto":
         for name in _AUTO_ORDER.get(logits.device.type, ("torch",)):
-            module = _module(name)
-            if module is not None and (name == "torch" or module.supports(logits) is None):
-                return module
-        return _module("torch")
-    module = _module(backend)
-    if module is None:
+            chosen = _backend(name)
+            if chosen is not None and (name == "torch" or chosen.supports(logits) is None):
+                return chosen
+        return _backend("torch")
+    chosen = _backend(backend)
+    if chosen is None:
         raise RuntimeError(f"backend={backend!r} is not available: {_load_reason(backend)}")
-    reason = module.supports(logits) if hasattr(module, "supports") else None
+    reason = chosen.supports(logits)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run these logits: {reason}")
-    return module
+    return chosen

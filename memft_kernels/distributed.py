@@ -16,8 +16,8 @@ the statistics and each rank's gradient slice equal ``memft_loss`` on the gather
    the weight sum / valid count over the data-parallel group.
 
 The backward is local to the slice: softmax from the global lse, target term only on the owning
-rank, no communication; it is the backend's row_backward unless label smoothing is on (its eps / V
-term needs the global V, which a backend's kernel does not take; torch ops in row chunks then).
+rank, no communication: the backend's own row_backward, given the global V (``KernelOptions.vocab_size``)
+for the label-smoothing term eps / V.
 
 Reading order: slice statistics -> the checked exchange -> combination and reduction ->
 autograd.Function -> public function.
@@ -27,23 +27,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
 from . import dispatch
-from .ops import reference
-from .ops.reference import _capped, _chunks, row_stats_from_parts
-from .policy import Reduced, reduce_rows
+from .ops.base import Backend
+from .ops.reference import BACKEND as REFERENCE
+from .ops.reference import capped, row_chunks, row_stats_from_parts
+from .policy import Reduced, reduce_rows, weight_fn_factor
 from .spec import (
     KernelOptions,
+    LossOptions,
     MemFTStats,
     RowStats,
+    accumulate_dtype,
     check_target_range,
-    validate_denominator,
-    validate_options,
-    validate_tensors,
+    prepare_call,
+    takes_loss_options,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -63,12 +65,8 @@ _NOT_OWNED = -1
 _OUT_OF_RANGE = -2
 
 
-def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def slice_row_stats(
-    logits: torch.Tensor, target: torch.Tensor, vocab_start: int, opts: KernelOptions, module=reference
+    logits: torch.Tensor, target: torch.Tensor, vocab_start: int, opts: KernelOptions, module: Backend = REFERENCE
 ) -> torch.Tensor:
     """``[5, N]`` float64 statistics of this rank's slice ``logits[N, V_local]`` (see LSE..ROW_SUM).
 
@@ -79,7 +77,7 @@ def slice_row_stats(
     row sums (torch ops in row chunks).
     """
     n, v = logits.shape
-    dt = _compute_dtype(logits)
+    dt = accumulate_dtype(logits.dtype)
     out = torch.zeros(_N_SLICE_STATS, n, dtype=torch.float64, device=logits.device)
     if n == 0:
         return out
@@ -93,13 +91,19 @@ def slice_row_stats(
     pred = row.pred.long()
     out[LSE] = row.lse
     out[ARGMAX] = pred + vocab_start
-    picked = _capped(logits.gather(1, torch.stack([pred, local], dim=1)).to(dt), opts.softcap)
+    picked = capped(logits.gather(1, torch.stack([pred, local], dim=1)).to(dt), opts.softcap)
     out[MAX] = picked[:, 0]  # NaN when the slice row holds a NaN (pred points at it)
     out[TARGET_LOGIT] = torch.where(owned, picked[:, 1], torch.zeros_like(picked[:, 1]))
     if opts.label_smoothing:
-        for a, b in _chunks(n, v):
-            out[ROW_SUM, a:b] = _capped(logits[a:b].to(dt), opts.softcap).sum(dim=-1)
+        for a, b in row_chunks(n, v):
+            out[ROW_SUM, a:b] = capped(logits[a:b].to(dt), opts.softcap).sum(dim=-1)
     return out
+
+
+def slice_options(opts: KernelOptions, vocab_size: int) -> KernelOptions:
+    """The options of a slice's row backward: targets coded by ``slice_target`` (``_NOT_OWNED`` plays
+    the ignored row: no target term, the coef still applies) and the global V for eps / V."""
+    return dataclasses.replace(opts, ignore_index=_NOT_OWNED, vocab_size=vocab_size)
 
 
 def slice_target(
@@ -114,45 +118,6 @@ def slice_target(
     outside = valid & ((t < 0) | (t >= vocab_size))
     code = torch.where(outside, torch.full_like(t, _OUT_OF_RANGE), torch.full_like(t, _NOT_OWNED))
     return torch.where(owned, t - vocab_start, code)
-
-
-def slice_row_backward(
-    logits: torch.Tensor,
-    local_target: torch.Tensor,
-    lse: torch.Tensor,
-    coef: torch.Tensor,
-    opts: KernelOptions,
-    vocab_size: int,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """The reference's row_backward on a slice, with the uniform label-smoothing term eps / V using
-    the global V (a backend's row_backward would use the slice width, so it only serves eps == 0).
-
-    ``local_target``: index in the slice, _NOT_OWNED or _OUT_OF_RANGE (see above); ``lse`` global.
-    """
-    n, v = logits.shape
-    dt = _compute_dtype(logits)
-    if out is None:
-        out = torch.empty_like(logits)
-    t = local_target.long()
-    owned = t >= 0
-    safe = torch.where(owned, t, torch.zeros_like(t))
-    eps, z = opts.label_smoothing, opts.z_loss
-    for a, b in _chunks(n, v):
-        x = _capped(logits[a:b].to(dt), opts.softcap)
-        row_lse = lse[a:b, None].to(dt)
-        q = torch.exp(x - row_lse)
-        g = q * (1.0 + 2.0 * z * row_lse) if z else q
-        if eps:
-            g = g - eps / vocab_size
-        rows = torch.arange(b - a, device=logits.device)
-        g[rows, safe[a:b]] -= (1.0 - eps) * owned[a:b].to(dt)  # formed in dt (float64 stays float64)
-        g = torch.where((t[a:b] == _OUT_OF_RANGE)[:, None], torch.full_like(g, math.nan), g)
-        if opts.softcap is not None:
-            g = g * (1.0 - (x / opts.softcap) ** 2)
-        c = coef[a:b, None].to(dt)
-        out[a:b] = torch.where(c != 0, g * c, torch.zeros_like(g)).to(out.dtype)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +268,7 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
             row_loss, weight, valid,
             reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
         )
-    acc = torch.float64 if row_loss.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(row_loss.dtype)
     counts = torch.stack([weight.sum(), valid.sum()]).to(torch.float64)
     device = counts.device
     counts = counts.to(_comm_device(dp_group, device))
@@ -335,8 +300,8 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
 class _VocabParallelMemFTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, token_weight, module, opts: KernelOptions, layout: Layout, reduction,
-                normalize, fallback, denominator, group, dp_group, inplace):
-        dt = _compute_dtype(logits)
+                normalize, fallback, denominator, group, dp_group, inplace, weight_fn, user_target, validate):
+        dt = accumulate_dtype(logits.dtype)
         n = logits.shape[0]
         if n > 0:  # n is the same on every rank (checked), so every rank skips together
             local = slice_row_stats(logits, target, layout.vocab_start, opts, module)
@@ -348,6 +313,15 @@ class _VocabParallelMemFTFunction(torch.autograd.Function):
             parts = torch.zeros(1, _N_SLICE_STATS, 0, dtype=torch.float64, device=logits.device)
         stats = combine_slices(parts, target, token_weight, opts, layout.vocab_size, dt)
         valid = target != opts.ignore_index
+        if weight_fn is not None:
+            # The global statistics (the same on every rank); fell_back here is this rank's own
+            # (the dp-group decision comes with the reduction below).
+            local = reduce_rows(stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
+                                fallback=fallback, denominator=denominator)
+            seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
+                                        stats.pred, stats.weight, local.fell_back)
+            factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
+            stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
         reduced = _reduce(
             stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
             fallback=fallback, denominator=denominator, dp_group=dp_group,
@@ -361,17 +335,15 @@ class _VocabParallelMemFTFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         logits, target, lse, row_scale = ctx.saved_tensors
         opts, layout = ctx.opts, ctx.layout
-        dt = _compute_dtype(logits)
+        dt = accumulate_dtype(logits.dtype)
         coef = (grad_loss * row_scale).to(dt)
         local_target = slice_target(target, layout.vocab_start, logits.shape[1], layout.vocab_size, opts.ignore_index)
-        local_opts = dataclasses.replace(opts, ignore_index=_NOT_OWNED)
-        out = logits if ctx.inplace else None
-        if opts.label_smoothing == 0.0:
-            # The backend's row kernel is exact here: no term depends on the slice width.
-            grad = ctx.module.row_backward(logits, local_target, lse, coef, local_opts, out=out)
+        local_opts = slice_options(opts, layout.vocab_size)
+        if ctx.inplace:
+            grad = ctx.module.row_backward_(logits, local_target, lse, coef, local_opts)
         else:
-            grad = slice_row_backward(logits, local_target, lse, coef, local_opts, layout.vocab_size, out=out)
-        return (grad,) + (None,) * 12
+            grad = ctx.module.row_backward(logits, local_target, lse, coef, local_opts)
+        return (grad,) + (None,) * 15
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +351,7 @@ class _VocabParallelMemFTFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
+@takes_loss_options()
 def vocab_parallel_memft_loss(
     local_logits: torch.Tensor,
     target: torch.Tensor,
@@ -402,6 +375,7 @@ def vocab_parallel_memft_loss(
     validate: bool = True,
     inplace_backward: bool = False,
     backend: str = "auto",
+    weight_fn: Optional[Callable] = None,
 ):
     """``memft_loss`` of the gathered logits, computed from this rank's vocabulary slice.
 
@@ -422,6 +396,9 @@ def vocab_parallel_memft_loss(
     bad split, differing targets or options, or a local input error on one rank raise on every
     rank of ``group`` (ValueError, or the local error on the rank that had it) instead of hanging.
     The layout check reads one small gathered tensor on the host each call, also with validate=False.
+
+    ``weight_fn`` sees the global statistics of its rows (identical on every rank) and must return
+    the same weights on every rank.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -436,14 +413,17 @@ def vocab_parallel_memft_loss(
     own_error = None
     device = local_logits.device if isinstance(local_logits, torch.Tensor) else torch.device("cpu")
     record = torch.zeros(_N_FIELDS, dtype=torch.int64, device=device)
+    options = LossOptions(
+        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
+        denominator=denominator, fallback=fallback, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, return_stats=return_stats, validate=validate,
+        inplace_backward=inplace_backward, backend=backend, weight_fn=weight_fn,
+    )
+    call = None
     try:
-        opts = validate_options(
-            policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction,
-            normalize=normalize, fallback=fallback, label_smoothing=label_smoothing, z_loss=z_loss,
-            softcap=softcap, backend=backend, ignore_index=ignore_index,
-        )
-        denominator = validate_denominator(denominator)
-        validate_tensors(local_logits, target, token_weight, check_values=validate)
+        # The target range needs the global V: checked after the exchange.
+        call = prepare_call(local_logits, target, token_weight, options, check_range=False)
+        opts = call.kernel
         if vocab_start is not None and (
             isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
         ):
@@ -459,9 +439,9 @@ def vocab_parallel_memft_loss(
         if token_weight is not None:
             record[_F_HAS_WEIGHT] = 1
             record[_F_WEIGHT] = _checksum(token_weight.to(torch.float32).contiguous().view(torch.int32))
-        number_denominator = denominator if not isinstance(denominator, torch.Tensor) else "tensor"
+        number_denominator = call.denominator if not isinstance(call.denominator, torch.Tensor) else "tensor"
         record[_F_OPTIONS] = _crc((dataclasses.astuple(opts), reduction, normalize, fallback,
-                                   number_denominator, validate, dp_group is not None))
+                                   number_denominator, validate, dp_group is not None, weight_fn is not None))
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
         own_error = exc
         record.zero_()
@@ -471,26 +451,19 @@ def vocab_parallel_memft_loss(
     if validate:
         # The target is the same on every rank (checked), so every rank raises here together.
         check_target_range(target, layout.vocab_size, ignore_index)
-    if isinstance(denominator, torch.Tensor) and denominator.device != local_logits.device:
-        denominator = denominator.to(local_logits.device)
 
-    lead_shape = target.shape
-    v_local = local_logits.shape[-1]
-    logits2d = local_logits.reshape(-1, v_local)
-    if logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
-    target1d = target.reshape(-1)
-    weight1d = None if token_weight is None else token_weight.reshape(-1).to(_compute_dtype(local_logits))
+    logits2d = call.logits
     module = dispatch.resolve(backend, logits2d)
     inplace = bool(inplace_backward) and logits2d.data_ptr() == local_logits.data_ptr() and logits2d.is_contiguous()
 
     loss, lse, ce, prob, pred, weight, fell_back = _VocabParallelMemFTFunction.apply(
-        logits2d, target1d, weight1d, module, opts, layout, reduction, normalize, fallback,
-        denominator, group, dp_group, inplace,
+        logits2d, call.target, call.token_weight, module, opts, layout, reduction, normalize, fallback,
+        call.denominator, group, dp_group, inplace, weight_fn, target, validate,
     )
     if reduction == "none":
-        loss = loss.reshape(lead_shape)
-    loss = loss.to(_compute_dtype(local_logits))
+        loss = loss.reshape(call.lead_shape)
+    loss = loss.to(accumulate_dtype(local_logits.dtype))
     if not return_stats:
         return loss
-    return loss, MemFTStats.from_rows(lead_shape, target1d, ignore_index, lse, ce, prob, pred, weight, fell_back)
+    return loss, MemFTStats.from_rows(call.lead_shape, call.target, ignore_index, lse, ce, prob, pred, weight,
+                                      fell_back)

@@ -26,13 +26,14 @@ Reading order: chunk sizing, the chunk sweeps, the autograd.Function, the public
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import dispatch
-from .policy import reduce_rows
-from .spec import KernelOptions, MemFTStats, check_target_range, validate_denominator, validate_options, validate_tensors
+from .ops.base import Backend
+from .policy import reduce_rows, weight_fn_factor
+from .spec import KernelOptions, LossOptions, MemFTStats, accumulate_dtype, prepare_call, takes_loss_options
 
 # Default budget for the chunk's logits buffer (the caller may set its own).
 DEFAULT_MEMORY_BUDGET_BYTES = 256 << 20
@@ -71,10 +72,6 @@ def chunk_rows_for(n_rows: int, vocab: int, dim: int, dtype: torch.dtype, *, chu
 # --------------------------------------------------------------------------------------------
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _chunk_logits(buf: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     """hidden @ weight.T (+ bias) written into ``buf`` (no new N x V allocation)."""
     if bias is None:
@@ -87,7 +84,7 @@ class _Grads:
 
     def __init__(self, hidden, weight, bias, needs, rows):
         need_h, need_w, need_b = needs
-        acc = _accumulator_dtype(weight.dtype)
+        acc = accumulate_dtype(weight.dtype)
         self.hidden = torch.empty_like(hidden) if need_h else None
         self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         self.bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if (need_b and bias is not None) else None
@@ -119,27 +116,25 @@ class _Grads:
                 t.zero_()
 
 
-def _forward_sweep(hidden, weight, bias, target, token_weight, module, opts: KernelOptions, rows: int, grads: Optional[_Grads]):
+def _forward_sweep(hidden, weight, bias, target, token_weight, module: Backend, opts: KernelOptions, rows: int,
+                   grads: Optional[_Grads]):
     """Row statistics of every chunk; with ``grads``, also the gradients for coef_i = w_i."""
     n, v = hidden.shape[0], weight.shape[0]
-    stat_dtype = _accumulator_dtype(hidden.dtype)
+    stat_dtype = accumulate_dtype(hidden.dtype)
     dev = hidden.device
     lse, ce, prob, wgt, loss = (torch.empty(n, dtype=stat_dtype, device=dev) for _ in range(5))
     pred = torch.empty(n, dtype=torch.int64, device=dev)
     buf = torch.empty(min(rows, n), v, dtype=hidden.dtype, device=dev)
-    fused = grads is not None and hasattr(module, "row_forward_backward")
     one = torch.ones((), dtype=stat_dtype, device=dev)
     for a in range(0, n, rows):
         b = min(n, a + rows)
         h = hidden[a:b]
         logits = _chunk_logits(buf[: b - a], h, weight, bias)
         tw = None if token_weight is None else token_weight[a:b]
-        if fused:
-            stats = module.row_forward_backward(logits, target[a:b], tw, opts, one, logits)
+        if grads is not None:  # statistics and the gradient (coef_i = w_i) over the chunk, in place
+            stats = module.row_forward_backward_(logits, target[a:b], tw, opts, one)
         else:
             stats = module.row_forward(logits, target[a:b], tw, opts)
-            if grads is not None:
-                module.row_backward(logits, target[a:b], stats.lse, stats.weight.to(stat_dtype), opts, out=logits)
         lse[a:b], ce[a:b], prob[a:b] = stats.lse, stats.ce, stats.prob
         wgt[a:b], loss[a:b], pred[a:b] = stats.weight, stats.loss, stats.pred
         if grads is not None:
@@ -155,7 +150,7 @@ def _gradient_sweep(hidden, weight, bias, target, lse, coef, module, opts: Kerne
         b = min(n, a + rows)
         h = hidden[a:b]
         logits = _chunk_logits(buf[: b - a], h, weight, bias)
-        module.row_backward(logits, target[a:b], lse[a:b], coef[a:b], opts, out=logits)
+        module.row_backward_(logits, target[a:b], lse[a:b], coef[a:b], opts)
         grads.add_chunk(a, b, logits, h, weight)
 
 
@@ -191,16 +186,30 @@ def _finish(grads: _Grads, scale: torch.Tensor, weight: torch.Tensor, rows: int)
 
 class _MemFTLinearLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, token_weight, module, opts: KernelOptions, reduction, normalize, fallback, denominator, rows):
+    def forward(ctx, hidden, weight, bias, target, token_weight, module, opts: KernelOptions, reduction, normalize,
+                fallback, denominator, rows, weight_fn, user_target, validate):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         want_grad = any(needs)
         # reduction="none" has per-row upstream gradients: the backward recomputes the chunks.
         grads = _Grads(hidden, weight, bias, needs, rows) if (want_grad and reduction != "none") else None
-        lse, ce, prob, pred, wgt, row_loss = _forward_sweep(hidden, weight, bias, target, token_weight, module, opts, rows, grads)
+        # With weight_fn no chunk's gradient can be formed before every row's final weight is known:
+        # the first sweep computes statistics only, a second one the gradients.
+        lse, ce, prob, pred, wgt, row_loss = _forward_sweep(hidden, weight, bias, target, token_weight, module, opts,
+                                                            rows, grads if weight_fn is None else None)
         valid = target != opts.ignore_index
         reduced = reduce_rows(
             row_loss, wgt, valid, reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
         )
+        if weight_fn is not None:
+            seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, lse, ce, prob, pred, wgt,
+                                        reduced.fell_back)
+            wgt = wgt * weight_fn_factor(weight_fn, user_target, seen, check_values=validate).to(wgt.dtype)
+            reduced = reduce_rows(
+                row_loss, wgt, valid, reduction=reduction, normalize=normalize, fallback=fallback,
+                denominator=denominator,
+            )
+            if grads is not None:
+                _gradient_sweep(hidden, weight, bias, target, lse, wgt, module, opts, rows, grads)
         ctx.module, ctx.opts, ctx.rows, ctx.reduction = module, opts, rows, reduction
         if grads is not None:
             acc = wgt.dtype
@@ -228,7 +237,7 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        none = (None,) * 9
+        none = (None,) * 12
         if ctx.reduction == "none":
             hidden, weight, bias, target, lse, wgt = ctx.saved_tensors
             coef = (grad_loss.to(wgt.dtype) * wgt).contiguous()
@@ -237,10 +246,8 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
             one = torch.ones((), dtype=wgt.dtype, device=wgt.device)
             return (*_finish(grads, one, weight, ctx.rows),) + none
         out = list(ctx.saved_tensors)  # (hidden, weight, bias) gradients, None where not needed
-        # Skip the multiply when grad_loss is exactly 1 (the usual loss.backward()); reading it
-        # is a host sync, so under torch.compile always multiply.
-        if torch.compiler.is_compiling() or float(grad_loss) != 1.0:
-            out = [None if g is None else _scaled(g, grad_loss, torch.empty_like(g), ctx.rows) for g in out]
+        # Always multiplied (a pass over the small N x D / V x D results), never compared on the host.
+        out = [None if g is None else _scaled(g, grad_loss, torch.empty_like(g), ctx.rows) for g in out]
         return (*out,) + none
 
 
@@ -272,6 +279,7 @@ def _check_linear_inputs(hidden, weight, bias) -> None:
             raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match weight ({weight.dtype}, {weight.device})")
 
 
+@takes_loss_options(exclude=("inplace_backward",))
 def memft_linear_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -295,6 +303,7 @@ def memft_linear_loss(
     return_stats: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    weight_fn: Optional[Callable] = None,
 ):
     """``memft_loss(hidden @ weight.T + bias, target, ...)`` (docs/SPEC.md) computed in row chunks so
     that no N x V tensor exists.
@@ -302,42 +311,40 @@ def memft_linear_loss(
     ``hidden`` is ``[..., D]``, ``weight`` ``[V, D]`` (an ``nn.Linear``'s), ``bias`` ``[V]`` or None,
     ``target`` the leading shape of ``hidden``. ``chunk_size`` (rows) or ``memory_budget_bytes`` (bytes
     of chunk logits) set the chunking; the default is at most 256 MiB of chunk logits. Every other
-    keyword is ``memft_loss``'s. A frozen ``weight`` gets no gradient and no V x D buffer.
+    keyword is ``memft_loss``'s (the chunk logits are always overwritten by their gradient, so there
+    is no ``inplace_backward``). A frozen ``weight`` gets no gradient and no V x D buffer. With
+    ``weight_fn`` the chunk logits are computed twice when gradients are needed (statistics first:
+    no chunk's gradient can be formed before every row's final weight is known).
     """
-    opts = validate_options(
-        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction,
-        normalize=normalize, fallback=fallback, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, backend=backend, ignore_index=ignore_index,
+    options = LossOptions(
+        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
+        denominator=denominator, fallback=fallback, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, return_stats=return_stats, validate=validate, backend=backend,
+        weight_fn=weight_fn,
     )
-    denominator = validate_denominator(denominator)
+    options.checked()  # option errors first, as memft_loss reports them
     _check_linear_inputs(hidden, weight, bias)
     if isinstance(target, torch.Tensor) and tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"target.shape={tuple(target.shape)} must equal hidden.shape[:-1]={tuple(hidden.shape[:-1])}")
     vocab, dim = weight.shape
     # The logits as a shape only (a 0-stride view, no memory) so that the shared checks apply.
     virtual_logits = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
-    validate_tensors(virtual_logits, target, token_weight, check_values=validate)
-    if validate:
-        check_target_range(target, vocab, ignore_index)
-    if isinstance(denominator, torch.Tensor) and denominator.device != hidden.device:
-        denominator = denominator.to(hidden.device)
-
-    lead_shape = target.shape
+    call = prepare_call(virtual_logits, target, token_weight, options, flatten_logits=False)
     hidden2d = hidden.reshape(-1, dim)
     if not hidden2d.is_contiguous():
         hidden2d = hidden2d.contiguous()
-    target1d = target.reshape(-1)
-    weight1d = None if token_weight is None else token_weight.reshape(-1).to(torch.float32)
     n_rows = hidden2d.shape[0]
     rows = chunk_rows_for(n_rows, vocab, dim, hidden.dtype, chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes)
     module = dispatch.resolve(backend, hidden2d.new_empty((0, vocab)))
 
     loss, lse, ce, prob, pred, wgt, fell_back = _MemFTLinearLossFunction.apply(
-        hidden2d, weight, bias, target1d, weight1d, module, opts, reduction, normalize, fallback, denominator, rows
+        hidden2d, weight, bias, call.target, call.token_weight, module, call.kernel, reduction, normalize, fallback,
+        call.denominator, rows, weight_fn, target, validate,
     )
     if reduction == "none":
-        loss = loss.reshape(lead_shape)
-    loss = loss.to(_accumulator_dtype(hidden.dtype))
+        loss = loss.reshape(call.lead_shape)
+    loss = loss.to(accumulate_dtype(hidden.dtype))
     if not return_stats:
         return loss
-    return loss, MemFTStats.from_rows(lead_shape, target1d, ignore_index, lse, ce, prob, pred, wgt, fell_back)
+    return loss, MemFTStats.from_rows(call.lead_shape, call.target, call.kernel.ignore_index, lse, ce, prob, pred,
+                                      wgt, fell_back)

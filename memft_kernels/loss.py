@@ -1,30 +1,20 @@
 """``memft_loss``: a drop-in replacement for ``F.cross_entropy`` that computes docs/SPEC.md.
 
 Reading order: the autograd.Function (calls a backend's row kernels, then the reduction), then the
-public function (validation, flattening, backend choice), then the ``nn.Module``.
+public function (one ``spec.prepare_call``, backend choice), then the ``nn.Module``.
+docs/ARCHITECTURE.md follows one call through these steps.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from . import dispatch
-from .policy import reduce_rows
-from .spec import (
-    KernelOptions,
-    MemFTStats,
-    check_target_range,
-    validate_denominator,
-    validate_options,
-    validate_tensors,
-)
-
-
-def _accumulate_dtype(logits: torch.Tensor) -> torch.dtype:
-    """float64 for float64 logits (the tests' ground truth), float32 for everything else."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+from .ops.base import Backend
+from .policy import reduce_rows, unit_scale, weight_fn_factor
+from .spec import KernelOptions, LossOptions, MemFTStats, accumulate_dtype, prepare_call, takes_loss_options
 
 
 def _scale_known_up_front(reduction: str, normalize: str, denominator) -> bool:
@@ -34,25 +24,22 @@ def _scale_known_up_front(reduction: str, normalize: str, denominator) -> bool:
 
 class _MemFTLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, token_weight, backend, opts: KernelOptions, reduction, normalize, fallback, denominator, inplace):
+    def forward(ctx, logits, target, token_weight, backend: Backend, opts: KernelOptions, reduction, normalize,
+                fallback, denominator, inplace, weight_fn, user_target, validate):
         valid = target != opts.ignore_index
-        fused = (
-            ctx.needs_input_grad[0]
-            and hasattr(backend, "row_forward_backward")
-            and _scale_known_up_front(reduction, normalize, denominator)
-        )
+        # With weight_fn the weights are known only after the row pass: the gradient then comes from
+        # the backward (one sweep there, one here: what the two-pass path always reads).
+        fused = (ctx.needs_input_grad[0] and weight_fn is None
+                 and _scale_known_up_front(reduction, normalize, denominator))
         if fused:
-            # Gradient written during the forward with grad_out = 1; backward rescales if needed.
-            acc = _accumulate_dtype(logits)
-            if denominator is not None:
-                d = torch.as_tensor(denominator, dtype=acc, device=logits.device)
-            elif reduction == "mean":
-                d = valid.sum().to(acc)
+            # Gradient written during the forward with grad_out = 1; the backward scales it on the device.
+            scale = unit_scale(valid, reduction, denominator, accumulate_dtype(logits.dtype))
+            if inplace:
+                grad = logits
+                stats = backend.row_forward_backward_(logits, target, token_weight, opts, scale)
             else:
-                d = torch.ones((), dtype=acc, device=logits.device)
-            scale = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
-            grad = logits if inplace else torch.empty_like(logits)
-            stats = backend.row_forward_backward(logits, target, token_weight, opts, scale, grad)
+                grad = torch.empty_like(logits)
+                stats = backend.row_forward_backward(logits, target, token_weight, opts, scale, grad)
         else:
             grad = None
             stats = backend.row_forward(logits, target, token_weight, opts)
@@ -60,9 +47,27 @@ class _MemFTLossFunction(torch.autograd.Function):
             stats.loss, stats.weight, valid,
             reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
         )
+        if weight_fn is not None:
+            seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
+                                        stats.pred, stats.weight, reduced.fell_back)
+            factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
+            stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
+            reduced = reduce_rows(
+                stats.loss, stats.weight, valid,
+                reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
+            )
         ctx.backend, ctx.opts, ctx.inplace, ctx.fused = backend, opts, inplace, fused
-        if fused:
+        ctx.traced = torch.compiler.is_compiling()
+        if fused and ctx.traced:
+            # Traced (torch.compile): the graph is functional and its backward runs once per forward.
             ctx.save_for_backward(grad)
+        elif fused:
+            # The gradient goes to the first backward as an attribute, not a saved tensor: it is
+            # scaled in place there and may become the logits' .grad, and a later backward through a
+            # retained graph recomputes from the saved logits instead of reading it again.
+            ctx.grad = grad
+            row_scale = stats.weight.to(scale.dtype) * scale
+            ctx.save_for_backward(logits, target, stats.lse, row_scale)
         else:
             ctx.save_for_backward(logits, target, stats.lse, reduced.row_scale)
         ctx.mark_non_differentiable(stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back)
@@ -70,26 +75,27 @@ class _MemFTLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if ctx.fused:
+        if ctx.fused and ctx.traced:
             (grad,) = ctx.saved_tensors
-            if hasattr(ctx.backend, "scale_grad_"):
-                # Scaled in place on the device: no host sync (CUDA graphs, torch.compile), and a
-                # grad_loss of exactly 1 costs no pass over the gradient. The in-place update bumps
-                # the saved tensor's version, so a second backward through the same graph fails
-                # with autograd's own error instead of scaling twice.
-                return (ctx.backend.scale_grad_(grad, grad_loss),) + (None,) * 9
-            # grad_loss is a 0-d tensor; skip the N x V multiply when it is exactly 1 (the usual
-            # loss.backward()), which needs a host read; under torch.compile always multiply.
-            if torch.compiler.is_compiling() or float(grad_loss) != 1.0:
-                grad = grad.mul_(grad_loss.to(grad.dtype)) if ctx.inplace else grad * grad_loss.to(grad.dtype)
-            return (grad,) + (None,) * 9
+            return (ctx.backend.scale_grad_(grad, grad_loss),) + (None,) * 12
+        if ctx.fused and ctx.grad is not None:
+            grad, ctx.grad = ctx.grad, None
+            # Scaled in place on the device: no host sync (CUDA graphs, torch.compile), and a
+            # grad_loss of exactly 1 costs no pass over the gradient on the compiled backends.
+            return (ctx.backend.scale_grad_(grad, grad_loss),) + (None,) * 12
+        # The two-pass path, and any later backward of the single-pass path (retain_graph=True):
+        # the gradient from the saved logits. With inplace_backward the logits were consumed by
+        # the first backward, and reading them raises autograd's in-place modification error.
         logits, target, lse, row_scale = ctx.saved_tensors
-        coef = (grad_loss * row_scale).to(_accumulate_dtype(logits))
-        out = logits if ctx.inplace else None
-        grad = ctx.backend.row_backward(logits, target, lse, coef, ctx.opts, out=out)
-        return (grad,) + (None,) * 9
+        coef = (grad_loss * row_scale).to(accumulate_dtype(logits.dtype))
+        if ctx.inplace:
+            grad = ctx.backend.row_backward_(logits, target, lse, coef, ctx.opts)
+        else:
+            grad = ctx.backend.row_backward(logits, target, lse, coef, ctx.opts)
+        return (grad,) + (None,) * 12
 
 
+@takes_loss_options()
 def memft_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -110,72 +116,63 @@ def memft_loss(
     validate: bool = True,
     inplace_backward: bool = False,
     backend: str = "auto",
+    weight_fn: Optional[Callable] = None,
 ):
     """The MemFT loss of docs/SPEC.md; with ``policy="none"`` exactly ``F.cross_entropy``.
 
     ``logits`` is ``[..., V]`` (class dimension last), ``target`` the leading shape. Returns a float32
-    loss (0-d for "mean"/"sum", the shape of ``target`` for "none"), and with ``return_stats=True``
-    the pair ``(loss, MemFTStats)``.
+    loss (float64 for float64 logits; 0-d for "mean"/"sum", the shape of ``target`` for "none"), and
+    with ``return_stats=True`` the pair ``(loss, MemFTStats)``. ``token_weight`` (target's shape,
+    float, >= 0) multiplies each token's policy weight.
     """
-    opts = validate_options(
-        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction,
-        normalize=normalize, fallback=fallback, label_smoothing=label_smoothing, z_loss=z_loss,
-        softcap=softcap, backend=backend, ignore_index=ignore_index,
+    options = LossOptions(
+        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
+        denominator=denominator, fallback=fallback, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, return_stats=return_stats, validate=validate,
+        inplace_backward=inplace_backward, backend=backend, weight_fn=weight_fn,
     )
-    denominator = validate_denominator(denominator)
-    validate_tensors(logits, target, token_weight, check_values=validate)
-    num_classes = logits.shape[-1]
-    if validate:
-        check_target_range(target, num_classes, ignore_index)
-    if isinstance(denominator, torch.Tensor) and denominator.device != logits.device:
-        denominator = denominator.to(logits.device)
+    return memft_loss_with(logits, target, token_weight, options)
 
-    lead_shape = target.shape
-    logits2d = logits.reshape(-1, num_classes)
-    if logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()
-    target1d = target.reshape(-1)
-    weight1d = None if token_weight is None else token_weight.reshape(-1).to(_accumulate_dtype(logits))
-    module = dispatch.resolve(backend, logits2d)
+
+def memft_loss_with(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
+                    options: LossOptions):
+    """``memft_loss`` taking its options as one ``LossOptions`` (what ``MemFTLoss`` calls)."""
+    call = prepare_call(logits, target, token_weight, options)
+    module = dispatch.resolve(options.backend, call.logits)
     # In-place only when the caller asked and the storage really is the logits' (no copy was made).
-    # (logits.is_contiguous() <=> the flattening above made no copy; a data_ptr is not traceable.)
-    inplace = bool(inplace_backward) and logits.is_contiguous()
+    # (logits.is_contiguous() <=> the flattening made no copy; a data_ptr is not traceable.)
+    inplace = bool(options.inplace_backward) and logits.is_contiguous()
 
     loss, lse, ce, prob, pred, weight, fell_back = _MemFTLossFunction.apply(
-        logits2d, target1d, weight1d, module, opts, reduction, normalize, fallback, denominator, inplace
+        call.logits, call.target, call.token_weight, module, call.kernel, options.reduction, options.normalize,
+        options.fallback, call.denominator, inplace, options.weight_fn, target, options.validate,
     )
-    if reduction == "none":
-        loss = loss.reshape(lead_shape)
-    loss = loss.to(_accumulate_dtype(logits))
-    if not return_stats:
+    if options.reduction == "none":
+        loss = loss.reshape(call.lead_shape)
+    loss = loss.to(accumulate_dtype(logits.dtype))
+    if not options.return_stats:
         return loss
-    return loss, MemFTStats.from_rows(lead_shape, target1d, ignore_index, lse, ce, prob, pred, weight, fell_back)
+    return loss, MemFTStats.from_rows(call.lead_shape, call.target, call.kernel.ignore_index, lse, ce, prob, pred,
+                                      weight, fell_back)
 
 
 class MemFTLoss(nn.Module):
     """``nn.Module`` form of ``memft_loss``, usable where ``nn.CrossEntropyLoss`` was.
 
-    Takes every keyword of ``memft_loss`` at construction; ``forward(logits, target, token_weight=None)``.
-    Options are validated here, at construction, not at the first call.
+    Takes every option of ``memft_loss`` (``spec.LossOptions``) at construction;
+    ``forward(logits, target, token_weight=None)``. Options are validated here, at construction.
     """
 
     def __init__(self, **options):
         super().__init__()
         if "token_weight" in options:
             raise ValueError("token_weight is per call: pass it to forward(), not to MemFTLoss()")
-        defaults = dict(
-            policy="hard", threshold=0.5, sharpness=10.0, reduction="mean", normalize="active",
-            fallback="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, backend="auto", ignore_index=-100,
-        )
-        unknown = set(options) - set(defaults) - {"denominator", "return_stats", "validate", "inplace_backward"}
-        if unknown:
-            raise TypeError(f"MemFTLoss got unknown option(s) {sorted(unknown)}")
-        validate_options(**{k: options.get(k, v) for k, v in defaults.items()})
-        validate_denominator(options.get("denominator"))
+        self.loss_options = LossOptions.from_kwargs("MemFTLoss", **options)
+        self.loss_options.checked()
         self.options = options
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor] = None):
-        return memft_loss(logits, target, token_weight=token_weight, **self.options)
+        return memft_loss_with(logits, target, token_weight, self.loss_options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

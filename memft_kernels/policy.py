@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .spec import KernelOptions
+from .spec import READS_VALUES, KernelOptions, accumulate_dtype
 
 
 def policy_weight(ce: torch.Tensor, valid: torch.Tensor, token_weight: Optional[torch.Tensor], opts: KernelOptions) -> torch.Tensor:
@@ -49,7 +49,7 @@ def reduce_rows(
     denominator=None,
 ) -> Reduced:
     """SPEC.md's reduction table, without host synchronization (every branch is a tensor op)."""
-    acc = torch.float64 if row_loss.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(row_loss.dtype)
     row_loss = row_loss.to(acc)
     weight = weight.to(acc)
     no = torch.zeros((), dtype=torch.bool, device=row_loss.device)
@@ -77,3 +77,53 @@ def reduce_rows(
     loss = torch.where(positive, (w_eff * row_loss).sum() / safe_d, torch.zeros_like(d))
     row_scale = torch.where(positive, w_eff / safe_d, torch.zeros_like(w_eff))
     return Reduced(loss, row_scale, fell_back)
+
+
+def unit_scale(valid: torch.Tensor, reduction: str, denominator, dtype: torch.dtype) -> torch.Tensor:
+    """The factor s of coef_i = s * w_i (grad_out = 1) when it is known before the forward: 1/D for
+    a given denominator or for normalize="valid", 1 for "sum"; 0 where D is not positive."""
+    if denominator is not None:
+        d = torch.as_tensor(denominator, dtype=dtype, device=valid.device)
+    elif reduction == "mean":
+        d = valid.sum().to(dtype)
+    else:
+        d = torch.ones((), dtype=dtype, device=valid.device)
+    positive = d > 0
+    return torch.where(positive, 1.0 / torch.where(positive, d, torch.ones_like(d)), torch.zeros_like(d))
+
+
+def weight_fn_factor(weight_fn, target: torch.Tensor, stats, *, check_values: bool) -> torch.Tensor:
+    """Call ``weight_fn(target, stats)`` once and return its result as an [N] factor of the policy
+    weight (``target`` as the caller passed it, ``stats`` a MemFTStats of this forward whose per-token
+    tensors have target's shape). Refuses a result that is not a floating tensor on target's
+    device broadcastable to target's shape; with ``check_values`` (validate=True; it synchronizes)
+    also a NaN, infinite or negative entry."""
+    out = weight_fn(target, stats)
+    where = f"weight_fn {getattr(weight_fn, '__qualname__', type(weight_fn).__name__)}"
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{where} must return a tensor broadcastable to target's shape {tuple(target.shape)}, "
+                        f"got {type(out).__name__}")
+    if not out.is_floating_point():
+        raise TypeError(f"{where} must return a floating-point tensor, got {out.dtype}")
+    if out.device != target.device:
+        raise ValueError(f"{where} returned a tensor on {out.device}; target is on {target.device}")
+    try:
+        shape = torch.broadcast_shapes(out.shape, target.shape)
+    except RuntimeError:
+        shape = None
+    if shape is None or tuple(shape) != tuple(target.shape):
+        raise ValueError(f"{where} returned shape {tuple(out.shape)}, which does not broadcast to target's shape "
+                         f"{tuple(target.shape)}")
+    if check_values:
+        _check_weight_values(out, where)
+    return out.expand(target.shape).reshape(-1)
+
+
+@torch.compiler.disable(reason=READS_VALUES)
+def _check_weight_values(out: torch.Tensor, where: str) -> None:
+    if out.numel() > 0:
+        bad = ~torch.isfinite(out) | (out < 0)
+        if bool(bad.any()):
+            value = out[bad].flatten()[0].item()
+            raise ValueError(f"{where} returned {value!r}; weights must be finite and >= 0 "
+                             f"(validate=False skips this check, which synchronizes)")

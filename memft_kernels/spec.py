@@ -6,8 +6,8 @@ Validation raises where the bad value enters, naming the argument, the value and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import NamedTuple, Optional
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -18,6 +18,14 @@ FALLBACKS = ("mean", "zero")
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
+# The policy as the integer every compiled kernel takes (Triton constexpr, csrc RowOptions.policy).
+POLICY_CODES = {"none": 0, "hard": 1, "sigmoid": 2}
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-row statistics and reductions: float64 for float64 inputs (the tests' ground
+    truth), float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -34,11 +42,40 @@ class KernelOptions:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: Optional[float] = None
+    # The whole vocabulary V of the label-smoothing term eps / V; None: the logits' own width. The
+    # vocab-parallel loss passes the global V, so one kernel serves a vocabulary slice.
+    vocab_size: Optional[int] = None
 
     @property
     def ce_threshold(self) -> float:
         """ln(1/threshold): ce above this means p below threshold."""
         return -math.log(self.threshold)
+
+    def inv_vocab(self, n_cols: int) -> float:
+        """1 / V for the eps / V term, V the global vocabulary (``vocab_size``) or ``n_cols``."""
+        return 1.0 / (self.vocab_size if self.vocab_size is not None else max(1, n_cols))
+
+    def scalars(self, n_cols: int) -> "KernelScalars":
+        """These options as the plain scalars every compiled kernel takes (softcap 0.0: none)."""
+        return KernelScalars(
+            POLICY_CODES[self.policy], float(self.threshold), float(self.ce_threshold), float(self.sharpness),
+            int(self.ignore_index), float(self.label_smoothing), float(self.inv_vocab(n_cols)), float(self.z_loss),
+            float(self.softcap or 0.0),
+        )
+
+
+class KernelScalars(NamedTuple):
+    """KernelOptions as the arguments of the custom ops and kernels (Triton and native alike)."""
+
+    policy: int
+    threshold: float
+    ce_threshold: float
+    sharpness: float
+    ignore_index: int
+    label_smoothing: float
+    inv_vocab: float
+    z_loss: float
+    softcap: float  # 0.0: no soft cap
 
 
 class RowStats(NamedTuple):
@@ -115,7 +152,16 @@ def _choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
 
 
+def _finite(x) -> bool:
+    """math.isfinite written with comparisons, which torch.compile(dynamic=True) traces on a
+    symbolic float (math.isfinite it cannot)."""
+    return x == x and -math.inf < x < math.inf
+
+
 def _number(value, name: str) -> float:
+    # bool is an int and "0.5" converts with float(): both are mistakes, not numbers.
+    if isinstance(value, (bool, str, bytes)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
@@ -126,53 +172,169 @@ def _number(value, name: str) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
-def validate_options(
-    *,
-    policy: str,
-    threshold: float,
-    sharpness: float,
-    reduction: str,
-    normalize: str,
-    fallback: str,
-    label_smoothing: float,
-    z_loss: float,
-    softcap,
-    backend: str,
-    ignore_index: int,
-) -> KernelOptions:
+def _kernel_options(o: "LossOptions") -> KernelOptions:
     """Check the scalar options of SPEC.md and return the per-row part as KernelOptions."""
-    _choice("policy", policy, POLICIES)
-    _choice("reduction", reduction, REDUCTIONS)
-    _choice("normalize", normalize, NORMALIZES)
-    _choice("fallback", fallback, FALLBACKS)
-    _choice("backend", backend, BACKENDS)
-    threshold = _number(threshold, "threshold")
+    _choice("policy", o.policy, POLICIES)
+    _choice("reduction", o.reduction, REDUCTIONS)
+    _choice("normalize", o.normalize, NORMALIZES)
+    _choice("fallback", o.fallback, FALLBACKS)
+    _choice("backend", o.backend, BACKENDS)
+    threshold = _number(o.threshold, "threshold")
     if not (0.0 < threshold <= 1.0):
         raise ValueError(f"threshold={threshold!r} must be in (0, 1]")
-    sharpness = _number(sharpness, "sharpness")
-    if not (sharpness > 0.0 and math.isfinite(sharpness)):
+    sharpness = _number(o.sharpness, "sharpness")
+    if not (sharpness > 0.0 and _finite(sharpness)):
         raise ValueError(f"sharpness={sharpness!r} must be a finite number > 0")
-    label_smoothing = _number(label_smoothing, "label_smoothing")
+    label_smoothing = _number(o.label_smoothing, "label_smoothing")
     if not (0.0 <= label_smoothing < 1.0):
         raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
-    z_loss = _number(z_loss, "z_loss")
-    if not (z_loss >= 0.0 and math.isfinite(z_loss)):
+    z_loss = _number(o.z_loss, "z_loss")
+    if not (z_loss >= 0.0 and _finite(z_loss)):
         raise ValueError(f"z_loss={z_loss!r} must be a finite number >= 0")
+    softcap = o.softcap
     if softcap is not None:
         softcap = _number(softcap, "softcap")
-        if not (softcap > 0.0 and math.isfinite(softcap)):
+        if not (softcap > 0.0 and _finite(softcap)):
             raise ValueError(f"softcap={softcap!r} must be a finite number > 0 (or None for no cap)")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index={ignore_index!r} must be an int")
+    if isinstance(o.ignore_index, bool) or not isinstance(o.ignore_index, int):
+        raise ValueError(f"ignore_index={o.ignore_index!r} must be an int")
+    if o.weight_fn is not None and not callable(o.weight_fn):
+        raise TypeError(f"weight_fn must be callable (fn(target, stats) -> tensor) or None, got {type(o.weight_fn).__name__}")
     return KernelOptions(
-        policy=policy,
+        policy=o.policy,
         threshold=threshold,
         sharpness=sharpness,
-        ignore_index=ignore_index,
+        ignore_index=o.ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
     )
+
+
+# ------------------------------------------------------------------------ the options, once
+# One line of documentation per option; the entry points' docstrings get it appended.
+OPTION_DOCS = {
+    "policy": '"hard" (w = [p < threshold], MemFT-OT), "sigmoid" (w = sigmoid(sharpness (ce - ln 1/threshold))) '
+              'or "none" (w = 1: cross-entropy)',
+    "threshold": "probability threshold tau in (0, 1] of the hard and sigmoid policies",
+    "sharpness": "steepness k > 0 of the sigmoid gate",
+    "reduction": '"mean", "sum" or "none" (per-token w_i l_i in target\'s shape)',
+    "normalize": 'denominator of "mean": "active" (sum of weights) or "valid" (non-ignored tokens)',
+    "denominator": "a fixed denominator for \"mean\" (number or 0-d tensor > 0), e.g. the tokens of a whole "
+                   "accumulated batch; overrides normalize",
+    "fallback": 'when every weight is 0 under "active": "mean" (plain mean CE over valid tokens) or "zero"',
+    "ignore_index": "target value that marks a token as ignored (weight 0, no gradient)",
+    "label_smoothing": "eps in [0, 1): l = (1 - eps) ce + eps (lse - mean logit); the gate still uses ce",
+    "z_loss": "coefficient >= 0 of the z-loss z * lse^2 added to each token's loss",
+    "softcap": "cap c > 0: logits become c tanh(x / c) before everything else; None for no cap",
+    "return_stats": "also return MemFTStats (per-token ce, prob, pred, lse, weight and summaries)",
+    "validate": "check target range and token_weight values (reads tensor contents, so it synchronizes); "
+                "False under torch.compile(fullgraph=True) and CUDA graphs",
+    "inplace_backward": "write the gradient into the logits' storage (they are consumed; saves an N x V buffer)",
+    "backend": '"auto", "torch" (reference), "triton", "cuda" or "cpu"',
+    "weight_fn": "fn(target, stats) -> a float tensor broadcastable to target that multiplies the policy weight; "
+                 "called once per forward with this forward's MemFTStats (docs/SPEC.md, weight_fn)",
+}
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Every option of the MemFT loss with its default: the one source that ``memft_loss``,
+    ``memft_linear_loss``, ``vocab_parallel_memft_loss``, ``MemFTLoss`` and the integrations take
+    their defaults and validation from (each keeps explicit keywords; ``takes_loss_options``
+    checks at import that their defaults are these). Documentation: ``OPTION_DOCS``."""
+
+    policy: str = "hard"
+    threshold: float = 0.5
+    sharpness: float = 10.0
+    reduction: str = "mean"
+    normalize: str = "active"
+    denominator: Any = None
+    fallback: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    return_stats: bool = False
+    validate: bool = True
+    inplace_backward: bool = False
+    backend: str = "auto"
+    weight_fn: Optional[Callable] = None
+
+    @classmethod
+    def names(cls) -> tuple:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, where: str, **kwargs) -> "LossOptions":
+        """LossOptions from keywords; TypeError naming ``where`` for a keyword that is no option."""
+        unknown = sorted(set(kwargs) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"{where} got unknown option(s) {unknown}; options: {', '.join(cls.names())}")
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> "LossOptions":
+        return replace(self, **changes)
+
+    def kernel_options(self) -> KernelOptions:
+        """Validate every option (ValueError naming the option, the value and what is allowed) and
+        return the per-row part."""
+        return _kernel_options(self)
+
+    def checked(self) -> "CheckedOptions":
+        """Every option validated: the per-row KernelOptions and the checked denominator."""
+        return CheckedOptions(self, self.kernel_options(), validate_denominator(self.denominator))
+
+
+class CheckedOptions(NamedTuple):
+    options: LossOptions
+    kernel: KernelOptions
+    denominator: Any  # None, a float, or a 0-d tensor
+
+
+def takes_loss_options(*, exclude=()):
+    """Decorator for a public entry point with explicit keyword options: checks at import that every
+    parameter named like a LossOptions field defaults to that field's default (so the defaults
+    cannot drift apart) and appends those options' documentation to the docstring."""
+    import inspect
+
+    defaults = LossOptions()
+
+    def wrap(fn):
+        shared = []
+        for name, param in inspect.signature(fn).parameters.items():
+            if name in OPTION_DOCS and name not in exclude:
+                if param.default != getattr(defaults, name):
+                    raise AssertionError(f"{fn.__qualname__}: default {name}={param.default!r} differs from "
+                                         f"LossOptions.{name}={getattr(defaults, name)!r}")
+                shared.append(name)
+        lines = [f"    {name}: {OPTION_DOCS[name]} (default {getattr(defaults, name)!r})" for name in shared]
+        fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n\n    Options (spec.LossOptions):\n" + "\n".join(lines) + "\n"
+        return fn
+
+    return wrap
+
+
+def validate_options(
+    *,
+    policy: str = "hard",
+    threshold: float = 0.5,
+    sharpness: float = 10.0,
+    reduction: str = "mean",
+    normalize: str = "active",
+    fallback: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap=None,
+    backend: str = "auto",
+    ignore_index: int = -100,
+) -> KernelOptions:
+    """Keyword form of ``LossOptions(...).kernel_options()`` (kept for callers that check a subset)."""
+    return LossOptions(
+        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
+        fallback=fallback, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend,
+        ignore_index=ignore_index,
+    ).kernel_options()
 
 
 def validate_denominator(denominator):
@@ -183,11 +345,13 @@ def validate_denominator(denominator):
     if isinstance(denominator, torch.Tensor):
         if denominator.numel() != 1:
             raise ValueError(f"denominator must be a number or a 0-d tensor, got shape {tuple(denominator.shape)}")
-        if denominator.device.type == "cpu" and not (float(denominator) > 0):
+        if denominator.dtype == torch.bool:
+            raise ValueError(f"denominator must be a number or a numeric 0-d tensor, got {denominator!r}")
+        if denominator.device.type == "cpu" and not torch.compiler.is_compiling() and not (float(denominator) > 0):
             raise ValueError(f"denominator={float(denominator)!r} must be > 0")
         return denominator
     d = _number(denominator, "denominator")
-    if not (d > 0 and math.isfinite(d)):
+    if not (d > 0 and _finite(d)):
         raise ValueError(f"denominator={denominator!r} must be a finite number > 0")
     return d
 
@@ -224,13 +388,27 @@ def validate_tensors(logits: torch.Tensor, target: torch.Tensor, token_weight, *
             )
         if not token_weight.is_floating_point():
             raise ValueError(f"token_weight must be floating point, got {token_weight.dtype}")
-        if check_values and token_weight.numel() > 0:
-            bad = ~torch.isfinite(token_weight) | (token_weight < 0)
-            if bool(bad.any()):
-                value = token_weight[bad].flatten()[0].item()
-                raise ValueError(f"token_weight must be finite and >= 0; found {value!r}")
+        if check_values:
+            _check_token_weight_values(token_weight)
 
 
+# The checks that read tensor values on the host. torch.compile runs them eagerly (a graph break);
+# under fullgraph=True that is an error, and this reason is its message.
+READS_VALUES = ("validate=True checks tensor values on the host (a synchronization), which "
+                 "torch.compile(fullgraph=True) cannot trace: pass validate=False to memft_loss (or the "
+                 "other MemFT entry points) inside a fullgraph-compiled function")
+
+
+@torch.compiler.disable(reason=READS_VALUES)
+def _check_token_weight_values(token_weight: torch.Tensor) -> None:
+    if token_weight.numel() > 0:
+        bad = ~torch.isfinite(token_weight) | (token_weight < 0)
+        if bool(bad.any()):
+            value = token_weight[bad].flatten()[0].item()
+            raise ValueError(f"token_weight must be finite and >= 0; found {value!r}")
+
+
+@torch.compiler.disable(reason=READS_VALUES)
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise ValueError naming the first target outside [0, V) that is not ignore_index (synchronizes)."""
     if target.numel() == 0:
@@ -242,3 +420,41 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
             f"target contains {value}, outside [0, V) with V={num_classes} "
             f"(and not ignore_index={ignore_index})"
         )
+
+
+# ------------------------------------------------------------------ one call-preparation step
+class PreparedCall(NamedTuple):
+    """What every entry point computes from its arguments before choosing a backend."""
+
+    kernel: KernelOptions
+    options: LossOptions
+    denominator: Any  # None, a float, or a 0-d tensor on the logits' device
+    lead_shape: torch.Size  # target's shape: per-token outputs are reshaped to it
+    logits: Optional[torch.Tensor]  # [N, V] with unit column stride (None with flatten_logits=False)
+    target: torch.Tensor  # [N]
+    token_weight: Optional[torch.Tensor]  # [N], accumulate_dtype(logits.dtype)
+
+
+def prepare_call(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
+                 options: LossOptions, *, check_range: bool = True, flatten_logits: bool = True) -> PreparedCall:
+    """Validate the options and tensors (SPEC.md's bad-input table), check the target range when
+    ``options.validate`` and ``check_range`` (the vocab-parallel loss checks it against the global V
+    later), move a tensor denominator to the logits' device, and flatten to rows.
+
+    ``logits`` may be a shape-only stand-in (the fused linear loss passes a 0-stride view) with
+    ``flatten_logits=False``."""
+    checked = options.checked()
+    validate_tensors(logits, target, token_weight, check_values=options.validate)
+    num_classes = logits.shape[-1]
+    if options.validate and check_range:
+        check_target_range(target, num_classes, checked.kernel.ignore_index)
+    denominator = checked.denominator
+    if isinstance(denominator, torch.Tensor) and denominator.device != logits.device:
+        denominator = denominator.to(logits.device)
+    logits2d = None
+    if flatten_logits:
+        logits2d = logits.reshape(-1, num_classes)
+        if logits2d.stride(-1) != 1:
+            logits2d = logits2d.contiguous()
+    weight1d = None if token_weight is None else token_weight.reshape(-1).to(accumulate_dtype(logits.dtype))
+    return PreparedCall(checked.kernel, options, denominator, target.shape, logits2d, target.reshape(-1), weight1d)

@@ -12,8 +12,9 @@ PARAMS_PER_RANK = 384
 
 def _mark(run_root, name, cell):
     os.makedirs(run_root, exist_ok=True)
+    mark = {**cell, "device": os.environ.get("CUDA_VISIBLE_DEVICES"), "device_at_exec": _exec_env("CUDA_VISIBLE_DEVICES")}
     with open(os.path.join(run_root, f"{name}-{os.getpid()}.txt"), "a") as fh:
-        fh.write(json.dumps(cell, sort_keys=True) + "\n")
+        fh.write(json.dumps(mark, sort_keys=True) + "\n")
 
 
 def calls(run_root, name="calls"):
@@ -34,7 +35,20 @@ def fake_cell(cell, base, run_root):
             "task": cell["task"], "loss": cell["loss"], "seed": cell["seed"], "base_loss": 8.0,
             "final_loss": 8.0 - dl, "dL": dl, "token_accuracy": 0.2, "recalled_frac": 0.0,
             "exact_recall": 0.0, "steps_to_full_recall": None, "steps": base.get("steps"),
-            "device": os.environ.get("CUDA_VISIBLE_DEVICES")}
+            "device": os.environ.get("CUDA_VISIBLE_DEVICES"), "device_at_exec": _exec_env("CUDA_VISIBLE_DEVICES")}
+
+
+def _exec_env(name):
+    """The variable as this process's environment held it when the program started (Linux)."""
+    try:
+        with open("/proc/self/environ", "rb") as fh:
+            for item in fh.read().split(b"\0"):
+                key, _, value = item.partition(b"=")
+                if key.decode() == name:
+                    return value.decode()
+    except OSError:
+        pass
+    return None
 
 
 def sleepy_cell(cell, base, run_root):
@@ -70,4 +84,12 @@ def bad_input_cell(cell, base, run_root):
         from memft_kernels.train import TrainInputError
 
         raise TrainInputError("length is longer than the model's context (simulated)")
+    return fake_cell(cell, base, run_root)
+
+
+def slow_big_cell(cell, base, run_root):
+    """Sleeps base["sleep"] seconds for ranks >= 4 (after writing started-<pid>.txt); quick otherwise."""
+    if cell["rank"] >= 4:
+        _mark(run_root, "started", cell)
+        time.sleep(base.get("sleep", 60))
     return fake_cell(cell, base, run_root)

@@ -145,7 +145,7 @@ OPTION_SETS = (
 )
 # Each (dtype, V) runs two of the option sets, in turn, so each set meets every dtype and most V
 # (the script with --all-options runs all four everywhere).
-EXPECTED_CASES = len(DTYPES) * len(VOCAB) * 2 + 2  # + one V = 16411 case (1024 threads) + one row past element 2^31
+EXPECTED_CASES = len(DTYPES) * len(VOCAB) * 2 + 4  # + V = 16411 (1024 threads), a row past element 2^31, a slice, scale_rows
 
 
 def option_sets_for(dtype_index: int, v_index: int):
@@ -159,7 +159,7 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
 
     import torch
 
-    from memft_kernels.ops import native_args as helpers  # the argument helpers native_cuda.py uses
+    from memft_kernels.ops import native as helpers  # the argument helpers native_cuda.py uses
     from memft_kernels.ops import reference
     from memft_kernels.spec import KernelOptions, RowStats
 
@@ -241,7 +241,7 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
     def call_forward(logits, target, tw, args):
         nonlocal launches
         stats = poisoned_stats(logits)
-        C.row_forward(helpers.make_input(C, logits, target, tw), helpers.make_options(C, *args),
+        C.row_forward(helpers.make_input(C, logits, target, tw), helpers.make_options(C, args),
                       helpers.stats_args(C, stats), stream=0)
         launches += 1
         return RowStats(*stats)
@@ -249,7 +249,7 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
     def call_backward(logits, target, lse, coef, grad, args):
         nonlocal launches
         helpers.check_grad(grad, logits)
-        C.row_backward(helpers.make_input(C, logits, target, None), helpers.make_options(C, *args),
+        C.row_backward(helpers.make_input(C, logits, target, None), helpers.make_options(C, args),
                        lse=lse.data_ptr(), coef=coef.data_ptr(), grad=grad.data_ptr(),
                        grad_row_stride=grad.stride(0), stream=0)
         launches += 1
@@ -258,7 +258,7 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
         nonlocal launches
         helpers.check_grad(grad, logits)
         stats = poisoned_stats(logits)
-        C.row_forward_backward(helpers.make_input(C, logits, target, tw), helpers.make_options(C, *args),
+        C.row_forward_backward(helpers.make_input(C, logits, target, tw), helpers.make_options(C, args),
                                helpers.stats_args(C, stats), scale=scale.data_ptr(), grad=grad.data_ptr(),
                                grad_row_stride=grad.stride(0), stream=0)
         launches += 1
@@ -270,7 +270,7 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
         stats = list(poisoned_stats(logits))
         stats[5] = torch.empty(7)
         C.row_forward(helpers.make_input(C, logits, target, None),
-                      helpers.make_options(C, *helpers.option_args(KernelOptions())),
+                      helpers.make_options(C, KernelOptions().scalars(33)),
                       helpers.stats_args(C, stats), stream=0)
         print("planted overflow went unnoticed")
         return
@@ -285,7 +285,7 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
                     continue
                 what = f"{dtype_name} V={v} {opt_set}"
                 opts = KernelOptions(**opt_set)
-                args = helpers.option_args(opts)
+                args = opts.scalars(v)
                 x64, t = make_case(dtype, v, k)
                 n = x64.shape[0]
                 odd = (k + v) % 2 == 1
@@ -348,7 +348,7 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
     if not only:  # one row length that takes 1024 threads (32 warps: the second warp stage is full)
         v, k = 16411, 3
         opts = KernelOptions(**OPTION_SETS[k])
-        args = helpers.option_args(opts)
+        args = opts.scalars(v)
         x64, t = make_case(torch.float32, v, k)
         logits, target = x64[:9].float().contiguous(), t[:9].clone()
         got = call_forward(logits, target, None, args)
@@ -363,7 +363,7 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
     if not only:  # a row that starts past element 2^31: row * row_stride must be formed in 64 bits
         v, stride = 64, 2**31 + 64
         opts = KernelOptions(policy="none")
-        args = helpers.option_args(opts)
+        args = opts.scalars(v)
         storage = torch.empty(stride + v, dtype=torch.bfloat16)  # 4 GiB, virtual: two rows touched
         logits = storage.as_strided((2, v), (stride, 1))
         x64, t = make_case(torch.bfloat16, v, 0)
@@ -380,6 +380,35 @@ def _driver(so_path: str, plant_overflow: bool, only=None) -> None:
         torch_lp = reference.row_backward(logits.contiguous(), target, want.lse.float(), coef, opts)
         check_grad(grad, ref, torch_lp, coef, torch.bfloat16, "bfloat16 row past element 2^31 backward")
         del storage, logits
+        cases += 1
+
+    if not only:  # a vocabulary slice: eps / V with the global V (100), not the slice's 33 columns
+        v = 33
+        opts = KernelOptions(policy="none", label_smoothing=0.2, vocab_size=100)
+        x64, t = make_case(torch.float32, v, 1)
+        logits, target = x64.float().contiguous(), t.clone()
+        want = reference.row_forward(logits.double(), target, None, opts)
+        coef = torch.rand(logits.shape[0], generator=torch.Generator().manual_seed(7))
+        grad = torch.full_like(logits, math.nan)
+        call_backward(logits, target, want.lse.float(), coef, grad, opts.scalars(v))
+        ref = reference.row_backward(logits.double(), target, want.lse, coef.double(), opts)
+        check_grad(grad, ref, None, coef, torch.float32, "float32 slice of V=100 backward")
+        cases += 1
+
+    if not only:  # scale_rows: grad *= factor read on the device; 1 writes nothing; padding untouched
+        for dtype in dtypes.values():
+            for factor in (1.0, 0.37, -2.5):
+                g0, base = strided(5, 40, dtype, offset=1, pad=3, fill=7.0)
+                g0.copy_(torch.randn(5, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype))
+                want_rows = (g0.float() * factor).to(dtype)
+                f = torch.tensor(factor, dtype=torch.float32)
+                C.scale_rows(grad=g0.data_ptr(), dtype=helpers.DTYPE_CODES[dtype], n_rows=5, n_cols=40,
+                             row_stride=g0.stride(0), factor=f.data_ptr(), stream=0)
+                launches += 1
+                assert torch.equal(g0, want_rows), (dtype, factor)
+                pad = torch.ones_like(base, dtype=torch.bool)
+                pad.as_strided((5, 40), (43, 1), 1).fill_(False)
+                assert (base[pad] == 7.0).all(), (dtype, factor, "scale_rows wrote outside the rows")
         cases += 1
 
     for (dt, what), err in sorted(worst.items()):

@@ -33,7 +33,7 @@ from memft_kernels import dispatch, memft_loss
 from memft_kernels.distributed import (
     check_layout,
     combine_slices,
-    slice_row_backward,
+    slice_options,
     slice_row_stats,
     slice_target,
     vocab_parallel_memft_loss,
@@ -145,14 +145,11 @@ def simulate(x, y, widths, opts: KernelOptions, token_weight=None, coef=None, mo
     stats = combine_slices(parts, y, token_weight, opts, v, dt)
     if coef is None:
         return stats, None
-    local_opts = dataclasses.replace(opts, ignore_index=-1)
+    local_opts = slice_options(opts, v)
     grads = []
     for s, w in zip(starts, widths):
         local_y = slice_target(y, s, w, v, opts.ignore_index)
-        if opts.label_smoothing == 0.0:
-            grads.append(module.row_backward(x[:, s:s + w], local_y, stats.lse, coef, local_opts))
-        else:
-            grads.append(slice_row_backward(x[:, s:s + w], local_y, stats.lse, coef, local_opts, v))
+        grads.append(module.row_backward(x[:, s:s + w].contiguous(), local_y, stats.lse, coef, local_opts))
     return stats, torch.cat(grads, dim=1)
 
 
@@ -308,6 +305,11 @@ WORLD = 4
 WIDTHS = {"pair": [7, 12], "trio": [5, 11, 4], "world": [3, 6, 1, 5], "mesh": [9, 3]}
 
 
+def _gate(target, stats):
+    """A weight_fn of the global statistics: wrong greedy predictions count 4x."""
+    return torch.where(stats.pred == target, 0.5, 2.0) * (1.5 - stats.prob)
+
+
 def _cases(layout):
     """Cases compared against single-process memft_loss, for one layout."""
     w = WIDTHS[layout]
@@ -339,6 +341,8 @@ def _cases(layout):
         dict(name="inplace_backward", seed=18, options=dict(policy="sigmoid", inplace_backward=True)),
         dict(name="explicit_vocab_start", seed=19, explicit_start=True, options=dict(policy="hard")),
         dict(name="strided_view", seed=28, view=True, options=dict(policy="sigmoid", z_loss=1e-2)),
+        dict(name="weight_fn", seed=30, ignore=True, token_weight=True,
+             options=dict(policy="sigmoid", normalize="valid", weight_fn=_gate)),
     ]
     if layout == "world":
         cases = [c for c in cases if c["name"] in ("none", "ties", "valid_smooth_z_cap", "explicit_vocab_start")]

@@ -13,6 +13,8 @@ peft = pytest.importorskip("peft")
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
 from memft_kernels import memft_loss  # noqa: E402
+
+from helpers import rel  # noqa: E402
 from memft_kernels.integrations.transformers import (  # noqa: E402
     apply_memft_to_model,
     memft_causal_lm_loss,
@@ -23,10 +25,6 @@ from memft_kernels.integrations.transformers import (  # noqa: E402
 V = 97
 # Weights vary between 0 and 1 at random init (p is near 1/V there), so MemFT differs from CE.
 OPTIONS = dict(policy="sigmoid", threshold=1.0 / V, sharpness=10.0)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def tiny(family: str):

@@ -131,3 +131,13 @@ def test_bad_value_is_one_line_exit_2(files, capsys, argv, message):
     assert len(err) == 1 and "Traceback" not in err[0] and message in err[0], err
     assert err[0].startswith("memft ")
     assert not list(__import__("pathlib").Path(files["dir"]).glob("s_runs/*/*")), "a cell ran"
+
+
+def test_engine_ray_without_ray_says_how_to_install_it(files, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    argv = [a.format(**files) for a in SWEEP] + ["--engine", "ray"]
+    assert memft_main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and 'pip install "memft_kernels[cluster]"' in err[0], err

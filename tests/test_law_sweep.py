@@ -205,7 +205,12 @@ def test_a_killed_worker_loses_nothing_and_workers_are_pinned_to_gpus(tmp_path):
     assert summary == {"ran": 3, "skipped": 0, "failed": []}
     records = lines_of(out)
     assert sorted(r["rank"] for r in records) == [1, 2, 4]
+    marks = [json.loads(c) for c in calls(root)]  # every attempt, the killed one too
+    assert {m["device"] for m in marks} == {"3", "5"}  # the first cell of each worker: its own device
     assert {r["device"] for r in records} <= {"3", "5"}
+    if sys.platform.startswith("linux"):  # set before the worker's python started, not only later
+        assert all(m["device_at_exec"] == m["device"] for m in marks + records)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ or os.environ["CUDA_VISIBLE_DEVICES"] not in ("3", "5")
     assert sorted(json.loads(c)["rank"] for c in calls(root)) == [1, 2, 2, 4]
 
 

@@ -8,12 +8,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memft_kernels import memft_loss
 from memft_kernels.linear_loss import DEFAULT_MEMORY_BUDGET_BYTES, chunk_rows_for, memft_linear_loss
 
+from helpers import rel
+
 N, D, V = 37, 16, 53
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make(dtype=torch.float32, bias=True, weight_grad=True, lead=(N,), seed=0):

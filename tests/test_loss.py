@@ -18,6 +18,10 @@ from hypothesis import strategies as st
 from memft_kernels import MemFTLoss, MemFTStats, available_backends, memft_loss
 from memft_kernels.ops import reference
 
+from helpers import make as _make
+from helpers import rel
+from helpers import run as _run
+
 LN2 = math.log(2.0)
 
 
@@ -78,30 +82,13 @@ def expected(logits, target, *, policy="hard", threshold=0.5, sharpness=10.0, to
     return loss.detach(), grad.reshape(logits.shape), rows
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    nb = b.norm()
-    return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
-
-
 def run(logits, target, grad_out=None, **opts):
     """memft_loss forward + backward; returns (loss, grad)."""
-    x = logits.detach().clone().requires_grad_(True)
-    loss = memft_loss(x, target, **opts)
-    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
-    loss.backward(go)
-    return loss.detach(), x.grad
+    return _run(logits, target, opts.pop("backend", "auto"), grad_out, **opts)
 
 
 def make(n=48, v=29, dtype=torch.float32, ignore_frac=0.2, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale)
-    target = torch.randint(0, v, (n,), generator=g)
-    # make about a third of the rows confident (p > 0.5) so that the hard policy really masks
-    conf = torch.rand(n, generator=g) < 0.35
-    logits[conf, target[conf]] += 8.0
-    target[torch.rand(n, generator=g) < ignore_frac] = -100
-    return logits.to(dtype), target
+    return _make(n=n, v=v, dtype=dtype, ignore_frac=ignore_frac, scale=scale, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------

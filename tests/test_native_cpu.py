@@ -16,8 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from memft_kernels import memft_loss
-from memft_kernels.ops import native_args, native_cpu, reference
+from memft_kernels.ops import native, native_cpu, reference
 from memft_kernels.spec import KernelOptions
+
+from helpers import make, poison_stats, rel
+from helpers import run as _run
 
 pytestmark = pytest.mark.skipif(native_cpu.availability() is not None, reason=str(native_cpu.availability()))
 
@@ -40,40 +43,12 @@ def isa(request, monkeypatch):
             pytest.skip("the best path here is already AVX2 (or there is no AVX2)")
         monkeypatch.setenv("MEMFT_CPU_ISA", request.param)
         assert native_cpu.isa() == {"avx2": "avx2+fma", "scalar": "scalar"}[request.param]
-    real = native_cpu.new_row_stats
-
-    def poisoned(logits):
-        stats = real(logits)
-        for t in stats:
-            t.fill_(-1 if t.dtype == torch.int64 else math.nan)
-        return stats
-
-    monkeypatch.setattr(native_cpu, "new_row_stats", poisoned)
+    poison_stats(monkeypatch, native, "new_row_stats")
     return request.param
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    nb = b.norm()
-    return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
-
-
-def make(n=24, v=37, dtype=torch.float32, ignore_frac=0.2, seed=0):
-    """Fresh random logits; a third of the rows made confident (p > 0.5) so the hard policy masks."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
-    target = torch.randint(0, v, (n,), generator=g)
-    conf = torch.rand(n, generator=g) < 0.35
-    logits[conf, target[conf]] += 8.0
-    target[torch.rand(n, generator=g) < ignore_frac] = -100
-    return logits.to(dtype), target
-
-
 def run(logits, target, backend, grad_out=None, **opts):
-    x = logits.detach().clone().requires_grad_(True)
-    loss = memft_loss(x, target, backend=backend, **opts)
-    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss))
-    return loss.detach(), x.grad
+    return _run(logits, target, backend, grad_out, **opts)
 
 
 def check_loss(logits, target, grad_out=None, loss_tol=1e-5, atol=0.0, **opts):
@@ -385,16 +360,6 @@ def test_hypothesis_vs_float64(isa, n, v, dtype, policy, mode, smoothing, z, sof
     grad_out = torch.rand(n) if reduction == "none" else None
     check_loss(logits, target, grad_out=grad_out, loss_tol=3e-5, atol=1e-6 if v == 1 else 0.0, policy=policy, reduction=reduction,
                normalize=normalize, fallback=fallback, label_smoothing=smoothing, z_loss=z, softcap=softcap)
-
-
-def test_custom_ops_pass_opcheck():
-    logits, target = make(n=5, v=33)
-    tw = torch.rand(5)
-    args = native_args.option_args(KernelOptions(policy="sigmoid", label_smoothing=0.1))
-    grad = torch.empty_like(logits)
-    torch.library.opcheck(native_cpu.cpu_row_forward, (logits, target, tw) + args)
-    torch.library.opcheck(native_cpu.cpu_row_forward_backward, (logits, target, tw, torch.tensor(0.5), grad) + args)
-    torch.library.opcheck(native_cpu.cpu_row_backward, (logits, target, torch.rand(5), torch.rand(5), grad) + args)
 
 
 @pytest.mark.parametrize("dtype,n", [(torch.float32, 260), (torch.bfloat16, 520)])

@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from memft_kernels import memft_loss
-from memft_kernels.ops import native_cpu, native_cuda, reference
+from memft_kernels.ops import native, native_cpu, native_cuda, reference
 from memft_kernels.spec import KernelOptions
+
+from helpers import poison_stats, rel, run
 
 PACKAGE = Path(native_cpu.__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
@@ -84,21 +86,7 @@ OPTION_SETS = [
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    real = native_cuda.new_row_stats
-
-    def poison(logits):
-        stats = real(logits)
-        for t in stats:
-            t.fill_(-1 if t.dtype == torch.int64 else math.nan)
-        return stats
-
-    monkeypatch.setattr(native_cuda, "new_row_stats", poison)
-
-
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    nb = b.norm()
-    return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
+    poison_stats(monkeypatch, native, "new_row_stats")
 
 
 def grad_close(out, ref, coef_scale, dtype):
@@ -117,11 +105,6 @@ def make(n, v, dtype=torch.float32, ignore_frac=0.2, seed=0):
     return logits.to(dtype), target
 
 
-def run(logits, target, backend, grad_out=None, **opts):
-    x = logits.detach().clone().requires_grad_(True)
-    loss = memft_loss(x, target, backend=backend, **opts)
-    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss))
-    return loss.detach(), x.grad
 
 
 def check_loss(logits, target, grad_out=None, loss_tol=1e-5, **opts):

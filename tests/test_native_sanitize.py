@@ -137,7 +137,7 @@ def _plant_overflow(C):
     inp = C.make_input(logits=addr(logits), dtype=0, n_rows=n, n_cols=v, row_stride=v, target=addr(target),
                        target_int64=True, target_stride=1, token_weight=0, token_weight_stride=1)
     opts = C.make_options(policy=1, threshold=0.5, sharpness=10.0, ce_threshold=0.6931472, ignore_index=-100,
-                          label_smoothing=0.0, z_loss=0.0, softcap=0.0)
+                          label_smoothing=0.0, inv_vocab=0.0, z_loss=0.0, softcap=0.0)
     out = C.make_stats(lse=addr(stats[0]), ce=addr(stats[1]), prob=addr(stats[2]), pred=addr(pred),
                        weight=addr(stats[3]), loss=addr(stats[4]))
     C.row_forward(inp, opts, out, threads=1)
@@ -203,14 +203,14 @@ def _driver(so_path):
     import torch
 
     from memft_kernels import memft_loss
-    from memft_kernels.ops import native_cpu, reference
+    from memft_kernels.ops import native, native_cpu, reference
     from memft_kernels.spec import KernelOptions
 
     assert native_cpu._C is C, "memft_kernels did not pick up the sanitized module"
     torch.set_num_threads(2)  # OpenMP over rows; one-row cases take the serial loop
 
     # Per-row outputs and fresh gradient buffers are poisoned, so an element the kernel skips shows.
-    new_row_stats = native_cpu.new_row_stats
+    new_row_stats = native.new_row_stats
 
     def poisoned_stats(logits):
         stats = new_row_stats(logits)
@@ -218,8 +218,9 @@ def _driver(so_path):
             t.fill_(-1 if t.dtype == torch.int64 else math.nan)
         return stats
 
-    native_cpu.new_row_stats = poisoned_stats
-    row_backward, row_forward_backward = native_cpu.row_backward, native_cpu.row_forward_backward
+    native.new_row_stats = poisoned_stats
+    backend = native_cpu.BACKEND
+    row_backward, row_forward_backward = backend.row_backward, backend.row_forward_backward
 
     def poisoned_backward(logits, target, lse, coef, opts, out=None):
         if out is None:
@@ -231,6 +232,9 @@ def _driver(so_path):
             grad.fill_(math.nan)
         return row_forward_backward(logits, target, token_weight, opts, scale, grad)
 
+    # Instance attributes shadow the methods: memft_loss (which calls the backend object) and the
+    # module functions used below both go through the poisoned versions.
+    backend.row_backward, backend.row_forward_backward = poisoned_backward, poisoned_forward_backward
     native_cpu.row_backward, native_cpu.row_forward_backward = poisoned_backward, poisoned_forward_backward
 
     def storage_view(flat, n, v, stride):

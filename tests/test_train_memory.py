@@ -253,3 +253,54 @@ def test_fsdp_is_refused_in_one_line(tmp_path):
     with pytest.raises(TrainInputError, match="--fsdp .* is not built"):
         train(TrainConfig(**BASE, fsdp=True, run_dir=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Longer than the context: windows
+# ---------------------------------------------------------------------------------------------
+def test_long_samples_are_split_into_windows_that_fit_and_cover_the_sequence():
+    from memft_kernels.train.data import Sample, Task
+    from memft_kernels.train.longcontext import split_long_samples
+
+    answer = list(range(10, 110))
+    task = Task("random", [Sample([1], answer), Sample([1], [7, 8, 9])], tokenizer=None)
+    out = split_long_samples(task, 16)
+    windows = out.samples[:-1]
+    assert out.samples[-1].answer == [7, 8, 9]  # short samples are kept as they are
+    assert sum((w.answer for w in windows), []) == answer
+    assert all(len(w.prompt) + len(w.answer) <= 16 for w in out.samples)
+    start = 0
+    for w in windows:  # each prompt: bos and the true tokens just before the window
+        assert w.prompt[0] == 1 and w.prompt[1:] == answer[max(0, start - 7):start]
+        start += len(w.answer)
+    assert split_long_samples(task, 200) is task
+
+
+def test_a_sequence_longer_than_the_context_is_memorized_in_windows(tmp_path):
+    # nano's context is 1024: 1100 tokens -> windows of 512, 512 and 76 answer tokens
+    report = train(TrainConfig(**dict(BASE, samples=1, batch_size=0, length=1100, steps=2, eval_every=0),
+                               run_dir=str(tmp_path / "long")))
+    assert report["samples"] == 3 and report["answer_tokens"] == 1100 and report["exact_recall"] is not None
+
+
+def test_compile_wraps_the_decoder_of_the_training_forward(monkeypatch, tmp_path):
+    """--compile: the training forward goes through torch.compile(decoder) (here a recording stand-in:
+    compiling on the CPU costs a minute), generation and evaluation through the eager model."""
+    from memft_kernels.train import loop
+
+    compiled, calls = [], []
+
+    def fake_compile(module, **kwargs):
+        compiled.append(module)
+
+        def forward(*args, **kw):
+            calls.append(kw["input_ids"].shape)
+            return module(*args, **kw)
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    report = train(TrainConfig(**dict(BASE, steps=2, eval_every=0), compile=True, run_dir=str(tmp_path / "c")))
+    assert len(compiled) == 1 and type(compiled[0]).__name__ == "LlamaModel"
+    assert len(calls) == 2  # one training forward per step (batch 2 of 3 samples, no accumulation)
+    assert report["exact_recall"] is not None

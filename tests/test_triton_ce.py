@@ -21,6 +21,9 @@ from memft_kernels.ops import reference
 from memft_kernels.ops import triton_ce
 from memft_kernels.spec import KernelOptions
 
+from helpers import make as _make
+from helpers import poison_stats, rel, run
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(triton_ce.availability() is not None, reason=str(triton_ce.availability()))
 
@@ -34,43 +37,13 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 @pytest.fixture(autouse=True)
 def _poison_and_small_blocks(monkeypatch, request):
     """Every per-row output starts as NaN (pred as -1), and (CPU tests) rows span several blocks."""
-    real = triton_ce._empty_stats
-
-    def poisoned(n, device):
-        stats = real(n, device)
-        for t in stats:
-            t.fill_(-1 if t.dtype == torch.int64 else math.nan)
-        return stats
-
-    monkeypatch.setattr(triton_ce, "_empty_stats", poisoned)
+    poison_stats(monkeypatch, triton_ce, "_empty_stats")
     with triton_ce.forced_block(None if request.node.get_closest_marker("gpu") else BLOCK):
         yield
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    nb = b.norm()
-    return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
-
-
 def make(n=24, v=V, dtype=torch.float32, ignore_frac=0.2, seed=0):
-    """Fresh random logits; a third of the rows made confident (p > 0.5) so the hard policy masks."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
-    target = torch.randint(0, v, (n,), generator=g)
-    conf = torch.rand(n, generator=g) < 0.35
-    logits[conf, target[conf]] += 8.0
-    target[torch.rand(n, generator=g) < ignore_frac] = -100
-    return logits.to(dtype).to(DEVICE), target.to(DEVICE)
-
-
-def run(logits, target, backend, grad_out=None, **opts):
-    """memft_loss forward + backward on a fresh leaf; returns (loss, grad)."""
-    x = logits.detach().clone().requires_grad_(True)
-    loss = memft_loss(x, target, backend=backend, **opts)
-    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss)
-    loss.backward(go)
-    return loss.detach(), x.grad
+    return _make(n=n, v=v, dtype=dtype, ignore_frac=ignore_frac, seed=seed, device=DEVICE)
 
 
 def check_against_float64(logits, target, grad_out=None, **opts):
@@ -361,21 +334,6 @@ def test_supports_and_availability():
     with pytest.raises(RuntimeError, match="backend='triton'"):
         memft_loss(torch.zeros(2, 3, dtype=torch.float64, device=DEVICE), torch.zeros(2, dtype=torch.long,
                                                                                    device=DEVICE), backend="triton")
-
-
-def test_custom_ops_pass_opcheck():
-    logits, target = make(n=4)
-    tw = torch.rand(4, device=DEVICE)
-    scale = torch.tensor(0.5, device=DEVICE)
-    tail = ("sigmoid", 0.5, 10.0, -100, 0.1, 1e-3, 5.0)
-    torch.library.opcheck(torch.ops.memft.triton_row_forward.default, (logits, target, tw, *tail))
-    torch.library.opcheck(torch.ops.memft.triton_row_forward_backward.default,
-                          (logits, target, tw, scale, torch.empty_like(logits), *tail))
-    lse = torch.rand(4, device=DEVICE) + 3
-    coef = torch.rand(4, device=DEVICE)
-    torch.library.opcheck(torch.ops.memft.triton_row_backward.default,
-                          (logits, target, lse, coef, torch.empty_like(logits), -100, 0.1, 1e-3, 5.0))
-    torch.library.opcheck(torch.ops.memft.triton_scale_grad_.default, (logits.clone(), scale))
 
 
 def _warm_dispatch():

@@ -24,7 +24,11 @@ BUILD_REQUIREMENTS_HERE = all(importlib.util.find_spec(m) for m in ("setuptools"
 )
 
 SCRIPT = """
-import sys, torch, memft_kernels
+import sys
+# An editable install of a source tree in the base interpreter (a development machine) is visible
+# through --system-site-packages and its import hook would shadow the wheel: drop the hook.
+sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+import torch, memft_kernels
 from memft_kernels import memft_loss
 from memft_kernels.ops import native_cpu
 assert memft_kernels.__file__.startswith(sys.prefix), memft_kernels.__file__
@@ -72,6 +76,8 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     assert any(n.startswith("memft_kernels/_native_cpu") and n.endswith(".so") for n in names), names
     assert not any("_native_cuda" in n for n in names), "MEMFT_CUDA=0 must not build the CUDA module"
 
+    # Without PYTHONPATH: a source tree on it (as in a development shell) would shadow the wheel.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -82,10 +88,12 @@ def test_wheel_builds_installs_and_runs(tmp_path):
         purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                  check=True, capture_output=True, text=True).stdout.strip()
         Path(purelib, "_outer_venv.pth").write_text("".join(f"{d}\n" for d in site.getsitepackages()))
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, cwd=tmp_path)
+    # --ignore-installed: an install of memft_kernels in the base interpreter (editable, on a development
+    # machine) must not make pip skip the wheel as "already satisfied".
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+                    str(wheel)], check=True, cwd=tmp_path, env=clean)
     out = subprocess.run([str(python), "-c", SCRIPT], check=True, capture_output=True, text=True, cwd=tmp_path,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         env=dict(clean, OMP_NUM_THREADS="1"))
     assert out.stdout.startswith("ok"), out.stdout + out.stderr
     out = subprocess.run([str(python), "-c", BENCH_SCRIPT], capture_output=True, text=True, cwd=tmp_path,
                          env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"})

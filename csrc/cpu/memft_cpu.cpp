@@ -1,16 +1,15 @@
 // CPU backend of the MemFT row kernels: OpenMP over rows, each row reduced by one thread in a fixed
-// order, so results are bitwise independent of the thread count. The vector code (row_kernel.h) is
-// compiled three times: portable scalar code, AVX2 + FMA and AVX-512F, chosen at run time by what
-// the host has, so a wheel built anywhere runs on every x86-64 machine (no -march=native).
+// order, so results are bitwise independent of the thread count. The row kernels (row_kernel.h) are
+// compiled three times, each in its own translation unit with its own flags: portable scalar code
+// (cpu_scalar.cpp), AVX2 + FMA (cpu_avx2.cpp) and AVX-512F (cpu_avx512.cpp); this file chooses one at
+// run time by what the host has, so a wheel built anywhere runs on every x86-64 machine (no
+// -march=native).
 #include <omp.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <stdexcept>
-#include <type_traits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -18,87 +17,13 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
 #define MEMFT_X86 1
 #endif
 
-#include "../memft_native.h"
-#include "../row_math.h"
+#include "cpu_common.h"
 
 namespace memft {
 namespace {
-
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  u += 0x7FFF + ((u >> 16) & 1);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t h) { return bf16_to_float(h); }
-inline void from_float(float v, float* p) { *p = v; }
-inline void from_float(float v, uint16_t* p) { *p = float_to_bf16(v); }
-
-// The row's statistics from its scan (max, sum of exp(x - max), sum of x, argmax).
-template <class T>
-void write_stats(const RowInput& in, const RowOptions& o, int64_t i, const T* x, float max, float sumexp,
-                 float sumx, int64_t argmax, bool has_nan, const RowStatsOut& out) {
-  const RowTarget t = row_target(in, o, i);
-  const float x_target = t.in_range ? capped(to_float(x[t.index]), o.softcap) : 0.0f;
-  write_row(out, i, argmax, t.valid, row_values(in, o, i, t, max, sumexp, sumx, has_nan, x_target));
-}
-
-struct RowFns {
-  void (*forward)(const RowInput&, const RowOptions&, int64_t, const RowStatsOut&);
-  void (*backward)(const RowInput&, const RowOptions&, int64_t, const float*, const float*, const GradOut&, bool);
-  void (*forward_backward)(const RowInput&, const RowOptions&, int64_t, const RowStatsOut&, float,
-                           const GradOut&, bool, float*);
-  int64_t (*scratch_floats)(int64_t n_cols);  // per-thread scratch of the fused path
-};
-
-namespace scalar_isa {
-#include "vec_scalar.h"
-#include "row_kernel.h"
-}  // namespace scalar_isa
-
-#ifdef MEMFT_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
-namespace avx2_isa {
-#include "vec_avx2.h"
-#include "row_kernel.h"
-}  // namespace avx2_isa
-#if defined(__clang__)
-#pragma clang attribute pop
-#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
-#else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-#endif
-namespace avx512_isa {
-#include "vec_avx512.h"
-#include "row_kernel.h"
-}  // namespace avx512_isa
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
-#endif
 
 enum class Isa { kScalar, kAvx2, kAvx512 };
 
@@ -130,10 +55,10 @@ RowFns select(const RowInput& in, const RowOptions& o) {
   const bool cap = o.softcap > 0.0f;
 #ifdef MEMFT_X86
   const Isa isa = active_isa();
-  if (isa == Isa::kAvx512) return avx512_isa::row_fns(in.dtype, cap);
-  if (isa == Isa::kAvx2) return avx2_isa::row_fns(in.dtype, cap);
+  if (isa == Isa::kAvx512) return avx512_row_fns(in.dtype, cap);
+  if (isa == Isa::kAvx2) return avx2_row_fns(in.dtype, cap);
 #endif
-  return scalar_isa::row_fns(in.dtype, cap);
+  return scalar_row_fns(in.dtype, cap);
 }
 
 // Non-temporal gradient stores pay off only when the gradient cannot stay in the caches anyway,
@@ -206,6 +131,23 @@ void cpu_row_forward_backward(const RowInput& in, const RowOptions& opt, const R
   const float s = *scale;
   for_rows(in.n_rows, threads, f.scratch_floats(in.n_cols),
            [&](int64_t i, float* scratch) { f.forward_backward(in, opt, i, out, s, grad, nt, scratch); });
+}
+
+void cpu_scale_rows(void* grad, int dtype, int64_t n_rows, int64_t n_cols, int64_t row_stride, const float* factor,
+                    int threads) {
+  if (dtype != kFloat32 && dtype != kBFloat16)
+    throw std::invalid_argument("memft CPU kernels take float32 or bfloat16 gradients");
+  const float f = *factor;
+  if (f == 1.0f || n_rows == 0) return;
+  for_rows(n_rows, threads, 0, [&](int64_t i, float*) {
+    if (dtype == kFloat32) {
+      float* row = static_cast<float*>(grad) + i * row_stride;
+      for (int64_t j = 0; j < n_cols; ++j) row[j] *= f;
+    } else {
+      uint16_t* row = static_cast<uint16_t*>(grad) + i * row_stride;
+      for (int64_t j = 0; j < n_cols; ++j) row[j] = float_to_bf16(bf16_to_float(row[j]) * f);
+    }
+  });
 }
 
 }  // namespace memft

@@ -1,6 +1,15 @@
-// Eight floats at a time with AVX2 + FMA. Included by memft_cpu.cpp inside a region compiled for
-// those instructions and called only after __builtin_cpu_supports said the host has them.
-struct Vec {
+// Eight floats at a time with AVX2 + FMA. Only cpu_avx2.cpp includes it, compiled with -mavx2
+// -mfma; memft_cpu.cpp calls it only after __builtin_cpu_supports said the host has them.
+#pragma once
+
+#include <immintrin.h>
+
+#include "cpu_common.h"
+
+namespace memft {
+namespace {
+
+struct Avx2Vec {
   static constexpr int W = 8;
   using F = __m256;
   using I = __m256i;
@@ -35,11 +44,7 @@ struct Vec {
   static M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static M eq(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static F blend(F a, F b, M m) { return _mm256_blendv_ps(a, b, m); }
-  static I iota(int32_t base) {
-    return _mm256_add_epi32(_mm256_set1_epi32(base), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
   static I set1i(int32_t v) { return _mm256_set1_epi32(v); }
-  static I addi(I a, I b) { return _mm256_add_epi32(a, b); }
   static I blendi(I a, I b, M m) {
     return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), m));
   }
@@ -103,3 +108,6 @@ struct Vec {
     return _mm256_castsi256_si128(packed);
   }
 };
+
+}  // namespace
+}  // namespace memft

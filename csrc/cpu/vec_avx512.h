@@ -1,7 +1,16 @@
-// Sixteen floats at a time with AVX-512F. Included by memft_cpu.cpp inside a region compiled for
-// those instructions and called only after __builtin_cpu_supports said the host has them. Same
+// Sixteen floats at a time with AVX-512F. Only cpu_avx512.cpp includes it, compiled with
+// -mavx512f -mavx2 -mfma; memft_cpu.cpp calls it only after __builtin_cpu_supports said the host has them. Same
 // algorithms as vec_avx2.h; masks are __mmask16.
-struct Vec {
+#pragma once
+
+#include <immintrin.h>
+
+#include "cpu_common.h"
+
+namespace memft {
+namespace {
+
+struct Avx512Vec {
   static constexpr int W = 16;
   using F = __m512;
   using I = __m512i;
@@ -33,12 +42,7 @@ struct Vec {
   static M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static M eq(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static F blend(F a, F b, M m) { return _mm512_mask_blend_ps(m, a, b); }
-  static I iota(int32_t base) {
-    return _mm512_add_epi32(_mm512_set1_epi32(base),
-                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  }
   static I set1i(int32_t v) { return _mm512_set1_epi32(v); }
-  static I addi(I a, I b) { return _mm512_add_epi32(a, b); }
   static I blendi(I a, I b, M m) { return _mm512_mask_blend_epi32(m, a, b); }
   static int first_true(M m) { return m ? __builtin_ctz(static_cast<unsigned>(m)) : -1; }
   static void to_array(F v, float* out) { _mm512_storeu_ps(out, v); }
@@ -88,3 +92,6 @@ struct Vec {
     return _mm512_cvtepi32_epi16(r);
   }
 };
+
+}  // namespace
+}  // namespace memft

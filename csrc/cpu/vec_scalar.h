@@ -1,6 +1,13 @@
 // One float at a time: the portable fallback of the row kernels (any CPU, any compiler).
-// Included by memft_cpu.cpp inside its own namespace; see row_kernel.h for the interface.
-struct Vec {
+// The interface RowKernel<Vec> (row_kernel.h) uses; cpu_scalar.cpp instantiates it.
+#pragma once
+
+#include "cpu_common.h"
+
+namespace memft {
+namespace {
+
+struct ScalarVec {
   static constexpr int W = 1;
   using F = float;
   using I = int32_t;
@@ -22,9 +29,7 @@ struct Vec {
   static M gt(F a, F b) { return a > b; }
   static M eq(F a, F b) { return a == b; }
   static F blend(F a, F b, M m) { return m ? b : a; }
-  static I iota(int32_t base) { return base; }
   static I set1i(int32_t v) { return v; }
-  static I addi(I a, I b) { return a + b; }
   static I blendi(I a, I b, M m) { return m ? b : a; }
   static int first_true(M m) { return m ? 0 : -1; }
   static void to_array(F v, float* out) { out[0] = v; }
@@ -33,3 +38,6 @@ struct Vec {
   static F exp_nonpositive(F x) { return std::exp(x); }
   static F tanh(F x) { return std::tanh(x); }
 };
+
+}  // namespace
+}  // namespace memft

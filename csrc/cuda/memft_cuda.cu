@@ -210,6 +210,15 @@ __global__ void __launch_bounds__(kMaxThreads) row_kernel(const KernelArgs a) {
   if (threadIdx.x == 0 && t.in_range) out[t.index] = from_float<T>(s_target_grad);
 }
 
+// grad *= *factor, a block per row; the factor is read on the device and 1 writes nothing.
+template <class T>
+__global__ void scale_rows_kernel(T* grad, int64_t n_cols, int64_t row_stride, const float* factor) {
+  const float f = *factor;
+  if (f == 1.0f) return;
+  T* row = grad + static_cast<int64_t>(blockIdx.x) * row_stride;
+  for (int64_t j = threadIdx.x; j < n_cols; j += blockDim.x) row[j] = from_float<T>(to_float<T>(row[j]) * f);
+}
+
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("memft CUDA: ") + what + ": " + cudaGetErrorString(err));
@@ -265,6 +274,29 @@ void cuda_row_forward_backward(const RowInput& in, const RowOptions& opt, const 
                                const float* scale, const GradOut& grad, uintptr_t stream) {
   KernelArgs a{in, opt, out, nullptr, nullptr, scale, grad};
   launch<kForwardBackward>(a, stream);
+}
+
+void cuda_scale_rows(void* grad, int dtype, int64_t n_rows, int64_t n_cols, int64_t row_stride, const float* factor,
+                     uintptr_t stream_handle) {
+  if (n_rows == 0) return;
+  if (n_rows > INT32_MAX) throw std::invalid_argument("memft CUDA: more than 2^31 - 1 rows");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const dim3 grid(static_cast<unsigned>(n_rows)), block(256);
+  switch (dtype) {
+    case kFloat32:
+      scale_rows_kernel<float><<<grid, block, 0, stream>>>(static_cast<float*>(grad), n_cols, row_stride, factor);
+      break;
+    case kBFloat16:
+      scale_rows_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(static_cast<__nv_bfloat16*>(grad), n_cols,
+                                                                    row_stride, factor);
+      break;
+    case kFloat16:
+      scale_rows_kernel<__half><<<grid, block, 0, stream>>>(static_cast<__half*>(grad), n_cols, row_stride, factor);
+      break;
+    default:
+      throw std::invalid_argument("memft CUDA: unknown dtype code " + std::to_string(dtype));
+  }
+  check(cudaGetLastError(), "kernel launch");
 }
 
 }  // namespace memft

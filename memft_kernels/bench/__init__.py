@@ -4,6 +4,7 @@
     memft bench loss --gpu-set          # issue 13's side-by-side GPU run (bf16, N = 16384, 4 vocabularies)
     memft bench linear-loss --quick     # fused linear loss vs the materialized logits (bench/linear_loss.py)
     memft bench train-step              # one LoRA training step per loss (bench/train_step.py)
+    memft bench recall                  # greedy recall of 2048 tokens, KV cache vs uncached (bench/recall.py)
     memft bench tune-triton             # Triton launch configurations, GPU (bench/tune_triton.py)
     memft bench report RESULTS.csv      # markdown tables and a PNG from result CSVs (bench/report.py)
     memft bench results-report          # docs/RESULTS.md: law sweeps and MemFT vs CE (bench/results_report.py)
@@ -29,6 +30,7 @@ BENCHMARKS: Dict[str, str] = {
     "loss": "memft_kernels.bench.loss",
     "linear-loss": "memft_kernels.bench.linear_loss",
     "train-step": "memft_kernels.bench.train_step",
+    "recall": "memft_kernels.bench.recall",
     "tune-triton": "memft_kernels.bench.tune_triton",
     "report": "memft_kernels.bench.report",
     "results-report": "memft_kernels.bench.results_report",

@@ -37,6 +37,7 @@ FIELDS = [
     "date", "host", "device", "device_name", "cpu_name", "cpu_count", "threads", "python", "torch", "triton", "cuda",
     "memft", "commit", "bench", "provider", "dtype", "batch", "seq", "tokens", "V", "hidden", "layers", "lora_r",
     "status", "median_ms", "p20_ms", "p80_ms", "reps", "peak_mem_bytes", "mem_method", "loss", "note",
+    "model", "plan_peak_bytes",
 ]
 
 
@@ -91,12 +92,48 @@ class TrainProvider:
     # called once on the fresh (peft-wrapped) model before the optimizer is built, e.g. to turn on
     # gradient checkpointing; None: the model as built
     prepare: Optional[Callable[[torch.nn.Module], None]] = None
+    # the memory plan's estimate of the step's extra peak (memft_kernels/train/plan.py), or None
+    plan: Optional[Callable[[torch.nn.Module, torch.Tensor], int]] = None
+
+
+# memft train's own forward and loss (memft_kernels/train/head.py): the model's logits, or the fused
+# head (memft_linear_loss on the decoder's last hidden states), with or without gradient checkpointing.
+def _train_loss(fused: bool):
+    def loss(model, ids, labels):
+        from memft_kernels.train.head import forward_head
+
+        head = forward_head(model, ids, torch.ones_like(ids), fused)
+        return head.loss(shifted_labels(labels), policy="hard")
+
+    return loss
+
+
+def _train_checkpointing(model) -> None:
+    from memft_kernels.train.models import configure_model
+
+    configure_model(model.get_base_model(), "auto", True)
+
+
+def _train_plan(fused: bool, checkpointing: bool):
+    def plan(model, ids) -> int:
+        from memft_kernels.train.config import TrainConfig
+        from memft_kernels.train.plan import make_plan
+
+        config = TrainConfig(gradient_checkpointing=checkpointing, fused_head=fused)
+        return make_plan(config, model, ids.shape[0], ids.shape[1], ids.device, fused).step_peak()
+
+    return plan
 
 
 PROVIDERS: List[TrainProvider] = [
     TrainProvider("hf-default", _loss_hf, "model(input_ids, labels=labels).loss (transformers' causal-LM loss)"),
     TrainProvider("memft", _loss_memft, "the model's logits into memft_loss"),
     TrainProvider("memft-linear", _loss_memft_linear, "last hidden states and lm_head weight into memft_linear_loss"),
+    TrainProvider("train-logits", _train_loss(False), "memft train's step with materialized logits",
+                  plan=_train_plan(False, False)),
+    TrainProvider("train-fused", _train_loss(True), "memft train --fused-head", plan=_train_plan(True, False)),
+    TrainProvider("train-fused-ckpt", _train_loss(True), "memft train --fused-head --gradient-checkpointing",
+                  prepare=_train_checkpointing, plan=_train_plan(True, True)),
 ]
 
 
@@ -122,7 +159,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     info = timing.machine_info(device)
     csv_path = Path(args.csv) if args.csv else timing.default_results_path("bench_train_step", info)
     writer = timing.ResultWriter(csv_path, FIELDS, jsonl=not args.no_jsonl)
-    print(f"# bench_train_step on {info['device_name']} ({info['device']}, {info['threads']} threads): tiny Llama "
+    print(f"# bench_train_step on {info['device_name']} ({info['device']}, {info['threads']} threads): "
+          f"{'built-in ' + args.model if args.model else 'tiny'} Llama "
           f"V={args.vocab} hidden={args.hidden} layers={args.layers} LoRA r={args.lora_r}, batch {args.batch} x {args.seq}, "
           f"{args.dtype}; results -> {csv_path}", flush=True)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -135,7 +173,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         row.update(
             bench="train_step", provider=name, dtype=args.dtype, batch=args.batch, seq=args.seq, tokens=args.batch * args.seq,
             V=args.vocab, hidden=args.hidden, layers=args.layers, lora_r=args.lora_r, mem_method=timing.memory_method(device.type),
-            note=args.note,
+            note=args.note, model=args.model or "",
         )
         reason = provider.unavailable()
         if reason:
@@ -151,7 +189,9 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         if row["status"] == "ok":
             mem = row.get("peak_mem_bytes")
             mem_txt = f"{mem / 2**20:8.1f} MiB" if isinstance(mem, int) else "n/a"
-            print(f"{name:13s} {row['median_ms']:9.1f} ms [{row['p20_ms']:.1f}, {row['p80_ms']:.1f}]  peak {mem_txt}  loss {row['loss']:.4f}", flush=True)
+            plan = row.get("plan_peak_bytes")
+            plan_txt = f"  plan {plan / 2**20:.1f} MiB" if isinstance(plan, int) else ""
+            print(f"{name:13s} {row['median_ms']:9.1f} ms [{row['p20_ms']:.1f}, {row['p80_ms']:.1f}]  peak {mem_txt}{plan_txt}  loss {row['loss']:.4f}", flush=True)
         else:
             print(f"{name:13s} {row['status']}", flush=True)
         if device.type == "cuda":
@@ -161,10 +201,20 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
 
 def _measure(provider: TrainProvider, args, dtype, device, ids, labels) -> Dict[str, object]:
     # A fresh model per provider: same seed, so the same weights, adapter and first step.
-    model = build_model(args.vocab, args.hidden, args.layers, args.lora_r, dtype, device, args.seed)
+    if args.model:  # a built-in model of memft train, LoRA on its seven linear modules
+        from memft_kernels.train.models import BUILTIN_MODELS, add_lora
+        from memft_kernels.train.models import build_model as build_builtin
+
+        name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+        model = build_builtin(args.model, args.vocab, 0.02, args.seed, name)
+        model = add_lora(model, args.lora_r, None, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj"], None, args.seed).to(device)
+    else:
+        model = build_model(args.vocab, args.hidden, args.layers, args.lora_r, dtype, device, args.seed)
     if provider.prepare is not None:
         provider.prepare(model)
     model.train()
+    plan_peak = provider.plan(model, ids) if provider.plan is not None else ""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     loss_fn = provider.loss
@@ -182,7 +232,8 @@ def _measure(provider: TrainProvider, args, dtype, device, ids, labels) -> Dict[
     t = timing.time_calls(step, device_type=device.type, warmup=args.warmup, reps=args.reps, budget_s=args.budget_s)
     peak = timing.peak_memory_bytes(lambda: step(0), device.type)
     del model, opt
-    return dict(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps, peak_mem_bytes=peak if peak is not None else "", loss=first_loss[0])
+    return dict(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps, peak_mem_bytes=peak if peak is not None else "",
+                loss=first_loss[0], plan_peak_bytes=plan_peak)
 
 
 def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
@@ -192,6 +243,8 @@ def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smaller batch (CPU: 2 x 128 tokens)")
     p.add_argument("--smoke", action="store_true", help="tiny model and batch (tests)")
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--model", default=None, choices=["nano", "tiny", "small"],
+                   help="a built-in model of memft train (LoRA on its 7 linear modules) instead of --hidden/--layers")
     p.add_argument("--hidden", type=int, default=None, help="default 256 CPU, 1024 GPU")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lora-r", type=int, default=8)
@@ -225,6 +278,10 @@ def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
                 args.vocab = value
         elif getattr(args, key) is None:
             setattr(args, key, value)
+    if args.model:
+        from memft_kernels.train.models import BUILTIN_MODELS
+
+        args.hidden, args.layers = BUILTIN_MODELS[args.model]["hidden_size"], BUILTIN_MODELS[args.model]["num_hidden_layers"]
     if args.dtype is None:
         args.dtype = "bf16" if gpu else "fp32"
     if args.budget_s is None:

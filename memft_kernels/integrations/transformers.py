@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from ..linear_loss import memft_linear_loss
 from ..loss import memft_loss
-from ..spec import validate_options
+from ..spec import LossOptions, takes_loss_options
 
 # memft_loss keywords a causal-LM loss accepts (reduction is always "mean", as transformers' is).
 LOSS_OPTIONS = (
@@ -62,6 +62,7 @@ def _denominator(num_items_in_batch, device):
     return num_items_in_batch
 
 
+@takes_loss_options()
 def memft_causal_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -138,12 +139,8 @@ def _checked_options(options: dict, allowed) -> dict:
     unknown = sorted(set(options) - set(allowed) - {"ignore_index"})
     if unknown:
         raise TypeError(f"unknown MemFT option(s) {unknown}; allowed: {', '.join(sorted(allowed))}, ignore_index")
-    defaults = dict(
-        policy="hard", threshold=0.5, sharpness=10.0, normalize="active", fallback="mean",
-        label_smoothing=0.0, z_loss=0.0, softcap=None, backend="auto", ignore_index=-100,
-    )
-    checked = {k: options.get(k, v) for k, v in defaults.items()}
-    validate_options(reduction="mean", **checked)
+    checked = LossOptions(**{k: v for k, v in options.items() if k in LossOptions.names()})
+    checked.kernel_options()
     cb = options.get("stats_callback")
     if cb is not None and not callable(cb):
         raise TypeError(f"stats_callback must be callable, got {type(cb).__name__}")
@@ -153,10 +150,10 @@ def _checked_options(options: dict, allowed) -> dict:
 
         if not isinstance(accumulator, MemFTAccumulator):
             raise TypeError(f"accumulator must be a MemFTAccumulator, got {type(accumulator).__name__}")
-        if checked["normalize"] != "active" or checked["fallback"] != accumulator.fallback:
+        if checked.normalize != "active" or checked.fallback != accumulator.fallback:
             raise ValueError(
                 f"with an accumulator the loss is the step's active mean with the accumulator's fallback "
-                f"({accumulator.fallback!r}); got normalize={checked['normalize']!r}, fallback={checked['fallback']!r}"
+                f"({accumulator.fallback!r}); got normalize={checked.normalize!r}, fallback={checked.fallback!r}"
             )
     return dict(options)
 

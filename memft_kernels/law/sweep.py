@@ -293,9 +293,12 @@ def _local_worker_main(conn, run_cell, threads: int, parent_pid: int, env: dict)
         try:
             job = conn.recv()
         except (EOFError, OSError):
-            return
-        if job is None:
-            return
+            job = None
+        if job is None:  # done: leave at once (a full interpreter shutdown with torch loaded takes seconds)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
         cell, base, run_root = job
         try:
             result, seconds = execute_cell(run_cell, cell, base, run_root)
@@ -322,24 +325,50 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _environment(env: dict):
+    """``env`` set in this process while a child is started (a spawned child copies the environment)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class _LocalWorker:
     def __init__(self, context, run_cell, threads: int, env: dict):
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_local_worker_main, name="memft-sweep-worker", daemon=True,
                                        args=(child, run_cell, threads, os.getpid(), env))
-        with _sigint_ignored():
+        with _sigint_ignored(), _environment(env):  # the child starts with its device: set before python runs
             self.process.start()
         child.close()
 
     def stop(self, kill: bool = False) -> None:
-        if not kill:
+        _stop_workers([self], kill)
+
+
+def _stop_workers(workers, kill: bool, grace: float = 2.0) -> None:
+    """Ask the workers to exit (None), give them ``grace`` seconds together, then kill the rest
+    (a worker past its last cell holds nothing: its results are already with the driver)."""
+    if not kill:
+        for worker in workers:
             with contextlib.suppress(OSError, ValueError):
-                self.conn.send(None)
-            self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(5)
-        self.conn.close()
+                worker.conn.send(None)
+        deadline = time.monotonic() + grace
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.kill()
+    for worker in workers:
+        worker.process.join(5)
+        worker.conn.close()
 
 
 def _exit_text(code: Optional[int]) -> str:
@@ -408,9 +437,7 @@ def _run_local(todo, driver, *, run_cell, base, run_root, workers, threads, gpus
                     queue.append(cell)
         clean = True
     finally:
-        for worker in slots:
-            if worker is not None:
-                worker.stop(kill=not clean)
+        _stop_workers([w for w in slots if w is not None], kill=not clean)
 
 
 def _run_in_process(todo, driver, *, run_cell, base, run_root) -> None:
@@ -471,6 +498,9 @@ def _ray_check(cells, base, run_root):
 def _start_ray(ray, address: Optional[str]) -> bool:
     """Connect to (or start) Ray; True if this call started it (and so should shut it down)."""
     if ray.is_initialized():
+        if address is not None:
+            raise LawInputError(f"Ray is already initialized in this process; leave the address unset to use "
+                                f"that connection (got {address!r})")
         return False
     if address is not None:
         _check_reachable(address)

@@ -5,14 +5,10 @@ this module is tested against float64 math written independently in the tests. I
 in chunks so that its extra memory stays bounded for large N x V; float64 logits are computed in
 float64 (the tests' ground truth), everything else in float32.
 
-Backend interface (shared by every module in ``ops/``):
-
-* ``row_forward(logits[N, V], target[N], token_weight[N] | None, opts) -> RowStats``
-* ``row_backward(logits, target, lse, coef[N], opts, out=None) -> grad[N, V]``:
-  ``grad_ij = coef_i * (q_ij (1 + 2 z lse_i) - (1 - eps)[j = y_i] - eps / V) * cap_ij``;
-  ``out`` may be ``logits`` itself (in-place backward). Rows with ``coef_i == 0`` get exact zeros.
-* ``row_forward_backward(logits, target, token_weight, opts, scale, grad) -> RowStats``: forward and
-  the gradient with ``coef_i = scale * weight_i`` in one sweep (scale a 0-d float32 tensor).
+It implements the backend contract of ``ops/base.py`` (``ReferenceBackend``; the module functions
+are its methods). Its fused forward + backward is the forward then the backward (two sweeps), its
+in-place variants write through ``out=logits`` chunk by chunk (each chunk is read before it is
+written), and ``scale_grad_`` is a torch multiply (a device op, no host read).
 """
 from __future__ import annotations
 
@@ -22,23 +18,22 @@ from typing import Optional
 import torch
 
 from ..policy import policy_weight
-from ..spec import KernelOptions, RowStats
+from ..spec import KernelOptions, RowStats, accumulate_dtype
+from .base import Backend, check_scale_args, export
 
 # Rows per chunk are chosen so one chunk's float32 working copy stays near this many elements.
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _chunks(n_rows: int, n_cols: int):
+def row_chunks(n_rows: int, n_cols: int):
+    """(start, end) row ranges whose float32 working copy stays near CHUNK_ELEMENTS elements."""
     step = max(1, CHUNK_ELEMENTS // max(1, n_cols))
     for start in range(0, n_rows, step):
         yield start, min(n_rows, start + step)
 
 
-def _capped(x: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+def capped(x: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """The soft cap c tanh(x / c) (x itself when softcap is None)."""
     return x if softcap is None else softcap * torch.tanh(x / softcap)
 
 
@@ -51,17 +46,17 @@ def _row_targets(target: torch.Tensor, n_cols: int, ignore_index: int):
     return valid, in_range, safe
 
 
-def row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor], opts: KernelOptions) -> RowStats:
+def _row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor], opts: KernelOptions) -> RowStats:
     n, v = logits.shape
-    dt = _compute_dtype(logits)
+    dt = accumulate_dtype(logits.dtype)
     dev = logits.device
     lse = torch.empty(n, dtype=dt, device=dev)
     tgt_logit = torch.empty(n, dtype=dt, device=dev)
     mean_logit = torch.empty(n, dtype=dt, device=dev)
     pred = torch.empty(n, dtype=torch.int64, device=dev)
     valid, in_range, safe = _row_targets(target, v, opts.ignore_index)
-    for a, b in _chunks(n, v):
-        x = _capped(logits[a:b].to(dt), opts.softcap)
+    for a, b in row_chunks(n, v):
+        x = capped(logits[a:b].to(dt), opts.softcap)
         lse[a:b] = torch.logsumexp(x, dim=-1)
         tgt_logit[a:b] = x.gather(1, safe[a:b, None]).squeeze(1)
         if opts.label_smoothing:
@@ -91,7 +86,7 @@ def row_stats_from_parts(lse, tgt_logit, mean_logit, pred, valid, in_range, toke
     )
 
 
-def row_backward(
+def _row_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
     lse: torch.Tensor,
@@ -100,7 +95,7 @@ def row_backward(
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     n, v = logits.shape
-    dt = _compute_dtype(logits)
+    dt = accumulate_dtype(logits.dtype)
     if out is None:
         out = torch.empty_like(logits)
     valid, in_range, safe = _row_targets(target, v, opts.ignore_index)
@@ -109,15 +104,15 @@ def row_backward(
     # row with coef 0 does, in every backend (the kernels write it without reading it). Folding that
     # into the row factor keeps every step below a tensor op (no host sync).
     row_factor = torch.where(valid & ~in_range & (coef != 0), torch.full_like(coef, math.nan, dtype=dt), coef.to(dt))
-    for a, b in _chunks(n, v):
-        x = _capped(logits[a:b].to(dt), opts.softcap)
+    for a, b in row_chunks(n, v):
+        x = capped(logits[a:b].to(dt), opts.softcap)
         # q = exp(x - lse) from the saved lse (not softmax(x): a vocabulary slice passes the global lse),
         # in a new tensor that the steps below edit in place.
         g = (x - lse[a:b, None].to(dt)).exp_()
         if opts.z_loss:
             g.mul_(1.0 + 2.0 * opts.z_loss * lse[a:b, None].to(dt))
         if opts.label_smoothing:
-            g.sub_(opts.label_smoothing / v)
+            g.sub_(opts.label_smoothing * opts.inv_vocab(v))
         rows = torch.arange(b - a, device=logits.device)
         g[rows, safe[a:b]] -= (1.0 - opts.label_smoothing) * in_range[a:b].to(dt)
         if opts.softcap is not None:
@@ -130,15 +125,40 @@ def row_backward(
     return out
 
 
-def row_forward_backward(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    token_weight: Optional[torch.Tensor],
-    opts: KernelOptions,
-    scale: torch.Tensor,
-    grad: torch.Tensor,
-) -> RowStats:
-    stats = row_forward(logits, target, token_weight, opts)
-    coef = stats.weight * scale.to(stats.weight.dtype)
-    row_backward(logits, target, stats.lse, coef, opts, out=grad)
-    return stats
+class ReferenceBackend(Backend):
+    name = "torch"
+
+    def availability(self) -> Optional[str]:
+        return None
+
+    def supports(self, logits: torch.Tensor) -> Optional[str]:
+        return None  # any device and float dtype torch has
+
+    def row_forward(self, logits, target, token_weight, opts: KernelOptions) -> RowStats:
+        return _row_forward(logits, target, token_weight, opts)
+
+    def row_backward(self, logits, target, lse, coef, opts: KernelOptions, out=None) -> torch.Tensor:
+        return _row_backward(logits, target, lse, coef, opts, out=out)
+
+    def row_backward_(self, logits, target, lse, coef, opts: KernelOptions) -> torch.Tensor:
+        return _row_backward(logits, target, lse, coef, opts, out=logits)
+
+    def row_forward_backward(self, logits, target, token_weight, opts: KernelOptions, scale, grad) -> RowStats:
+        stats = _row_forward(logits, target, token_weight, opts)
+        coef = stats.weight * scale.to(stats.weight.dtype)
+        _row_backward(logits, target, stats.lse, coef, opts, out=grad)
+        return stats
+
+    def row_forward_backward_(self, logits, target, token_weight, opts: KernelOptions, scale) -> RowStats:
+        return self.row_forward_backward(logits, target, token_weight, opts, scale, logits)
+
+    def scale_grad_(self, grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        check_scale_args(grad, factor)
+        f = factor.reshape(()).to(grad.device)
+        if grad.dtype == torch.float64:
+            return grad.mul_(f.double())
+        # Half-precision rows are scaled in float32 and rounded once, as the kernels do.
+        return grad.copy_(grad.float() * f.float())
+
+
+export(ReferenceBackend(), globals())

@@ -15,9 +15,10 @@ Four kernels, each named for what it writes:
   the single-pass path; a grad_out of exactly 1 costs no pass.
 
 Reading order: kernels, launch heuristics, launchers, ``torch.library`` custom ops (with fake
-implementations, so ``torch.compile(fullgraph=True)`` traces them), then the backend interface of
-``ops/reference.py`` (``availability``, ``supports``, ``row_forward``, ``row_backward``,
-``row_forward_backward``). The autograd.Function and the reduction live in ``loss.py``.
+implementations, so ``torch.compile(fullgraph=True)`` traces them; separate in-place ops that
+declare the logits mutated), then ``TritonBackend``, the contract of ``ops/base.py``. The
+autograd.Function and the reduction live in ``loss.py``. The policy reaches the kernels as a
+constexpr (one specialization per policy).
 
 Only Triton features present in 3.6 are used (no block pointers, no libdevice): tanh is written
 with exp, so the same source compiles on the GPU host's Triton and on this project's CI one.
@@ -25,14 +26,14 @@ with exp, so the same source compiles on the GPU host's Triton and on this proje
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ..spec import KernelOptions, RowStats
+from ..spec import KernelOptions, KernelScalars, RowStats
+from .base import Backend, check_scale_args, export
 
 try:
     import triton
@@ -44,8 +45,6 @@ except ImportError as exc:  # the module still imports; availability() says why 
     tl = None
     _IMPORT_ERROR = f"triton is not installed ({exc}); `pip install triton`"
 
-# Policy codes passed to the kernels as a constexpr (one specialization per policy).
-_POLICY_CODES = {"none": 0, "hard": 1, "sigmoid": 2}
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -300,21 +299,20 @@ def launch_config(num_classes: int) -> Tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 # Launchers (plain functions on tensors; the custom ops below wrap them)
 # ----------------------------------------------------------------------------------------------
-def _scalar_options(policy: str, threshold: float, sharpness: float, label_smoothing: float,
-                    z_loss: float, softcap: Optional[float]) -> dict:
+def _scalar_options(k: KernelScalars) -> dict:
     """Kernel arguments shared by the forward kernels; a feature that is off becomes a False
     constexpr, so its code is not in the binary."""
     return dict(
-        threshold=threshold,
-        ce_threshold=-math.log(threshold),
-        sharpness=sharpness,
-        eps=label_smoothing,
-        z_loss=z_loss,
-        softcap=1.0 if softcap is None else softcap,
-        POLICY=_POLICY_CODES[policy],
-        HAS_SOFTCAP=softcap is not None,
-        HAS_SMOOTHING=label_smoothing != 0.0,
-        HAS_Z_LOSS=z_loss != 0.0,
+        threshold=k.threshold,
+        ce_threshold=k.ce_threshold,
+        sharpness=k.sharpness,
+        eps=k.label_smoothing,
+        z_loss=k.z_loss,
+        softcap=k.softcap if k.softcap > 0.0 else 1.0,
+        POLICY=k.policy,
+        HAS_SOFTCAP=k.softcap > 0.0,
+        HAS_SMOOTHING=k.label_smoothing != 0.0,
+        HAS_Z_LOSS=k.z_loss != 0.0,
     )
 
 
@@ -324,39 +322,36 @@ def _empty_stats(n: int, device) -> Tuple[Tensor, ...]:
             torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, **f32), torch.empty(n, **f32))
 
 
-def _launch_forward(logits, target, token_weight, stats, grad, scale, policy, threshold, sharpness,
-                    ignore_index, label_smoothing, z_loss, softcap) -> None:
+def _launch_forward(logits, target, token_weight, stats, grad, scale, k: KernelScalars) -> None:
     """Forward (grad is None) or forward + gradient into ``grad`` (which may be ``logits``)."""
     n, v = logits.shape
     if n == 0:
         return
     block, num_warps = launch_config(v)
-    opts = _scalar_options(policy, threshold, sharpness, label_smoothing, z_loss, softcap)
     has_tw = token_weight is not None
     tw = token_weight if has_tw else stats[0]  # any float pointer; never read
-    common = dict(V=v, ignore_index=ignore_index, HAS_TOKEN_WEIGHT=has_tw, BLOCK_V=block,
-                  num_warps=num_warps, **opts)
+    common = dict(V=v, ignore_index=k.ignore_index, HAS_TOKEN_WEIGHT=has_tw, BLOCK_V=block,
+                  num_warps=num_warps, **_scalar_options(k))
     if grad is None:
         _row_forward_kernel[(n,)](logits, logits.stride(0), target, tw, *stats, **common)
     else:
         _row_forward_backward_kernel[(n,)](
-            logits, logits.stride(0), target, tw, *stats, scale, grad, grad.stride(0), inv_V=1.0 / v, **common
+            logits, logits.stride(0), target, tw, *stats, scale, grad, grad.stride(0), inv_V=k.inv_vocab, **common
         )
 
 
-def _launch_backward(logits, target, lse, coef, grad, ignore_index, label_smoothing, z_loss, softcap) -> None:
+def _launch_backward(logits, target, lse, coef, grad, k: KernelScalars) -> None:
     n, v = logits.shape
     if n == 0:
         return
     block, num_warps = launch_config(v)
     _row_backward_kernel[(n, triton.cdiv(v, block))](
         logits, logits.stride(0), target, lse, coef, grad, grad.stride(0),
-        V=v, ignore_index=ignore_index, inv_V=1.0 / v, eps=label_smoothing, z_loss=z_loss,
-        softcap=1.0 if softcap is None else softcap,
-        HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing != 0.0, HAS_Z_LOSS=z_loss != 0.0,
+        V=v, ignore_index=k.ignore_index, inv_V=k.inv_vocab, eps=k.label_smoothing, z_loss=k.z_loss,
+        softcap=k.softcap if k.softcap > 0.0 else 1.0,
+        HAS_SOFTCAP=k.softcap > 0.0, HAS_SMOOTHING=k.label_smoothing != 0.0, HAS_Z_LOSS=k.z_loss != 0.0,
         BLOCK_V=block, num_warps=num_warps,
     )
-
 
 
 def _launch_scale(grad, factor) -> None:
@@ -367,68 +362,75 @@ def _launch_scale(grad, factor) -> None:
     _scale_rows_kernel[(n, triton.cdiv(v, block))](grad, grad.stride(0), factor, V=v, BLOCK_V=block,
                                                     num_warps=num_warps)
 
+
 # ----------------------------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile, with fake implementations for tracing. Mutated arguments are
-# declared, so functionalization (and CUDA-graph capture) sees the gradient writes.
+# declared, so functionalization (and CUDA-graph capture) sees the gradient writes. The scalar
+# arguments are spec.KernelScalars, in that order.
 # ----------------------------------------------------------------------------------------------
 _STATS = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 @torch.library.custom_op("memft::triton_row_forward", mutates_args=())
 def _row_forward_op(
-    logits: Tensor, target: Tensor, token_weight: Optional[Tensor], policy: str, threshold: float,
-    sharpness: float, ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
+    logits: Tensor, target: Tensor, token_weight: Optional[Tensor], policy: int, threshold: float,
+    ce_threshold: float, sharpness: float, ignore_index: int, label_smoothing: float, inv_vocab: float,
+    z_loss: float, softcap: float,
 ) -> _STATS:
+    k = KernelScalars(policy, threshold, ce_threshold, sharpness, ignore_index, label_smoothing, inv_vocab, z_loss, softcap)
     stats = _empty_stats(logits.shape[0], logits.device)
-    _launch_forward(logits, target, token_weight, stats, None, None, policy, threshold, sharpness,
-                    ignore_index, label_smoothing, z_loss, softcap)
+    _launch_forward(logits, target, token_weight, stats, None, None, k)
     return stats
 
 
 @torch.library.custom_op("memft::triton_row_forward_backward", mutates_args=("grad",))
 def _row_forward_backward_op(
     logits: Tensor, target: Tensor, token_weight: Optional[Tensor], scale: Tensor, grad: Tensor,
-    policy: str, threshold: float, sharpness: float, ignore_index: int, label_smoothing: float,
-    z_loss: float, softcap: Optional[float],
+    policy: int, threshold: float, ce_threshold: float, sharpness: float, ignore_index: int,
+    label_smoothing: float, inv_vocab: float, z_loss: float, softcap: float,
 ) -> _STATS:
+    k = KernelScalars(policy, threshold, ce_threshold, sharpness, ignore_index, label_smoothing, inv_vocab, z_loss, softcap)
     stats = _empty_stats(logits.shape[0], logits.device)
-    _launch_forward(logits, target, token_weight, stats, grad, scale, policy, threshold, sharpness,
-                    ignore_index, label_smoothing, z_loss, softcap)
+    _launch_forward(logits, target, token_weight, stats, grad, scale, k)
     return stats
 
 
 @torch.library.custom_op("memft::triton_row_forward_backward_inplace", mutates_args=("logits",))
 def _row_forward_backward_inplace_op(
     logits: Tensor, target: Tensor, token_weight: Optional[Tensor], scale: Tensor,
-    policy: str, threshold: float, sharpness: float, ignore_index: int, label_smoothing: float,
-    z_loss: float, softcap: Optional[float],
+    policy: int, threshold: float, ce_threshold: float, sharpness: float, ignore_index: int,
+    label_smoothing: float, inv_vocab: float, z_loss: float, softcap: float,
 ) -> _STATS:
+    k = KernelScalars(policy, threshold, ce_threshold, sharpness, ignore_index, label_smoothing, inv_vocab, z_loss, softcap)
     stats = _empty_stats(logits.shape[0], logits.device)
-    _launch_forward(logits, target, token_weight, stats, logits, scale, policy, threshold, sharpness,
-                    ignore_index, label_smoothing, z_loss, softcap)
+    _launch_forward(logits, target, token_weight, stats, logits, scale, k)
     return stats
 
 
 @torch.library.custom_op("memft::triton_row_backward", mutates_args=("grad",))
 def _row_backward_op(
     logits: Tensor, target: Tensor, lse: Tensor, coef: Tensor, grad: Tensor,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
+    policy: int, threshold: float, ce_threshold: float, sharpness: float, ignore_index: int,
+    label_smoothing: float, inv_vocab: float, z_loss: float, softcap: float,
 ) -> None:
-    _launch_backward(logits, target, lse, coef, grad, ignore_index, label_smoothing, z_loss, softcap)
+    k = KernelScalars(policy, threshold, ce_threshold, sharpness, ignore_index, label_smoothing, inv_vocab, z_loss, softcap)
+    _launch_backward(logits, target, lse, coef, grad, k)
 
 
 @torch.library.custom_op("memft::triton_row_backward_inplace", mutates_args=("logits",))
 def _row_backward_inplace_op(
     logits: Tensor, target: Tensor, lse: Tensor, coef: Tensor,
-    ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
+    policy: int, threshold: float, ce_threshold: float, sharpness: float, ignore_index: int,
+    label_smoothing: float, inv_vocab: float, z_loss: float, softcap: float,
 ) -> None:
-    _launch_backward(logits, target, lse, coef, logits, ignore_index, label_smoothing, z_loss, softcap)
-
+    k = KernelScalars(policy, threshold, ce_threshold, sharpness, ignore_index, label_smoothing, inv_vocab, z_loss, softcap)
+    _launch_backward(logits, target, lse, coef, logits, k)
 
 
 @torch.library.custom_op("memft::triton_scale_grad_", mutates_args=("grad",))
 def _scale_grad_op(grad: Tensor, factor: Tensor) -> None:
     _launch_scale(grad, factor)
+
 
 def _fake_stats(logits: Tensor, *args, **kwargs) -> _STATS:
     return _empty_stats(logits.shape[0], logits.device)
@@ -447,30 +449,10 @@ _scale_grad_op.register_fake(_fake_none)
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend interface (ops/reference.py's docstring)
+# The backend (ops/base.py's contract)
 # ----------------------------------------------------------------------------------------------
-def availability() -> Optional[str]:
-    """None when Triton can run here: it imports and there is a CUDA device or TRITON_INTERPRET=1."""
-    if _IMPORT_ERROR is not None:
-        return _IMPORT_ERROR
-    if torch.cuda.is_available() or _interpreting():
-        return None
-    return "no CUDA device (Triton runs on CPU only in its interpreter: set TRITON_INTERPRET=1, slow)"
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def supports(logits: Tensor) -> Optional[str]:
-    """None when these logits can go to the kernels, else why not (callers fall back to the reference)."""
-    if logits.dtype not in _SUPPORTED_DTYPES:
-        return f"the Triton kernels take float32/float16/bfloat16 logits, not {logits.dtype}"
-    if logits.device.type == "cuda":
-        return None
-    if logits.device.type == "cpu" and _interpreting():
-        return None
-    return f"logits on {logits.device} (Triton needs CUDA, or CPU with TRITON_INTERPRET=1)"
 
 
 def _unit_stride_in_v(t: Tensor) -> bool:
@@ -478,85 +460,97 @@ def _unit_stride_in_v(t: Tensor) -> bool:
     return t.stride(1) == 1 or t.shape[1] <= 1 or t.numel() == 0
 
 
-def _check_rows(logits: Tensor, *rows: Optional[Tensor]) -> None:
-    if logits.dim() != 2 or not _unit_stride_in_v(logits):
-        raise ValueError(f"logits must be 2-D [N, V] with unit stride in V, got shape {tuple(logits.shape)} "
-                         f"and strides {logits.stride()}")
-    reason = supports(logits)
-    if reason is not None:
-        raise RuntimeError(f"backend='triton' cannot run these logits: {reason}")
-    for t in rows:
-        if t is not None and (t.shape != logits.shape[:1] or t.device != logits.device):
-            raise ValueError(f"per-row tensor of shape {tuple(t.shape)} on {t.device} does not match logits "
-                             f"{tuple(logits.shape)} on {logits.device}")
-
-
-def _same_storage(a: Tensor, b: Tensor) -> bool:
-    """True when writing ``a`` is writing ``b`` (the in-place case). Under torch.compile only object
-    identity can be checked (a data pointer is not traceable); loss.py passes the logits object itself."""
-    if a is b:
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-
 def _row_tensor(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype).contiguous()
 
 
-def row_forward(logits: Tensor, target: Tensor, token_weight: Optional[Tensor], opts: KernelOptions) -> RowStats:
-    _check_rows(logits, target, token_weight)
-    stats = _row_forward_op(
-        logits, target.contiguous(), _row_tensor(token_weight, torch.float32), opts.policy, opts.threshold,
-        opts.sharpness, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
-    )
-    return RowStats(*stats)
+class TritonBackend(Backend):
+    name = "triton"
 
+    def availability(self) -> Optional[str]:
+        """None when Triton can run here: it imports and there is a CUDA device or TRITON_INTERPRET=1."""
+        if _IMPORT_ERROR is not None:
+            return _IMPORT_ERROR
+        if torch.cuda.is_available() or _interpreting():
+            return None
+        return "no CUDA device (Triton runs on CPU only in its interpreter: set TRITON_INTERPRET=1, slow)"
 
-def row_backward(logits: Tensor, target: Tensor, lse: Tensor, coef: Tensor, opts: KernelOptions,
-                 out: Optional[Tensor] = None) -> Tensor:
-    _check_rows(logits, target, lse, coef)
-    args = (target.contiguous(), _row_tensor(lse, torch.float32), _row_tensor(coef, torch.float32))
-    tail = (opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap)
-    if out is not None and _same_storage(out, logits):
-        _row_backward_inplace_op(logits, *args, *tail)
+    def supports(self, logits: Tensor) -> Optional[str]:
+        if logits.dtype not in _SUPPORTED_DTYPES:
+            return f"the Triton kernels take float32/float16/bfloat16 logits, not {logits.dtype}"
+        if logits.device.type == "cuda":
+            return None
+        if logits.device.type == "cpu" and _interpreting():
+            return None
+        return f"logits on {logits.device} (Triton needs CUDA, or CPU with TRITON_INTERPRET=1)"
+
+    def _check_rows(self, logits: Tensor, *rows: Optional[Tensor]) -> None:
+        if logits.dim() != 2 or not _unit_stride_in_v(logits):
+            raise ValueError(f"logits must be 2-D [N, V] with unit stride in V, got shape {tuple(logits.shape)} "
+                             f"and strides {logits.stride()}")
+        reason = self.supports(logits)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run these logits: {reason}")
+        for t in rows:
+            if t is not None and (t.shape != logits.shape[:1] or t.device != logits.device):
+                raise ValueError(f"per-row tensor of shape {tuple(t.shape)} on {t.device} does not match logits "
+                                 f"{tuple(logits.shape)} on {logits.device}")
+
+    @staticmethod
+    def _check_grad(logits: Tensor, grad: Tensor) -> None:
+        if (grad.shape != logits.shape or grad.dtype != logits.dtype or not _unit_stride_in_v(grad)
+                or grad.device != logits.device):
+            raise ValueError(f"grad must match logits {tuple(logits.shape)} {logits.dtype} with unit stride in V, "
+                             f"got {tuple(grad.shape)} {grad.dtype} strides {grad.stride()}")
+
+    def row_forward(self, logits: Tensor, target: Tensor, token_weight: Optional[Tensor], opts: KernelOptions) -> RowStats:
+        self._check_rows(logits, target, token_weight)
+        stats = _row_forward_op(logits, target.contiguous(), _row_tensor(token_weight, torch.float32),
+                                *opts.scalars(logits.shape[1]))
+        return RowStats(*stats)
+
+    def row_backward(self, logits: Tensor, target: Tensor, lse: Tensor, coef: Tensor, opts: KernelOptions,
+                     out: Optional[Tensor] = None) -> Tensor:
+        if out is logits:
+            return self.row_backward_(logits, target, lse, coef, opts)
+        self._check_rows(logits, target, lse, coef)
+        if out is None:
+            out = torch.empty_like(logits)
+        self._check_grad(logits, out)
+        _row_backward_op(logits, target.contiguous(), _row_tensor(lse, torch.float32),
+                         _row_tensor(coef, torch.float32), out, *opts.scalars(logits.shape[1]))
+        return out
+
+    def row_backward_(self, logits: Tensor, target: Tensor, lse: Tensor, coef: Tensor, opts: KernelOptions) -> Tensor:
+        self._check_rows(logits, target, lse, coef)
+        _row_backward_inplace_op(logits, target.contiguous(), _row_tensor(lse, torch.float32),
+                                 _row_tensor(coef, torch.float32), *opts.scalars(logits.shape[1]))
         return logits
-    if out is None:
-        out = torch.empty_like(logits)
-    _check_grad(logits, out)
-    _row_backward_op(logits, *args, out, *tail)
-    return out
+
+    def row_forward_backward(self, logits: Tensor, target: Tensor, token_weight: Optional[Tensor],
+                             opts: KernelOptions, scale: Tensor, grad: Tensor) -> RowStats:
+        if grad is logits:
+            return self.row_forward_backward_(logits, target, token_weight, opts, scale)
+        self._check_rows(logits, target, token_weight)
+        self._check_grad(logits, grad)
+        scale = scale.to(device=logits.device, dtype=torch.float32).reshape(())
+        stats = _row_forward_backward_op(logits, target.contiguous(), _row_tensor(token_weight, torch.float32),
+                                         scale, grad, *opts.scalars(logits.shape[1]))
+        return RowStats(*stats)
+
+    def row_forward_backward_(self, logits: Tensor, target: Tensor, token_weight: Optional[Tensor],
+                              opts: KernelOptions, scale: Tensor) -> RowStats:
+        self._check_rows(logits, target, token_weight)
+        scale = scale.to(device=logits.device, dtype=torch.float32).reshape(())
+        stats = _row_forward_backward_inplace_op(logits, target.contiguous(), _row_tensor(token_weight, torch.float32),
+                                                 scale, *opts.scalars(logits.shape[1]))
+        return RowStats(*stats)
+
+    def scale_grad_(self, grad: Tensor, factor: Tensor) -> Tensor:
+        """``grad *= factor`` in place with the factor read on the device; a factor of exactly 1
+        leaves ``grad`` untouched without reading it."""
+        _scale_grad_op(grad, check_scale_args(grad, factor))
+        return grad
 
 
-def row_forward_backward(logits: Tensor, target: Tensor, token_weight: Optional[Tensor], opts: KernelOptions,
-                         scale: Tensor, grad: Tensor) -> RowStats:
-    _check_rows(logits, target, token_weight)
-    scale = scale.to(device=logits.device, dtype=torch.float32).reshape(())
-    head = (target.contiguous(), _row_tensor(token_weight, torch.float32), scale)
-    tail = (opts.policy, opts.threshold, opts.sharpness, opts.ignore_index, opts.label_smoothing,
-            opts.z_loss, opts.softcap)
-    if _same_storage(grad, logits):
-        stats = _row_forward_backward_inplace_op(logits, *head, *tail)
-    else:
-        _check_grad(logits, grad)
-        stats = _row_forward_backward_op(logits, *head, grad, *tail)
-    return RowStats(*stats)
-
-
-def _check_grad(logits: Tensor, grad: Tensor) -> None:
-    if grad.shape != logits.shape or grad.dtype != logits.dtype or not _unit_stride_in_v(grad) or grad.device != logits.device:
-        raise ValueError(f"grad must match logits {tuple(logits.shape)} {logits.dtype} with unit stride in V, got "
-                         f"{tuple(grad.shape)} {grad.dtype} strides {grad.stride()}")
-
-
-def scale_grad_(grad: Tensor, factor: Tensor) -> Tensor:
-    """``grad *= factor`` in place, ``factor`` a one-element tensor read on the device (no host
-    sync); a factor of exactly 1 leaves ``grad`` untouched without reading it. For the backward of
-    the single-pass path, where the upstream gradient is known only after the forward wrote grad."""
-    if grad.dim() != 2 or not _unit_stride_in_v(grad):
-        raise ValueError(f"grad must be 2-D with unit stride in V, got shape {tuple(grad.shape)} strides {grad.stride()}")
-    if factor.numel() != 1:
-        raise ValueError(f"factor must have one element, got shape {tuple(factor.shape)}")
-    _scale_grad_op(grad, factor.to(device=grad.device, dtype=torch.float32).reshape(()))
-    return grad
+export(TritonBackend(), globals())

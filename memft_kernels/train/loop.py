@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, TrainInputError
 from .data import IGNORE, build_task, to_batch
 from .evaluate import exact_recall, teacher_forced
+from .longcontext import split_long_samples
 from .plan import check_fits, format_plan, make_plan
 from .head import FusedHead, LogitsHead, autocast_context, forward_head, use_fused_head
 from .models import add_lora, compile_decoder, configure_model, build_model, check_model_dir, context_length, count_trainable, is_builtin, load_model, trainable_parameters
@@ -285,8 +286,10 @@ def setup(config: TrainConfig, make_dir: bool = True) -> Run:
                                   f"{model.get_input_embeddings().num_embeddings}")
     ctx = context_length(model)
     if ctx is not None and task.max_len > ctx:
-        raise TrainInputError(f"a sample is {task.max_len} tokens long (prompt + answer), longer than the "
-                              f"model's context of {ctx}; lower --length")
+        if config.task not in ("random", "text") or ctx < 4:
+            raise TrainInputError(f"a sample is {task.max_len} tokens long (prompt + answer), longer than the "
+                                  f"model's context of {ctx}; lower --length")
+        task = split_long_samples(task, ctx)  # memorized in windows (train/longcontext.py)
     configure_model(model, config.attn, config.gradient_checkpointing)
     model = add_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.layers, config.seed)
     model.to(device).train()

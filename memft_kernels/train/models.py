@@ -13,7 +13,8 @@ import torch
 
 from .config import TrainInputError
 
-# hidden, layers, heads, kv heads, mlp, context. "tiny" is the embedded default (CALIBRATION.md).
+# hidden, layers, heads, kv heads, mlp, context. "tiny" is the embedded default (docs/TRAINING.md,
+# "Facts the defaults rest on").
 BUILTIN_MODELS = {
     "nano": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, max_position_embeddings=1024),

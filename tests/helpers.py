@@ -1,0 +1,78 @@
+"""Helpers shared by the test files (import as ``from helpers import ...``; tests/ is on sys.path
+when pytest collects them, as conftest.py lives there).
+
+* ``rel(a, b)``: norm-relative error ||a - b|| / ||b|| in float64 (the absolute error when b = 0);
+* ``make(...)``: fresh random logits with a third of the rows confident (p > 0.5, so the hard
+  policy masks) and a fraction of targets ignored;
+* ``run(logits, target, backend, grad_out, **opts)``: memft_loss forward + backward on a fresh leaf;
+* ``poison_(tensors)`` and ``poison_stats(monkeypatch)``: fill outputs with NaN (int64 with -1)
+  before a kernel writes them, so a value a kernel forgot to write fails the comparison;
+* ``BACKENDS``: every backend usable here; ``backend_params()`` the (backend, use_compile) matrix.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import pytest
+import torch
+
+from memft_kernels import memft_loss
+from memft_kernels.dispatch import availability
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    nb = b.norm()
+    return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
+
+
+def make(n=24, v=37, dtype=torch.float32, ignore_frac=0.2, scale=3.0, seed=0, device="cpu", confident=8.0):
+    """Fresh random logits [n, v] and targets (ignore_index -100 on about ``ignore_frac`` of them)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    target = torch.randint(0, v, (n,), generator=g)
+    conf = torch.rand(n, generator=g) < 0.35
+    logits[conf, target[conf]] += confident
+    target[torch.rand(n, generator=g) < ignore_frac] = -100
+    return logits.to(dtype).to(device), target.to(device)
+
+
+def run(logits, target, backend="auto", grad_out=None, loss_fn=memft_loss, **opts):
+    """``loss_fn`` forward + backward on a fresh leaf copy of ``logits``; returns (loss, grad)."""
+    x = logits.detach().clone().requires_grad_(True)
+    loss = loss_fn(x, target, backend=backend, **opts)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
+    loss.backward(go)
+    return loss.detach(), x.grad
+
+
+def poison_(tensors: Iterable[torch.Tensor]):
+    """NaN into float tensors, -1 into integer ones, in place; returns them."""
+    tensors = tuple(tensors)
+    for t in tensors:
+        t.fill_(-1 if not t.is_floating_point() else math.nan)
+    return tensors
+
+
+def poison_stats(monkeypatch, module, name: str) -> None:
+    """Make ``module.name`` (a function returning fresh per-row output tensors) return them poisoned."""
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: poison_(real(*args, **kwargs)))
+
+
+# Every backend that runs on this machine, and the matrix of the behaviour tests.
+BACKENDS = [name for name in ("torch", "cpu", "triton", "cuda") if availability(name) is None]
+
+
+def backend_params(compile_too: bool = True):
+    """pytest params (backend, use_compile): every available backend eager, and compiled
+    (torch.compile(fullgraph=True, backend="aot_eager"), validate=False) where ``compile_too``."""
+    params = [pytest.param(b, False, id=f"{b}-eager") for b in BACKENDS]
+    if compile_too:
+        params += [pytest.param(b, True, id=f"{b}-compiled") for b in BACKENDS]
+    return params
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
