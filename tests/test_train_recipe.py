@@ -161,7 +161,13 @@ def test_window_bad_options(kwargs, needle):
 # ---------------------------------------------------------------------------------------------
 # weight_fn sees this forward's predictions
 # ---------------------------------------------------------------------------------------------
-def test_weight_fn_sees_this_forwards_pred():
+def test_weight_fn_sees_this_forwards_pred(monkeypatch):
+    from memft_kernels.train import head
+
+    def no_extra_pass(self):
+        raise AssertionError("the window must come from the loss's own stats, not another argmax of the logits")
+
+    monkeypatch.setattr(head.LogitsHead, "argmax", no_extra_pass)
     g = torch.Generator().manual_seed(3)
     target = torch.randint(0, 16, (2, 40), generator=g)
     target[:, :2] = -100
@@ -214,9 +220,13 @@ def _check_grads(run, ref):
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-def test_memft_sw_in_the_loop_is_the_authors_step_for_step(tmp_path):
-    run = setup(TrainConfig(**NANO, samples=2, batch_size=2, loss="memft-sw", window_span=6, window_decay=3.0,
-                            steps=7, run_dir=str(tmp_path / "run")))
+@pytest.mark.parametrize("head", [dict(backend="torch"), dict(backend="auto", fused_head=True)])
+def test_memft_sw_in_the_loop_is_the_authors_step_for_step(tmp_path, head):
+    """The loss's weight_fn (logits or the fused head, whose logits are never materialized) gives
+    the authors' update: the window from this very forward's argmax."""
+    run = setup(TrainConfig(**dict(NANO, **head), samples=2, batch_size=2, loss="memft-sw", window_span=6,
+                            window_decay=3.0, steps=7, run_dir=str(tmp_path / "run")))
+    assert run.fused_head == bool(head.get("fused_head"))
     ref = RefWindow(span=6, decay=3.0)
     anchors = []
 
