@@ -3,9 +3,10 @@
 // raw addresses, sizes and strides, so one compiled module serves every torch version.
 #pragma once
 
-// Bumped whenever an entry point or argument struct changes; memft_kernels/ops/native.py refuses a
-// module built from another version (a stale build) with a message saying to rebuild.
-#define MEMFT_NATIVE_ABI 2
+// Bumped whenever an entry point, an argument struct or a result changes (3: a +inf logit makes its
+// row NaN); memft_kernels/ops/native.py refuses a module built from another version (a stale build)
+// with a message saying to rebuild.
+#define MEMFT_NATIVE_ABI 3
 
 #include <cstdint>
 

@@ -60,7 +60,7 @@ MEMFT_HD RowValues row_values(const RowInput& in, const RowOptions& o, int64_t i
                               float sumexp, float sumx, bool has_nan, float x_target) {
   RowValues r;
   if (has_nan) r.lse = kNaN;
-  else if (max == kInf) r.lse = kInf;  // torch.logsumexp's value; max + log(sum) would be NaN
+  else if (max == kInf) r.lse = kNaN;  // a +inf logit: F.cross_entropy's log_softmax gives NaN (inf - inf)
   else r.lse = max + logf(sumexp);
   r.ce = t.in_range ? r.lse - x_target : kNaN;
   const float eps = o.label_smoothing;

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-# Modules that add subcommands; a module that is missing from this version is skipped.
+# Modules that add subcommands (each defines add_subcommands(subparsers)).
 _SUBCOMMAND_MODULES = (
     "memft_kernels.train.cli",  # memft train
     "memft_kernels.law",  # memft law sweep|fit|predict, memft phase
@@ -77,13 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="version, backends available here and why the others are not")
     info.set_defaults(func=_info)
     for name in _SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue  # that part is not in this version
-            raise
-        module.add_subcommands(sub)
+        importlib.import_module(name).add_subcommands(sub)
     return parser
 
 

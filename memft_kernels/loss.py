@@ -17,31 +17,35 @@ from .policy import reduce_rows, unit_scale, weight_fn_factor
 from .spec import KernelOptions, LossOptions, MemFTStats, accumulate_dtype, prepare_call, takes_loss_options
 
 
-def _scale_known_up_front(reduction: str, normalize: str, denominator) -> bool:
-    """True when coef_i = scale * w_i with a scale known before the forward (single-pass path)."""
-    return reduction == "sum" or (reduction == "mean" and (denominator is not None or normalize == "valid"))
+def _single_pass(want_grad: bool, weight_fn, reduction: str, normalize: str, denominator) -> bool:
+    """True when the gradient is written during the forward: it is wanted, and coef_i = s * w_i with
+    s known before the forward ("sum", a denominator, or normalize="valid") and w_i known in the
+    kernel (no weight_fn, whose weights exist only after the row pass)."""
+    known = reduction == "sum" or (reduction == "mean" and (denominator is not None or normalize == "valid"))
+    return bool(want_grad) and weight_fn is None and known
 
 
 class _MemFTLossFunction(torch.autograd.Function):
+    """Row kernels of a backend, then the reduction; forward / setup_context / backward (the form
+    torch.func transforms need). ``want_grad`` tells the forward whether the logits need a gradient
+    (it cannot ask ctx)."""
+
     @staticmethod
-    def forward(ctx, logits, target, token_weight, backend: Backend, opts: KernelOptions, reduction, normalize,
-                fallback, denominator, inplace, weight_fn, user_target, validate):
+    def forward(logits, target, token_weight, backend: Backend, opts: KernelOptions, reduction, normalize,
+                fallback, denominator, inplace, weight_fn, user_target, validate, want_grad):
         valid = target != opts.ignore_index
-        # With weight_fn the weights are known only after the row pass: the gradient then comes from
-        # the backward (one sweep there, one here: what the two-pass path always reads).
-        fused = (ctx.needs_input_grad[0] and weight_fn is None
-                 and _scale_known_up_front(reduction, normalize, denominator))
+        fused = _single_pass(want_grad, weight_fn, reduction, normalize, denominator)
+        grad = row_scale = None
         if fused:
             # Gradient written during the forward with grad_out = 1; the backward scales it on the device.
             scale = unit_scale(valid, reduction, denominator, accumulate_dtype(logits.dtype))
             if inplace:
-                grad = logits
                 stats = backend.row_forward_backward_(logits, target, token_weight, opts, scale)
             else:
                 grad = torch.empty_like(logits)
                 stats = backend.row_forward_backward(logits, target, token_weight, opts, scale, grad)
+            row_scale = stats.weight.to(scale.dtype) * scale
         else:
-            grad = None
             stats = backend.row_forward(logits, target, token_weight, opts)
         reduced = reduce_rows(
             stats.loss, stats.weight, valid,
@@ -56,43 +60,62 @@ class _MemFTLossFunction(torch.autograd.Function):
                 stats.loss, stats.weight, valid,
                 reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
             )
-        ctx.backend, ctx.opts, ctx.inplace, ctx.fused = backend, opts, inplace, fused
+        if not fused:
+            row_scale = reduced.row_scale
+        if grad is None:  # outputs are tensors (torch.compile's backward wants no None): an empty stand-in
+            grad = logits.new_empty(0)
+        return (reduced.loss, stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back,
+                row_scale, grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (logits, target, _, backend, opts, reduction, normalize, _, denominator, inplace, weight_fn, _, _,
+         want_grad) = inputs
+        _, lse, ce, prob, pred, weight, fell_back, row_scale, grad = output
+        ctx.backend, ctx.opts, ctx.inplace = backend, opts, inplace
+        ctx.fused = _single_pass(want_grad, weight_fn, reduction, normalize, denominator)
+        if not ctx.fused:
+            grad = None
+        elif inplace:
+            grad = logits
         ctx.traced = torch.compiler.is_compiling()
-        if fused and ctx.traced:
+        if ctx.fused and ctx.traced:
             # Traced (torch.compile): the graph is functional and its backward runs once per forward.
             ctx.save_for_backward(grad)
-        elif fused:
-            # The gradient goes to the first backward as an attribute, not a saved tensor: it is
-            # scaled in place there and may become the logits' .grad, and a later backward through a
-            # retained graph recomputes from the saved logits instead of reading it again.
-            ctx.grad = grad
-            row_scale = stats.weight.to(scale.dtype) * scale
-            ctx.save_for_backward(logits, target, stats.lse, row_scale)
         else:
-            ctx.save_for_backward(logits, target, stats.lse, reduced.row_scale)
-        ctx.mark_non_differentiable(stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back)
-        return reduced.loss, stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back
+            # The single-pass gradient goes to the first backward as an attribute, not a saved tensor:
+            # it is scaled in place there and may become the logits' .grad; a later backward through
+            # a retained graph recomputes it from the saved logits instead.
+            ctx.grad = grad if ctx.fused else None
+            ctx.save_for_backward(logits, target, lse, row_scale)
+        ctx.mark_non_differentiable(lse, ce, prob, pred, weight, fell_back, row_scale, output[8])
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        none = (None,) * 13
+        # The kernels are not differentiable (no double backward): under a torch.func transform the
+        # upstream gradient may track gradients itself, which must not reach the custom ops.
+        grad_loss = grad_loss.detach()
         if ctx.fused and ctx.traced:
             (grad,) = ctx.saved_tensors
-            return (ctx.backend.scale_grad_(grad, grad_loss),) + (None,) * 12
+            return (ctx.backend.scale_grad_(grad, grad_loss),) + none
         if ctx.fused and ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
             # Scaled in place on the device: no host sync (CUDA graphs, torch.compile), and a
             # grad_loss of exactly 1 costs no pass over the gradient on the compiled backends.
-            return (ctx.backend.scale_grad_(grad, grad_loss),) + (None,) * 12
+            return (ctx.backend.scale_grad_(grad, grad_loss),) + none
         # The two-pass path, and any later backward of the single-pass path (retain_graph=True):
         # the gradient from the saved logits. With inplace_backward the logits were consumed by
         # the first backward, and reading them raises autograd's in-place modification error.
         logits, target, lse, row_scale = ctx.saved_tensors
-        coef = (grad_loss * row_scale).to(accumulate_dtype(logits.dtype))
+        if not ctx.inplace:
+            logits = logits.detach()
+        coef = (grad_loss * row_scale.detach()).to(accumulate_dtype(logits.dtype))
         if ctx.inplace:
             grad = ctx.backend.row_backward_(logits, target, lse, coef, ctx.opts)
         else:
             grad = ctx.backend.row_backward(logits, target, lse, coef, ctx.opts)
-        return (grad,) + (None,) * 12
+        return (grad,) + none
 
 
 @takes_loss_options()
@@ -143,9 +166,10 @@ def memft_loss_with(logits: torch.Tensor, target: torch.Tensor, token_weight: Op
     # (logits.is_contiguous() <=> the flattening made no copy; a data_ptr is not traceable.)
     inplace = bool(options.inplace_backward) and logits.is_contiguous()
 
-    loss, lse, ce, prob, pred, weight, fell_back = _MemFTLossFunction.apply(
+    want_grad = torch.is_grad_enabled() and call.logits.requires_grad
+    loss, lse, ce, prob, pred, weight, fell_back, _, _ = _MemFTLossFunction.apply(
         call.logits, call.target, call.token_weight, module, call.kernel, options.reduction, options.normalize,
-        options.fallback, call.denominator, inplace, options.weight_fn, target, options.validate,
+        options.fallback, call.denominator, inplace, options.weight_fn, target, options.validate, want_grad,
     )
     if options.reduction == "none":
         loss = loss.reshape(call.lead_shape)

@@ -61,7 +61,7 @@ class FakeCudaModule:
 
     BUILT_ARCHITECTURES = "90-real 90-virtual"
     CUDA_RUNTIME_VERSION = "13.0.88"
-    ABI = 2  # memft_kernels.ops.native.ABI: built from these sources
+    ABI = 3  # memft_kernels.ops.native.ABI: built from these sources
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from memft_kernels import MemFTLoss, MemFTStats, available_backends, memft_loss
 from memft_kernels.ops import reference
 
 from helpers import make as _make
-from helpers import rel
+from helpers import BACKENDS, device_for, rel
 from helpers import run as _run
 
 LN2 = math.log(2.0)
@@ -133,15 +133,18 @@ def test_token_weight_and_denominator(reduction, normalize, fallback):
             assert rel(loss, ref_loss) < 1e-5 and rel(grad, ref_grad) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fallback", ["mean", "zero"])
-def test_fallback_when_every_token_is_recalled(fallback):
+def test_fallback_when_every_token_is_recalled(fallback, backend):
     n, v = 16, 11
     target = torch.randint(0, v, (n,))
     logits = torch.randn(n, v)
     logits[torch.arange(n), target] += 6.0  # every p > 0.5: the hard policy masks everything
     target[0] = -100
+    dev = device_for(backend)
+    logits, target = logits.to(dev), target.to(dev)
     x = logits.clone().requires_grad_(True)
-    loss, stats = memft_loss(x, target, fallback=fallback, return_stats=True)
+    loss, stats = memft_loss(x, target, fallback=fallback, return_stats=True, backend=backend)
     loss.backward()
     assert bool(stats.fell_back) and int(stats.n_active) == 0
     if fallback == "zero":
@@ -255,14 +258,16 @@ def test_low_precision_within_torch_own_error(dtype):
     assert rel(grad, r_grad) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
-def test_ties_take_the_lowest_index():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_take_the_lowest_index(backend):
     logits = torch.zeros(4, 6) + torch.randn(4, 1)
     logits[0, [1, 4]] = 5.0
     logits[1, [0, 5]] = 5.0
     logits[2, :] = 1.0
     logits[3, [2, 3, 5]] = 7.0
     target = torch.tensor([4, 5, 3, 3])
-    _, stats = memft_loss(logits, target, return_stats=True)
+    logits, target = logits.to(device_for(backend)), target.to(device_for(backend))
+    _, stats = memft_loss(logits, target, return_stats=True, backend=backend)
     assert stats.pred.tolist() == [1, 0, 0, 2]
     assert torch.equal(stats.pred, torch.argmax(logits, -1))
 
@@ -316,30 +321,34 @@ def test_inplace_backward_reuses_logits_storage():
     assert rel(leaf.grad, ref_grad) < 1e-5
 
 
-def test_zero_rows_and_all_ignored():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows_and_all_ignored(backend):
     for n in (0, 5):
-        logits = torch.randn(n, 7, requires_grad=True)
-        target = torch.full((n,), -100)
+        logits = torch.randn(n, 7, device=device_for(backend), requires_grad=True)
+        target = torch.full((n,), -100, device=device_for(backend))
         for red in ("mean", "sum"):
             for norm in ("active", "valid"):
-                loss = memft_loss(logits, target, reduction=red, normalize=norm)
+                loss = memft_loss(logits, target, reduction=red, normalize=norm, backend=backend)
                 assert loss.item() == 0.0 and not torch.isnan(loss)
                 (g,) = torch.autograd.grad(loss, logits)
                 assert torch.count_nonzero(g) == 0
         assert memft_loss(logits, target, reduction="none").shape == (n,)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("policy", ["none", "hard", "sigmoid"])
-def test_nan_in_a_valid_row_reaches_the_loss(policy):
+def test_nan_in_a_valid_row_reaches_the_loss(policy, backend):
+    """The NaN rule (w = 1 where ce is NaN) on every backend, the reference included."""
     logits, target = make(n=10, v=7, ignore_frac=0.0)
     logits[4, 2] = float("nan")
-    loss, stats = memft_loss(logits, target, policy=policy, return_stats=True)
+    logits, target = logits.to(device_for(backend)), target.to(device_for(backend))
+    loss, stats = memft_loss(logits, target, policy=policy, return_stats=True, backend=backend)
     assert torch.isnan(loss)
     assert stats.weight[4].item() == 1.0
-    assert torch.isnan(memft_loss(logits, target, policy=policy, reduction="sum"))
+    assert torch.isnan(memft_loss(logits, target, policy=policy, reduction="sum", backend=backend))
     # a NaN in an ignored row is not a valid row's NaN
     target[4] = -100
-    assert not torch.isnan(memft_loss(logits, target, policy=policy))
+    assert not torch.isnan(memft_loss(logits, target, policy=policy, backend=backend))
 
 
 def test_out_of_range_target_without_validation_gives_nan_not_a_crash():
@@ -394,10 +403,13 @@ def test_stats_fields():
     assert all(isinstance(t, torch.Tensor) for t in stats.as_dict().values())
 
 
-def test_hard_policy_gives_recalled_tokens_no_gradient():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])  # the single-pass and two-pass paths
+def test_hard_policy_gives_recalled_tokens_no_gradient(backend, reduction):
     logits, target = make(n=40, v=13, ignore_frac=0.0)
-    x = logits.clone().requires_grad_(True)
-    loss, stats = memft_loss(x, target, return_stats=True, reduction="sum")
+    x = logits.to(device_for(backend)).requires_grad_(True)
+    target = target.to(x.device)
+    loss, stats = memft_loss(x, target, return_stats=True, reduction=reduction, backend=backend)
     loss.backward()
     recalled = stats.prob >= 0.5
     assert recalled.any() and (~recalled).any()

@@ -148,8 +148,8 @@ def _train_cases():
 
     # explicit backends that cannot run here (conftest turns on Triton's CPU interpreter for the tests)
     cases += [["--backend", name] for name in ("cuda", "triton") if dispatch.availability(name) is not None]
-    cases += [["--backend", "cpu", "--dtype", "float16"],
-              ["--autocast", "bf16", "--dtype", "bfloat16"], ["--fsdp"], ["--curriculum"], ["--device", "cuda"],
+    # (--backend cpu --dtype float16 was refused until the CPU kernels took float16 logits.)
+    cases += [["--autocast", "bf16", "--dtype", "bfloat16"], ["--fsdp"], ["--curriculum"], ["--device", "cuda"],
               ["--task", "text", "--data", "DIR"]]
     return cases
 

@@ -24,7 +24,7 @@ from ..spec import KernelOptions, KernelScalars, RowStats
 from .base import Backend, check_scale_args
 
 # The compiled modules' argument-struct version (csrc/memft_native.h MEMFT_NATIVE_ABI).
-ABI = 2
+ABI = 3
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NOT_BUILT = (
     "the native {what} module memft_kernels.{name} was not built ({error}); reinstall with "

@@ -57,7 +57,9 @@ def _row_forward(logits: torch.Tensor, target: torch.Tensor, token_weight: Optio
     valid, in_range, safe = _row_targets(target, v, opts.ignore_index)
     for a, b in row_chunks(n, v):
         x = capped(logits[a:b].to(dt), opts.softcap)
-        lse[a:b] = torch.logsumexp(x, dim=-1)
+        # A +inf logit makes the row NaN, as F.cross_entropy's log_softmax (inf - inf) does; plain
+        # logsumexp would give inf (and ce = inf at a non-target +inf).
+        lse[a:b] = torch.logsumexp(x, dim=-1).masked_fill_(torch.isposinf(x).any(dim=-1), math.nan)
         tgt_logit[a:b] = x.gather(1, safe[a:b, None]).squeeze(1)
         if opts.label_smoothing:
             mean_logit[a:b] = x.mean(dim=-1)

@@ -101,7 +101,8 @@ if triton is not None:
             if HAS_SMOOTHING:
                 x_sum += tl.sum(tl.where(mask, x, 0.0), 0)
         lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
-        lse = tl.where(m == float("inf"), float("inf"), lse)  # exp(inf - inf) made s NaN; log-sum-exp is inf
+        # A +inf logit makes the row NaN, as F.cross_entropy's log_softmax (inf - inf) does.
+        lse = tl.where(m == float("inf"), float("nan"), lse)
 
         valid = tgt != ignore_index
         in_range = (tgt >= 0) & (tgt < V)

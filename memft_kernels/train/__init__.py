@@ -8,13 +8,16 @@ Stable API::
 ``train(config) -> dict`` (keys documented in docs/TRAINING.md: rank, lora_params, length, task,
 loss, seed, base_loss, final_loss, dL, token_accuracy, recalled_frac, exact_recall,
 steps_to_full_recall, run_dir, ...). ``resume(run_dir) -> dict`` continues a checkpointed run.
-Bad input raises ``TrainInputError`` (a ValueError).
+Bad input raises ``TrainInputError`` (a ValueError). ``recipe_config(name, **overrides)``: the
+authors' settings (``--recipe``); ``SlidingWindow``: their MemFT-SW window, a ``weight_fn``.
 """
 from __future__ import annotations
 
 import os
 
 from .config import TrainConfig, TrainInputError
+from .recipes import recipe_config
+from .windows import SlidingWindow
 
 
 def train(config: TrainConfig) -> dict:
@@ -58,4 +61,4 @@ def resume(run_dir: str) -> dict:
     return run_training(config, resume_state=state)
 
 
-__all__ = ["TrainConfig", "TrainInputError", "train", "resume"]
+__all__ = ["TrainConfig", "TrainInputError", "train", "resume", "recipe_config", "SlidingWindow"]

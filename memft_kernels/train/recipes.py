@@ -76,7 +76,7 @@ def _common(family: str, n_layers: Optional[int], yaml: str) -> Settings:
         "target_modules": (["down_proj"], f"{yaml}:{52 if yaml == PB_YAML else 51} intervention_components=mlp "
                                           "(stand-in: that layer's MLP output projection)"),
         "rank": (2, f"{yaml}:{50 if yaml == PB_YAML else 49} low_rank_dimension (the scripts sweep RANKS)"),
-        "alpha": (32.0, f"{PB_YAML}:16 lora_alpha (not passed by the trainer, {TRAINER.rsplit('/', 1)[1]} make_model)"),
+        "alpha": (32.0, f"{PB_YAML}:16 lora_alpha (not passed on by steer/trainer/MemFTTrainer.py:55-62)"),
         "dropout": (0.1, f"{yaml}:12 dropout"),
         "grad_clip": (1.0, f"{TRAINER}:619 clip_grad_norm_(..., 1.0)"),
         "threshold": (0.5, f"{PB_SH}:331" if yaml == PB_YAML else f"{LC_SH}:265"),

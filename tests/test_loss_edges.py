@@ -1,0 +1,192 @@
+"""memft_loss at its edges, on every available backend: torch.compile(fullgraph=True, dynamic=True),
+repeated backward through a retained graph, torch.func.grad, +inf logits, refused option types, and
+a hypothesis fuzz over the whole option space with odd shapes, strides and dtypes against the
+float64 reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memft_kernels import dispatch, memft_loss
+
+from helpers import BACKENDS, device_for, make, rel, run
+
+
+# ------------------------------------------------------------------------------ torch.compile
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_dynamic_traces_symbolic_float_options(backend):
+    logits, target = make(n=10, v=13, device=device_for(backend))
+    torch._dynamo.reset()
+    f = torch.compile(memft_loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    opts = dict(policy="sigmoid", threshold=0.3, sharpness=5.0, label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
+    loss, grad = run(logits, target, backend, loss_fn=f, validate=False, **opts)
+    ref_loss, ref_grad = run(logits.double(), target, "torch", **opts)
+    assert rel(loss, ref_loss) < 1e-5 and rel(grad, ref_grad) < 1e-5
+
+
+def test_validate_true_under_fullgraph_says_to_pass_validate_false():
+    logits, target = make(n=6, v=7)
+    torch._dynamo.reset()
+    f = torch.compile(memft_loss, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="validate=False"):
+        f(logits, target)
+    torch._dynamo.reset()
+    eager_ok = torch.compile(memft_loss, backend="aot_eager")(logits, target)  # a graph break, not an error
+    assert rel(eager_ok, memft_loss(logits, target)) < 1e-6
+
+
+# ------------------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", [dict(reduction="sum"), dict(normalize="valid"), dict(denominator=11.0), dict()],
+                         ids=["sum", "valid", "denominator", "active"])
+def test_repeated_backward_through_a_retained_graph_accumulates(backend, opts):
+    logits, target = make(n=9, v=11, device=device_for(backend))
+    x = logits.clone().requires_grad_(True)
+    loss = memft_loss(x, target, backend=backend, **opts)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward(torch.tensor(2.0, device=x.device), retain_graph=True)
+    loss.backward(torch.tensor(0.5, device=x.device))
+    assert rel(x.grad, 3.5 * once) < 1e-6
+    _, ref = run(logits.double(), target, "torch", **opts)
+    assert rel(once, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", [dict(reduction="sum"), dict(policy="sigmoid")], ids=["single_pass", "two_pass"])
+def test_torch_func_grad(backend, opts):
+    logits, target = make(n=8, v=9, device=device_for(backend))
+    grad = torch.func.grad(lambda x: memft_loss(x, target, backend=backend, validate=False, **opts))(logits)
+    _, want = run(logits, target, backend, **opts)
+    assert rel(grad, want) < 1e-6
+
+
+# ---------------------------------------------------------------------------- values and types
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["other", "target"])
+def test_positive_inf_logit_gives_nan_like_cross_entropy(backend, where):
+    logits, target = make(n=5, v=7, ignore_frac=0.0, device=device_for(backend))
+    col = (int(target[2]) + 1) % 7 if where == "other" else int(target[2])
+    logits[2, col] = math.inf
+    assert torch.isnan(F.cross_entropy(logits.float(), target))
+    loss, stats = memft_loss(logits, target, policy="none", reduction="none", backend=backend, return_stats=True)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4]]).all()
+    assert float(stats.weight[2]) == 1.0  # the NaN rule: the row reaches the loss
+    assert torch.isnan(memft_loss(logits, target, backend=backend))
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=True), dict(threshold="0.5"), dict(denominator="3"),
+                                dict(sharpness=True), dict(denominator=torch.tensor(True)), dict(z_loss="0")])
+def test_bools_and_strings_are_not_numbers(kw):
+    logits, target = make(n=4, v=5)
+    (name,) = kw
+    with pytest.raises(ValueError, match=name):
+        memft_loss(logits, target, **kw)
+
+
+# ----------------------------------------------------------------------------------- the fuzz
+TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-2),
+       torch.float16: (2e-5, 3e-3)}  # (loss and statistics, gradient): one rounding of the gradient
+
+
+@st.composite
+def cases(draw):
+    backend = draw(st.sampled_from(BACKENDS))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+    lead = tuple(draw(st.lists(st.integers(1, 6), min_size=1, max_size=3)))
+    if draw(st.integers(0, 9)) == 0:  # now and then no rows at all
+        lead = lead[:-1] + (0,)
+    v = draw(st.integers(1, 70))
+    layout = draw(st.sampled_from(["contiguous", "transposed", "column_stride", "row_gap"]))
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    opts = dict(
+        policy=draw(st.sampled_from(["none", "hard", "sigmoid"])),
+        threshold=draw(st.sampled_from([0.05, 0.3, 0.5, 0.9, 1.0])),
+        sharpness=draw(st.sampled_from([0.5, 4.0, 20.0])),
+        reduction=reduction,
+        normalize=draw(st.sampled_from(["active", "valid"])),
+        fallback=draw(st.sampled_from(["mean", "zero"])),
+        ignore_index=draw(st.sampled_from([-100, 0, 3])),
+        label_smoothing=draw(st.sampled_from([0.0, 0.1])),
+        z_loss=draw(st.sampled_from([0.0, 1e-3])),
+        softcap=draw(st.sampled_from([None, 2.0, 30.0])),
+    )
+    denominator = draw(st.sampled_from([None, None, 7.0, "tensor"]))
+    opts["denominator"] = torch.tensor(7.0) if denominator == "tensor" else denominator
+    return dict(backend=backend, dtype=dtype, lead=lead, v=v, layout=layout, opts=opts,
+                token_weight=draw(st.booleans()), inplace=draw(st.booleans()), scale=draw(st.sampled_from([1.0, 6.0])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _logits(case, device):
+    """Logits of the case's shape in the case's memory layout (values identical whatever the layout)."""
+    g = torch.Generator().manual_seed(case["seed"])
+    lead, v = case["lead"], case["v"]
+    dense = (torch.randn(*lead, v, generator=g, dtype=torch.float64) * case["scale"]).to(case["dtype"])
+    layout = case["layout"]
+    if layout == "transposed" and len(lead) >= 2:
+        base = dense.transpose(0, 1).contiguous().to(device)
+        x = base.transpose(0, 1)
+    elif layout == "column_stride":
+        base = torch.zeros(*lead, 2 * v, dtype=dense.dtype, device=device)
+        x = base[..., ::2]
+        x.copy_(dense)
+    elif layout == "row_gap":
+        base = torch.zeros(*lead, v + 3, dtype=dense.dtype, device=device)
+        x = base[..., :v]
+        x.copy_(dense)
+    else:
+        x = dense.to(device)
+    assert torch.equal(x.cpu(), dense)
+    return x, g
+
+
+@settings(max_examples=30)
+@given(cases())
+def test_fuzz_every_option_shape_stride_and_dtype_against_float64(case):
+    backend, dtype, opts = case["backend"], case["dtype"], dict(case["opts"])
+    device = device_for(backend)
+    x, g = _logits(case, device)
+    module = dispatch.resolve(backend, torch.empty(1, 1, device=device))  # available (helpers.BACKENDS)
+    if module.supports(x.reshape(-1, case["v"]).contiguous()) is not None:
+        with pytest.raises(RuntimeError, match="cannot run"):
+            memft_loss(x, torch.zeros(case["lead"], dtype=torch.long, device=device), backend=backend)
+        return
+    target = torch.randint(0, case["v"], case["lead"], generator=g)
+    target[torch.rand(case["lead"], generator=g) < 0.2] = opts["ignore_index"]
+    target = target.to(device)
+    tw = (torch.rand(case["lead"], generator=g) * 2).to(device) if case["token_weight"] else None
+    if tw is not None and tw.numel():
+        tw.view(-1)[0] = 0.0
+    if isinstance(opts["denominator"], torch.Tensor):
+        opts["denominator"] = opts["denominator"].to(device)
+    grad_out = torch.rand(case["lead"], dtype=torch.float64).to(device) if opts["reduction"] == "none" else None
+
+    leaf = x.detach().clone().requires_grad_(True) if not case["inplace"] else None
+    inp = leaf if leaf is not None else x.detach().requires_grad_(True)
+    loss, stats = memft_loss(inp * 1.0 if case["inplace"] else inp, target, backend=backend, token_weight=tw,
+                             inplace_backward=case["inplace"], return_stats=True, **opts)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype))
+    grad = inp.grad
+
+    x64 = x.detach().double().cpu().requires_grad_(True)
+    ref_opts = dict(opts, denominator=opts["denominator"].cpu() if isinstance(opts["denominator"], torch.Tensor)
+                    else opts["denominator"])
+    ref_loss, ref_stats = memft_loss(x64, target.cpu(), backend="torch", return_stats=True,
+                                     token_weight=None if tw is None else tw.double().cpu(), **ref_opts)
+    ref_loss.backward(torch.ones_like(ref_loss) if grad_out is None else grad_out.cpu())
+    loss_tol, grad_tol = TOL[dtype]
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == ref_loss.shape and grad.shape == x.shape and grad.dtype == dtype
+    assert rel(loss.cpu(), ref_loss) < loss_tol, (loss, ref_loss)
+    assert rel(grad.cpu(), x64.grad) < grad_tol
+    for name in ("ce", "prob", "lse", "weight"):
+        assert rel(getattr(stats, name).cpu(), getattr(ref_stats, name)) < loss_tol, name
+    assert torch.equal(stats.pred.cpu(), ref_stats.pred) or dtype != torch.float64
+    for name in ("n_valid", "n_active", "fell_back"):
+        assert torch.equal(getattr(stats, name).cpu(), getattr(ref_stats, name)), name
