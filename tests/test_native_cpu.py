@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from memft_kernels import memft_loss
+from memft_kernels import dispatch, memft_loss
 from memft_kernels.ops import native, native_cpu, reference
 from memft_kernels.spec import KernelOptions
 
@@ -24,7 +24,7 @@ from helpers import run as _run
 
 pytestmark = pytest.mark.skipif(native_cpu.availability() is not None, reason=str(native_cpu.availability()))
 
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # ~4 ulp of the gradient dtype
 ALL_MODES = [("mean", "active", "mean"), ("mean", "active", "zero"), ("mean", "valid", "mean"),
              ("sum", "active", "mean"), ("none", "active", "mean")]
 OPTION_SETS = [
@@ -65,7 +65,7 @@ def check_loss(logits, target, grad_out=None, loss_tol=1e-5, atol=0.0, **opts):
 
 
 # ------------------------------------------------------------------------------- row kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("v", [1, 7, 37, 2053])
 @pytest.mark.parametrize("opt_set", range(len(OPTION_SETS)))
 def test_row_kernels_vs_float64(dtype, v, opt_set):
@@ -85,13 +85,17 @@ def test_row_kernels_vs_float64(dtype, v, opt_set):
     out = torch.full_like(logits, math.nan)
     native_cpu.row_backward(logits, target, got.lse, coef, opts, out=out)
     ref = reference.row_backward(logits.double(), target, want.lse, coef.double(), opts)
+    assert torch.all(out[coef == 0] == 0)
+    if dtype == torch.float16:  # a float64 value past float16's range (65504) is inf in float16
+        rounded = ref.to(dtype)
+        assert torch.equal(out.isinf(), rounded.isinf()) and torch.equal(out[out.isinf()], rounded[rounded.isinf()])
+        out, ref = out[rounded.isfinite()], ref[rounded.isfinite()]
     # The terms are O(|coef|); with V = 1 they cancel to ~2 z lse, so the bound counts them too.
     err = float((out.double() - ref).abs().max())
     assert err <= GRAD_TOL[dtype] * float(ref.abs().max()) + 3e-7 * float(coef.abs().max())
-    assert torch.all(out[coef == 0] == 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("opt_set", range(len(OPTION_SETS)))
 def test_fused_single_pass_matches_two_passes(dtype, opt_set):
     opts = KernelOptions(**OPTION_SETS[opt_set])
@@ -104,14 +108,14 @@ def test_fused_single_pass_matches_two_passes(dtype, opt_set):
         assert torch.equal(a, b) or torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)
     two_pass = native_cpu.row_backward(logits, target, stats.lse, stats.weight * scale, opts)
     # the fused sweep reuses the scan's exp values: the same gradient up to float32 rounding
-    assert rel(grad, two_pass) < (3e-7 if dtype == torch.float32 else 4e-3)
+    assert rel(grad, two_pass) < {torch.float32: 3e-7, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
     want = reference.row_forward(logits.double(), target, None, opts)
     ref = reference.row_backward(logits.double(), target, want.lse, want.weight * 0.37, opts)
     assert rel(grad, ref) < GRAD_TOL[dtype]
 
 
 # ------------------------------------------------------------------------------- memft_loss
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction,normalize,fallback", ALL_MODES)
 def test_loss_modes_vs_float64(dtype, reduction, normalize, fallback):
     logits, target = make(n=40, v=61, dtype=dtype)
@@ -166,7 +170,7 @@ def test_int32_target_and_strided_target():
     check_loss(logits, t2, reduction="none", grad_out=torch.rand(20))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("normalize", ["active", "valid"])  # valid: the fused in-place path
 def test_inplace_backward(dtype, normalize):
     logits, target = make(n=24, v=41, dtype=dtype)
@@ -255,16 +259,40 @@ def test_threads_do_not_change_a_bit():
 
 
 def test_supports_and_dispatch():
-    assert native_cpu.supports(torch.zeros(2, 3, dtype=torch.float16)) is not None
     assert native_cpu.supports(torch.zeros(2, 3, dtype=torch.float64)) is not None
-    assert native_cpu.supports(torch.zeros(2, 3)) is None
-    with pytest.raises(RuntimeError, match="float16"):
-        memft_loss(torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, dtype=torch.long), backend="cpu")
-    # auto picks the native backend for float32 CPU tensors and the reference for float16
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert native_cpu.supports(torch.zeros(2, 3, dtype=dtype)) is None
+    with pytest.raises(RuntimeError, match="float64"):
+        memft_loss(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long), backend="cpu")
+    # auto picks the native backend for float32, bfloat16 and float16 CPU tensors
     logits, target = make(n=8, v=9)
     assert rel(memft_loss(logits, target), memft_loss(logits.double(), target, backend="torch")) < 1e-5
-    half = memft_loss(logits.half(), target)
-    assert half.dtype == torch.float32
+    for dtype in (torch.bfloat16, torch.float16):
+        assert dispatch.resolve("auto", logits.to(dtype)).name == "cpu"
+        half = memft_loss(logits.to(dtype), target)
+        assert half.dtype == torch.float32
+
+
+def test_float16_gradient_is_the_float32_gradient_rounded():
+    """float16 logits are exact in float32, so the float16 gradient must be the float32 path's
+    gradient rounded to nearest even, bit for bit (torch's .half()), subnormals and +-65504
+    included, in the two-pass and the fused single-pass backward; the loss is the same float."""
+    torch.manual_seed(1)
+    x = (torch.randn(24, 1031) * 6).half()
+    x[0, :5] = torch.tensor([65504.0, -65504.0, 6e-8, -6e-8, 0.0]).half()
+    y = torch.randint(0, 1031, (24,))
+    y[5] = -100
+    for normalize in ("active", "valid"):  # valid: the fused single-pass path
+        got, want = [], []
+        for dtype, out in ((torch.float16, got), (torch.float32, want)):
+            xi = x.to(dtype).clone().requires_grad_(True)
+            loss = memft_loss(xi, y, backend="cpu", policy="sigmoid", threshold=0.05, normalize=normalize)
+            loss.backward()
+            out += [loss.detach(), xi.grad]
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[1], want[1].half()), normalize
+        subnormal = (got[1] != 0) & (got[1].abs() < 2.0**-14)
+        assert int(subnormal.sum()) > 1000  # the test reaches float16's subnormal range
 
 
 def test_bad_direct_calls_raise():
@@ -289,7 +317,7 @@ def test_custom_ops_trace_under_torch_compile():
     assert torch.equal(loss.detach(), want_loss) and torch.equal(x.grad, want_grad)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rows_past_element_2_to_the_31(dtype):
     """A row that starts past element 2^31 of its storage (row stride 2^31 + 64 over 8 or 4 GiB of
     lazily committed memory, two rows touched): the row offsets are 64-bit in forward, backward and
@@ -344,7 +372,7 @@ def test_custom_ops_under_inductor_fullgraph():
 @given(
     n=st.integers(1, 12),
     v=st.integers(1, 300),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     policy=st.sampled_from(["none", "hard", "sigmoid"]),
     mode=st.sampled_from(ALL_MODES),
     smoothing=st.sampled_from([0.0, 0.2]),
@@ -362,7 +390,7 @@ def test_hypothesis_vs_float64(isa, n, v, dtype, policy, mode, smoothing, z, sof
                normalize=normalize, fallback=fallback, label_smoothing=smoothing, z_loss=z, softcap=softcap)
 
 
-@pytest.mark.parametrize("dtype,n", [(torch.float32, 260), (torch.bfloat16, 520)])
+@pytest.mark.parametrize("dtype,n", [(torch.float32, 260), (torch.bfloat16, 520), (torch.float16, 520)])
 def test_large_gradient_streaming_stores(dtype, n):
     """>= 32 MiB of gradient takes the non-temporal-store path; odd V leaves rows unaligned."""
     v = 32771

@@ -6,7 +6,7 @@ into a temporary directory, never touching the installed module, then runs this 
 in a fresh Python with libasan preloaded. The script loads the sanitized module under the name the
 package imports (``memft_kernels._native_cpu``) before the package itself, and drives it through
 the public ``memft_loss(..., backend="cpu")`` on every code path the host has (AVX-512F, AVX2,
-portable scalar via MEMFT_CPU_ISA), both dtypes, odd V that leave partial vectors, targets at 0 and
+portable scalar via MEMFT_CPU_ISA), the three dtypes, odd V that leave partial vectors, targets at 0 and
 V - 1, ignored rows, out-of-range targets (validate=False), non-contiguous row strides, every
 policy and option, forward only, two-pass backward, the fused single pass and in-place backward.
 Every result is compared with backend="torch", so a wrong number fails as well as a bad access.
@@ -92,8 +92,8 @@ def test_kernels_are_clean_under_asan_and_ubsan(sanitized_module):
     assert m, report
     cases, isas, host = int(m.group(1)), m.group(2).split(","), m.group(3)
     want = {"avx512f": ["avx512f", "avx2+fma", "scalar"], "avx2+fma": ["avx2+fma", "scalar"]}.get(host, ["scalar"])
-    # 180 cases per code path, and the 2 large ones on each vector path
-    assert isas == want and cases == 180 * len(want) + 2 * (len(want) - 1), report
+    # 270 cases per code path (90 per dtype), and the 2 large ones on each vector path
+    assert isas == want and cases == 270 * len(want) + 2 * (len(want) - 1), report
     print(f"driver: {cases} cases on {isas} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -177,8 +177,7 @@ def _cases():
     """The same list of cases for every code path: each option set meets each path and each V
     meets each path, layout and target kind (the pairings rotate with the indices)."""
     cases = []
-    for dtype in ("float32", "bfloat16"):
-        d = 0 if dtype == "float32" else 1
+    for d, dtype in enumerate(("float32", "bfloat16", "float16")):
         for vi, v in enumerate(VS):
             for pi, (name, kwargs, needs_grad) in enumerate(PATHS):
                 layout = LAYOUTS[(2 * vi + pi + d) % len(LAYOUTS)]

@@ -249,12 +249,6 @@ def test_plan_flag_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_fsdp_is_refused_in_one_line(tmp_path):
-    with pytest.raises(TrainInputError, match="--fsdp .* is not built"):
-        train(TrainConfig(**BASE, fsdp=True, run_dir=str(tmp_path / "x")))
-    assert not (tmp_path / "x").exists()
-
-
 # ---------------------------------------------------------------------------------------------
 # Longer than the context: windows
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ Isa host_isa() {
   static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") &&
                                  __builtin_cpu_supports("fma")
                              ? Isa::kAvx512
-                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                 __builtin_cpu_supports("f16c")  // float16 loads/stores; every AVX2 CPU has it
+                             ? Isa::kAvx2
                                                                                              : Isa::kScalar;
   return isa;
 #else
@@ -50,8 +52,8 @@ Isa active_isa() {
 }
 
 RowFns select(const RowInput& in, const RowOptions& o) {
-  if (in.dtype != kFloat32 && in.dtype != kBFloat16)
-    throw std::invalid_argument("memft CPU kernels take float32 or bfloat16 logits");
+  if (in.dtype != kFloat32 && in.dtype != kBFloat16 && in.dtype != kFloat16)
+    throw std::invalid_argument("memft CPU kernels take float32, bfloat16 or float16 logits");
   const bool cap = o.softcap > 0.0f;
 #ifdef MEMFT_X86
   const Isa isa = active_isa();
@@ -135,17 +137,20 @@ void cpu_row_forward_backward(const RowInput& in, const RowOptions& opt, const R
 
 void cpu_scale_rows(void* grad, int dtype, int64_t n_rows, int64_t n_cols, int64_t row_stride, const float* factor,
                     int threads) {
-  if (dtype != kFloat32 && dtype != kBFloat16)
-    throw std::invalid_argument("memft CPU kernels take float32 or bfloat16 gradients");
+  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16)
+    throw std::invalid_argument("memft CPU kernels take float32, bfloat16 or float16 gradients");
   const float f = *factor;
   if (f == 1.0f || n_rows == 0) return;
   for_rows(n_rows, threads, 0, [&](int64_t i, float*) {
     if (dtype == kFloat32) {
       float* row = static_cast<float*>(grad) + i * row_stride;
       for (int64_t j = 0; j < n_cols; ++j) row[j] *= f;
-    } else {
+    } else if (dtype == kBFloat16) {
       uint16_t* row = static_cast<uint16_t*>(grad) + i * row_stride;
       for (int64_t j = 0; j < n_cols; ++j) row[j] = float_to_bf16(bf16_to_float(row[j]) * f);
+    } else {
+      uint16_t* row = static_cast<uint16_t*>(grad) + i * row_stride;
+      for (int64_t j = 0; j < n_cols; ++j) row[j] = float_to_f16(f16_to_float(row[j]) * f);
     }
   });
 }

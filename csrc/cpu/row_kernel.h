@@ -264,6 +264,7 @@ struct RowKernel {
 
   static RowFns fns(int dtype, bool cap) {
     if (dtype == kBFloat16) return cap ? fns_for<uint16_t, true>() : fns_for<uint16_t, false>();
+    if (dtype == kFloat16) return cap ? fns_for<f16, true>() : fns_for<f16, false>();
     return cap ? fns_for<float, true>() : fns_for<float, false>();
   }
 };

@@ -1,5 +1,6 @@
-// Eight floats at a time with AVX2 + FMA. Only cpu_avx2.cpp includes it, compiled with -mavx2
-// -mfma; memft_cpu.cpp calls it only after __builtin_cpu_supports said the host has them.
+// Eight floats at a time with AVX2 + FMA (+ F16C for float16). Only cpu_avx2.cpp includes it, compiled
+// with -mavx2 -mfma -mf16c; memft_cpu.cpp calls it only after __builtin_cpu_supports said the host
+// has all three.
 #pragma once
 
 #include <immintrin.h>
@@ -22,6 +23,8 @@ struct Avx2Vec {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
+  // float16: F16C's conversion (IEEE, subnormals kept).
+  static F load(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // nt: non-temporal store (caller checked alignment): a large gradient goes straight to memory
   // instead of first reading every destination line into the cache.
   static void store(float* p, F v, bool nt) {
@@ -30,6 +33,11 @@ struct Avx2Vec {
   }
   static void store(uint16_t* p, F v, bool nt) {
     const __m128i h = to_bf16(v);
+    if (nt) _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
+    else _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  }
+  static void store(f16* p, F v, bool nt) {  // round to nearest even
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     if (nt) _mm_stream_si128(reinterpret_cast<__m128i*>(p), h);
     else _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
   }

@@ -22,12 +22,18 @@ struct Avx512Vec {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
+  static F load(const f16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static void store(float* p, F v, bool nt) {
     if (nt) _mm512_stream_ps(p, v);
     else _mm512_storeu_ps(p, v);
   }
   static void store(uint16_t* p, F v, bool nt) {
     const __m256i h = to_bf16(v);
+    if (nt) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  }
+  static void store(f16* p, F v, bool nt) {  // round to nearest even
+    const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     if (nt) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
     else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
   }

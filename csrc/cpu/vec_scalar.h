@@ -16,8 +16,10 @@ struct ScalarVec {
   static F set1(float v) { return v; }
   static F load(const float* p) { return *p; }
   static F load(const uint16_t* p) { return bf16_to_float(*p); }
+  static F load(const f16* p) { return f16_to_float(p->bits); }
   static void store(float* p, F v, bool) { *p = v; }
   static void store(uint16_t* p, F v, bool) { *p = float_to_bf16(v); }
+  static void store(f16* p, F v, bool) { p->bits = float_to_f16(v); }
   static void fence() {}
   static void prefetch_l2(const void*) {}
   static F add(F a, F b) { return a + b; }

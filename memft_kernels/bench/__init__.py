@@ -20,6 +20,7 @@ same functions; only ``gpu_check.sh`` (which builds the checkout and runs its te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import subprocess
 import sys
@@ -64,13 +65,27 @@ def command_for(name: str, extra: List[str]) -> List[str]:
 _FAIL_ON_ERROR_ROWS = ("loss", "linear-loss", "train-step")
 
 
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    """A benchmark's own argparse errors in one line (as every `memft` error), not usage + error."""
+    from ..cli import OneLineParser
+
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = OneLineParser.error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original
+
+
 def run(name: str, extra: List[str]) -> int:
     """Run benchmark ``name`` with arguments ``extra`` in this process; its exit code: 0, or 1 when
     a provider failed (its rows are written all the same), 2 for bad arguments."""
     if name in CHECKOUT_ONLY:
         return subprocess.call(command_for(name, extra))
     try:
-        result = entry_point(name)(extra, prog=f"memft bench {name}")
+        with _one_line_usage_errors():
+            result = entry_point(name)(extra, prog=f"memft bench {name}")
     except SystemExit as exc:  # argparse (--help, bad arguments) and the benchmarks' own refusals
         if exc.code is None or isinstance(exc.code, int):
             return int(exc.code or 0)

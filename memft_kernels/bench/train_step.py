@@ -100,10 +100,12 @@ class TrainProvider:
 # head (memft_linear_loss on the decoder's last hidden states), with or without gradient checkpointing.
 def _train_loss(fused: bool):
     def loss(model, ids, labels):
+        from memft_kernels.train.config import TrainConfig
         from memft_kernels.train.head import forward_head
+        from memft_kernels.train.loop import memorization_loss
 
         head = forward_head(model, ids, torch.ones_like(ids), fused)
-        return head.loss(shifted_labels(labels), policy="hard")
+        return memorization_loss(head, shifted_labels(labels), None, TrainConfig(loss="memft-ot"))[0]
 
     return loss
 

@@ -121,4 +121,6 @@ def describe(module) -> str:
     runtime = module_runtime(module)
     if runtime is None:
         return "not recorded by this build"
-    return f"{fmt(runtime)} (needs {requirement(runtime)}; this host's driver supports CUDA {fmt(driver_version())})"
+    driver = driver_version()
+    here = "no NVIDIA driver here" if driver is None else f"this host's driver supports CUDA {fmt(driver)}"
+    return f"{fmt(runtime)} (needs {requirement(runtime)}; {here})"

@@ -43,8 +43,8 @@ class CpuBackend(NativeBackend):
     def supports(self, logits: torch.Tensor) -> Optional[str]:
         if logits.device.type != "cpu":
             return f"the native CPU backend runs CPU tensors, got logits on {logits.device}"
-        if logits.dtype not in (torch.float32, torch.bfloat16):
-            return f"the native CPU backend takes float32 or bfloat16 logits, got {logits.dtype}"
+        if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"the native CPU backend takes float32, bfloat16 or float16 logits, got {logits.dtype}"
         if logits.shape[-1] > _INT32_MAX:
             return f"the native CPU backend takes V <= 2^31 - 1, got V={logits.shape[-1]}"
         return None

@@ -7,7 +7,6 @@ from typing import Dict, List
 
 import torch
 
-from ..loss import memft_loss
 from .data import Task, to_batch
 from .head import forward_head
 

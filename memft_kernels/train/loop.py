@@ -11,7 +11,6 @@ single-process training on the whole batch. One process is the same code with wo
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -22,11 +21,11 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from ..loss import memft_loss
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainInputError
 from .data import IGNORE, build_task, to_batch
 from .evaluate import exact_recall, teacher_forced
+from . import fsdp
 from .longcontext import split_long_samples
 from .plan import check_fits, format_plan, make_plan
 from .head import FusedHead, LogitsHead, autocast_context, forward_head, use_fused_head
@@ -188,6 +187,7 @@ class Run:
     fused_head: bool = False  # the loss through memft_linear_loss (train/head.py)
     decoder: object = None  # the compiled decoder under --compile, else None (the model's own)
     plan: object = None  # the memory plan (train/plan.py)
+    adapter_state: Optional[dict] = None  # --fsdp: the gathered LoRA tensors the adapter is saved from
     lr_steps: int = 0
     step: int = 0
     base_loss: float = float("nan")
@@ -263,14 +263,15 @@ def setup(config: TrainConfig, make_dir: bool = True) -> Run:
     """Everything a run needs, built deterministically from the config (no file written but the
     folder; not even that with ``make_dir=False``, as for ``memft train --plan``)."""
     config.validate()
-    if config.fsdp:
-        raise TrainInputError("--fsdp (FSDP2 sharding of the base model) is not built in this version; under torchrun "
-                              "without --fsdp every rank holds the whole model (DDP-style)")
+
     if config.threads:
         torch.set_num_threads(config.threads)
     device = _resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     check_backend(config, device)
     rank, world = _init_distributed(device)
+    if config.fsdp and world < 2:
+        raise TrainInputError("--fsdp shards the model over the ranks of torchrun: run it under torchrun with 2 or "
+                              "more processes (torchrun --nproc_per_node N -m memft_kernels train --fsdp ...)")
 
     if not is_builtin(config.model):
         check_model_dir(config.model)  # before the tokenizer reads the folder
@@ -293,6 +294,8 @@ def setup(config: TrainConfig, make_dir: bool = True) -> Run:
     configure_model(model, config.attn, config.gradient_checkpointing)
     model = add_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.layers, config.seed)
     model.to(device).train()
+    if config.fsdp:
+        fsdp.shard_model(model)  # before the optimizer: it steps the LoRA shards
 
     batch_size = config.batch_size or len(task.samples)
     if batch_size > len(task.samples):
@@ -347,6 +350,7 @@ def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, de
                             autocast=config.autocast == "bf16")
     loss, stats, info = memorization_loss(head, batch.labels, None, config, weight_fn=weight_fn,
                                           denominator=denominator)
+    del head  # the N x V logits (unfused) are not needed by the backward: free them before it
     (loss * scale if scale != 1.0 else loss).backward()
     return info, stats, batch
 
@@ -376,10 +380,11 @@ def train_step(run: Run, on_grads=None) -> dict:
     params = trainable_parameters(run.model)
     if run.world > 1:
         for p in params:
-            _all_reduce(p.grad)
+            if not config.fsdp:  # FSDP already reduce-scattered (summed) the gradients
+                _all_reduce(p.grad)
     if on_grads is not None:
         on_grads(run)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf"))
+    grad_norm = fsdp.scalar(torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf")))
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -437,11 +442,11 @@ def _log(run: Run, row: dict) -> None:
 
 
 def _checkpoint_state(run: Run) -> dict:
-    trainable = {n: p.detach().cpu().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    trainable = fsdp.full_trainable(run.model)  # whole tensors (gathered from the shards under --fsdp)
     return {
         "step": run.step,
         "trainable": trainable,
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": fsdp.optimizer_state(run.model, run.optimizer) if run.config.fsdp else run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -456,11 +461,15 @@ def _checkpoint_state(run: Run) -> dict:
 
 
 def _restore(run: Run, state: dict) -> None:
-    params = dict(run.model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if run.config.fsdp:
+        fsdp.load_trainable(run.model, state["trainable"])
+        fsdp.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    else:
+        params = dict(run.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -592,7 +601,7 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
             # A full batch with every argmax right means greedy recall is likely: confirm it now.
             hint = (info["covers_all"] and info["token_accuracy"] == 1.0 and run.steps_to_full_recall is None
                     and run.step - run.last_generated >= 10)
-            if run.rank == 0 and (last or due or hint):
+            if (run.rank == 0 or config.fsdp) and (last or due or hint):  # FSDP: every rank runs the forwards
                 _log(run, evaluate(run, generate=last or hint))
             if bar is not None:
                 bar.update(1)
@@ -611,9 +620,12 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
         bar.close()
 
     report = None
-    if run.rank == 0:
+    if run.rank == 0 or config.fsdp:
         if run.last_eval.get("step") != run.step or run.last_eval.get("exact_recall") is None:
             _log(run, evaluate(run, generate=True))
+    if config.fsdp and config.save_adapter:
+        run.adapter_state = fsdp.full_trainable(run.model)  # gathered on every rank, saved by rank 0
+    if run.rank == 0:
         report = _finish(run, time.time() - start)
     if run.world > 1:
         box = [report]

@@ -9,8 +9,8 @@ What it counts (bytes, on each device):
   lengths (saved-tensor hooks count every saved storage that is not a parameter), then fitted by
   a + b T + c T^2 and extrapolated to the step's rows x length. Both with and without gradient
   checkpointing; with it, the backward also recomputes one layer at a time (one layer's share);
-* **head**: materialized logits (three N x V buffers in the logits' dtype: the logits, their
-  gradient and one temporary, as measured on the CPU) or,
+* **head**: materialized logits (two N x V buffers in the logits' dtype: the logits and their
+  gradient; the loop frees the logits before the backward) or,
   with the fused head, one chunk of logits (``memft_linear_loss``'s chunk rows x V) plus the
   N x D float32 gradient of the hidden states.
 
@@ -116,17 +116,29 @@ def _restore_checkpointing(previous: Dict) -> None:
             del module._gradient_checkpointing_func
 
 
+def _storage(t):
+    """(data pointer, bytes) of a tensor's storage (a DTensor's local shard); (None, 0) if it has none."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except RuntimeError:  # e.g. a resized-away FSDP parameter
+        return None, 0
+
+
 def _saved_bytes(model, length: int, vocab_ids: int, device, fused: bool, autocast: bool) -> int:
     from .head import forward_head
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params = {_storage(p)[0] for p in model.parameters()}
     seen: Dict[int, int] = {}
 
     def pack(t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params:
-            seen[ptr] = storage.nbytes()
+        ptr, nbytes = _storage(t)
+        if ptr is not None and ptr not in params:
+            seen[ptr] = nbytes
         return t
 
     ids = torch.randint(0, vocab_ids, (1, length), device=device)
@@ -170,7 +182,9 @@ def activation_bytes(model, rows: int, length: int, device, checkpointing: bool,
 # The plan
 # ---------------------------------------------------------------------------------------------
 def _bytes(params) -> int:
-    return sum(p.numel() * p.element_size() for p in params)
+    from .fsdp import local_numel
+
+    return sum(local_numel(p) * p.element_size() for p in params)  # this device's shard under --fsdp
 
 
 def make_plan(config: TrainConfig, model, rows: int, length: int, device, fused: bool) -> MemoryPlan:
@@ -192,8 +206,8 @@ def make_plan(config: TrainConfig, model, rows: int, length: int, device, fused:
     n = rows * length
     ldt = logits_dtype(config)
     lsize = torch.empty((), dtype=ldt).element_size()
-    # the logits, their gradient and one more N x V temporary (measured on the CPU backends)
-    head_logits = 3 * n * vocab * lsize
+    # the logits and their gradient (the loop frees the logits before the backward)
+    head_logits = 2 * n * vocab * lsize
     chunk = chunk_rows_for(n, vocab, dim, ldt)
     head_fused = chunk * vocab * lsize + n * dim * 4  # one chunk of logits + the float32 grad of hidden
     ck = bool(config.gradient_checkpointing)

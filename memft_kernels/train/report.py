@@ -121,7 +121,8 @@ def write_outputs(run, report: dict) -> None:
                      os.path.join(run_dir, "tokens.npz"))
         report["tokens_file"] = os.path.join(run_dir, "tokens.npz")
     if config.save_adapter:
-        run.model.save_pretrained(os.path.join(run_dir, "adapter"), safe_serialization=True)
+        run.model.save_pretrained(os.path.join(run_dir, "adapter"), safe_serialization=True,
+                                  state_dict=getattr(run, "adapter_state", None))  # --fsdp: the gathered LoRA
     if config.plots:
         write_plots(run.history, run_dir, f"{config.task} / {config.loss} / r={config.rank}")
     ckpt.atomic_write_json(os.path.join(run_dir, "report.json"), report)
