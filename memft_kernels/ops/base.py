@@ -84,7 +84,8 @@ class Backend(abc.ABC):
 
 def check_scale_args(grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Shared argument check of ``scale_grad_``; returns the factor as a 0-d float32 tensor."""
-    if grad.dim() != 2 or (grad.shape[1] > 1 and grad.stride(1) != 1):
+    # (The stride of an empty tensor, or of a dimension of size 1, is never used.)
+    if grad.dim() != 2 or (grad.numel() > 0 and grad.shape[1] > 1 and grad.stride(1) != 1):
         raise ValueError(f"grad must be 2-D with unit stride in V, got shape {tuple(grad.shape)} strides {grad.stride()}")
     if factor.numel() != 1:
         raise ValueError(f"factor must have one element, got shape {tuple(factor.shape)}")

@@ -64,7 +64,7 @@ def make_options(ext, k: KernelScalars):
 
 def make_input(ext, logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor]):
     """The compiled RowInput: addresses, sizes and strides of [N, V] logits (unit column stride)."""
-    if logits.dim() != 2 or (logits.shape[1] > 1 and logits.stride(1) != 1):
+    if logits.dim() != 2 or (logits.numel() > 0 and logits.shape[1] > 1 and logits.stride(1) != 1):
         raise ValueError(f"native kernels take [N, V] logits with unit column stride, got shape "
                          f"{tuple(logits.shape)} strides {logits.stride()}")
     if target.dtype not in (torch.int32, torch.int64) or target.shape != logits.shape[:1]:
@@ -98,7 +98,7 @@ def check_grad(grad: torch.Tensor, logits: torch.Tensor) -> None:
     if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device:
         raise ValueError(f"grad must match the logits ({logits.dtype}, {tuple(logits.shape)}), "
                          f"got {grad.dtype}, {tuple(grad.shape)}")
-    if grad.shape[1] > 1 and grad.stride(1) != 1:
+    if grad.numel() > 0 and grad.shape[1] > 1 and grad.stride(1) != 1:
         raise ValueError(f"grad needs unit column stride, got strides {grad.stride()}")
 
 
