@@ -424,3 +424,17 @@ def test_train_step_provider_list_is_extensible(tmp_path, monkeypatch):
     rows = bench_train_step.main(["--smoke", "--device", "cpu", "--reps", "1", "--providers", "memft-prepared", "never",
                                   "--csv", str(tmp_path / "t.csv")])
     assert [r["status"] for r in rows] == ["ok", "skipped: not here"] and seen == ["PeftModel"]
+
+
+def test_results_report_keeps_hand_written_sections(tmp_path):
+    """Regenerating docs/RESULTS.md must not drop the sections written by hand between the markers."""
+    from memft_kernels.bench.results_report import KEEP_BEGIN, KEEP_END, kept_sections
+
+    report = tmp_path / "RESULTS.md"
+    assert kept_sections(report) == ""
+    section = f"{KEEP_BEGIN}\n## 4. Measured by hand\n\nsome numbers\n{KEEP_END}"
+    report.write_text(f"# generated\n\n{section}\n\n## Appendix: every cell\n", encoding="utf-8")
+    assert kept_sections(report) == section + "\n\n"
+    report.write_text(f"{KEEP_BEGIN}\nno end marker\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="without a matching"):
+        kept_sections(report)

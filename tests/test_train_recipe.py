@@ -270,6 +270,37 @@ def test_accumulation_equals_one_call_per_micro_batch(tmp_path, normalize):
     assert sizes == [2, 1, 2, 1]  # 3 batches an epoch: a step never crosses the epoch's end
 
 
+@pytest.mark.parametrize("threshold,fallback", [(0.5, "mean"), (1e-9, "mean"), (1e-9, "zero")])
+def test_active_accumulation_equals_one_call_over_the_whole_step(tmp_path, threshold, fallback):
+    """--accum-normalize active: sum w l / sum w over all the step's micro-batches, i.e. one
+    memft_loss call over the whole step; threshold 1e-9 makes every token "recalled", so the
+    fallback applies to the whole step (plain CE mean, or no gradient at all)."""
+    run = setup(TrainConfig(**NANO, task="phonebook", samples=6, batch_size=2, grad_accum=3, threshold=threshold,
+                            fallback=fallback, accum_normalize="active", loss="memft-ot", steps=2,
+                            run_dir=str(tmp_path / "run")))
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    for step in range(2):
+        batches = run.sampler.epoch_batches(run.sampler.epoch)[run.sampler.pos:run.sampler.pos + 3]
+        rows = to_batch(run.task, torch.cat(batches).tolist(), run.task.max_len)
+        logits = run.model(input_ids=rows.input_ids, attention_mask=rows.attention_mask).logits
+        ref_loss = memft_loss(logits.double(), rows.labels, policy="hard", threshold=threshold, fallback=fallback,
+                              backend="torch")
+        grads = torch.autograd.grad(ref_loss, params, allow_unused=True)
+        want = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+        def check(r):
+            got = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]).double()
+            if fallback == "zero" and threshold < 1e-3:
+                assert got.abs().max().item() == 0.0 and want.abs().max().item() == 0.0
+            else:
+                assert want.norm() > 0 and ((got - want).norm() / want.norm()).item() < 1e-5
+
+        info = train_step(run, on_grads=check)
+        assert info["micro_batches"] == 3
+        assert info["fell_back"] == (threshold < 1e-3)
+        assert info["loss"] == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # Curriculum
 # ---------------------------------------------------------------------------------------------

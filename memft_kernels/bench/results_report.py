@@ -415,6 +415,7 @@ def summary_text(fit, phase, verdicts) -> str:
 
 def write_report(work: Path, out_md: Path, figures: Path, specs: dict, commands: list, quick: bool) -> None:
     rel_fig = os.path.relpath(figures, out_md.parent)
+    kept = kept_sections(out_md)  # hand-written sections of the previous report survive regeneration
     law_cells = load_results(work / "law.jsonl", required=("rank", "length", "dL", "base_loss", "lora_params"))
     law_text, fit = law_section(law_cells, specs["law"][1], figures, rel_fig)
     cap = load_results(work / "capacity.jsonl")
@@ -495,12 +496,30 @@ greedy recall (the first) is what it aims at. The paper's gains are claimed unde
 and at 8B scale; a 2-layer random-init model is a weak proxy for that, so a loss here is a
 measurement of this setting, not of the paper.
 
-## Appendix: every cell
+{kept}## Appendix: every cell
 
 {chr(10).join(appendix)}
 """
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text, encoding="utf-8")
+
+
+KEEP_BEGIN, KEEP_END = "<!-- kept by results-report: begin -->", "<!-- kept by results-report: end -->"
+
+
+def kept_sections(path: Path) -> str:
+    """The hand-written parts of an existing report (between KEEP_BEGIN and KEEP_END, markers
+    included), so that regenerating the measured sections never drops them; "" when none."""
+    if not path.is_file():
+        return ""
+    text, parts, start = path.read_text(encoding="utf-8"), [], 0
+    while (begin := text.find(KEEP_BEGIN, start)) >= 0:
+        end = text.find(KEEP_END, begin)
+        if end < 0:
+            raise SystemExit(f"{path}: {KEEP_BEGIN!r} without a matching {KEEP_END!r}; fix the file before regenerating it")
+        parts.append(text[begin:end + len(KEEP_END)] + "\n\n")
+        start = end + len(KEEP_END)
+    return "".join(parts)
 
 
 def _safe(fn) -> str:

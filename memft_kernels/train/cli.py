@@ -51,7 +51,7 @@ HELP = {
     "lr": "AdamW learning rate (linear decay to 0)",
     "batch_size": "samples per micro-batch over all ranks (0 = all samples)",
     "grad_accum": "micro-batches per optimizer step",
-    "accum_normalize": "mean: each micro-batch's MemFT mean / grad-accum (the authors') | tokens: sum w l / valid tokens of the step",
+    "accum_normalize": "mean: each micro-batch's MemFT mean / grad-accum (the authors') | tokens: sum w l / valid tokens of the step | active: sum w l / sum w of the whole step (exact)",
     "epochs": "train this many epochs (steps and lr schedule follow, as the authors'); 0 = use --steps",
     "recipe": "the authors' settings as defaults: paper-phonebook | paper-longcontext [:llama|:qwen [:LENGTH]]",
     "grad_clip": "gradient norm clip (0 = off)",

@@ -18,7 +18,7 @@ TOKENIZERS = ("auto", "byte", "trained", "model")
 FALLBACKS = ("mean", "zero")
 WINDOW_STATES = ("row", "sample")  # memft-sw window state: per batch row (the authors') or per sample
 CURRICULUM_STYLES = ("paper", "stages")
-ACCUM_NORMALIZE = ("mean", "tokens")
+ACCUM_NORMALIZE = ("mean", "tokens", "active")
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 AUTOCASTS = ("off", "bf16")
 ATTNS = ("auto", "sdpa", "eager", "flash")
@@ -83,7 +83,7 @@ class TrainConfig:
     lr: float = 1e-2
     batch_size: int = 0  # samples per micro-batch over all ranks; 0 = all samples (full batch)
     grad_accum: int = 1  # micro-batches per optimizer step (never across an epoch's end, as the authors')
-    accum_normalize: str = "mean"  # mean: each micro-batch's loss / grad_accum (authors'); tokens: sum w l / valid tokens of the step
+    accum_normalize: str = "mean"  # mean: each micro-batch's loss / grad_accum (authors'); tokens: sum w l / valid tokens of the step; active: sum w l / sum w of the whole step (MemFTAccumulator)
     epochs: int = 0  # > 0: train this many epochs (steps and the lr schedule follow from it, as the authors'); 0: use steps
     grad_clip: float = 1.0
     seed: int = 0
@@ -152,6 +152,9 @@ class TrainConfig:
         need(isinstance(self.grad_accum, int) and self.grad_accum >= 1, f"grad_accum={self.grad_accum!r} must be an integer >= 1")
         need(self.accum_normalize in ACCUM_NORMALIZE,
              f"accum_normalize={self.accum_normalize!r} must be one of {', '.join(ACCUM_NORMALIZE)}")
+        need(not (self.accum_normalize == "active" and self.fsdp),
+             "accum_normalize='active' is not supported with --fsdp yet (the sharded gradients' scaling is untested); "
+             "use --accum-normalize mean or tokens")
         need(isinstance(self.epochs, int) and self.epochs >= 0, f"epochs={self.epochs!r} must be an integer >= 0 (0 = use steps)")
         paper_lists = self.curriculum_ratios is not None or self.curriculum_boundaries is not None
         need(not paper_lists or (self.curriculum and self.curriculum_style == "paper"),

@@ -21,6 +21,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from ..accumulate import MemFTAccumulator
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainInputError
 from .data import IGNORE, build_task, to_batch
@@ -49,7 +50,8 @@ class _Pred:
         self.pred = pred
 
 
-def memorization_loss(logits, labels, token_weight, config: TrainConfig, *, weight_fn=None, denominator=None):
+def memorization_loss(logits, labels, token_weight, config: TrainConfig, *, weight_fn=None, denominator=None,
+                      accumulator=None):
     """(loss to backpropagate, stats, global totals) for this rank's rows.
 
     ``memft_loss`` with reduction="sum" gives sum_i w_i l_i and, in the same pass, the stats; the
@@ -59,6 +61,10 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig, *, weig
     zero gradient ("zero"). ``weight_fn`` (the memft-sw window) multiplies the policy weight with
     weights computed from this forward's statistics. ``denominator`` (``--accum-normalize
     tokens``) replaces the sum of weights: the loss is sum_i w_i l_i / denominator, no fallback.
+    ``accumulator`` (``--accum-normalize active``): a ``MemFTAccumulator`` that gets sum_i w_i l_i
+    unscaled and scales the step's gradients once by 1 / (sum of weights of the whole step, all
+    micro-batches and ranks), applying the fallback to the whole step; ``info["loss"]`` is then
+    this micro-batch's share and the step's value comes from ``accumulator.finish_step()``.
     """
     head = logits if isinstance(logits, (LogitsHead, FusedHead)) else LogitsHead(logits)
     extra = {}
@@ -85,7 +91,11 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig, *, weig
     totals = _all_reduce(totals).cpu()  # on the logits' device: nccl reduces only CUDA tensors
     weight_sum, n_valid = float(totals[0]), float(totals[1])
     n = max(n_valid, 1.0)
-    if denominator is not None:
+    if accumulator is not None:
+        loss = accumulator.accumulate(
+            loss_sum, stats, lambda: head.loss(labels, policy="none", reduction="sum", backend=config.backend))
+        fell_back, value = weight_sum <= 0, float(totals[6])
+    elif denominator is not None:
         loss, fell_back, value = loss_sum / denominator, False, float(totals[6]) / denominator
     elif weight_sum > 0:
         loss, fell_back, value = loss_sum / weight_sum, False, float(totals[6]) / weight_sum
@@ -338,7 +348,7 @@ def _window_fn(run: Run, local_index: torch.Tensor, global_rows: int):
     return run.window  # keyed by the rows of this rank's slice (a fixed map to global rows)
 
 
-def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, denominator=None):
+def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, denominator=None, accumulator=None):
     """Forward + MemFT loss + backward (of ``scale`` x the loss) on this rank's rows of one
     micro-batch; gradients accumulate in ``.grad`` (not all-reduced). Returns (info, stats, batch)."""
     config, task = run.config, run.task
@@ -349,7 +359,7 @@ def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, de
         head = forward_head(run.model, batch.input_ids, batch.attention_mask, run.fused_head, run.decoder,
                             autocast=config.autocast == "bf16")
     loss, stats, info = memorization_loss(head, batch.labels, None, config, weight_fn=weight_fn,
-                                          denominator=denominator)
+                                          denominator=denominator, accumulator=accumulator)
     del head  # the N x V logits (unfused) are not needed by the backward: free them before it
     (loss * scale if scale != 1.0 else loss).backward()
     return info, stats, batch
@@ -376,12 +386,17 @@ def train_step(run: Run, on_grads=None) -> dict:
     if config.accum_normalize == "tokens":  # one denominator: the valid tokens of all micro-batches
         denominator = float(sum(len(run.task.samples[i].answer) for b in micro for i in b.tolist()))
     scale = 1.0 / config.grad_accum if config.accum_normalize == "mean" else 1.0
-    infos = [forward_backward(run, b, scale, denominator)[0] for b in micro]
     params = trainable_parameters(run.model)
+    # active: the exact active mean of the whole step; the loop all-reduces the gradients below and
+    # the accumulator only scales them (linear, so the order does not matter).
+    accumulator = (MemFTAccumulator(params, fallback=config.fallback, grad_reduction="none")
+                   if config.accum_normalize == "active" else None)
+    infos = [forward_backward(run, b, scale, denominator, accumulator)[0] for b in micro]
     if run.world > 1:
         for p in params:
             if not config.fsdp:  # FSDP already reduce-scattered (summed) the gradients
                 _all_reduce(p.grad)
+    step = accumulator.finish_step() if accumulator is not None else None
     if on_grads is not None:
         on_grads(run)
     grad_norm = fsdp.scalar(torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf")))
@@ -391,6 +406,8 @@ def train_step(run: Run, on_grads=None) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     info = _merge_infos(infos, config.accum_normalize, config.grad_accum)
+    if step is not None:  # the value minimized: the whole step's active mean (or its fallback)
+        info.update(loss=step["loss"], fell_back=step["fell_back"])
     seen = torch.cat(micro)
     info.update(step=run.step, lr=lr, grad_norm=float(grad_norm), batch=len(seen),
                 covers_all=len(seen.unique()) == len(run.task.samples))
