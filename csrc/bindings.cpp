@@ -140,6 +140,8 @@ PYBIND11_MODULE(MEMFT_MODULE_NAME, m) {
   m.def("isa", &cpu_isa, "the vector code path the CPU kernels take here: avx512f, avx2+fma or scalar");
 #else
   m.attr("BUILT_ARCHITECTURES") = py::str(MEMFT_CUDA_ARCHS_STRING);
+#if defined(MEMFT_CUDA_RUNTIME_STRING)  // set by CMakeLists.txt; not by the CPU emulation (tests/test_cuda_emulated.py)
   m.attr("CUDA_RUNTIME_VERSION") = py::str(MEMFT_CUDA_RUNTIME_STRING);  // linked statically
+#endif
 #endif
 }
