@@ -69,6 +69,7 @@ def build(out_dir: Path, cxx: str, pybind11_include: str) -> Path:
         "-fno-omit-frame-pointer", "-fno-strict-aliasing",  # the kernel reads uint4 packs as T[] (as CUDA code does)
         "-Wall", "-Wextra", "-Wno-unknown-pragmas",  # #pragma unroll
         "-DMEMFT_MODULE_CUDA", f"-DMEMFT_MODULE_NAME={MODULE}", '-DMEMFT_CUDA_ARCHS_STRING="emulated"',
+        '-DMEMFT_CUDA_RUNTIME_STRING="emulated"',
         "-I", str(SHIM),  # first: <cuda_runtime.h> etc. are the shim
         "-iquote", str(KERNEL.parent),  # the copy's #include "../memft_native.h"
         "-I", sysconfig.get_paths()["include"], "-I", pybind11_include,
