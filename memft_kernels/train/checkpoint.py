@@ -43,8 +43,9 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, then rename it over ``path``."""
+def atomic_write(path: str, write, *, keep_previous: Optional[str] = None) -> None:
+    """Call ``write(file_object)`` on a temp file next to ``path``, then rename it over ``path``.
+    With ``keep_previous``, the file being replaced is first renamed to that path (kept, not lost)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     umask = os.umask(0)
@@ -55,6 +56,8 @@ def atomic_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and os.path.isfile(path):
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -95,23 +98,7 @@ def save_checkpoint(run_dir: str, state: dict) -> str:
     """Write ``state`` as the newest checkpoint; the one it replaces becomes ``checkpoint.prev.pt``."""
     data = encode(state)  # serialize before touching any file
     path = os.path.join(run_dir, CHECKPOINT)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + CHECKPOINT, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.isfile(path):
-            os.replace(path, os.path.join(run_dir, PREVIOUS))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
+    atomic_write(path, lambda f: f.write(data), keep_previous=os.path.join(run_dir, PREVIOUS))
     return path
 
 
