@@ -12,6 +12,7 @@ when pytest collects them, as conftest.py lives there).
 from __future__ import annotations
 
 import math
+import socket
 from typing import Iterable
 
 import pytest
@@ -76,3 +77,10 @@ def backend_params(compile_too: bool = True):
 
 def device_for(backend: str) -> str:
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that is free now (for a gloo rendezvous of spawned test ranks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

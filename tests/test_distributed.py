@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import faulthandler
 import math
-import socket
 import time
 from datetime import timedelta
 
@@ -40,6 +39,8 @@ from memft_kernels.distributed import (
 )
 from memft_kernels.ops import reference
 from memft_kernels.spec import KernelOptions
+
+from helpers import free_port
 
 STAT_FIELDS = ("ce", "prob", "lse", "weight", "pred", "n_valid", "n_active", "weight_sum", "fell_back",
                "recalled_frac", "token_accuracy")
@@ -463,14 +464,8 @@ def _worker(rank, world, port, outdir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(outdir, timeout_s=150.0):
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(outdir)), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
@@ -621,7 +616,7 @@ def _gpu_worker(rank, world, port, outdir, device, cases):
 
 def gpu_run(outdir, cases, device="cuda:0", timeout_s=240.0):
     """Spawn the GPU plan; returns every rank's results (``device="cpu"`` dry-runs the plumbing)."""
-    ctx = mp.start_processes(_gpu_worker, args=(2, _free_port(), str(outdir), device, cases), nprocs=2,
+    ctx = mp.start_processes(_gpu_worker, args=(2, free_port(), str(outdir), device, cases), nprocs=2,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -19,6 +18,8 @@ import torch.multiprocessing as mp
 
 from memft_kernels import memft_loss
 from memft_kernels.accumulate import MemFTAccumulator
+
+from helpers import free_port
 
 N, D, V = 48, 24, 40
 REL = 2e-6  # float32 rounding of sums over <= 48 rows
@@ -231,17 +232,11 @@ def _worker(rank, port, outdir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("accumulate_ranks")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False,
+    ctx = mp.start_processes(_worker, args=(free_port(), str(outdir)), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + 150.0
     try:

@@ -66,9 +66,12 @@ def _cell(row: Optional[Dict[str, str]]) -> str:
     return " / ".join(parts)
 
 
-def loss_tables(rows: List[Dict[str, str]], *, mode: Optional[str] = None, dtype: Optional[str] = None, n: Optional[int] = None) -> str:
-    """Markdown tables of bench_loss rows, one per (machine, threads, N, dtype, mode)."""
-    rows = [r for r in latest(rows, _LOSS_KEY) if r.get("bench") == "loss"]
+def _loss_groups(rows: List[Dict[str, str]], *, mode: Optional[str], dtype: Optional[str], n: Optional[int],
+                 ok_only: bool) -> "OrderedDict[tuple, List[Dict[str, str]]]":
+    """The newest bench_loss rows (only the measured ones with ``ok_only``), filtered by mode, dtype
+    and N where given, grouped by (machine, threads, N, dtype, mode) in first-seen order."""
+    rows = [r for r in latest(rows, _LOSS_KEY)
+            if r.get("bench") == "loss" and (not ok_only or r.get("status") == "ok")]
     if mode:
         rows = [r for r in rows if r["mode"] == mode]
     if dtype:
@@ -78,6 +81,12 @@ def loss_tables(rows: List[Dict[str, str]], *, mode: Optional[str] = None, dtype
     groups: "OrderedDict[tuple, List[Dict[str, str]]]" = OrderedDict()
     for r in rows:
         groups.setdefault(tuple(r[k] for k in _GROUP), []).append(r)
+    return groups
+
+
+def loss_tables(rows: List[Dict[str, str]], *, mode: Optional[str] = None, dtype: Optional[str] = None, n: Optional[int] = None) -> str:
+    """Markdown tables of bench_loss rows, one per (machine, threads, N, dtype, mode)."""
+    groups = _loss_groups(rows, mode=mode, dtype=dtype, n=n, ok_only=False)
     out: List[str] = []
     for (device_name, threads, n_rows, dt, md), grp in groups.items():
         first = grp[0]
@@ -127,16 +136,7 @@ def targets_tables(rows: List[Dict[str, str]], *, mode: Optional[str] = None, dt
     """Per (machine, N, dtype, mode): each memft kernel (``memft-<triton|cuda|cpu>[-inplace]``) at
     each V, its share of the copy bandwidth and its speedups over the peers, against ``TARGETS``.
     A peer that did not run leaves its column at "-"."""
-    rows = [r for r in latest(rows, _LOSS_KEY) if r.get("bench") == "loss" and r.get("status") == "ok"]
-    if mode:
-        rows = [r for r in rows if r["mode"] == mode]
-    if dtype:
-        rows = [r for r in rows if r["dtype"] == dtype]
-    if n:
-        rows = [r for r in rows if int(r["N"]) == n]
-    groups: "OrderedDict[tuple, List[Dict[str, str]]]" = OrderedDict()
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in _GROUP), []).append(r)
+    groups = _loss_groups(rows, mode=mode, dtype=dtype, n=n, ok_only=True)
     out: List[str] = []
     peers = [p for p in TARGETS if p != "frac_copy"]
     for (device_name, _threads, n_rows, dt, md), grp in groups.items():
