@@ -39,6 +39,9 @@ if __name__ == "__main__":
             torch.save(result, out + ".pt")
     else:
         resume(out)
+    # Tear down together: a rank that leaves while the other still holds gloo connections can die in
+    # gloo's thread teardown ("terminate called without an active exception"), seen once in CI runs.
+    dist.barrier()
     dist.destroy_process_group()
 '''
 
