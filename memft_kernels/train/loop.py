@@ -29,7 +29,7 @@ from .evaluate import exact_recall, teacher_forced
 from . import fsdp
 from .longcontext import split_long_samples
 from .plan import check_fits, format_plan, make_plan
-from .head import FusedHead, LogitsHead, autocast_context, forward_head, use_fused_head
+from .head import FusedHead, LogitsHead, autocast_context, check_compile, forward_head, use_fused_head
 from .models import add_lora, compile_decoder, configure_model, build_model, check_model_dir, context_length, count_trainable, is_builtin, load_model, trainable_parameters
 from .windows import PAPER_BOUNDARIES, PAPER_RATIOS, SlidingWindow, curriculum_active, curriculum_ratio, curriculum_size
 
@@ -301,6 +301,7 @@ def setup(config: TrainConfig, make_dir: bool = True) -> Run:
             raise TrainInputError(f"a sample is {task.max_len} tokens long (prompt + answer), longer than the "
                                   f"model's context of {ctx}; lower --length")
         task = split_long_samples(task, ctx)  # memorized in windows (train/longcontext.py)
+    check_compile(config, model)
     configure_model(model, config.attn, config.gradient_checkpointing)
     model = add_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.layers, config.seed)
     model.to(device).train()
