@@ -7,12 +7,14 @@ when pytest collects them, as conftest.py lives there).
 * ``run(logits, target, backend, grad_out, **opts)``: memft_loss forward + backward on a fresh leaf;
 * ``poison_(tensors)`` and ``poison_stats(monkeypatch)``: fill outputs with NaN (int64 with -1)
   before a kernel writes them, so a value a kernel forgot to write fails the comparison;
-* ``BACKENDS``: every backend usable here; ``backend_params()`` the (backend, use_compile) matrix.
+* ``BACKENDS``: every backend usable here; ``backend_params()`` the (backend, use_compile) matrix;
+* ``free_port()``, ``alive(pid)``, ``wait_for(predicate)``: for tests that start processes.
 """
 from __future__ import annotations
 
 import math
 import socket
+import time
 from typing import Iterable
 
 import pytest
@@ -84,3 +86,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout: float = 60.0, every: float = 0.2) -> bool:
+    """Poll ``predicate()`` until it is true (True) or ``timeout`` seconds passed (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False

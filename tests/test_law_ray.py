@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 import law_cells  # noqa: E402
+from helpers import alive, wait_for  # noqa: E402
 from law_cells import calls  # noqa: E402
 from memft_kernels.cli import main as memft_main  # noqa: E402
 from memft_kernels.law import LawInputError, SweepGrid, run_sweep  # noqa: E402
@@ -26,23 +26,6 @@ REPO = os.path.dirname(TESTS)
 def lines_of(path):
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]  # every line whole JSON, or this raises
-
-
-def wait_for(predicate, timeout=60.0, every=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def grid(ranks=(1, 2), **base):

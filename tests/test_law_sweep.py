@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import law_cells
+from helpers import alive, wait_for
 from law_cells import calls
 from memft_kernels.cli import main as memft_main
 from memft_kernels.law import LawInputError, SweepGrid, fit_law, load_results, run_sweep
@@ -50,23 +51,6 @@ def children_of(pid):
             if int(fields[1]) == pid and fields[0] != "Z":
                 kids.append(int(entry))
     return kids
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_for(predicate, timeout=60.0, every=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(every)
-    return False
 
 
 DRIVER = """

@@ -33,6 +33,10 @@ def collect(options, out):
 if __name__ == "__main__":
     mode, options, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     if mode == "run":
+        if len(sys.argv) > 4:  # a second setting's gradients, in the same launch (torchrun starts are slow)
+            extra = collect(dict(json.loads(sys.argv[4]), save_adapter=False), out + "-extra-grads")
+            if dist.get_rank() == 0:
+                torch.save(extra, out + "-extra.pt")
         result = collect(dict(options, save_adapter=False), out + "-grads")
         train(TrainConfig(**options, run_dir=out))
         if dist.get_rank() == 0:
@@ -58,30 +62,66 @@ def _torchrun(tmp_path, *args):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_fsdp_two_ranks_equal_one_process_and_resume(tmp_path):
-    pytest.importorskip("torch.distributed.fsdp")
-    (tmp_path / "worker.py").write_text(WORKER)
-    fsdp_dir = str(tmp_path / "fsdp")
-    _torchrun(tmp_path, "run", json.dumps(dict(OPTIONS, fsdp=True)), fsdp_dir)
+# --accum-normalize active: the exact active mean of the whole step (MemFTAccumulator) over 2
+# micro-batches and the 2 ranks, with FSDP's gradients reduce-scattered after every micro-batch. The
+# low threshold makes later steps hit the step-level fallback every way: a micro-batch without an
+# active token after one with (steps 5-6), before one with (step 7: its plain-loss gradients, already
+# reduced by FSDP, are zeroed) and a whole step without one (step 8: the plain mean).
+ACTIVE = dict(OPTIONS, length=8, steps=8, batch_size=2, grad_accum=2, accum_normalize="active", threshold=0.02,
+              checkpoint_every=0)
 
-    # the single-process reference: same code, no sharding
+
+def _single_process(options, out):
+    """The reference: the worker's code in this process, no torchrun, no sharding."""
     namespace = {}
     exec(compile(WORKER, "worker", "exec"), namespace)
     threads = torch.get_num_threads()
     try:
-        single = namespace["collect"](dict(OPTIONS, save_adapter=False), str(tmp_path / "single-grads"))
-        from memft_kernels.train import TrainConfig, train
-
-        single_report = train(TrainConfig(**OPTIONS, run_dir=str(tmp_path / "single")))
+        return namespace["collect"](dict(options, save_adapter=False), out)
     finally:
         torch.set_num_threads(threads)
-    sharded = torch.load(fsdp_dir + ".pt", weights_only=False)
+
+
+def _assert_same_steps(single, sharded):
     assert sharded["names"] == single["names"]
     for step, (ga, gb) in enumerate(zip(single["grads"], sharded["grads"])):
         for name, x, y in zip(single["names"], ga, gb):
             torch.testing.assert_close(y, x, rtol=2e-4, atol=1e-6, msg=f"step {step + 1} {name}")
     for ia, ib in zip(single["infos"], sharded["infos"]):
-        assert ia["n_active"] == ib["n_active"] and ia["loss"] == pytest.approx(ib["loss"], rel=1e-5)
+        assert ia["n_active"] == ib["n_active"] and ia["fell_back"] == ib["fell_back"]
+        assert ia["loss"] == pytest.approx(ib["loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """One torchrun launch: the ACTIVE setting's gradients, then the OPTIONS run (grads + train)."""
+    pytest.importorskip("torch.distributed.fsdp")
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    (tmp_path / "worker.py").write_text(WORKER)
+    fsdp_dir = str(tmp_path / "fsdp")
+    _torchrun(tmp_path, "run", json.dumps(dict(OPTIONS, fsdp=True)), fsdp_dir, json.dumps(dict(ACTIVE, fsdp=True)))
+    return tmp_path, fsdp_dir
+
+
+def test_fsdp_active_mean_over_micro_batches_equals_one_process(fsdp_run, tmp_path):
+    _, fsdp_dir = fsdp_run
+    single = _single_process(ACTIVE, str(tmp_path / "single"))
+    _assert_same_steps(single, torch.load(fsdp_dir + "-extra.pt", weights_only=False))
+    fell_back = [i["fell_back"] for i in single["infos"]]
+    assert fell_back[-1] and not fell_back[0]
+
+
+def test_fsdp_two_ranks_equal_one_process_and_resume(fsdp_run):
+    tmp_path, fsdp_dir = fsdp_run
+    single = _single_process(OPTIONS, str(tmp_path / "single-grads"))
+    from memft_kernels.train import TrainConfig, train
+
+    threads = torch.get_num_threads()
+    try:
+        single_report = train(TrainConfig(**OPTIONS, run_dir=str(tmp_path / "single")))
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same_steps(single, torch.load(fsdp_dir + ".pt", weights_only=False))
     assert any(0 < i["n_active"] < i["n_valid"] for i in single["infos"])  # the global denominator mattered
 
     report = json.load(open(os.path.join(fsdp_dir, "report.json")))

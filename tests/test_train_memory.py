@@ -2,11 +2,14 @@
 KV cache, and the memory plan (estimate vs measured peak, the refusal)."""
 import json
 import os
+import types
 
 import pytest
 import torch
 
-from memft_kernels.train import TrainConfig, TrainInputError, train
+from memft_kernels import memft_loss
+from memft_kernels.train import TrainConfig, TrainInputError, loop, train
+from memft_kernels.train.data import to_batch
 
 
 @pytest.fixture(autouse=True)
@@ -87,9 +90,10 @@ def test_fused_head_default_rule():
     from memft_kernels.train.head import FUSED_HEAD_AUTO_ELEMENTS, use_fused_head
 
     class Base(nn.Module):
-        def __init__(self, head):
+        def __init__(self, head, model_type="llama"):
             super().__init__()
             self.lm_head = head
+            self.config = types.SimpleNamespace(model_type=model_type)
 
     small, large = Base(nn.Linear(8, 1000, bias=False)), Base(nn.Linear(8, 32000, bias=False))
     auto = TrainConfig()
@@ -109,6 +113,36 @@ def test_fused_head_default_rule():
     assert not use_fused_head(auto, odd, 10**6)
     with pytest.raises(TrainInputError, match="needs a plain nn.Linear lm_head"):
         use_fused_head(TrainConfig(fused_head=True), odd, 1)
+
+    # A family whose forward changes the logits after the head (Cohere's logit_scale): never fused.
+    scaled = Base(nn.Linear(8, 256000, bias=False), model_type="cohere")
+    assert not use_fused_head(auto, scaled, 4096)
+    with pytest.raises(TrainInputError, match="'cohere'.*use --no-fused-head"):
+        use_fused_head(TrainConfig(fused_head=True), scaled, 1)
+
+
+def test_fused_head_and_compile_refused_for_a_scaled_head(tmp_path):
+    """A Cohere model folder (logits = logit_scale x lm_head(h)): --fused-head and --compile would
+    compute the loss of unscaled logits (a silently wrong run); both are refused before any file,
+    and the logits path gives the model's own loss."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CohereConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, vocab_size=300, max_position_embeddings=64,
+                                       logit_scale=0.25, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    transformers.CohereForCausalLM(config).save_pretrained(tmp_path / "cohere")
+    options = dict(model=str(tmp_path / "cohere"), tokenizer="byte", length=16, steps=1, threads=1, progress=False,
+                   plots=False, save_adapter=False, backend="torch")
+    for flag in ("fused_head", "compile"):
+        with pytest.raises(TrainInputError, match="'cohere'"):
+            loop.setup(TrainConfig(**options, **{flag: True}, run_dir=str(tmp_path / flag)))
+        assert not (tmp_path / flag).exists()
+    run = loop.setup(TrainConfig(**options), make_dir=False)
+    assert not run.fused_head
+    batch = to_batch(run.task, [0], run.task.max_len)
+    own = run.model(input_ids=batch.input_ids, labels=batch.input_ids).logits  # the model's own (scaled) logits
+    ref = memft_loss(own.double(), batch.labels, policy="none")
+    assert abs(loop._teacher_forced(run)["loss"] - float(ref)) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

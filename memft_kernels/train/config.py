@@ -152,9 +152,6 @@ class TrainConfig:
         need(isinstance(self.grad_accum, int) and self.grad_accum >= 1, f"grad_accum={self.grad_accum!r} must be an integer >= 1")
         need(self.accum_normalize in ACCUM_NORMALIZE,
              f"accum_normalize={self.accum_normalize!r} must be one of {', '.join(ACCUM_NORMALIZE)}")
-        need(not (self.accum_normalize == "active" and self.fsdp),
-             "accum_normalize='active' is not supported with --fsdp yet (the sharded gradients' scaling is untested); "
-             "use --accum-normalize mean or tokens")
         need(isinstance(self.epochs, int) and self.epochs >= 0, f"epochs={self.epochs!r} must be an integer >= 0 (0 = use steps)")
         paper_lists = self.curriculum_ratios is not None or self.curriculum_boundaries is not None
         need(not paper_lists or (self.curriculum and self.curriculum_style == "paper"),

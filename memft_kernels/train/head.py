@@ -10,8 +10,10 @@ A forward returns a *head*: something the MemFT loss is computed from.
 
 Default (``fused_head=None``): fused when the step's logits would hold at least
 ``FUSED_HEAD_AUTO_ELEMENTS`` = 2^26 elements (V x tokens per rank and micro-batch; 256 MiB in
-float32, e.g. V = 32000 at 2048 tokens, V = 151936 at 442 tokens) and the ``lm_head`` is a plain
-``nn.Linear`` (a LoRA-wrapped head needs the materialized logits here).
+float32, e.g. V = 32000 at 2048 tokens, V = 151936 at 442 tokens), the ``lm_head`` is a plain
+``nn.Linear`` (a LoRA-wrapped head needs the materialized logits here) and the model's family is
+one whose logits are the head's output and nothing else (``known_head``; ``--fused-head`` and
+``--compile`` are refused for the others).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import inspect
 import torch
 from torch import nn
 
-from ..integrations.transformers import unwrap_model
+from ..integrations.transformers import SUPPORTED_MODEL_TYPES, unwrap_model
 from ..linear_loss import memft_linear_loss
 from ..loss import memft_loss
 from .config import TrainConfig, TrainInputError
@@ -79,9 +81,17 @@ def head_module(model) -> nn.Module:
     return unwrap_model(model).lm_head
 
 
+def known_head(model) -> bool:
+    """Whether the model's logits are ``lm_head(last hidden)`` (+ ``final_logit_softcapping``) and
+    nothing else: the families ``apply_memft_to_model`` supports. Others (Cohere's ``logit_scale``,
+    Granite's ``logits_scaling``, ...) change the logits in their own forward, which a loss computed
+    from the decoder's output and the head's weight would silently leave out."""
+    return getattr(unwrap_model(model).config, "model_type", None) in SUPPORTED_MODEL_TYPES
+
+
 def can_fuse(model) -> bool:
-    """Whether the head is a plain nn.Linear (not LoRA-wrapped, not a custom module)."""
-    return type(head_module(model)) is nn.Linear
+    """Whether the head is a plain nn.Linear (not LoRA-wrapped, not a custom module) of a known family."""
+    return type(head_module(model)) is nn.Linear and known_head(model)
 
 
 def use_fused_head(config: TrainConfig, model, tokens_per_forward: int) -> bool:
@@ -89,10 +99,25 @@ def use_fused_head(config: TrainConfig, model, tokens_per_forward: int) -> bool:
     vocab = head_module(model).weight.shape[0]
     if config.fused_head is None:
         return can_fuse(model) and vocab * tokens_per_forward >= FUSED_HEAD_AUTO_ELEMENTS
+    if config.fused_head and not known_head(model):
+        raise TrainInputError(_unknown_head_message(model, "--fused-head") + "; use --no-fused-head")
     if config.fused_head and not can_fuse(model):
         raise TrainInputError(f"--fused-head needs a plain nn.Linear lm_head; this one is "
                               f"{type(head_module(model)).__name__} (lm_head in --target-modules?); use --no-fused-head")
     return bool(config.fused_head)
+
+
+def check_compile(config: TrainConfig, model) -> None:
+    """``--compile`` runs the compiled decoder and applies the head itself: known families only."""
+    if config.compile and not known_head(model):
+        raise TrainInputError(_unknown_head_message(model, "--compile"))
+
+
+def _unknown_head_message(model, flag: str) -> str:
+    model_type = getattr(unwrap_model(model).config, "model_type", None)
+    return (f"{flag} computes the logits from the decoder's last hidden states and the lm_head, which is exact "
+            f"for the model types {', '.join(SUPPORTED_MODEL_TYPES)}; this model is {model_type!r}, whose forward "
+            f"may change its logits (scaling, capping) in ways the loss would miss")
 
 
 def autocast_context(config: TrainConfig, device: torch.device):

@@ -29,7 +29,7 @@ from .evaluate import exact_recall, teacher_forced
 from . import fsdp
 from .longcontext import split_long_samples
 from .plan import check_fits, format_plan, make_plan
-from .head import FusedHead, LogitsHead, autocast_context, forward_head, use_fused_head
+from .head import FusedHead, LogitsHead, autocast_context, check_compile, forward_head, use_fused_head
 from .models import add_lora, compile_decoder, configure_model, build_model, check_model_dir, context_length, count_trainable, is_builtin, load_model, trainable_parameters
 from .windows import PAPER_BOUNDARIES, PAPER_RATIOS, SlidingWindow, curriculum_active, curriculum_ratio, curriculum_size
 
@@ -301,6 +301,7 @@ def setup(config: TrainConfig, make_dir: bool = True) -> Run:
             raise TrainInputError(f"a sample is {task.max_len} tokens long (prompt + answer), longer than the "
                                   f"model's context of {ctx}; lower --length")
         task = split_long_samples(task, ctx)  # memorized in windows (train/longcontext.py)
+    check_compile(config, model)
     configure_model(model, config.attn, config.gradient_checkpointing)
     model = add_lora(model, config.rank, config.alpha, config.dropout, config.target_modules, config.layers, config.seed)
     model.to(device).train()
@@ -311,7 +312,10 @@ def setup(config: TrainConfig, make_dir: bool = True) -> Run:
     if batch_size > len(task.samples):
         raise TrainInputError(f"batch_size={config.batch_size} is larger than the {len(task.samples)} samples")
     if batch_size < world:
-        raise TrainInputError(f"batch_size={batch_size} is smaller than the {world} ranks: every rank needs a row")
+        given = (f"batch_size={batch_size}" if config.batch_size
+                 else f"the global batch (batch_size=0: all {len(task.samples)} sample(s))")
+        raise TrainInputError(f"{given} is smaller than the {world} ranks: every rank needs a row; give "
+                              f"--samples (and --batch-size) of at least {world}")
 
     sampler = Sampler(len(task.samples), config.batch_size, config.seed, config.curriculum, config.curriculum_epochs,
                       config.curriculum_style, config.curriculum_ratios, config.curriculum_boundaries)
