@@ -47,6 +47,10 @@ def tiny(family: str):
             "qwen3": (lambda: t.Qwen3Config(**common, head_dim=16), t.Qwen3ForCausalLM),
             "gemma": (lambda: t.GemmaConfig(**common, head_dim=16), t.GemmaForCausalLM),
             "gemma2": (lambda: t.Gemma2Config(**common, head_dim=16, final_logit_softcapping=2.0), t.Gemma2ForCausalLM),
+            "gemma3_text": (lambda: t.Gemma3TextConfig(**common, head_dim=16, final_logit_softcapping=3.0),
+                            t.Gemma3ForCausalLM),
+            # lm_head.weight is embed_tokens.weight: its gradient is the sum of both uses
+            "llama-tied": (lambda: t.LlamaConfig(**common, tie_word_embeddings=True), t.LlamaForCausalLM),
         }[family]
         config = config()
     torch.manual_seed(0)
@@ -108,13 +112,23 @@ def test_causal_lm_loss_is_memft_of_shifted_logits():
 # ---------------------------------------------------------------- the fused forward, per family
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"])
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "llama-tied", "gpt2"]
+
+
+def own_logits_loss(model, ids, labels, denominator=None):
+    """The reference: the model's own logits (softcapped by Gemma-2/3's forward), shifted here,
+    memft_loss on them."""
+    logits = model(input_ids=ids).logits
+    return memft_loss(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), denominator=denominator, **OPTIONS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fused_forward_matches_unpatched(family):
     model = tiny(family)
     reference = copy.deepcopy(model)
     ids, labels = batch()
 
-    ref_loss = memft_causal_lm_loss(reference(input_ids=ids).logits, labels, **OPTIONS)
+    ref_loss = own_logits_loss(reference, ids, labels)
     ref_loss.backward()
     apply_memft_to_model(model, chunk_size=5, **OPTIONS)
     out = model(input_ids=ids, labels=labels)
@@ -122,6 +136,8 @@ def test_fused_forward_matches_unpatched(family):
     out.loss.backward()
     assert rel(out.loss, ref_loss) < 1e-6
     assert_same_grads(grads(model), grads(reference))
+    if family == "llama-tied":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
 
     # Evaluation and calls without labels run the model's own forward (with the MemFT loss).
     model.eval()
@@ -132,6 +148,27 @@ def test_fused_forward_matches_unpatched(family):
         assert torch.equal(plain.logits, reference.eval()(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "llama-tied", "gpt2"])
+def test_logits_paths_and_num_items_match_model_logits(family):
+    """use_memft (the model's own forward) and memft_compute_loss_func (the Trainer's) with
+    num_items_in_batch: the model's logits (capped by its own forward, never twice), shifted,
+    over the given denominator."""
+    n = torch.tensor(11)
+    ids, labels = batch()
+    reference = tiny(family)
+    ref_loss = own_logits_loss(reference, ids, labels, denominator=n)
+    ref_loss.backward()
+    for way in ("use_memft", "compute_loss_func"):
+        model = tiny(family)
+        if way == "use_memft":
+            loss = use_memft(model, **OPTIONS)(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+        else:
+            loss = memft_compute_loss_func(**OPTIONS)(model(input_ids=ids), labels, num_items_in_batch=n)
+        loss.backward()
+        assert rel(loss, ref_loss) < 1e-6, way
+        assert_same_grads(grads(model), grads(reference))
+
+
 def test_unsupported_family_and_double_softcap():
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, vocab_size=V)
@@ -140,6 +177,8 @@ def test_unsupported_family_and_double_softcap():
         apply_memft_to_model(transformers.LlamaForCausalLM(config))
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         apply_memft_to_model(tiny("gemma2"), softcap=5.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):  # its logits are capped already
+        use_memft(peft.get_peft_model(tiny("gemma2"), peft.LoraConfig(r=2, target_modules=["q_proj"])), softcap=5.0)
 
 
 def test_patched_model_copies_and_unpatches():

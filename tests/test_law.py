@@ -374,6 +374,7 @@ def test_cli_phase(tmp_path, capsys):
     (["law", "fit", "{few}"], "too few cells"),
     (["law", "predict", "{fit}", "--rank", "4", "--target-dL", "0.001"], "at or below the fit's floor"),
     (["law", "predict", "{fit}", "--target-dL", "0.3"], "give --rank"),
+    (["law", "predict", "{fit}", "--rank", "1", "--target-dL", "1000"], "no text of one token or more reaches"),
     (["phase", "{missing}"], "no such file or folder"),
     (["phase", "{bad}", "--png", "none"], "line 1: missing field 'prob'"),
     (["phase", "{stats}", "--bins", "3"], "even count"),

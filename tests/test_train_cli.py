@@ -367,3 +367,25 @@ def test_sigint_prints_one_line_and_leaves_a_resumable_run(tmp_path):
     b = json.load(open(os.path.join(stopped_dir, "report.json")))
     for key in ("base_loss", "final_loss", "token_accuracy", "recalled_frac", "exact_recall", "first_wrong"):
         assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("every, says", [(100, "stopped before its first checkpoint (--checkpoint-every 100)"),
+                                         (0, "started without --checkpoint-every")])
+def test_resume_without_a_checkpoint_says_why(every, says, tmp_path, capsys):
+    from memft_kernels.train import TrainConfig
+
+    run = tmp_path / "run"  # what a run killed before its first checkpoint leaves
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dict(TrainConfig(checkpoint_every=every).to_dict(), run_dir=str(run))))
+    (run / "metrics.jsonl").write_text('{"kind": "base", "step": 0, "loss": 9.0}\n')
+    err = _one_line_exit_2(["train", "--resume", str(run)], capsys)
+    assert says in err
+
+
+def test_fewer_samples_than_ranks_names_the_samples(monkeypatch, tmp_path):
+    from memft_kernels.train import TrainConfig, TrainInputError, loop
+
+    monkeypatch.setattr(loop, "_init_distributed", lambda device: (0, 2))  # as under torchrun with 2 ranks
+    with pytest.raises(TrainInputError, match=r"batch_size=0: all 1 sample\(s\)\) is smaller than the 2 ranks.*--samples"):
+        loop.setup(TrainConfig(model="nano", length=8, steps=1, threads=1, progress=False, run_dir=str(tmp_path / "r")))
+    assert not (tmp_path / "r").exists()

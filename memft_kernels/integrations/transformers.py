@@ -175,8 +175,20 @@ def use_memft(model: nn.Module, **options) -> nn.Module:
     base = unwrap_model(model)
     if not hasattr(base, "loss_function"):
         raise TypeError(f"{type(base).__name__} has no loss_function to replace (needs a transformers model)")
+    _refuse_second_softcap(base, options)
     base.loss_function = functools.partial(memft_causal_lm_loss, **options)
     return model
+
+
+def _refuse_second_softcap(base: nn.Module, options: dict) -> None:
+    """A model that caps its own logits (Gemma-2/3's ``final_logit_softcapping``) hands the loss
+    capped logits; a ``softcap`` option would cap them a second time."""
+    model_softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
+    if model_softcap is not None and options.get("softcap") is not None:
+        model_type = getattr(base.config, "model_type", type(base).__name__)
+        raise ValueError(
+            f"{model_type} already caps its logits (final_logit_softcapping={model_softcap}); do not pass softcap"
+        )
 
 
 def memft_compute_loss_func(**options) -> Callable:
@@ -381,11 +393,6 @@ def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options)
         )
     if not hasattr(base, "lm_head") or not hasattr(base, getattr(base, "base_model_prefix", "") or "\0"):
         raise ValueError(f"{type(base).__name__} has no lm_head / decoder: pass a *ForCausalLM model")
-    model_softcap = getattr(config, "final_logit_softcapping", None)
-    if model_softcap is not None and options.get("softcap") is not None:
-        raise ValueError(
-            f"{model_type} already caps its logits (final_logit_softcapping={model_softcap}); do not pass softcap"
-        )
     use_memft(base, **{k: v for k, v in options.items() if k not in LINEAR_OPTIONS})
     if "_memft_original_forward" not in vars(base):
         base._memft_original_forward = base.forward  # the class's, or an instance wrapper already there

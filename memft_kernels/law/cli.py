@@ -199,6 +199,9 @@ def _predict(args) -> int:
             raise LawInputError("give --target-dL with --rank (or --params), or with --length")
         if capacity is not None:
             length = longest_length(fit, capacity, args.target_dL)
+            if length < 1:
+                raise LawInputError(f"at {fit.capacity} {capacity:g} no text of one token or more reaches dL >= "
+                                    f"{args.target_dL:g} (the law's longest length is {length:.3g} tokens)")
             print(f"longest length with dL >= {args.target_dL:g} at {fit.capacity} {capacity:g}: "
                   f"{length:.1f} tokens ({math.floor(length)} whole tokens)")
         elif args.length is not None:

@@ -122,8 +122,7 @@ def load_checkpoint_with_path(run_dir: str, warn=None) -> Tuple[dict, str]:
     candidates = [os.path.join(run_dir, name) for name in (CHECKPOINT, PREVIOUS)]
     present = [p for p in candidates if os.path.isfile(p)]
     if not present:
-        raise TrainInputError(f"no checkpoint in {run_dir!r} (expected {CHECKPOINT}); was it run with "
-                              "--checkpoint-every?")
+        raise TrainInputError(f"no checkpoint in {run_dir!r} (expected {CHECKPOINT}); " + _why_no_checkpoint(run_dir))
     problems = []
     for path in present:
         try:
@@ -135,6 +134,21 @@ def load_checkpoint_with_path(run_dir: str, warn=None) -> Tuple[dict, str]:
             warn(f"{problems[0]}; resuming from the older {os.path.basename(path)} (step {state['step']})")
         return state, path
     raise TrainInputError(f"no usable checkpoint in {run_dir!r}: " + "; ".join(problems))
+
+
+def _why_no_checkpoint(run_dir: str) -> str:
+    """What the run's config.json says about its checkpoints (the hint of the error above)."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            every = json.load(f).get("checkpoint_every")
+    except (OSError, ValueError, AttributeError):
+        every = None
+    if isinstance(every, int) and every > 0:
+        return (f"the run stopped before its first checkpoint (--checkpoint-every {every}): "
+                "nothing to resume, start it again")
+    if every == 0:
+        return "the run was started without --checkpoint-every: nothing to resume, start it again"
+    return "was it run with --checkpoint-every?"
 
 
 def config_from_checkpoint(run_dir: str) -> Optional[dict]:

@@ -312,7 +312,10 @@ def setup(config: TrainConfig, make_dir: bool = True) -> Run:
     if batch_size > len(task.samples):
         raise TrainInputError(f"batch_size={config.batch_size} is larger than the {len(task.samples)} samples")
     if batch_size < world:
-        raise TrainInputError(f"batch_size={batch_size} is smaller than the {world} ranks: every rank needs a row")
+        given = (f"batch_size={batch_size}" if config.batch_size
+                 else f"the global batch (batch_size=0: all {len(task.samples)} sample(s))")
+        raise TrainInputError(f"{given} is smaller than the {world} ranks: every rank needs a row; give "
+                              f"--samples (and --batch-size) of at least {world}")
 
     sampler = Sampler(len(task.samples), config.batch_size, config.seed, config.curriculum, config.curriculum_epochs,
                       config.curriculum_style, config.curriculum_ratios, config.curriculum_boundaries)
