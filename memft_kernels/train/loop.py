@@ -584,6 +584,22 @@ def _begin(run: Run, resume_state: Optional[dict]) -> None:
         _restore(run, resume_state)
 
 
+def _refuse_earlier_checkpoint(run: Run) -> None:
+    """A new run must not start in a folder holding another run's checkpoint: it would replace that
+    run's config.json and metrics, and a later --resume would continue the old run's weights under
+    the new run's log (or the old run would be lost by mistake)."""
+    found = None
+    if run.rank == 0:
+        found = next((n for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS) if os.path.isfile(os.path.join(run.run_dir, n))), None)
+    if run.world > 1:
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    if found is not None:
+        raise TrainInputError(f"the run folder {run.run_dir!r} holds the checkpoint of an earlier run ({found}): "
+                              f"continue it with --resume {run.run_dir}, or start the new run in another --run-dir")
+
+
 def _save(run: Run) -> None:
     state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
     if run.rank == 0:
@@ -594,6 +610,8 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
     start = time.time()
     run = setup(config)
     config = run.config
+    if resume_state is None:
+        _refuse_earlier_checkpoint(run)
     if run.rank == 0 and config.progress:
         print(format_plan(run.plan, run.world, config.fsdp), flush=True)
     try:
