@@ -24,6 +24,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 
@@ -61,6 +62,31 @@ def find_nvcc():
     return None
 
 
+NATIVE_MODULES = ("_native_cpu", "_native_cuda")
+
+
+def drop_stale_native_modules(build_lib, keep):
+    """Delete the native modules in ``build_lib`` (the wheel's staging directory) that this build
+    does not make. An in-place build (``setup.py build_ext --inplace``, as gpu_check.sh runs) stages
+    its modules there too, and setuptools packs whatever is there: without this, a later
+    ``MEMFT_CUDA=0 pip wheel .`` (or ``MEMFT_NATIVE=0``, or an auto CUDA build that failed) would ship
+    the old CUDA module from the earlier build."""
+    package = Path(build_lib) / "memft_kernels"
+    for name in NATIVE_MODULES:
+        if name not in keep:
+            for stale in package.glob(f"{name}.*"):
+                stale.unlink()
+
+
+class BuildPy(build_py):
+    """build_py, run for every wheel (native or not): first drops stale native modules."""
+
+    def run(self):
+        keep = {ext.name.rsplit(".", 1)[-1] for ext in (self.distribution.ext_modules or [])}
+        drop_stale_native_modules(self.build_lib, keep)
+        super().run()
+
+
 class CMakeExtension(Extension):
     def __init__(self, name, target, required):
         super().__init__(name, sources=[])
@@ -84,6 +110,7 @@ class CMakeBuild(build_ext):
                 print(f"WARNING: memft_kernels: {ext.name} was not built ({exc}); the package works "
                       f"without it on the other backends (docs/BUILDING.md)", file=sys.stderr)
         self.extensions = built
+        drop_stale_native_modules(self.build_lib, {ext.target for ext in built})
         if built:
             super().run()
 
@@ -153,7 +180,7 @@ setup(
     packages=find_packages(include=["memft_kernels", "memft_kernels.*"]),
     package_data={"memft_kernels": ["data/*"]},
     ext_modules=native_extensions(),
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",

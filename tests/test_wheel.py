@@ -13,6 +13,7 @@ import shutil
 import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -99,3 +100,31 @@ def test_wheel_builds_installs_and_runs(tmp_path):
                          env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0 and "bench ok" in out.stdout, out.stdout + out.stderr
     assert "source checkout" in out.stderr
+
+
+def test_a_build_drops_staged_native_modules_it_does_not_make(tmp_path):
+    """`setup.py build_ext --inplace` (gpu_check.sh's build) stages each module in build/lib.* as well,
+    and setuptools packs whatever is there: a later `MEMFT_CUDA=0 pip wheel .` shipped the old CUDA
+    module (and `MEMFT_NATIVE=0` a "pure" wheel with .so files). build_py drops them first."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "memft_kernels", src / "memft_kernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    package = tmp_path / "lib" / "memft_kernels"
+    package.mkdir(parents=True)
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    staged = {name: package / f"{name}{suffix}" for name in ("_native_cpu", "_native_cuda")}
+
+    def build_py(**switches):
+        for path in staged.values():
+            path.write_bytes(b"a module from an earlier build")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEMFT_")}
+        subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(package.parent)],
+                       cwd=src, env={**env, **switches}, check=True, capture_output=True)
+        assert (package / "loss.py").is_file()
+        return {name for name, path in staged.items() if path.exists()}
+
+    # kept: this build makes it (build_ext replaces it next)
+    assert build_py(MEMFT_CUDA="0") == {"_native_cpu"}
+    assert build_py(MEMFT_NATIVE="0") == set()
