@@ -189,6 +189,12 @@ def _number(value, name: str) -> float:
 def _integer(value, name: str) -> int:
     """An int, or anything that is one exactly (numpy integers, a one-element integer tensor), as
     F.cross_entropy takes them; never a bool or a float."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if torch.compiler.is_compiling():
+        # Dynamo traces a numpy integer or a tensor as a symbolic value, which the compiled kernels'
+        # integer argument cannot take.
+        raise ValueError(f"{name} must be a Python int under torch.compile: pass int({name})")
     if isinstance(value, torch.Tensor):
         if value.numel() == 1 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
             return int(value.item())

@@ -274,6 +274,13 @@ def test_cross_entropy_parity_uint8_targets_and_numpy_ignore_index(backend):
     want = F.cross_entropy(logits, target.to(torch.uint8), ignore_index=4)  # F.cross_entropy takes both
     got = memft_loss(logits, target.to(torch.uint8), policy="none", ignore_index=np.int64(4), backend=backend)
     assert rel(got, want) < 1e-6
+    # F.cross_entropy's class weight is token_weight=weight[target] (the SPEC's recipe), every reduction
+    w = torch.rand(9, device=logits.device) + 0.1
+    for reduction in ("mean", "sum", "none"):
+        want = F.cross_entropy(logits, target, weight=w, ignore_index=4, reduction=reduction)
+        got = memft_loss(logits, target, policy="none", token_weight=w[target.clamp_min(0)], ignore_index=4,
+                         reduction=reduction, backend=backend)
+        assert rel(got, want) < 1e-6
 
 
 def test_float_options_outside_float32_are_refused():
@@ -289,3 +296,14 @@ def test_float_options_outside_float32_are_refused():
 def test_class_dimension_in_the_middle_names_the_fix():
     with pytest.raises(ValueError, match=r"movedim\(1, -1\)"):
         memft_loss(torch.randn(2, 5, 3), torch.randint(0, 5, (2, 3)))
+
+
+def test_numpy_ignore_index_under_fullgraph_says_pass_an_int():
+    import numpy as np
+
+    logits, target = make(n=4, v=5)
+    torch._dynamo.reset()
+    f = torch.compile(memft_loss, fullgraph=True, backend="aot_eager")
+    # eager takes a numpy integer; traced it would reach a compiled kernel as a SymInt
+    with pytest.raises(Exception, match=r"pass int\(ignore_index\)"):
+        f(logits, target, ignore_index=np.int64(3), validate=False)
