@@ -16,12 +16,14 @@ from memft_kernels.train import TrainConfig
 from memft_kernels.train.loop import setup, train_step, trainable_parameters
 
 
-# memft-ot and memft-sw on full batches, and --accum-normalize active over 2 micro-batches of 2
-# rows (one per rank) with a low threshold: later steps have micro-batches, and a whole step, without
-# an active token on either rank (the step-level fallback).
+# memft-ot and memft-sw on full batches, and --accum-normalize active over micro-batches of 2 and 1
+# rows (3 samples in batches of 2: rank 1 has no row in every step's second micro-batch) with a low
+# threshold: later steps have a micro-batch, and then whole steps, without an active token on either
+# rank (the step-level fallback). memft-sw with the same short batches.
+SHORT = {"length": 8, "samples": 3, "batch_size": 2, "grad_accum": 2}
 SETTINGS = {"memft-ot": {"loss": "memft-ot"}, "memft-sw": {"loss": "memft-sw"},
-            "active": {"loss": "memft-ot", "length": 8, "steps": 8, "batch_size": 2, "grad_accum": 2,
-                       "accum_normalize": "active", "threshold": 0.02}}
+            "active": {"loss": "memft-ot", **SHORT, "steps": 8, "accum_normalize": "active", "threshold": 0.02},
+            "memft-sw-short": {"loss": "memft-sw", **SHORT, "steps": 3}}
 
 
 def collect(options, out):
@@ -69,7 +71,7 @@ def test_two_rank_torchrun_matches_single_process_gradients(tmp_path):
         single = namespace["collect"](OPTIONS, str(tmp_path / "single"))
     finally:
         torch.set_num_threads(threads)
-    for loss in ("memft-ot", "memft-sw", "active"):
+    for loss in namespace["SETTINGS"]:
         a, b = single[loss], ddp[loss]
         assert len(a["grads"]) == namespace["SETTINGS"][loss].get("steps", OPTIONS["steps"])
         for step, (ga, gb) in enumerate(zip(a["grads"], b["grads"])):

@@ -357,8 +357,15 @@ def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, de
     micro-batch; gradients accumulate in ``.grad`` (not all-reduced). Returns (info, stats, batch)."""
     config, task = run.config, run.task
     local_index = batch_index[run.rank::run.world]
-    batch = to_batch(task, local_index.tolist(), task.max_len).to(run.device)
-    weight_fn = _window_fn(run, local_index, len(batch_index)) if config.loss == "memft-sw" else None
+    # A micro-batch with fewer rows than ranks (the short last batch of an epoch, a small curriculum
+    # stage) leaves some ranks without a row. They still run the forward and backward (FSDP's
+    # all-gathers and reduce-scatters, the loss's all-reduce) on one row whose labels are all
+    # ignored: it adds nothing to the loss, its statistics or the gradients, and leaves the window alone.
+    idle = len(local_index) == 0
+    batch = to_batch(task, (batch_index[:1] if idle else local_index).tolist(), task.max_len).to(run.device)
+    if idle:
+        batch.labels.fill_(IGNORE)
+    weight_fn = _window_fn(run, local_index, len(batch_index)) if config.loss == "memft-sw" and not idle else None
     with autocast_context(config, run.device):
         head = forward_head(run.model, batch.input_ids, batch.attention_mask, run.fused_head, run.decoder,
                             autocast=config.autocast == "bf16")
