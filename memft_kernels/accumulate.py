@@ -51,6 +51,12 @@ _N_TOTALS = 6
 _OWN_KEYWORDS = ("reduction", "normalize", "denominator", "fallback", "return_stats")
 
 
+def _plain_options(options: dict) -> dict:
+    """The options of the fallback's plain loss: every weight gone (policy, token_weight, weight_fn),
+    as memft_loss's own fallback has w_i = 1 on every valid row."""
+    return {k: v for k, v in options.items() if k not in ("policy", "threshold", "sharpness", "token_weight", "weight_fn")}
+
+
 class MemFTAccumulator:
     """Exact ``normalize="active"`` MemFT loss over K micro-batches and the ranks of ``group``.
 
@@ -141,11 +147,17 @@ class MemFTAccumulator:
         Its gradient is this micro-batch's ``sum_i w_i l_i`` (or, while the step has no active
         token, its plain loss sum); with ``last=True`` it and the accumulated gradients are already
         scaled by the step's factor. ``reduction``, ``normalize``, ``denominator`` and ``fallback``
-        belong to the accumulator and are refused here.
+        belong to the accumulator and are refused here. ``inplace_backward=True`` takes effect only
+        once the step has an active token (or with ``fallback="zero"``): before that the fallback's
+        plain loss may still need to read the logits.
         """
         self._check_options(options)
+        if options.get("inplace_backward") and self._may_fall_back():
+            # reduction="sum" writes the gradient over the logits during the forward, and the
+            # fallback's plain loss (decided after it) would then read a gradient as logits.
+            options = dict(options, inplace_backward=False)
         loss_sum, stats = memft_loss(logits, target, reduction="sum", return_stats=True, **options)
-        plain = {k: v for k, v in options.items() if k not in ("policy", "threshold", "sharpness", "token_weight")}
+        plain = _plain_options(options)
         return self.accumulate(
             loss_sum, stats,
             lambda: memft_loss(logits, target, policy="none", reduction="sum", **plain),
@@ -158,12 +170,16 @@ class MemFTAccumulator:
 
         self._check_options(options)
         loss_sum, stats = memft_linear_loss(hidden, weight, target, bias, reduction="sum", return_stats=True, **options)
-        plain = {k: v for k, v in options.items() if k not in ("policy", "threshold", "sharpness", "token_weight")}
+        plain = _plain_options(options)
         return self.accumulate(
             loss_sum, stats,
             lambda: memft_linear_loss(hidden, weight, target, bias, policy="none", reduction="sum", **plain),
             last=last,
         )
+
+    def _may_fall_back(self) -> bool:
+        """Whether this step's next micro-batch may need the fallback's plain loss (nothing active yet)."""
+        return self.fallback == "mean" and not self._seen_active
 
     @staticmethod
     def _check_options(options) -> None:

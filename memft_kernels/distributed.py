@@ -43,7 +43,9 @@ from .spec import (
     MemFTStats,
     RowStats,
     accumulate_dtype,
+    check_inplace_target,
     check_target_range,
+    once_differentiable_grads,
     prepare_call,
     takes_loss_options,
 )
@@ -343,7 +345,7 @@ class _VocabParallelMemFTFunction(torch.autograd.Function):
             grad = ctx.module.row_backward_(logits, local_target, lse, coef, local_opts)
         else:
             grad = ctx.module.row_backward(logits, local_target, lse, coef, local_opts)
-        return (grad,) + (None,) * 15
+        return once_differentiable_grads(grad) + (None,) * 15
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,6 +426,8 @@ def vocab_parallel_memft_loss(
         # The target range needs the global V: checked after the exchange.
         call = prepare_call(local_logits, target, token_weight, options, check_range=False)
         opts = call.kernel
+        if inplace_backward and torch.is_grad_enabled() and local_logits.requires_grad:
+            check_inplace_target(local_logits)
         if vocab_start is not None and (
             isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
         ):

@@ -33,7 +33,15 @@ import torch
 from . import dispatch
 from .ops.base import Backend
 from .policy import reduce_rows, weight_fn_factor
-from .spec import KernelOptions, LossOptions, MemFTStats, accumulate_dtype, prepare_call, takes_loss_options
+from .spec import (
+    KernelOptions,
+    LossOptions,
+    MemFTStats,
+    accumulate_dtype,
+    once_differentiable_grads,
+    prepare_call,
+    takes_loss_options,
+)
 
 # Default budget for the chunk's logits buffer (the caller may set its own).
 DEFAULT_MEMORY_BUDGET_BYTES = 256 << 20
@@ -160,8 +168,8 @@ def _gradient_sweep(hidden, weight, bias, target, lse, coef, module, opts: Kerne
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
-    """1/d where d > 0, else 0 (no host sync)."""
-    positive = d > 0
+    """1/d, or 0 where d <= 0 (no host sync)."""
+    positive = ~(d <= 0)  # a NaN d (a NaN weight with validate=False) stays NaN
     return torch.where(positive, 1.0 / torch.where(positive, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
@@ -244,11 +252,11 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
             grads = _Grads(hidden, weight, bias, ctx.needs, ctx.rows)
             _gradient_sweep(hidden, weight, bias, target, lse, coef, ctx.module, ctx.opts, ctx.rows, grads)
             one = torch.ones((), dtype=wgt.dtype, device=wgt.device)
-            return (*_finish(grads, one, weight, ctx.rows),) + none
+            return once_differentiable_grads(*_finish(grads, one, weight, ctx.rows)) + none
         out = list(ctx.saved_tensors)  # (hidden, weight, bias) gradients, None where not needed
         # Always multiplied (a pass over the small N x D / V x D results), never compared on the host.
         out = [None if g is None else _scaled(g, grad_loss, torch.empty_like(g), ctx.rows) for g in out]
-        return (*out,) + none
+        return once_differentiable_grads(*out) + none
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,16 @@ from torch import nn
 from . import dispatch
 from .ops.base import Backend
 from .policy import reduce_rows, unit_scale, weight_fn_factor
-from .spec import KernelOptions, LossOptions, MemFTStats, accumulate_dtype, prepare_call, takes_loss_options
+from .spec import (
+    KernelOptions,
+    LossOptions,
+    MemFTStats,
+    accumulate_dtype,
+    check_inplace_target,
+    once_differentiable_grads,
+    prepare_call,
+    takes_loss_options,
+)
 
 
 def _single_pass(want_grad: bool, weight_fn, reduction: str, normalize: str, denominator) -> bool:
@@ -92,18 +101,22 @@ class _MemFTLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        none = (None,) * 13
+        (grad,) = once_differentiable_grads(_MemFTLossFunction._backward(ctx, grad_loss))
+        return (grad,) + (None,) * 13
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         # The kernels are not differentiable (no double backward): under a torch.func transform the
         # upstream gradient may track gradients itself, which must not reach the custom ops.
         grad_loss = grad_loss.detach()
         if ctx.fused and ctx.traced:
             (grad,) = ctx.saved_tensors
-            return (ctx.backend.scale_grad_(grad, grad_loss),) + none
+            return ctx.backend.scale_grad_(grad, grad_loss)
         if ctx.fused and ctx.grad is not None:
             grad, ctx.grad = ctx.grad, None
             # Scaled in place on the device: no host sync (CUDA graphs, torch.compile), and a
             # grad_loss of exactly 1 costs no pass over the gradient on the compiled backends.
-            return (ctx.backend.scale_grad_(grad, grad_loss),) + none
+            return ctx.backend.scale_grad_(grad, grad_loss)
         # The two-pass path, and any later backward of the single-pass path (retain_graph=True):
         # the gradient from the saved logits. With inplace_backward the logits were consumed by
         # the first backward, and reading them raises autograd's in-place modification error.
@@ -115,7 +128,7 @@ class _MemFTLossFunction(torch.autograd.Function):
             grad = ctx.backend.row_backward_(logits, target, lse, coef, ctx.opts)
         else:
             grad = ctx.backend.row_backward(logits, target, lse, coef, ctx.opts)
-        return (grad,) + none
+        return grad
 
 
 @takes_loss_options()
@@ -146,7 +159,8 @@ def memft_loss(
     ``logits`` is ``[..., V]`` (class dimension last), ``target`` the leading shape. Returns a float32
     loss (float64 for float64 logits; 0-d for "mean"/"sum", the shape of ``target`` for "none"), and
     with ``return_stats=True`` the pair ``(loss, MemFTStats)``. ``token_weight`` (target's shape,
-    float, >= 0) multiplies each token's policy weight.
+    float, >= 0) multiplies each token's policy weight; like it, a constant (no gradient: one that
+    requires grad is refused). No second derivative: a double backward raises.
     """
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
@@ -167,6 +181,8 @@ def memft_loss_with(logits: torch.Tensor, target: torch.Tensor, token_weight: Op
     inplace = bool(options.inplace_backward) and logits.is_contiguous()
 
     want_grad = torch.is_grad_enabled() and call.logits.requires_grad
+    if inplace and want_grad:
+        check_inplace_target(logits)
     loss, lse, ce, prob, pred, weight, fell_back, _, _ = _MemFTLossFunction.apply(
         call.logits, call.target, call.token_weight, module, call.kernel, options.reduction, options.normalize,
         options.fallback, call.denominator, inplace, options.weight_fn, target, options.validate, want_grad,

@@ -72,7 +72,9 @@ def reduce_rows(
         else:  # zero: the all-zero weights give loss 0 and zero gradient below
             w_eff = weight
         d = w_eff.sum()
-    positive = d > 0
+    # D <= 0 (no weight at all) gives 0; a NaN D (a NaN weight, only reachable with validate=False)
+    # gives NaN: a NaN is never turned into a finite loss.
+    positive = ~(d <= 0)
     safe_d = torch.where(positive, d, torch.ones_like(d))
     loss = torch.where(positive, (w_eff * row_loss).sum() / safe_d, torch.zeros_like(d))
     row_scale = torch.where(positive, w_eff / safe_d, torch.zeros_like(w_eff))

@@ -6,6 +6,7 @@ Validation raises where the bad value enters, naming the argument, the value and
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -18,6 +19,12 @@ FALLBACKS = ("mean", "zero")
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int32, torch.int64)
+# Target dtypes accepted at the API (F.cross_entropy also takes uint8); uint8 becomes int32 there.
+TARGET_DTYPES = INT_DTYPES + (torch.uint8,)
+# Every float option reaches the kernels as a float32: a value float32 rounds to 0 or inf would
+# silently change the math (a sharpness of 1e39 is inf there, and inf * 0 is a NaN weight).
+_F32_MAX = float(torch.finfo(torch.float32).max)
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
 # The policy as the integer every compiled kernel takes (Triton constexpr, csrc RowOptions.policy).
 POLICY_CODES = {"none": 0, "hard": 1, "sigmoid": 2}
 
@@ -158,6 +165,13 @@ def _finite(x) -> bool:
     return x == x and -math.inf < x < math.inf
 
 
+def _float32_range(value: float, name: str, what: str) -> None:
+    """Refuse a positive option that float32 (what every kernel computes in) would make inf or 0."""
+    if value > _F32_MAX or 0.0 < value < _F32_TINY:
+        raise ValueError(f"{name}={value!r} must be {what} within float32's range "
+                         f"[{_F32_TINY:.3g}, {_F32_MAX:.3g}] (the kernels compute in float32)")
+
+
 def _number(value, name: str) -> float:
     # bool is an int and "0.5" converts with float(): both are mistakes, not numbers.
     if isinstance(value, (bool, str, bytes)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
@@ -172,6 +186,26 @@ def _number(value, name: str) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
+def _integer(value, name: str) -> int:
+    """An int, or anything that is one exactly (numpy integers, a one-element integer tensor), as
+    F.cross_entropy takes them; never a bool or a float."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if torch.compiler.is_compiling():
+        # Dynamo traces a numpy integer or a tensor as a symbolic value, which the compiled kernels'
+        # integer argument cannot take.
+        raise ValueError(f"{name} must be a Python int under torch.compile: pass int({name})")
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool:
+            return int(value.item())
+    elif not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name}={value!r} must be an int")
+
+
 def _kernel_options(o: "LossOptions") -> KernelOptions:
     """Check the scalar options of SPEC.md and return the per-row part as KernelOptions."""
     _choice("policy", o.policy, POLICIES)
@@ -182,29 +216,32 @@ def _kernel_options(o: "LossOptions") -> KernelOptions:
     threshold = _number(o.threshold, "threshold")
     if not (0.0 < threshold <= 1.0):
         raise ValueError(f"threshold={threshold!r} must be in (0, 1]")
+    _float32_range(threshold, "threshold", "in (0, 1] and")
     sharpness = _number(o.sharpness, "sharpness")
     if not (sharpness > 0.0 and _finite(sharpness)):
         raise ValueError(f"sharpness={sharpness!r} must be a finite number > 0")
+    _float32_range(sharpness, "sharpness", "a number > 0")
     label_smoothing = _number(o.label_smoothing, "label_smoothing")
     if not (0.0 <= label_smoothing < 1.0):
         raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1)")
     z_loss = _number(o.z_loss, "z_loss")
     if not (z_loss >= 0.0 and _finite(z_loss)):
         raise ValueError(f"z_loss={z_loss!r} must be a finite number >= 0")
+    _float32_range(z_loss, "z_loss", "0 or a number > 0")
     softcap = o.softcap
     if softcap is not None:
         softcap = _number(softcap, "softcap")
         if not (softcap > 0.0 and _finite(softcap)):
             raise ValueError(f"softcap={softcap!r} must be a finite number > 0 (or None for no cap)")
-    if isinstance(o.ignore_index, bool) or not isinstance(o.ignore_index, int):
-        raise ValueError(f"ignore_index={o.ignore_index!r} must be an int")
+        _float32_range(softcap, "softcap", "a number > 0")
+    ignore_index = _integer(o.ignore_index, "ignore_index")
     if o.weight_fn is not None and not callable(o.weight_fn):
         raise TypeError(f"weight_fn must be callable (fn(target, stats) -> tensor) or None, got {type(o.weight_fn).__name__}")
     return KernelOptions(
         policy=o.policy,
         threshold=threshold,
         sharpness=sharpness,
-        ignore_index=o.ignore_index,
+        ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         softcap=softcap,
@@ -221,7 +258,7 @@ OPTION_DOCS = {
     "reduction": '"mean", "sum" or "none" (per-token w_i l_i in target\'s shape)',
     "normalize": 'denominator of "mean": "active" (sum of weights) or "valid" (non-ignored tokens)',
     "denominator": "a fixed denominator for \"mean\" (number or 0-d tensor > 0), e.g. the tokens of a whole "
-                   "accumulated batch; overrides normalize",
+                   "accumulated batch; overrides normalize (\"sum\" and \"none\" ignore it)",
     "fallback": 'when every weight is 0 under "active": "mean" (plain mean CE over valid tokens) or "zero"',
     "ignore_index": "target value that marks a token as ignored (weight 0, no gradient)",
     "label_smoothing": "eps in [0, 1): l = (1 - eps) ce + eps (lse - mean logit); the gate still uses ce",
@@ -230,7 +267,8 @@ OPTION_DOCS = {
     "return_stats": "also return MemFTStats (per-token ce, prob, pred, lse, weight and summaries)",
     "validate": "check target range and token_weight values (reads tensor contents, so it synchronizes); "
                 "False under torch.compile(fullgraph=True) and CUDA graphs",
-    "inplace_backward": "write the gradient into the logits' storage (they are consumed; saves an N x V buffer)",
+    "inplace_backward": "write the gradient into the logits' storage (they are consumed, on the single-pass path "
+                        "already by the forward call; saves an N x V buffer; an nn.Parameter is refused)",
     "backend": '"auto", "torch" (reference), "triton", "cuda" or "cpu"',
     "weight_fn": "fn(target, stats) -> a float tensor broadcastable to target that multiplies the policy weight; "
                  "called once per forward with this forward's MemFTStats (docs/SPEC.md, weight_fn)",
@@ -347,12 +385,16 @@ def validate_denominator(denominator):
             raise ValueError(f"denominator must be a number or a 0-d tensor, got shape {tuple(denominator.shape)}")
         if denominator.dtype == torch.bool:
             raise ValueError(f"denominator must be a number or a numeric 0-d tensor, got {denominator!r}")
-        if denominator.device.type == "cpu" and not torch.compiler.is_compiling() and not (float(denominator) > 0):
-            raise ValueError(f"denominator={float(denominator)!r} must be > 0")
+        if denominator.device.type == "cpu" and not torch.compiler.is_compiling():
+            d = float(denominator)
+            if not (d > 0 and _finite(d)):
+                raise ValueError(f"denominator={d!r} must be a finite number > 0")
+            _float32_range(d, "denominator", "a number > 0")
         return denominator
     d = _number(denominator, "denominator")
     if not (d > 0 and _finite(d)):
         raise ValueError(f"denominator={denominator!r} must be a finite number > 0")
+    _float32_range(d, "denominator", "a number > 0")
     return d
 
 
@@ -365,15 +407,19 @@ def validate_tensors(logits: torch.Tensor, target: torch.Tensor, token_weight, *
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits must be floating point (float16, bfloat16, float32 or float64), got {logits.dtype}")
-    if target.dtype not in INT_DTYPES:
-        raise TypeError(f"target must be an integer tensor (int32 or int64), got {target.dtype}")
+    if target.dtype not in TARGET_DTYPES:
+        raise TypeError(f"target must be an integer tensor (int64, int32 or uint8), got {target.dtype}")
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension (the class dimension, last)")
     if logits.shape[-1] == 0:
         raise ValueError(f"logits has V=0 classes (shape {tuple(logits.shape)}); V must be >= 1")
     if tuple(target.shape) != tuple(logits.shape[:-1]):
+        hint = ""
+        if logits.dim() >= 3 and tuple(target.shape) == tuple(logits.shape[:1] + logits.shape[2:]):
+            # nn.CrossEntropyLoss's [B, V, T] layout: the class dimension must be last here.
+            hint = "; the class dimension goes last here: for [B, V, T] logits pass logits.movedim(1, -1)"
         raise ValueError(
-            f"target.shape={tuple(target.shape)} must equal logits.shape[:-1]={tuple(logits.shape[:-1])}"
+            f"target.shape={tuple(target.shape)} must equal logits.shape[:-1]={tuple(logits.shape[:-1])}{hint}"
         )
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}; put both on one device")
@@ -388,6 +434,11 @@ def validate_tensors(logits: torch.Tensor, target: torch.Tensor, token_weight, *
             )
         if not token_weight.is_floating_point():
             raise ValueError(f"token_weight must be floating point, got {token_weight.dtype}")
+        if token_weight.requires_grad and torch.is_grad_enabled():
+            # It would silently get no gradient (the weights are constants of the loss, as
+            # F.cross_entropy's class weight, which refuses a weight that requires grad too).
+            raise ValueError("token_weight requires grad, but the loss treats weights as constants and gives it no "
+                             "gradient: pass token_weight.detach()")
         if check_values:
             _check_token_weight_values(token_weight)
 
@@ -422,6 +473,50 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
         )
 
 
+# ------------------------------------------------------------------ autograd guards
+DOUBLE_BACKWARD = ("the MemFT loss has no second derivative (its kernels are differentiated once): a double "
+                   "backward (create_graph=True then a backward through the gradient, or nested torch.func "
+                   "transforms) is not supported; use F.cross_entropy for a term that needs one")
+
+
+def once_differentiable_grads(*grads):
+    """The gradients a MemFT autograd.Function returns, made to refuse a second derivative.
+
+    Under ``create_graph=True`` a gradient returned as a plain tensor would have no history, so a
+    gradient penalty through it would silently lose this term; here it is the output of a node that
+    raises DOUBLE_BACKWARD when differentiated (what ``once_differentiable`` does, also when the
+    upstream gradient needs no grad). Nested torch.func transforms (grad of grad) raise at once:
+    their outer level would otherwise see a zero derivative. torch.compile refuses double backward
+    itself."""
+    if torch._C._are_functorch_transforms_active():
+        stack = torch._C._functorch.get_interpreter_stack()
+        if stack is not None and len(stack) > 1:
+            raise RuntimeError(DOUBLE_BACKWARD)
+        return grads
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    # DelayedError gives history only to inputs that have some: aliases that require grad.
+    wrapped = torch._C._functions.DelayedError(DOUBLE_BACKWARD, len(present))(
+        *[g.detach().requires_grad_(True) for g in present])
+    wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
+    return tuple(None if g is None else next(wrapped) for g in grads)
+
+
+def check_inplace_target(logits: torch.Tensor) -> None:
+    """``inplace_backward=True`` writes the gradient over the logits' storage: refuse storage that
+    belongs to an ``nn.Parameter`` (the parameter, or a view of it), whose values an optimizer reads
+    and whose ``.grad`` would then be that same storage. A plain leaf (``out.detach().requires_grad_()``,
+    to backpropagate its ``.grad`` by hand) is allowed: its ``.grad`` is then its own storage."""
+    base = logits._base if logits._base is not None else logits
+    if isinstance(base, torch.nn.Parameter) and base.requires_grad:
+        what = "an nn.Parameter" if base is logits else "a view of an nn.Parameter"
+        raise ValueError(f"inplace_backward=True would overwrite the logits, which are {what}: its values would "
+                         "become its own gradient; pass inplace_backward=False")
+
+
 # ------------------------------------------------------------------ one call-preparation step
 class PreparedCall(NamedTuple):
     """What every entry point computes from its arguments before choosing a backend."""
@@ -445,6 +540,8 @@ def prepare_call(logits: torch.Tensor, target: torch.Tensor, token_weight: Optio
     ``flatten_logits=False``."""
     checked = options.checked()
     validate_tensors(logits, target, token_weight, check_values=options.validate)
+    if target.dtype == torch.uint8:  # accepted as F.cross_entropy accepts it; the kernels take int32/int64
+        target = target.to(torch.int32)
     num_classes = logits.shape[-1]
     if options.validate and check_range:
         check_target_range(target, num_classes, checked.kernel.ignore_index)

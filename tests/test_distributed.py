@@ -293,6 +293,28 @@ def test_needs_an_initialized_process_group():
         vocab_parallel_memft_loss(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
 
 
+def test_one_rank_group_audit_regressions():
+    """In this process, a one-rank gloo group: no double backward (was: a gradient penalty silently
+    without this term), an nn.Parameter refused for inplace_backward (was: overwritten by its own
+    gradient), uint8 targets as memft_loss takes them."""
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        x = torch.randn(5, 9, requires_grad=True)
+        y = torch.randint(0, 9, (5,))
+        (g,) = torch.autograd.grad(vocab_parallel_memft_loss(x, y, policy="none"), x, create_graph=True)
+        assert rel_err(g, torch.autograd.grad(memft_loss(x, y, policy="none"), x)[0]) < 1e-6
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            (g.pow(2).sum() + x.sum()).backward()
+        with pytest.raises(ValueError, match="nn.Parameter"):
+            vocab_parallel_memft_loss(torch.nn.Parameter(x.detach().clone()), y, inplace_backward=True)
+        got = vocab_parallel_memft_loss(x, y.to(torch.uint8))
+        assert rel_err(got, memft_loss(x, y)) < 1e-6
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------
 # Spawned run: the plan. ONE spawn of 4 gloo ranks runs every case; the process groups used:
 #   "pair": {0, 1} and {2, 3} (two 2-rank groups running the same cases at the same time),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memft_kernels import dispatch, memft_loss
+from memft_kernels import dispatch, memft_linear_loss, memft_loss
 
 from helpers import BACKENDS, device_for, make, rel, run
 
@@ -190,3 +190,120 @@ def test_fuzz_every_option_shape_stride_and_dtype_against_float64(case):
     assert torch.equal(stats.pred.cpu(), ref_stats.pred) or dtype != torch.float64
     for name in ("n_valid", "n_active", "fell_back"):
         assert torch.equal(getattr(stats, name).cpu(), getattr(ref_stats, name)), name
+
+
+# ------------------------------------------------------------------ the audit's regressions
+# (each failed on the code before the fix: a silent wrong number, or an unclear error)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opts", [dict(), dict(reduction="sum")], ids=["two_pass", "single_pass"])
+def test_double_backward_refuses_instead_of_dropping_the_term(backend, opts):
+    logits, target = make(n=6, v=9, device=device_for(backend))
+    x = logits.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(memft_loss(x, target, backend=backend, **opts), x, create_graph=True)
+    _, want = run(logits, target, backend, **opts)
+    assert g.requires_grad and rel(g, want) < 1e-6  # the first derivative is still right
+    with pytest.raises(RuntimeError, match="no second derivative"):  # was: a penalty silently without this term
+        (g.pow(2).sum() + x.pow(2).sum()).backward()
+    inner = torch.func.grad(lambda t: memft_loss(t, target, backend=backend, validate=False, **opts))
+    with pytest.raises(RuntimeError, match="no second derivative"):  # was: a zero second derivative
+        torch.func.grad(lambda t: inner(t).pow(2).sum())(logits)
+
+
+def test_linear_loss_double_backward_refuses():
+    h = torch.randn(5, 4, requires_grad=True)
+    w = torch.randn(7, 4, requires_grad=True)
+    gh, gw = torch.autograd.grad(memft_linear_loss(h, w, torch.randint(0, 7, (5,))), (h, w), create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (gh.sum() + gw.sum() + h.sum()).backward()
+
+
+def test_token_weight_that_requires_grad_is_refused_not_silently_constant():
+    logits, target = make(n=5, v=7)
+    tw = torch.rand(5, requires_grad=True)
+    for call in (lambda: memft_loss(logits, target, token_weight=tw),
+                 lambda: memft_linear_loss(torch.randn(5, 3), torch.randn(7, 3), target, token_weight=tw)):
+        with pytest.raises(ValueError, match=r"token_weight.detach\(\)"):
+            call()
+    with torch.no_grad():  # no gradient wanted: nothing is lost
+        assert torch.isfinite(memft_loss(logits, target, token_weight=tw))
+    assert torch.isfinite(memft_loss(logits, target, token_weight=tw.detach()))
+
+
+def test_inplace_backward_refuses_a_parameter_but_takes_a_detached_leaf():
+    logits, target = make(n=5, v=7)
+    param = torch.nn.Parameter(logits.clone())
+    for view in (param, param[:3]):  # was: the parameter's values silently became its own .grad
+        with pytest.raises(ValueError, match="nn.Parameter"):
+            memft_loss(view, target[: view.shape[0]], inplace_backward=True, normalize="valid")
+    assert torch.equal(param.detach(), logits)
+    leaf = logits.clone().requires_grad_(True)  # e.g. out.detach().requires_grad_(), backpropagated by hand
+    memft_loss(leaf, target, inplace_backward=True, normalize="valid").backward()
+    _, want = run(logits, target, normalize="valid")
+    assert rel(leaf.grad, want) < 1e-6 and leaf.grad.data_ptr() == leaf.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [1e6, 1e30])
+def test_large_softcap_is_nearly_no_cap(backend, softcap):
+    # Triton's tanh was (1 - e) / (1 + e) with e = exp(-2|u|): exactly 0 for small |u|, so a large
+    # cap flattened every logit to 0 (the loss became ln V).
+    logits, target = make(n=6, v=37, device=device_for(backend))
+    loss, grad = run(logits, target, backend, softcap=softcap, policy="none")
+    ref_loss, ref_grad = run(logits.double(), target, "torch", softcap=softcap, policy="none")
+    assert rel(loss, ref_loss) < 1e-5 and rel(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_token_weight_without_validation_reaches_the_loss(backend):
+    logits, target = make(n=6, v=9, ignore_frac=0.0, device=device_for(backend))
+    tw = torch.ones(6, device=logits.device)
+    tw[2] = math.nan
+    for opts in (dict(), dict(normalize="valid")):  # was: 0.0 under "active" (a NaN sum of weights read as "none")
+        assert torch.isnan(memft_loss(logits, target, token_weight=tw, validate=False, backend=backend, **opts))
+    h = torch.randn(6, 4, device=logits.device)
+    assert torch.isnan(memft_linear_loss(h, torch.randn(9, 4, device=h.device), target, token_weight=tw,
+                                         validate=False, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_parity_uint8_targets_and_numpy_ignore_index(backend):
+    import numpy as np
+
+    logits, target = make(n=8, v=9, ignore_frac=0.0, device=device_for(backend))
+    target[1] = 4
+    want = F.cross_entropy(logits, target.to(torch.uint8), ignore_index=4)  # F.cross_entropy takes both
+    got = memft_loss(logits, target.to(torch.uint8), policy="none", ignore_index=np.int64(4), backend=backend)
+    assert rel(got, want) < 1e-6
+    # F.cross_entropy's class weight is token_weight=weight[target] (the SPEC's recipe), every reduction
+    w = torch.rand(9, device=logits.device) + 0.1
+    for reduction in ("mean", "sum", "none"):
+        want = F.cross_entropy(logits, target, weight=w, ignore_index=4, reduction=reduction)
+        got = memft_loss(logits, target, policy="none", token_weight=w[target.clamp_min(0)], ignore_index=4,
+                         reduction=reduction, backend=backend)
+        assert rel(got, want) < 1e-6
+
+
+def test_float_options_outside_float32_are_refused():
+    logits, target = make(n=2, v=2, ignore_frac=0.0)
+    # sharpness=1e39 is inf in float32: inf * 0 made the weight NaN and the loss 0.0
+    for kw in (dict(sharpness=1e39), dict(softcap=1e-40), dict(z_loss=1e39), dict(denominator=1e-300),
+               dict(denominator=torch.tensor(math.inf))):
+        (name,) = kw
+        with pytest.raises(ValueError, match=name):
+            memft_loss(logits, target, policy="sigmoid", **kw)
+
+
+def test_class_dimension_in_the_middle_names_the_fix():
+    with pytest.raises(ValueError, match=r"movedim\(1, -1\)"):
+        memft_loss(torch.randn(2, 5, 3), torch.randint(0, 5, (2, 3)))
+
+
+def test_numpy_ignore_index_under_fullgraph_says_pass_an_int():
+    import numpy as np
+
+    logits, target = make(n=4, v=5)
+    torch._dynamo.reset()
+    f = torch.compile(memft_loss, fullgraph=True, backend="aot_eager")
+    # eager takes a numpy integer; traced it would reach a compiled kernel as a SymInt
+    with pytest.raises(Exception, match=r"pass int\(ignore_index\)"):
+        f(logits, target, ignore_index=np.int64(3), validate=False)

@@ -407,3 +407,13 @@ def test_large_gradient_streaming_stores(dtype, n):
     two_pass = native_cpu.row_backward(logits, target, stats.lse, stats.weight * 0.01, opts)
     assert rel(two_pass[rows], ref) < GRAD_TOL[dtype]
     assert not torch.isnan(grad).any() and not torch.isnan(two_pass).any()
+
+
+def test_unknown_isa_request_is_reported_not_silently_ignored(monkeypatch):
+    from memft_kernels.ops import native_cpu
+
+    monkeypatch.setenv("MEMFT_CPU_ISA", "avx-2")  # a typo: the compiled module ignores it
+    assert "MEMFT_CPU_ISA='avx-2' is ignored" in native_cpu.isa_request_problem()
+    for good in ("avx2", "scalar", ""):
+        monkeypatch.setenv("MEMFT_CPU_ISA", good)
+        assert native_cpu.isa_request_problem() is None

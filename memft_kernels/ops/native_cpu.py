@@ -12,6 +12,8 @@ for any thread count.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -48,6 +50,22 @@ class CpuBackend(NativeBackend):
         if logits.shape[-1] > _INT32_MAX:
             return f"the native CPU backend takes V <= 2^31 - 1, got V={logits.shape[-1]}"
         return None
+
+
+ISA_CAPS = ("avx2", "scalar")
+
+
+def isa_request_problem() -> Optional[str]:
+    """None, or why MEMFT_CPU_ISA is ignored (the compiled module reads only "avx2" and "scalar")."""
+    value = os.environ.get("MEMFT_CPU_ISA", "")
+    if value in ("",) + ISA_CAPS:
+        return None
+    return (f"MEMFT_CPU_ISA={value!r} is ignored: it caps the CPU code path at one of {', '.join(ISA_CAPS)} "
+            f"(unset, the kernels use the best the host has)")
+
+
+if isa_request_problem() is not None:
+    warnings.warn(isa_request_problem(), RuntimeWarning, stacklevel=2)
 
 
 def isa() -> Optional[str]:

@@ -56,9 +56,20 @@ if triton is not None:
     @triton.jit
     def _tanh(u):
         # tanh from exp: libdevice-free, and exp(-2|u|) never overflows (|u| = inf gives +-1).
-        e = tl.exp(-2.0 * tl.abs(u))
+        # Below |u| = 0.625, (1 - e) / (1 + e) cancels (at |u| = 1e-8 it is exactly 0, so a large
+        # softcap would flatten every logit to 0): there the odd polynomial of the CPU kernels
+        # (csrc/cpu/vec_avx2.h), relatively accurate down to 0.
+        a = tl.abs(u)
+        e = tl.exp(-2.0 * a)
         t = (1.0 - e) / (1.0 + e)
-        return tl.where(u < 0, -t, t)
+        t = tl.where(u < 0, -t, t)
+        z = u * u
+        p = -5.70498872745e-3 * z + 2.06390887954e-2
+        p = p * z - 5.37397155531e-2
+        p = p * z + 1.33314422036e-1
+        p = p * z - 3.33332819422e-1
+        small = p * z * u + u
+        return tl.where(a < 0.625, small, t)
 
     @triton.jit
     def _argmax_combine(v1, i1, v2, i2):
