@@ -294,3 +294,21 @@ def test_fit_with_every_dl_equal_is_refused_and_never_writes_nan(tmp_path, capsy
     fit = fit_law(load_results(write_rows(tmp_path / "ok.jsonl", law_rows())), n_boot=0)
     fit.r2 = float("nan")
     json.dumps(fit.to_json(), allow_nan=False)
+
+
+def test_a_cell_checkpointed_by_a_killed_attempt_resumes_from_it(tmp_path):
+    """With --set checkpoint_every=k a retried cell continues from its earlier attempt's checkpoint
+    (same report as one attempt); a checkpoint of other settings in its folder is refused."""
+    from memft_kernels.law.sweep import cell_name, train_cell
+    from memft_kernels.train import TrainInputError
+
+    cell = dict(rank=1, length=16, task="random", replace_rate=0.0, loss="memft-ot", seed=0)
+    base = dict(model="nano", vocab_size=64, steps=4, checkpoint_every=2, eval_every=0, threads=1,
+                backend="torch", plots=False, save_adapter=False)
+    first = train_cell(cell, base, str(tmp_path))
+    folder = tmp_path / cell_name(cell)
+    os.remove(folder / "report.json")  # as if killed after the step-2 checkpoint
+    again = train_cell(cell, base, str(tmp_path))
+    assert again["final_loss"] == first["final_loss"] and again["token_accuracy"] == first["token_accuracy"]
+    with pytest.raises(TrainInputError, match="checkpoint of other settings.*lr="):
+        train_cell(cell, dict(base, lr=0.5), str(tmp_path))

@@ -389,3 +389,35 @@ def test_fewer_samples_than_ranks_names_the_samples(monkeypatch, tmp_path):
     with pytest.raises(TrainInputError, match=r"batch_size=0: all 1 sample\(s\)\) is smaller than the 2 ranks.*--samples"):
         loop.setup(TrainConfig(model="nano", length=8, steps=1, threads=1, progress=False, run_dir=str(tmp_path / "r")))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_new_run_into_a_folder_with_a_checkpoint_is_refused(checkpointed, tmp_path, capsys):
+    """Re-running the command instead of --resume: refused before anything is written (it used to
+    replace config.json and metrics.jsonl, and a later --resume continued the old run's weights under
+    the new run's log)."""
+    run = _copy(checkpointed[0], tmp_path)
+    before = {n: open(os.path.join(run, n), "rb").read() for n in os.listdir(run)}
+    err = _one_line_exit_2(RUN + ["--run-dir", run], capsys)
+    assert "holds the checkpoint of an earlier run" in err and f"--resume {run}" in err
+    assert {n: open(os.path.join(run, n), "rb").read() for n in os.listdir(run)} == before
+
+
+def test_compare_again_continues_a_stopped_comparison(tmp_path, capsys):
+    """The same --compare command after a kill: finished runs are kept (not trained again), a
+    checkpointed one resumes (the same report as never stopping), the table is written."""
+    base = str(tmp_path / "cmp")
+    argv = RUN[:1] + ["--compare", "ce,memft-ot"] + RUN[1:] + ["--run-dir", base]
+    argv[argv.index("--steps") + 1] = "4"
+    assert memft_main(argv) == 0
+    first = {loss: json.load(open(os.path.join(base, loss, "report.json"))) for loss in ("ce", "memft-ot")}
+    os.remove(os.path.join(base, "memft-ot", "report.json"))  # killed after its step-2 checkpoint
+    os.remove(os.path.join(base, "compare.md"))
+    assert memft_main(argv) == 0
+    again = {loss: json.load(open(os.path.join(base, loss, "report.json"))) for loss in ("ce", "memft-ot")}
+    assert again["ce"] == first["ce"]  # kept as it was, wall time included: not trained again
+    for key in ("final_loss", "token_accuracy", "recalled_frac", "first_wrong"):
+        assert again["memft-ot"][key] == first["memft-ot"][key], key
+    assert os.path.isfile(os.path.join(base, "compare.md"))
+    capsys.readouterr()
+    err = _one_line_exit_2(["train", "--compare", "ce,memft-ot,ce", "--run-dir", str(tmp_path / "dup")], capsys)
+    assert "'ce' is listed twice" in err and not (tmp_path / "dup").exists()

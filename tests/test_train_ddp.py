@@ -16,16 +16,26 @@ from memft_kernels.train import TrainConfig
 from memft_kernels.train.loop import setup, train_step, trainable_parameters
 
 
+# memft-ot and memft-sw on full batches, and --accum-normalize active over micro-batches of 2 and 1
+# rows (3 samples in batches of 2: rank 1 has no row in every step's second micro-batch) with a low
+# threshold: later steps have a micro-batch, and then whole steps, without an active token on either
+# rank (the step-level fallback). memft-sw with the same short batches.
+SHORT = {"length": 8, "samples": 3, "batch_size": 2, "grad_accum": 2}
+SETTINGS = {"memft-ot": {"loss": "memft-ot"}, "memft-sw": {"loss": "memft-sw"},
+            "active": {"loss": "memft-ot", **SHORT, "steps": 8, "accum_normalize": "active", "threshold": 0.02},
+            "memft-sw-short": {"loss": "memft-sw", **SHORT, "steps": 3}}
+
+
 def collect(options, out):
     result = {}
-    for loss in ("memft-ot", "memft-sw"):
-        run = setup(TrainConfig(**options, loss=loss, run_dir=out + "-" + loss))
+    for name, setting in SETTINGS.items():
+        run = setup(TrainConfig(**dict(options, **setting), run_dir=out + "-" + name))
         grads, infos = [], []
         names = [n for n, p in run.model.named_parameters() if p.requires_grad]
-        for _ in range(options["steps"]):
+        for _ in range(run.config.steps):
             infos.append(train_step(run, on_grads=lambda r: grads.append(
                 [p.grad.detach().clone() for p in trainable_parameters(r.model)])))
-        result[loss] = {"grads": grads, "infos": infos, "names": names,
+        result[name] = {"grads": grads, "infos": infos, "names": names,
                         "params": [p.detach().clone() for p in trainable_parameters(run.model)]}
     return result
 
@@ -61,9 +71,9 @@ def test_two_rank_torchrun_matches_single_process_gradients(tmp_path):
         single = namespace["collect"](OPTIONS, str(tmp_path / "single"))
     finally:
         torch.set_num_threads(threads)
-    for loss in ("memft-ot", "memft-sw"):
+    for loss in namespace["SETTINGS"]:
         a, b = single[loss], ddp[loss]
-        assert len(a["grads"]) == OPTIONS["steps"]
+        assert len(a["grads"]) == namespace["SETTINGS"][loss].get("steps", OPTIONS["steps"])
         for step, (ga, gb) in enumerate(zip(a["grads"], b["grads"])):
             for name, x, y in zip(a["names"], ga, gb):
                 torch.testing.assert_close(y, x, rtol=2e-4, atol=1e-6, msg=f"{loss} step {step + 1} {name}")
@@ -71,7 +81,10 @@ def test_two_rank_torchrun_matches_single_process_gradients(tmp_path):
             # Adam magnifies summation-order noise on elements with tiny gradients: compare norm-wise.
             assert ((y - x).norm() / x.norm()).item() < 1e-4
         for ia, ib in zip(a["infos"], b["infos"]):
-            assert ia["n_active"] == ib["n_active"] and ia["n_valid"] == ib["n_valid"] == 4 * 16
+            assert ia["n_active"] == ib["n_active"] and ia["n_valid"] == ib["n_valid"]
+            assert ia["fell_back"] == ib["fell_back"]
             assert ia["loss"] == pytest.approx(ib["loss"], rel=1e-5)
+    assert all(i["n_valid"] == 4 * 16 for i in single["memft-ot"]["infos"])
+    assert single["active"]["infos"][-1]["fell_back"] and not single["active"]["infos"][0]["fell_back"]
     # The hard gate really removed tokens at some step (so the global denominator mattered).
     assert any(0 < i["n_active"] < i["n_valid"] for i in single["memft-ot"]["infos"])

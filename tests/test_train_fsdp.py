@@ -63,12 +63,13 @@ def _torchrun(tmp_path, *args):
 
 
 # --accum-normalize active: the exact active mean of the whole step (MemFTAccumulator) over 2
-# micro-batches and the 2 ranks, with FSDP's gradients reduce-scattered after every micro-batch. The
-# low threshold makes later steps hit the step-level fallback every way: a micro-batch without an
-# active token after one with (steps 5-6), before one with (step 7: its plain-loss gradients, already
-# reduced by FSDP, are zeroed) and a whole step without one (step 8: the plain mean).
-ACTIVE = dict(OPTIONS, length=8, steps=8, batch_size=2, grad_accum=2, accum_normalize="active", threshold=0.02,
-              checkpoint_every=0)
+# micro-batches and the 2 ranks, with FSDP's gradients reduce-scattered after every micro-batch. 3
+# samples in batches of 2: every step's second micro-batch has one row, so rank 1 runs it on a row
+# without labels (FSDP's collectives need every rank). The low threshold makes later steps hit the
+# step-level fallback: a micro-batch without an active token before one with (step 5: its plain-loss
+# gradients, already reduced by FSDP, are zeroed) and whole steps without one (steps 6-8: the plain mean).
+ACTIVE = dict(OPTIONS, length=8, samples=3, steps=8, batch_size=2, grad_accum=2, accum_normalize="active",
+              threshold=0.02, checkpoint_every=0)
 
 
 def _single_process(options, out):

@@ -92,11 +92,12 @@ def cell_name(cell: dict) -> str:
 
 def train_cell(cell: dict, base: dict, run_root: str) -> dict:
     """Run one cell with the training loop (the default worker function)."""
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig, train_or_resume
 
     options = {"progress": False, **base, **cell, "run_dir": os.path.join(run_root, cell_name(cell))}
     config = TrainConfig.from_dict({**TrainConfig().to_dict(), **options}).validate()
-    return train(config)
+    # a killed earlier attempt of this cell that checkpointed (--set checkpoint_every=k) continues
+    return train_or_resume(config)
 
 
 # --- checks before any cell runs ---------------------------------------------------------------

@@ -61,4 +61,37 @@ def resume(run_dir: str) -> dict:
     return run_training(config, resume_state=state)
 
 
-__all__ = ["TrainConfig", "TrainInputError", "train", "resume", "recipe_config", "SlidingWindow"]
+def differing_setting(stored: dict, config: TrainConfig):
+    """The first option (name, stored value, wanted value) in which the run settings ``stored`` (a
+    config.json or a checkpoint's copy) differ from ``config``, or None. ``run_dir`` and
+    ``progress`` do not change a run; ``steps`` is resolved from ``epochs`` when that is set."""
+    earlier = TrainConfig.from_dict(stored).to_dict()
+    wanted = config.to_dict()
+    ignored = {"run_dir", "progress"} | ({"steps"} if config.epochs else set())
+    for key in wanted:
+        if key not in ignored and earlier.get(key) != wanted[key]:
+            return key, earlier.get(key), wanted[key]
+    return None
+
+
+def train_or_resume(config: TrainConfig) -> dict:
+    """``train(config)``, or ``resume(config.run_dir)`` when that folder holds a checkpoint of a run
+    with these very settings (a killed earlier attempt); a checkpoint of other settings is refused."""
+    from . import checkpoint as ckpt
+
+    run_dir = config.run_dir
+    if run_dir is None or not any(os.path.isfile(os.path.join(run_dir, n)) for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS)):
+        return train(config)
+    stored = ckpt.config_from_checkpoint(run_dir)
+    try:
+        differ = ("settings", "unreadable", "") if stored is None else differing_setting(stored, config)
+    except (TypeError, ValueError):
+        differ = ("settings", "unreadable", "")
+    if differ is None:
+        return resume(run_dir)
+    key, old, new = differ
+    raise TrainInputError(f"the run folder {run_dir!r} holds a checkpoint of other settings ({key}={old!r}, "
+                          f"here {new!r}); remove it or use another folder")
+
+
+__all__ = ["TrainConfig", "TrainInputError", "train", "resume", "train_or_resume", "recipe_config", "SlidingWindow"]

@@ -216,16 +216,39 @@ def _run(args) -> int:
     return 0
 
 
+def _finished_report(config: TrainConfig):
+    """The report of a finished run in ``config.run_dir`` made with these very settings, else None."""
+    import json
+
+    from . import differing_setting
+
+    try:
+        with open(os.path.join(config.run_dir, "report.json"), encoding="utf-8") as f:
+            report = json.load(f)
+        with open(os.path.join(config.run_dir, "config.json"), encoding="utf-8") as f:
+            stored = json.load(f)
+        same = differing_setting(stored, config) is None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return report if same else None
+
+
 def _compare(config: TrainConfig, losses) -> list:
-    from . import train
+    from . import train_or_resume
     from .checkpoint import atomic_write_text
     from .report import markdown_table, write_compare_plot
 
     bad = [x for x in losses if x not in LOSSES]
     if bad:
         raise TrainInputError(f"--compare: unknown loss {bad[0]!r}; choose from {', '.join(LOSSES)}")
+    twice = sorted({x for x in losses if losses.count(x) > 1})
+    if twice:
+        raise TrainInputError(f"--compare: {twice[0]!r} is listed twice (each loss runs once, in <run-dir>/<loss>)")
     base = config.run_dir or os.path.join(config.out_dir, time.strftime("%Y%m%d-%H%M%S") + "-compare")
-    reports = [train(config.replace(loss=loss, run_dir=os.path.join(base, loss))) for loss in losses]
+    # The same command again (--run-dir given) continues a comparison that was stopped: finished runs
+    # are kept, a checkpointed one resumes, the others start.
+    reports = [_finished_report(sub) or train_or_resume(sub)
+               for sub in (config.replace(loss=loss, run_dir=os.path.join(base, loss)) for loss in losses)]
     import torch.distributed as dist
 
     if not (dist.is_initialized() and dist.get_rank() != 0):

@@ -357,8 +357,15 @@ def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, de
     micro-batch; gradients accumulate in ``.grad`` (not all-reduced). Returns (info, stats, batch)."""
     config, task = run.config, run.task
     local_index = batch_index[run.rank::run.world]
-    batch = to_batch(task, local_index.tolist(), task.max_len).to(run.device)
-    weight_fn = _window_fn(run, local_index, len(batch_index)) if config.loss == "memft-sw" else None
+    # A micro-batch with fewer rows than ranks (the short last batch of an epoch, a small curriculum
+    # stage) leaves some ranks without a row. They still run the forward and backward (FSDP's
+    # all-gathers and reduce-scatters, the loss's all-reduce) on one row whose labels are all
+    # ignored: it adds nothing to the loss, its statistics or the gradients, and leaves the window alone.
+    idle = len(local_index) == 0
+    batch = to_batch(task, (batch_index[:1] if idle else local_index).tolist(), task.max_len).to(run.device)
+    if idle:
+        batch.labels.fill_(IGNORE)
+    weight_fn = _window_fn(run, local_index, len(batch_index)) if config.loss == "memft-sw" and not idle else None
     with autocast_context(config, run.device):
         head = forward_head(run.model, batch.input_ids, batch.attention_mask, run.fused_head, run.decoder,
                             autocast=config.autocast == "bf16")
@@ -584,6 +591,22 @@ def _begin(run: Run, resume_state: Optional[dict]) -> None:
         _restore(run, resume_state)
 
 
+def _refuse_earlier_checkpoint(run: Run) -> None:
+    """A new run must not start in a folder holding another run's checkpoint: it would replace that
+    run's config.json and metrics, and a later --resume would continue the old run's weights under
+    the new run's log (or the old run would be lost by mistake)."""
+    found = None
+    if run.rank == 0:
+        found = next((n for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS) if os.path.isfile(os.path.join(run.run_dir, n))), None)
+    if run.world > 1:
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    if found is not None:
+        raise TrainInputError(f"the run folder {run.run_dir!r} holds the checkpoint of an earlier run ({found}): "
+                              f"continue it with --resume {run.run_dir}, or start the new run in another --run-dir")
+
+
 def _save(run: Run) -> None:
     state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
     if run.rank == 0:
@@ -594,6 +617,8 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
     start = time.time()
     run = setup(config)
     config = run.config
+    if resume_state is None:
+        _refuse_earlier_checkpoint(run)
     if run.rank == 0 and config.progress:
         print(format_plan(run.plan, run.world, config.fsdp), flush=True)
     try:
