@@ -352,6 +352,26 @@ def _window_fn(run: Run, local_index: torch.Tensor, global_rows: int):
     return run.window  # keyed by the rows of this rank's slice (a fixed map to global rows)
 
 
+def _sync_sample_window(run: Run, local_index: torch.Tensor) -> None:
+    """--window-state sample under torchrun: every rank updated the state of its own rows' samples;
+    give every rank every update, so that a sample keeps its state when a later batch puts it on
+    another rank (one all-reduce of 4 numbers per sample)."""
+    window, n = run.window, len(run.task.samples)
+    if window.keyed != "sample" or window.repeats.numel() < n:  # a slot for every sample (kept ones stay)
+        window._slots(n, torch.arange(n, device=run.device), run.device)
+    ids = local_index.to(run.device).long()
+    update = torch.zeros(n, 4, dtype=torch.float64, device=run.device)
+    update[ids, 0] = 1.0
+    update[ids, 1] = window.repeats[ids].double()
+    update[ids, 2] = window.expand[ids].double()
+    update[ids, 3] = window.anchor[ids].double()
+    _all_reduce(update)  # each sample is on one rank per micro-batch: the sum is that rank's values
+    seen = update[:, 0] > 0
+    window.repeats[seen] = update[seen, 1].long()
+    window.expand[seen] = update[seen, 2].float()
+    window.anchor[seen] = update[seen, 3].long()
+
+
 def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, denominator=None, accumulator=None):
     """Forward + MemFT loss + backward (of ``scale`` x the loss) on this rank's rows of one
     micro-batch; gradients accumulate in ``.grad`` (not all-reduced). Returns (info, stats, batch)."""
@@ -371,6 +391,8 @@ def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, de
                             autocast=config.autocast == "bf16")
     loss, stats, info = memorization_loss(head, batch.labels, None, config, weight_fn=weight_fn,
                                           denominator=denominator, accumulator=accumulator)
+    if config.loss == "memft-sw" and config.window_state == "sample" and run.world > 1:
+        _sync_sample_window(run, local_index)
     del head  # the N x V logits (unfused) are not needed by the backward: free them before it
     (loss * scale if scale != 1.0 else loss).backward()
     return info, stats, batch
@@ -479,13 +501,41 @@ def _checkpoint_state(run: Run) -> dict:
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "sampler": run.sampler.state_dict(),
-        "window": dict(run.window.state_dict(), rows=run.window_rows),
+        "window": _window_checkpoint(run),
         "base_loss": run.base_loss,
         "steps_to_full_recall": run.steps_to_full_recall,
         "steps_to_all_recalled": run.steps_to_all_recalled,
         "last_generated": run.last_generated,
         "config": dict(run.config.to_dict(), run_dir=run.run_dir),
     }
+
+
+def _gather_objects(obj, world: int) -> list:
+    """``obj`` of every rank, in rank order (a collective; [obj] on one process)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _window_checkpoint(run: Run) -> dict:
+    """The memft-sw window state for the checkpoint. Row-keyed state is each rank's own (its rows of
+    the batch): every rank's is kept. Sample-keyed state is the same on every rank (synchronized
+    after every forward, ``_sync_sample_window``)."""
+    own = run.window.state_dict()
+    return dict(own, rows=run.window_rows, per_rank=_gather_objects(own, run.world))
+
+
+def _restore_window(run: Run, window: dict) -> None:
+    per_rank = window.get("per_rank")
+    if per_rank is None:  # a checkpoint from before per-rank states (one process: the same)
+        run.window.load_state_dict(window)
+    elif len(per_rank) == run.world:
+        run.window.load_state_dict(per_rank[run.rank])
+    else:  # another number of ranks: the rows of each rank differ; start over, as for another batch size
+        run.window.reset()
+    run.window_rows = window["rows"]
 
 
 def _restore(run: Run, state: dict) -> None:
@@ -503,8 +553,7 @@ def _restore(run: Run, state: dict) -> None:
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     run.sampler.load_state_dict(state["sampler"])
-    run.window.load_state_dict(state["window"])
-    run.window_rows = state["window"]["rows"]
+    _restore_window(run, state["window"])
     run.step = state["step"]
     run.base_loss = state["base_loss"]
     run.steps_to_full_recall = state["steps_to_full_recall"]
