@@ -22,10 +22,12 @@
 #              fused vs materialized, Liger FLCE, F.linear_cross_entropy), tune-triton (block / warps
 #              per Triton kernel, V = 128256 and 32000), train-step
 #   report     markdown tables (with the targets) and PNG, then a short table last on stdout
-# Budget (SCALE=1): every job is killed at its limit; the parallel part ends by its slowest job
-# (expected 100-140 s; limits 90-150 s), the benchmarks take <= 300 s. The script starts no
-# work after MEMFT_GPU_CHECK_TOTAL_S (default 420 s; the closing table takes at most 30 s more),
-# and a job that starts late gets only what is left, so it ends under 8 minutes.
+# Budget (SCALE=1): every job is killed at its limit (+10 s to die); the parallel part ends by its
+# slowest job (expected 100-140 s; limits 90-150 s, build + t-cuda 210 s), the benchmarks' limits
+# add up to 345 s, so the last ones may not run. The script starts no work after
+# MEMFT_GPU_CHECK_TOTAL_S (default 420 s), and a job that starts late, the machine-name lookup too,
+# gets only what is left; every call of the interpreter is under a timeout; the closing table
+# takes at most 35 s more: it ends by 420 + 10 + 35 = 465 s, under 8 minutes.
 # At most 8 files land in $OUT, all at its top level: the log, the results (named as in
 # benchmarks/results/, e.g. bench_loss_gpu-nvidia-h200.csv: copy them there to commit) and, only
 # while a stage runs, its output as stage-NAME.txt (folded into the log after).
@@ -63,7 +65,9 @@ export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}" NCCL_SOCKET_IFNAME="${NCCL
 # that would each import torch while the test files run side by side.
 export TORCHINDUCTOR_COMPILE_THREADS="${TORCHINDUCTOR_COMPILE_THREADS:-1}"
 # pip-installed cmake and ninja live next to the interpreter; setup.py looks them up on PATH.
-PY_SCRIPTS="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
+# Every call of the interpreter is under a timeout, this one too: a python that hangs must not
+# hold the whole call past its budget.
+PY_SCRIPTS="$(timeout --kill-after=5 15 "$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)"
 [[ -n "$PY_SCRIPTS" ]] && export PATH="$PATH:$PY_SCRIPTS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 4)}"
@@ -150,14 +154,25 @@ env_info() {
     echo "nvidia-smi: not found"
   fi
   "$PY" - <<'EOF'
-import platform, torch
-print(f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.version.cuda}  device {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+import os, platform, sys, sysconfig, torch
+from importlib import metadata
+print(f"python {platform.python_version()} ({sys.executable})  torch {torch.__version__}  cuda {torch.version.cuda}  device {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
 try:
     import triton
     print(f"triton {triton.__version__}")
 except ImportError:
     print("triton: not installed")
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "-"
+print("  ".join(f"{n} {version(n)}" for n in ("numpy", "transformers", "peft", "setuptools", "pybind11", "cmake", "ninja")))
+# the build needs Python's headers (CMake's Development.Module)
+include = sysconfig.get_paths()["include"]
+print(f"Python.h {'found' if os.path.isfile(os.path.join(include, 'Python.h')) else 'MISSING'} in {include}")
 EOF
+  command -v c++ >/dev/null 2>&1 && c++ --version | head -n 1
   command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 2
   command -v cmake >/dev/null 2>&1 && cmake --version | head -n 1
   command -v compute-sanitizer >/dev/null 2>&1 && compute-sanitizer --version | tail -n 1
@@ -254,9 +269,14 @@ done
 
 # Benchmarks: one at a time, nothing else running. Result files carry the machine in their names,
 # as the committed ones in benchmarks/results/ do (e.g. bench_loss_gpu-nvidia-h200.csv).
-MACHINE=$(timeout 60 "$PY" -c 'import torch
+# (inside the total budget: when it is used up, no benchmark runs and no file needs the name)
+left=$((TOTAL_S - ($(date +%s) - START)))
+MACHINE=
+if ((left >= 5)); then
+  MACHINE=$(timeout --kill-after=5 $((left < 60 ? left : 60)) "$PY" -c 'import torch
 from memft_kernels.bench import timing
 print(timing.machine_slug(timing.machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))))' 2>>"$LOG")
+fi
 MACHINE="${MACHINE:-unknown}"
 BENCH=("$PY" -m memft_kernels.bench)
 if [[ "$DRYRUN" == 1 ]]; then
@@ -303,7 +323,7 @@ for line in "${SUMMARY[@]}"; do
 done
 if [[ -f "$LOSS_CSV" ]]; then
   say ""
-  timeout 30 "${BENCH[@]}" report "$LOSS_CSV" --mode fwd+bwd --no-png 2>&1 | tee -a "$LOG"
+  timeout --kill-after=5 30 "${BENCH[@]}" report "$LOSS_CSV" --mode fwd+bwd --no-png 2>&1 | tee -a "$LOG"
 fi
 say "files in $OUT: $(find "$OUT" -maxdepth 1 -type f -printf '%f ' | head -c 400)"
 n_files=$(find "$OUT" -type f | wc -l)

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -395,6 +396,30 @@ def test_gpu_check_script_parses():
     if shutil.which("shellcheck"):
         res = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout
+
+
+def test_gpu_check_ends_on_budget_when_python_hangs(tmp_path):
+    """gpu_check.sh on a host whose python hangs (a wedged driver at `import torch`, say): every call
+    of the interpreter is time-boxed and none starts after the total budget, so the script ends, exit
+    0, its closing table naming every stage. Regression: the scripts-path lookup had no timeout (the
+    script hung for good) and the machine-name lookup ran up to 60 s after the budget was used up."""
+    calls = tmp_path / "calls.txt"
+    python = tmp_path / "python3"
+    python.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexec sleep 600\n')
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMFT_")}
+    env.update(MEMFT_PYTHON=str(python), MEMFT_GPU_CHECK_TOTAL_S="6", MEMFT_SITE=str(tmp_path / "site"), OUT=str(out))
+    # the old script hung here until the stub's sleep ended (600 s)
+    res = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=150)
+    assert res.returncode == 0, res.stdout + res.stderr
+    table = res.stdout[res.stdout.index("# stage"):]
+    assert "env             TIMEOUT (6s)" in table, table
+    for stage in ("wheels", "build", "t-triton", "t-cuda", "memcheck-cuda", "loss-16k", "linear", "tune", "train"):
+        assert f"{stage:<15} not run (budget)" in table, table
+    # the scripts-path lookup, then the env stage's; nothing once the budget was used up
+    assert calls.read_text().split() == ["-c", "-"]
+    assert sorted(f.name for f in out.iterdir()) == ["gpu_check.log"]
 
 
 def test_targets_table_marks_misses():
