@@ -323,6 +323,8 @@ def memft_linear_loss(
     is no ``inplace_backward``). A frozen ``weight`` gets no gradient and no V x D buffer. With
     ``weight_fn`` the chunk logits are computed twice when gradients are needed (statistics first:
     no chunk's gradient can be formed before every row's final weight is known).
+    ``torch.autocast`` does not reach inside: the chunk logits have ``hidden``'s dtype (cast
+    ``hidden`` and ``weight`` to bfloat16 yourself for bfloat16 logits).
     """
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
