@@ -207,6 +207,18 @@ def test_local_model_folder_with_its_own_tokenizer(tmp_path):
     assert report["answer_tokens"] == 100 and report["samples"] == 4
 
 
+def test_text_task_memorizes_the_file_verbatim(tmp_path):
+    """The byte tokens of the text task are the file's bytes: unicode (a character split across
+    samples) and Windows line endings kept (\r\n was read as \n), from the first byte."""
+    from memft_kernels.train.data import build_task
+
+    raw = "na\u00efve caf\u00e9 \u2713 \u65e5\u672c\r\nline two\r\n\U0001f389 end".encode("utf-8")
+    (tmp_path / "t.txt").write_bytes(raw)
+    task = build_task(TrainConfig(task="text", data=str(tmp_path / "t.txt"), length=7, samples=len(raw) // 7))
+    assert b"".join(bytes(s.answer) for s in task.samples) == raw[: 7 * (len(raw) // 7)]
+    assert all(s.prompt == [task.tokenizer.bos] for s in task.samples)
+
+
 def test_compare_runs_each_loss_and_prints_one_table(tmp_path, capsys):
     code = memft_main(["train", "--model", "nano", "--vocab-size", "64", "--length", "8", "--steps", "2",
                        "--backend", "torch", "--no-progress", "--no-save-adapter",
