@@ -155,6 +155,13 @@ def test_refusals(tmp_path):
     trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[])
     with pytest.raises(ValueError, match="normalize"):
         add_memft_to_trainer(trainer, normalize="valid")
+    # The Trainer's label smoother pops the labels and computes plain CE itself: MemFT never ran
+    # (silently with exact_active_mean=False; an accumulator error at the first step otherwise).
+    args = sgd_args(tmp_path, label_smoothing_factor=0.1)
+    for exact in (False, True):
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=[])
+        with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1.*pass label_smoothing=0.1"):
+            add_memft_to_trainer(trainer, exact_active_mean=exact)
 
 
 # ---------------------------------------------------------------- TRL SFTTrainer

@@ -124,6 +124,11 @@ def add_memft_to_trainer(
     if getattr(trainer, "compute_loss_func", None) is not None:
         raise ValueError("add_memft_to_trainer: the Trainer already has a compute_loss_func; the MemFT loss is "
                          "computed by the model's own forward here, so build the Trainer without it")
+    smoothing = getattr(trainer.args, "label_smoothing_factor", 0.0) or 0.0
+    if smoothing != 0.0 or getattr(trainer, "label_smoother", None) is not None:
+        raise ValueError(f"add_memft_to_trainer: TrainingArguments(label_smoothing_factor={smoothing}) makes the Trainer "
+                         "compute its own loss instead of the model's (the MemFT loss would never run); leave it at "
+                         f"0 and pass label_smoothing={smoothing} here (the MemFT loss's own label smoothing)")
     if "stats_callback" in options or "accumulator" in options:
         raise TypeError("add_memft_to_trainer sets stats_callback and accumulator itself")
     callbacks = []
