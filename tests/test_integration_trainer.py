@@ -162,6 +162,10 @@ def test_refusals(tmp_path):
         trainer = transformers.Trainer(model=model, args=args, train_dataset=[])
         with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1.*pass label_smoothing=0.1"):
             add_memft_to_trainer(trainer, exact_active_mean=exact)
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[])
+    trainer.args.use_liger_kernel = True  # Liger's forward computes its own CE (liger is not installed here)
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        add_memft_to_trainer(trainer)
 
 
 # ---------------------------------------------------------------- TRL SFTTrainer

@@ -129,6 +129,10 @@ def add_memft_to_trainer(
         raise ValueError(f"add_memft_to_trainer: TrainingArguments(label_smoothing_factor={smoothing}) makes the Trainer "
                          "compute its own loss instead of the model's (the MemFT loss would never run); leave it at "
                          f"0 and pass label_smoothing={smoothing} here (the MemFT loss's own label smoothing)")
+    if getattr(trainer.args, "use_liger_kernel", False):
+        raise ValueError("add_memft_to_trainer: TrainingArguments(use_liger_kernel=True) replaces the model's forward "
+                         "with Liger's fused cross-entropy, which never calls the MemFT loss; turn it off (fused=True "
+                         "is this package's fused head)")
     if "stats_callback" in options or "accumulator" in options:
         raise TypeError("add_memft_to_trainer sets stats_callback and accumulator itself")
     callbacks = []
