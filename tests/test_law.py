@@ -381,6 +381,8 @@ def test_cli_phase(tmp_path, capsys):
     (["phase", "{stats}", "--bins", "3"], "even count"),
     (["law", "sweep", "--out", "{out}", "--ranks", "1,x", "--lengths", "64"], "--ranks"),
     (["law", "sweep", "--out", "{out}", "--ranks", "1", "--lengths", "64", "--set", "nonsense=1"], "unknown training option"),
+    (["law", "sweep", "--out", "{out}", "--ranks", "1", "--lengths", "64,128", "--tasks", "random,phonebook"],
+     "a phonebook has no length"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     cells = synthetic_cells()
