@@ -124,6 +124,31 @@ def test_trainer_step_is_one_active_mean_call(fused, case, clip, tmp_path):
     assert step["micro_batches"] == ROWS and step["fell_back"] == bool(ref_stats.fell_back)
 
 
+class GradsAtStep(transformers.TrainerCallback):
+    """Whether every trainable parameter has no gradient when the optimizer steps."""
+
+    def __init__(self, model):
+        self.params, self.none = [p for p in model.parameters() if p.requires_grad], []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.none.append(all(p.grad is None for p in self.params))
+
+
+@pytest.mark.parametrize("fallback", ["zero", "mean"])
+def test_a_step_with_nothing_to_train_has_no_gradient(fallback, tmp_path):
+    """Every token recalled with fallback="zero" (the authors' zero_bp): the optimizer sees no
+    gradient (AdamW leaves the weights and moments alone; a zero gradient moves them by momentum)."""
+    ids, labels = rows()
+    model = tiny_llama()
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=dataset)
+    add_memft_to_trainer(trainer, **dict(CASES["all_recalled"], fallback=fallback))
+    probe = GradsAtStep(model)
+    trainer.add_callback(probe)
+    trainer.train()
+    assert probe.none == [fallback == "zero"]
+
+
 def test_metrics_callback_without_accumulation_and_not_counting_eval(tmp_path):
     """num_items_in_batch convention (no accumulator); lr = 0 so that one log over 2 steps covers
     the 4 rows of a fixed model; an evaluation before training must not be counted."""

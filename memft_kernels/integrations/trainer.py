@@ -94,7 +94,13 @@ class _MemFTStepCallback(TrainerCallback):
         self.last_step: Optional[dict] = None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.last_step = self.accumulator.finish_step()
+        self.last_step = step = self.accumulator.finish_step()
+        if step["n_valid"] == 0 or (step["fell_back"] and self.accumulator.fallback == "zero"):
+            # Nothing to train in this step: no gradient at all, as the authors' zero_bp (a constant's
+            # backward), so the optimizer leaves the weights and their moments alone (a zero
+            # gradient would still move them by AdamW's momentum).
+            for p in self.accumulator.params:
+                p.grad = None
 
 
 def _insert_first(trainer, callback) -> None:

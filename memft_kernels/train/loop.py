@@ -112,6 +112,8 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig, *, weig
         "n_active": int(totals[2]),
         "n_valid": int(n_valid),
         "fell_back": fell_back,
+        # no gradient at all: no token is weighted anywhere and nothing falls back to the plain mean
+        "no_grad": weight_sum <= 0 and (denominator is not None or not (config.fallback == "mean" and n_valid > 0)),
     }
     return loss, stats, info
 
@@ -430,6 +432,13 @@ def train_step(run: Run, on_grads=None) -> dict:
             if not config.fsdp:  # FSDP already reduce-scattered (summed) the gradients
                 _all_reduce(p.grad)
     step = accumulator.finish_step() if accumulator is not None else None
+    # A step that trained nothing (--fallback zero with every token recalled, or no valid token):
+    # the authors' zero_bp backpropagates a constant, so the parameters have no gradient and AdamW
+    # leaves them (and their moments) alone. A zero gradient would still move them by momentum.
+    skipped = all(i["no_grad"] for i in infos)
+    if skipped:
+        for p in params:
+            p.grad = None
     if on_grads is not None:
         on_grads(run)
     grad_norm = fsdp.scalar(torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf")))
@@ -439,10 +448,11 @@ def train_step(run: Run, on_grads=None) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     info = _merge_infos(infos, config.accum_normalize, config.grad_accum)
+    info.pop("no_grad", None)
     if step is not None:  # the value minimized: the whole step's active mean (or its fallback)
         info.update(loss=step["loss"], fell_back=step["fell_back"])
     seen = torch.cat(micro)
-    info.update(step=run.step, lr=lr, grad_norm=float(grad_norm), batch=len(seen),
+    info.update(step=run.step, lr=lr, grad_norm=float(grad_norm), batch=len(seen), skipped=skipped,
                 covers_all=len(seen.unique()) == len(run.task.samples))
     return info
 
