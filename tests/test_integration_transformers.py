@@ -54,10 +54,15 @@ def tiny(family: str):
             # logits = logit_scale * lm_head(h): use_memft only (apply_memft_to_model refuses the family)
             "cohere": (lambda: t.CohereConfig(**common, logit_scale=0.25, eos_token_id=None, bos_token_id=None,
                                               pad_token_id=None), t.CohereForCausalLM),
+            "llama-bias": (lambda: t.LlamaConfig(**common), t.LlamaForCausalLM),
         }[family]
         config = config()
     torch.manual_seed(0)
-    return cls(config).train()
+    model = cls(config).train()
+    if family == "llama-bias":  # an lm_head with a bias (a custom head): the loss must add it
+        model.lm_head = torch.nn.Linear(32, V, bias=True)
+        torch.nn.init.normal_(model.lm_head.bias, std=1.0)
+    return model
 
 
 def batch(b=2, t=9, seed=1):
@@ -115,7 +120,7 @@ def test_causal_lm_loss_is_memft_of_shifted_logits():
 # ---------------------------------------------------------------- the fused forward, per family
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "llama-tied", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "llama-tied", "llama-bias", "gpt2"]
 
 
 def own_logits_loss(model, ids, labels, denominator=None):
