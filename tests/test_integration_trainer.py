@@ -149,6 +149,28 @@ def test_a_step_with_nothing_to_train_has_no_gradient(fallback, tmp_path):
     assert probe.none == [fallback == "zero"]
 
 
+def test_calling_add_memft_to_trainer_again_replaces_the_first(tmp_path):
+    ids, labels = rows()
+    model = tiny_llama()
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=dataset)
+    add_memft_to_trainer(trainer, fused=True, **CASES["sigmoid"])
+    add_memft_to_trainer(trainer, **CASES["mixed"])  # used to leave the first accumulator's callback in
+    with torch.no_grad():  # and the fused forward (fused=False now); no grad: the accumulator is not touched
+        assert model(input_ids=ids, labels=labels).logits is not None
+    assert sum(isinstance(c, MemFTMetricsCallback) for c in trainer.callback_handler.callbacks) == 1
+    scaled = trainer.loss_is_scaled_for_ga
+    add_memft_to_trainer(trainer, exact_active_mean=False)  # the Trainer scales by the GA steps again
+    assert not trainer.loss_is_scaled_for_ga and trainer.memft_accumulator is None
+    add_memft_to_trainer(trainer, **CASES["mixed"])
+    assert trainer.loss_is_scaled_for_ga == scaled
+    ref_loss, ref_stats, _ = reference(model, ids, labels, **CASES["mixed"])
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert log["n_active"] == pytest.approx(float(ref_stats.n_active))
+
+
 def test_metrics_callback_without_accumulation_and_not_counting_eval(tmp_path):
     """num_items_in_batch convention (no accumulator); lr = 0 so that one log over 2 steps covers
     the 4 rows of a fixed model; an evaluation before training must not be counted."""

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..accumulate import MemFTAccumulator
-from .transformers import apply_memft_to_model, use_memft
+from .transformers import apply_memft_to_model, unwrap_model, use_memft
 
 # Index of each running sum in MemFTMetricsCallback's vector.
 _N_VALID, _RECALLED, _CORRECT, _N_ACTIVE = range(4)
@@ -141,6 +141,16 @@ def add_memft_to_trainer(
                          "is this package's fused head)")
     if "stats_callback" in options or "accumulator" in options:
         raise TypeError("add_memft_to_trainer sets stats_callback and accumulator itself")
+    # Called again (new options): the previous call's callbacks go, else two accumulators would
+    # close each step (one of them empty) and the metrics would be counted twice.
+    for old in getattr(trainer, "memft_callbacks", ()):
+        if old in trainer.callback_handler.callbacks:
+            trainer.callback_handler.callbacks.remove(old)
+    trainer.memft_callbacks, trainer.memft_accumulator = [], None
+    if "_memft_loss_is_scaled_for_ga" in vars(trainer):  # the Trainer's own setting, before the first call
+        trainer.loss_is_scaled_for_ga = trainer._memft_loss_is_scaled_for_ga
+    else:
+        trainer._memft_loss_is_scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
     callbacks = []
     if metrics:
         metrics_callback = MemFTMetricsCallback()
@@ -171,6 +181,9 @@ def add_memft_to_trainer(
     if fused:
         apply_memft_to_model(trainer.model, **options)
     else:
+        base = unwrap_model(trainer.model)
+        if "_memft_original_forward" in vars(base):  # an earlier fused=True call: its forward goes
+            base.forward = base._memft_original_forward
         use_memft(trainer.model, **options)
     for callback in reversed(callbacks):
         _insert_first(trainer, callback)
