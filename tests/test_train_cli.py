@@ -436,3 +436,22 @@ def test_ctrl_c_during_compare_says_how_to_finish_the_comparison(monkeypatch, tm
     assert memft_main(["train", "--model", "nano", "--compare", "ce,memft-ot", "--no-progress"]) == 130
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "the same --compare command and --run-dir runs/" in err
+
+
+def test_a_run_folder_being_trained_is_refused(checkpointed, tmp_path, capsys):
+    """A second `memft train --resume` of a folder another process is training (an flock held
+    while it trains) is refused instead of interleaving the two runs' checkpoints and log."""
+    import fcntl
+
+    from memft_kernels.train.loop import LOCK_FILE
+
+    run = _copy(checkpointed[0], tmp_path)
+    assert not os.path.exists(os.path.join(checkpointed[0], LOCK_FILE))  # a finished run leaves none
+    with open(os.path.join(run, LOCK_FILE), "w") as holder:
+        holder.write("pid 4242 on elsewhere")
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        err = _one_line_exit_2(["train", "--resume", run], capsys)
+    assert "is being trained by another process (pid 4242 on elsewhere)" in err
+    assert not os.path.exists(os.path.join(run, "report.json"))
+    assert memft_main(["train", "--resume", run]) == 0  # the lock went with its holder

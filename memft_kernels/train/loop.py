@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -666,6 +667,53 @@ def _refuse_earlier_checkpoint(run: Run) -> None:
                               f"continue it with --resume {run.run_dir}, or start the new run in another --run-dir")
 
 
+LOCK_FILE = ".memft-train.lock"
+
+
+def _lock_run_dir(run: Run):
+    """Rank 0 holds an exclusive lock on the run folder while it trains (a kernel flock, gone with
+    the process however it ends): a second ``memft train --resume`` (or a new run) into the same
+    folder is refused instead of interleaving its checkpoints and log with the first one's.
+    Returns (fd, path) on rank 0 where flock exists, else None."""
+    lock, holder = None, None
+    if run.rank == 0:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no lock
+            fcntl = None
+        if fcntl is not None:
+            path = os.path.join(run.run_dir, LOCK_FILE)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "?"
+                os.close(fd)
+            else:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+                lock = (fd, path)
+    if run.world > 1:
+        box = [holder]
+        dist.broadcast_object_list(box, src=0)
+        holder = box[0]
+    if holder is not None:
+        raise TrainInputError(f"the run folder {run.run_dir!r} is being trained by another process ({holder}); "
+                              "wait for it to end or use another --run-dir")
+    return lock
+
+
+def _unlock(lock) -> None:
+    if lock is None:
+        return
+    fd, path = lock
+    try:
+        os.remove(path)  # while still held: nothing is left in the run folder
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def _save(run: Run) -> None:
     state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
     if run.rank == 0:
@@ -678,14 +726,24 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
     config = run.config
     if resume_state is None:
         _refuse_earlier_checkpoint(run)
+    lock = _lock_run_dir(run)
     if run.rank == 0 and config.progress:
         print(format_plan(run.plan, run.world, config.fsdp), flush=True)
     try:
         _begin(run, resume_state)
     except BaseException:
+        _unlock(lock)
         if resume_state is None and run.rank == 0:
             _remove_if_empty(run.run_dir)  # a run that failed before writing anything leaves no folder
         raise
+    try:
+        return _train_and_finish(run, start)
+    finally:
+        _unlock(lock)
+
+
+def _train_and_finish(run: Run, start: float) -> dict:
+    config = run.config
     if run.rank == 0:
         ckpt.atomic_write_json(os.path.join(run.run_dir, "plan.json"), run.plan.as_dict())
 
