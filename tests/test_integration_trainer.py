@@ -124,6 +124,53 @@ def test_trainer_step_is_one_active_mean_call(fused, case, clip, tmp_path):
     assert step["micro_batches"] == ROWS and step["fell_back"] == bool(ref_stats.fell_back)
 
 
+class GradsAtStep(transformers.TrainerCallback):
+    """Whether every trainable parameter has no gradient when the optimizer steps."""
+
+    def __init__(self, model):
+        self.params, self.none = [p for p in model.parameters() if p.requires_grad], []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.none.append(all(p.grad is None for p in self.params))
+
+
+@pytest.mark.parametrize("fallback", ["zero", "mean"])
+def test_a_step_with_nothing_to_train_has_no_gradient(fallback, tmp_path):
+    """Every token recalled with fallback="zero" (the authors' zero_bp): the optimizer sees no
+    gradient (AdamW leaves the weights and moments alone; a zero gradient moves them by momentum)."""
+    ids, labels = rows()
+    model = tiny_llama()
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=dataset)
+    add_memft_to_trainer(trainer, **dict(CASES["all_recalled"], fallback=fallback))
+    probe = GradsAtStep(model)
+    trainer.add_callback(probe)
+    trainer.train()
+    assert probe.none == [fallback == "zero"]
+
+
+def test_calling_add_memft_to_trainer_again_replaces_the_first(tmp_path):
+    ids, labels = rows()
+    model = tiny_llama()
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=dataset)
+    add_memft_to_trainer(trainer, fused=True, **CASES["sigmoid"])
+    add_memft_to_trainer(trainer, **CASES["mixed"])  # used to leave the first accumulator's callback in
+    with torch.no_grad():  # and the fused forward (fused=False now); no grad: the accumulator is not touched
+        assert model(input_ids=ids, labels=labels).logits is not None
+    assert sum(isinstance(c, MemFTMetricsCallback) for c in trainer.callback_handler.callbacks) == 1
+    scaled = trainer.loss_is_scaled_for_ga
+    add_memft_to_trainer(trainer, exact_active_mean=False)  # the Trainer scales by the GA steps again
+    assert not trainer.loss_is_scaled_for_ga and trainer.memft_accumulator is None
+    add_memft_to_trainer(trainer, **CASES["mixed"])
+    assert trainer.loss_is_scaled_for_ga == scaled
+    ref_loss, ref_stats, _ = reference(model, ids, labels, **CASES["mixed"])
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert log["n_active"] == pytest.approx(float(ref_stats.n_active))
+
+
 def test_metrics_callback_without_accumulation_and_not_counting_eval(tmp_path):
     """num_items_in_batch convention (no accumulator); lr = 0 so that one log over 2 steps covers
     the 4 rows of a fixed model; an evaluation before training must not be counted."""
@@ -155,6 +202,17 @@ def test_refusals(tmp_path):
     trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[])
     with pytest.raises(ValueError, match="normalize"):
         add_memft_to_trainer(trainer, normalize="valid")
+    # The Trainer's label smoother pops the labels and computes plain CE itself: MemFT never ran
+    # (silently with exact_active_mean=False; an accumulator error at the first step otherwise).
+    args = sgd_args(tmp_path, label_smoothing_factor=0.1)
+    for exact in (False, True):
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=[])
+        with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1.*pass label_smoothing=0.1"):
+            add_memft_to_trainer(trainer, exact_active_mean=exact)
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[])
+    trainer.args.use_liger_kernel = True  # Liger's forward computes its own CE (liger is not installed here)
+    with pytest.raises(ValueError, match="use_liger_kernel"):
+        add_memft_to_trainer(trainer)
 
 
 # ---------------------------------------------------------------- TRL SFTTrainer

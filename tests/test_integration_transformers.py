@@ -51,10 +51,18 @@ def tiny(family: str):
                             t.Gemma3ForCausalLM),
             # lm_head.weight is embed_tokens.weight: its gradient is the sum of both uses
             "llama-tied": (lambda: t.LlamaConfig(**common, tie_word_embeddings=True), t.LlamaForCausalLM),
+            # logits = logit_scale * lm_head(h): use_memft only (apply_memft_to_model refuses the family)
+            "cohere": (lambda: t.CohereConfig(**common, logit_scale=0.25, eos_token_id=None, bos_token_id=None,
+                                              pad_token_id=None), t.CohereForCausalLM),
+            "llama-bias": (lambda: t.LlamaConfig(**common), t.LlamaForCausalLM),
         }[family]
         config = config()
     torch.manual_seed(0)
-    return cls(config).train()
+    model = cls(config).train()
+    if family == "llama-bias":  # an lm_head with a bias (a custom head): the loss must add it
+        model.lm_head = torch.nn.Linear(32, V, bias=True)
+        torch.nn.init.normal_(model.lm_head.bias, std=1.0)
+    return model
 
 
 def batch(b=2, t=9, seed=1):
@@ -112,7 +120,7 @@ def test_causal_lm_loss_is_memft_of_shifted_logits():
 # ---------------------------------------------------------------- the fused forward, per family
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "llama-tied", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "llama-tied", "llama-bias", "gpt2"]
 
 
 def own_logits_loss(model, ids, labels, denominator=None):
@@ -148,7 +156,7 @@ def test_fused_forward_matches_unpatched(family):
         assert torch.equal(plain.logits, reference.eval()(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "llama-tied", "gpt2"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "llama-tied", "gpt2", "cohere"])
 def test_logits_paths_and_num_items_match_model_logits(family):
     """use_memft (the model's own forward) and memft_compute_loss_func (the Trainer's) with
     num_items_in_batch: the model's logits (capped by its own forward, never twice), shifted,
@@ -175,6 +183,8 @@ def test_unsupported_family_and_double_softcap():
     config.model_type = "cohere"  # a family that scales its logits: refused, not silently wrong
     with pytest.raises(ValueError, match="supports model types"):
         apply_memft_to_model(transformers.LlamaForCausalLM(config))
+    with pytest.raises(ValueError, match="supports model types.*'cohere'"):
+        apply_memft_to_model(peft.get_peft_model(tiny("cohere"), peft.LoraConfig(r=2, target_modules=["q_proj"])))
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         apply_memft_to_model(tiny("gemma2"), softcap=5.0)
     with pytest.raises(ValueError, match="final_logit_softcapping"):  # its logits are capped already

@@ -376,10 +376,13 @@ def test_cli_phase(tmp_path, capsys):
     (["law", "predict", "{fit}", "--target-dL", "0.3"], "give --rank"),
     (["law", "predict", "{fit}", "--rank", "1", "--target-dL", "1000"], "no text of one token or more reaches"),
     (["phase", "{missing}"], "no such file or folder"),
+    (["phase", "{run}"], "memft train writes tokens.npz with --save-tokens"),
     (["phase", "{bad}", "--png", "none"], "line 1: missing field 'prob'"),
     (["phase", "{stats}", "--bins", "3"], "even count"),
     (["law", "sweep", "--out", "{out}", "--ranks", "1,x", "--lengths", "64"], "--ranks"),
     (["law", "sweep", "--out", "{out}", "--ranks", "1", "--lengths", "64", "--set", "nonsense=1"], "unknown training option"),
+    (["law", "sweep", "--out", "{out}", "--ranks", "1", "--lengths", "64,128", "--tasks", "random,phonebook"],
+     "a phonebook has no length"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     cells = synthetic_cells()
@@ -390,7 +393,10 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
         "fit": tmp_path / "fit.json",
         "stats": write_jsonl(tmp_path / "stats.jsonl", [{"prob": 0.7, "correct": True}]),
         "out": tmp_path / "sweep.jsonl",
+        "run": tmp_path / "run",  # a run folder trained without --save-tokens
     }
+    files["run"].mkdir()
+    (files["run"] / "config.json").write_text("{}")
     files["fit"].write_text(json.dumps(fit_law(cells, n_boot=0).to_json()))
     argv = [a.format(**files) for a in argv]
     assert memft_main(argv) == 2

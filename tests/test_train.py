@@ -207,6 +207,43 @@ def test_local_model_folder_with_its_own_tokenizer(tmp_path):
     assert report["answer_tokens"] == 100 and report["samples"] == 4
 
 
+def test_a_step_with_nothing_to_train_leaves_the_weights_alone():
+    """--fallback zero (the authors' zero_bp, the paper-phonebook recipe): a step whose micro-batches
+    have no active token anywhere has no gradient, as theirs (a constant's backward), so AdamW leaves
+    the weights and their moments alone. A zero gradient used to move them by momentum."""
+    from memft_kernels.train import loop
+
+    run = loop.setup(TrainConfig(model="nano", vocab_size=128, length=8, samples=4, steps=12, lr=3e-2, threads=1,
+                                 backend="torch", loss="memft-ot", fallback="zero", threshold=0.02, batch_size=2,
+                                 grad_accum=2, eval_every=0, progress=False, plots=False), make_dir=False)
+    seen = set()
+    for _ in range(12):
+        params = loop.trainable_parameters(run.model)
+        before = [p.detach().clone() for p in params]
+        moments = [run.optimizer.state[p]["exp_avg"].clone() if p in run.optimizer.state else None for p in params]
+        info = loop.train_step(run)
+        moved = [not torch.equal(a, p) for a, p in zip(before, params)]
+        if info["skipped"]:
+            assert info["fell_back"] and info["loss"] == 0.0 and not any(moved)
+            assert all(torch.equal(m, run.optimizer.state[p]["exp_avg"]) for m, p in zip(moments, params))
+        else:
+            assert any(moved)
+        seen.add(info["skipped"])
+    assert seen == {True, False}
+
+
+def test_text_task_memorizes_the_file_verbatim(tmp_path):
+    """The byte tokens of the text task are the file's bytes: unicode (a character split across
+    samples) and Windows line endings kept (\r\n was read as \n), from the first byte."""
+    from memft_kernels.train.data import build_task
+
+    raw = "na\u00efve caf\u00e9 \u2713 \u65e5\u672c\r\nline two\r\n\U0001f389 end".encode("utf-8")
+    (tmp_path / "t.txt").write_bytes(raw)
+    task = build_task(TrainConfig(task="text", data=str(tmp_path / "t.txt"), length=7, samples=len(raw) // 7))
+    assert b"".join(bytes(s.answer) for s in task.samples) == raw[: 7 * (len(raw) // 7)]
+    assert all(s.prompt == [task.tokenizer.bos] for s in task.samples)
+
+
 def test_compare_runs_each_loss_and_prints_one_table(tmp_path, capsys):
     code = memft_main(["train", "--model", "nano", "--vocab-size", "64", "--length", "8", "--steps", "2",
                        "--backend", "torch", "--no-progress", "--no-save-adapter",

@@ -421,3 +421,37 @@ def test_compare_again_continues_a_stopped_comparison(tmp_path, capsys):
     capsys.readouterr()
     err = _one_line_exit_2(["train", "--compare", "ce,memft-ot,ce", "--run-dir", str(tmp_path / "dup")], capsys)
     assert "'ce' is listed twice" in err and not (tmp_path / "dup").exists()
+
+
+def test_ctrl_c_during_compare_says_how_to_finish_the_comparison(monkeypatch, tmp_path, capsys):
+    import memft_kernels.train as train_api
+    from memft_kernels.train.loop import RunInterrupted
+
+    def interrupted(config):
+        raise RunInterrupted(f"interrupted after step 3 of 6; checkpoint saved, continue with: memft train --resume "
+                             f"{config.run_dir}")
+
+    monkeypatch.setattr(train_api, "train_or_resume", interrupted)
+    monkeypatch.chdir(tmp_path)
+    assert memft_main(["train", "--model", "nano", "--compare", "ce,memft-ot", "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the same --compare command and --run-dir runs/" in err
+
+
+def test_a_run_folder_being_trained_is_refused(checkpointed, tmp_path, capsys):
+    """A second `memft train --resume` of a folder another process is training (an flock held
+    while it trains) is refused instead of interleaving the two runs' checkpoints and log."""
+    import fcntl
+
+    from memft_kernels.train.loop import LOCK_FILE
+
+    run = _copy(checkpointed[0], tmp_path)
+    assert not os.path.exists(os.path.join(checkpointed[0], LOCK_FILE))  # a finished run leaves none
+    with open(os.path.join(run, LOCK_FILE), "w") as holder:
+        holder.write("pid 4242 on elsewhere")
+        holder.flush()
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        err = _one_line_exit_2(["train", "--resume", run], capsys)
+    assert "is being trained by another process (pid 4242 on elsewhere)" in err
+    assert not os.path.exists(os.path.join(run, "report.json"))
+    assert memft_main(["train", "--resume", run]) == 0  # the lock went with its holder

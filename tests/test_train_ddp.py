@@ -23,7 +23,11 @@ from memft_kernels.train.loop import setup, train_step, trainable_parameters
 SHORT = {"length": 8, "samples": 3, "batch_size": 2, "grad_accum": 2}
 SETTINGS = {"memft-ot": {"loss": "memft-ot"}, "memft-sw": {"loss": "memft-sw"},
             "active": {"loss": "memft-ot", **SHORT, "steps": 8, "accum_normalize": "active", "threshold": 0.02},
-            "memft-sw-short": {"loss": "memft-sw", **SHORT, "steps": 3}}
+            "memft-sw-short": {"loss": "memft-sw", **SHORT, "steps": 3},
+            # state per sample; the full batch is reshuffled every step, so samples change ranks, and a
+            # window of 2 e tokens makes the state (e grows from the 4th sighting of an anchor) matter
+            "memft-sw-sample": {"loss": "memft-sw", "length": 8, "steps": 6, "window_state": "sample",
+                                "window_span": 2.0}}
 
 
 def collect(options, out):

@@ -49,8 +49,10 @@ if __name__ == "__main__":
     dist.destroy_process_group()
 '''
 
-OPTIONS = dict(model="nano", vocab_size=128, length=16, samples=4, steps=5, lr=3e-2, threads=1, backend="torch",
-               progress=False, plots=False, loss="memft-ot", checkpoint_every=2, eval_every=0)
+# memft-sw with a window of 2 e tokens (e, the window's growth, is the state a checkpoint carries): the
+# state is per rank (each rank's rows), so the resume checks that every rank gets its own back.
+OPTIONS = dict(model="nano", vocab_size=128, length=8, samples=4, steps=5, lr=3e-2, threads=1, backend="torch",
+               progress=False, plots=False, loss="memft-sw", window_span=2.0, checkpoint_every=2, eval_every=0)
 
 
 def _torchrun(tmp_path, *args):
@@ -68,7 +70,7 @@ def _torchrun(tmp_path, *args):
 # without labels (FSDP's collectives need every rank). The low threshold makes later steps hit the
 # step-level fallback: a micro-batch without an active token before one with (step 5: its plain-loss
 # gradients, already reduced by FSDP, are zeroed) and whole steps without one (steps 6-8: the plain mean).
-ACTIVE = dict(OPTIONS, length=8, samples=3, steps=8, batch_size=2, grad_accum=2, accum_normalize="active",
+ACTIVE = dict(OPTIONS, loss="memft-ot", length=8, samples=3, steps=8, batch_size=2, grad_accum=2, accum_normalize="active",
               threshold=0.02, checkpoint_every=0)
 
 
@@ -108,6 +110,7 @@ def test_fsdp_active_mean_over_micro_batches_equals_one_process(fsdp_run, tmp_pa
     _, fsdp_dir = fsdp_run
     single = _single_process(ACTIVE, str(tmp_path / "single"))
     _assert_same_steps(single, torch.load(fsdp_dir + "-extra.pt", weights_only=False))
+    assert any(0 < i["n_active"] < i["n_valid"] for i in single["infos"])  # the global denominator mattered
     fell_back = [i["fell_back"] for i in single["infos"]]
     assert fell_back[-1] and not fell_back[0]
 
@@ -123,7 +126,6 @@ def test_fsdp_two_ranks_equal_one_process_and_resume(fsdp_run):
     finally:
         torch.set_num_threads(threads)
     _assert_same_steps(single, torch.load(fsdp_dir + ".pt", weights_only=False))
-    assert any(0 < i["n_active"] < i["n_valid"] for i in single["infos"])  # the global denominator mattered
 
     report = json.load(open(os.path.join(fsdp_dir, "report.json")))
     for key in ("base_loss", "final_loss", "token_accuracy", "recalled_frac"):
@@ -134,8 +136,9 @@ def test_fsdp_two_ranks_equal_one_process_and_resume(fsdp_run):
     wa = load_file(os.path.join(fsdp_dir, "adapter", "adapter_model.safetensors"))
     ws = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == ws.keys()
-    for k in wa:  # gathered whole tensors, not shards
-        torch.testing.assert_close(wa[k], ws[k], rtol=1e-3, atol=1e-5)
+    for k in wa:  # gathered whole tensors, not shards; Adam magnifies summation-order noise on
+        # elements with tiny gradients: compare norm-wise (as test_train_ddp)
+        assert wa[k].shape == ws[k].shape and ((wa[k] - ws[k]).norm() / ws[k].norm()).item() < 1e-4, k
 
     # resume the sharded run from its step-4 checkpoint: the same report and adapter as never stopping
     resumed_dir = str(tmp_path / "resumed")

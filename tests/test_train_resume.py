@@ -86,3 +86,28 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(TrainInputError, match="no checkpoint"):
         resume(str(tmp_path))
+
+
+def test_row_window_state_is_checkpointed_per_rank(monkeypatch, tmp_path):
+    """memft-sw's row-keyed window state is each rank's own (its rows of the batch): a checkpoint
+    keeps every rank's, and a resume gives each rank its own (it gave every rank rank 0's)."""
+    from memft_kernels.train import TrainConfig, loop
+
+    run = loop.setup(TrainConfig(model="nano", vocab_size=64, length=8, samples=2, steps=3, loss="memft-sw",
+                                 threads=1, backend="torch", progress=False, plots=False, run_dir=str(tmp_path / "r")))
+    loop.train_step(run)
+    own = run.window.state_dict()
+    other = {"keyed": "row", "repeats": torch.tensor([5, 0]), "expand": torch.tensor([2.5, 1.0]),
+             "anchor": torch.tensor([3, 1])}  # what rank 1 would hold
+    monkeypatch.setattr(loop, "_gather_objects", lambda obj, world: [obj, other][:world])
+    run.world = 2
+    state = loop._checkpoint_state(run)
+    for rank, expected in ((1, other), (0, own)):
+        run.window.reset()
+        run.rank = rank
+        loop._restore(run, state)
+        for key in ("repeats", "expand", "anchor"):
+            assert torch.equal(run.window.state_dict()[key], expected[key]), (rank, key)
+    run.world = 3  # resumed on another number of ranks: the rows differ, the window starts over
+    loop._restore(run, state)
+    assert run.window.keyed is None and run.window.repeats.numel() == 0

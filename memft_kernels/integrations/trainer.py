@@ -21,7 +21,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..accumulate import MemFTAccumulator
-from .transformers import apply_memft_to_model, use_memft
+from .transformers import apply_memft_to_model, unwrap_model, use_memft
 
 # Index of each running sum in MemFTMetricsCallback's vector.
 _N_VALID, _RECALLED, _CORRECT, _N_ACTIVE = range(4)
@@ -94,7 +94,13 @@ class _MemFTStepCallback(TrainerCallback):
         self.last_step: Optional[dict] = None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.last_step = self.accumulator.finish_step()
+        self.last_step = step = self.accumulator.finish_step()
+        if step["n_valid"] == 0 or (step["fell_back"] and self.accumulator.fallback == "zero"):
+            # Nothing to train in this step: no gradient at all, as the authors' zero_bp (a constant's
+            # backward), so the optimizer leaves the weights and their moments alone (a zero
+            # gradient would still move them by AdamW's momentum).
+            for p in self.accumulator.params:
+                p.grad = None
 
 
 def _insert_first(trainer, callback) -> None:
@@ -124,8 +130,27 @@ def add_memft_to_trainer(
     if getattr(trainer, "compute_loss_func", None) is not None:
         raise ValueError("add_memft_to_trainer: the Trainer already has a compute_loss_func; the MemFT loss is "
                          "computed by the model's own forward here, so build the Trainer without it")
+    smoothing = getattr(trainer.args, "label_smoothing_factor", 0.0) or 0.0
+    if smoothing != 0.0 or getattr(trainer, "label_smoother", None) is not None:
+        raise ValueError(f"add_memft_to_trainer: TrainingArguments(label_smoothing_factor={smoothing}) makes the Trainer "
+                         "compute its own loss instead of the model's (the MemFT loss would never run); leave it at "
+                         f"0 and pass label_smoothing={smoothing} here (the MemFT loss's own label smoothing)")
+    if getattr(trainer.args, "use_liger_kernel", False):
+        raise ValueError("add_memft_to_trainer: TrainingArguments(use_liger_kernel=True) replaces the model's forward "
+                         "with Liger's fused cross-entropy, which never calls the MemFT loss; turn it off (fused=True "
+                         "is this package's fused head)")
     if "stats_callback" in options or "accumulator" in options:
         raise TypeError("add_memft_to_trainer sets stats_callback and accumulator itself")
+    # Called again (new options): the previous call's callbacks go, else two accumulators would
+    # close each step (one of them empty) and the metrics would be counted twice.
+    for old in getattr(trainer, "memft_callbacks", ()):
+        if old in trainer.callback_handler.callbacks:
+            trainer.callback_handler.callbacks.remove(old)
+    trainer.memft_callbacks, trainer.memft_accumulator = [], None
+    if "_memft_loss_is_scaled_for_ga" in vars(trainer):  # the Trainer's own setting, before the first call
+        trainer.loss_is_scaled_for_ga = trainer._memft_loss_is_scaled_for_ga
+    else:
+        trainer._memft_loss_is_scaled_for_ga = getattr(trainer, "loss_is_scaled_for_ga", None)
     callbacks = []
     if metrics:
         metrics_callback = MemFTMetricsCallback()
@@ -156,6 +181,9 @@ def add_memft_to_trainer(
     if fused:
         apply_memft_to_model(trainer.model, **options)
     else:
+        base = unwrap_model(trainer.model)
+        if "_memft_original_forward" in vars(base):  # an earlier fused=True call: its forward goes
+            base.forward = base._memft_original_forward
         use_memft(trainer.model, **options)
     for callback in reversed(callbacks):
         _insert_first(trainer, callback)

@@ -252,7 +252,7 @@ def add_subcommands(subparsers) -> None:
     sweep.add_argument("--out", required=True, help="results file (JSON lines); re-running skips finished cells")
     sweep.add_argument("--ranks", required=True, help="LoRA ranks, e.g. 1,2,4,8")
     sweep.add_argument("--lengths", required=True, help="memorized lengths in tokens, e.g. 128,256,512")
-    sweep.add_argument("--tasks", default="random", help="tasks (random, text, phonebook); default random")
+    sweep.add_argument("--tasks", default="random", help="tasks (random, text); default random")
     sweep.add_argument("--replace-rates", default="0", help="text task: replace rates; default 0")
     sweep.add_argument("--losses", default="ce", help="losses (ce, memft-ot, memft-sw); default ce")
     sweep.add_argument("--seeds", default="0", help="seeds; default 0")

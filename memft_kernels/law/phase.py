@@ -174,8 +174,9 @@ def find_stats_file(path) -> Path:
         for name in RUN_DIR_STATS_FILES:
             if (path / name).is_file():
                 return path / name
+        hint = "; memft train writes tokens.npz with --save-tokens" if (path / "config.json").is_file() else ""
         raise LawInputError(f"{path}: no per-token stats file in this folder (looked for "
-                            f"{', '.join(RUN_DIR_STATS_FILES)})")
+                            f"{', '.join(RUN_DIR_STATS_FILES)}){hint}")
     if not path.is_file():
         raise LawInputError(f"{path}: no such file or folder")
     return path

@@ -172,6 +172,11 @@ def check_cells(cells: Sequence[dict], base: dict, *, run_root: Optional[str] = 
         if not _type_ok(value, str(fields[key].type)):
             raise LawInputError(f"--set {key}={json.dumps(value)}: expected {fields[key].type}")
     defaults = TrainConfig().to_dict()
+    if any(c["task"] == "phonebook" for c in cells):
+        # a phonebook's size is its entries (samples), not --lengths: every length would train the same
+        # phonebook and the results would carry lengths it never had
+        raise LawInputError("--tasks phonebook: a phonebook has no length (its size is --set samples=N entries), so "
+                            "the law's length axis would be fictitious; sweep the random or text task")
     for cell in cells:
         try:
             TrainConfig.from_dict({**defaults, **base, **cell}).validate()

@@ -247,8 +247,14 @@ def _compare(config: TrainConfig, losses) -> list:
     base = config.run_dir or os.path.join(config.out_dir, time.strftime("%Y%m%d-%H%M%S") + "-compare")
     # The same command again (--run-dir given) continues a comparison that was stopped: finished runs
     # are kept, a checkpointed one resumes, the others start.
-    reports = [_finished_report(sub) or train_or_resume(sub)
-               for sub in (config.replace(loss=loss, run_dir=os.path.join(base, loss)) for loss in losses)]
+    from .loop import RunInterrupted
+
+    try:
+        reports = [_finished_report(sub) or train_or_resume(sub)
+                   for sub in (config.replace(loss=loss, run_dir=os.path.join(base, loss)) for loss in losses)]
+    except RunInterrupted as exc:  # Ctrl-C: the run's checkpoint is saved; the table needs every run
+        given = "" if config.run_dir else f" and --run-dir {base}"
+        raise RunInterrupted(f"{exc}; or finish the whole comparison: the same --compare command{given}") from None
     import torch.distributed as dist
 
     if not (dist.is_initialized() and dist.get_rank() != 0):

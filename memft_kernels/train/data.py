@@ -147,7 +147,8 @@ def read_text(path: Optional[str]) -> str:
         raise TrainInputError(f"data file {path!r} is a folder, not a text file")
     if not os.path.isfile(path):
         raise TrainInputError(f"data file {path!r} does not exist")
-    with open(path, encoding="utf-8", errors="strict") as f:
+    # newline="": the text as it is in the file (no \r\n -> \n translation): it is memorized verbatim
+    with open(path, encoding="utf-8", errors="strict", newline="") as f:
         try:
             text = f.read()
         except UnicodeDecodeError as exc:

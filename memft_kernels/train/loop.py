@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -112,6 +113,8 @@ def memorization_loss(logits, labels, token_weight, config: TrainConfig, *, weig
         "n_active": int(totals[2]),
         "n_valid": int(n_valid),
         "fell_back": fell_back,
+        # no gradient at all: no token is weighted anywhere and nothing falls back to the plain mean
+        "no_grad": weight_sum <= 0 and (denominator is not None or not (config.fallback == "mean" and n_valid > 0)),
     }
     return loss, stats, info
 
@@ -352,6 +355,26 @@ def _window_fn(run: Run, local_index: torch.Tensor, global_rows: int):
     return run.window  # keyed by the rows of this rank's slice (a fixed map to global rows)
 
 
+def _sync_sample_window(run: Run, local_index: torch.Tensor) -> None:
+    """--window-state sample under torchrun: every rank updated the state of its own rows' samples;
+    give every rank every update, so that a sample keeps its state when a later batch puts it on
+    another rank (one all-reduce of 4 numbers per sample)."""
+    window, n = run.window, len(run.task.samples)
+    if window.keyed != "sample" or window.repeats.numel() < n:  # a slot for every sample (kept ones stay)
+        window._slots(n, torch.arange(n, device=run.device), run.device)
+    ids = local_index.to(run.device).long()
+    update = torch.zeros(n, 4, dtype=torch.float64, device=run.device)
+    update[ids, 0] = 1.0
+    update[ids, 1] = window.repeats[ids].double()
+    update[ids, 2] = window.expand[ids].double()
+    update[ids, 3] = window.anchor[ids].double()
+    _all_reduce(update)  # each sample is on one rank per micro-batch: the sum is that rank's values
+    seen = update[:, 0] > 0
+    window.repeats[seen] = update[seen, 1].long()
+    window.expand[seen] = update[seen, 2].float()
+    window.anchor[seen] = update[seen, 3].long()
+
+
 def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, denominator=None, accumulator=None):
     """Forward + MemFT loss + backward (of ``scale`` x the loss) on this rank's rows of one
     micro-batch; gradients accumulate in ``.grad`` (not all-reduced). Returns (info, stats, batch)."""
@@ -371,6 +394,8 @@ def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, de
                             autocast=config.autocast == "bf16")
     loss, stats, info = memorization_loss(head, batch.labels, None, config, weight_fn=weight_fn,
                                           denominator=denominator, accumulator=accumulator)
+    if config.loss == "memft-sw" and config.window_state == "sample" and run.world > 1:
+        _sync_sample_window(run, local_index)
     del head  # the N x V logits (unfused) are not needed by the backward: free them before it
     (loss * scale if scale != 1.0 else loss).backward()
     return info, stats, batch
@@ -408,6 +433,13 @@ def train_step(run: Run, on_grads=None) -> dict:
             if not config.fsdp:  # FSDP already reduce-scattered (summed) the gradients
                 _all_reduce(p.grad)
     step = accumulator.finish_step() if accumulator is not None else None
+    # A step that trained nothing (--fallback zero with every token recalled, or no valid token):
+    # the authors' zero_bp backpropagates a constant, so the parameters have no gradient and AdamW
+    # leaves them (and their moments) alone. A zero gradient would still move them by momentum.
+    skipped = all(i["no_grad"] for i in infos)
+    if skipped:
+        for p in params:
+            p.grad = None
     if on_grads is not None:
         on_grads(run)
     grad_norm = fsdp.scalar(torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else float("inf")))
@@ -417,10 +449,11 @@ def train_step(run: Run, on_grads=None) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     info = _merge_infos(infos, config.accum_normalize, config.grad_accum)
+    info.pop("no_grad", None)
     if step is not None:  # the value minimized: the whole step's active mean (or its fallback)
         info.update(loss=step["loss"], fell_back=step["fell_back"])
     seen = torch.cat(micro)
-    info.update(step=run.step, lr=lr, grad_norm=float(grad_norm), batch=len(seen),
+    info.update(step=run.step, lr=lr, grad_norm=float(grad_norm), batch=len(seen), skipped=skipped,
                 covers_all=len(seen.unique()) == len(run.task.samples))
     return info
 
@@ -479,13 +512,41 @@ def _checkpoint_state(run: Run) -> dict:
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "sampler": run.sampler.state_dict(),
-        "window": dict(run.window.state_dict(), rows=run.window_rows),
+        "window": _window_checkpoint(run),
         "base_loss": run.base_loss,
         "steps_to_full_recall": run.steps_to_full_recall,
         "steps_to_all_recalled": run.steps_to_all_recalled,
         "last_generated": run.last_generated,
         "config": dict(run.config.to_dict(), run_dir=run.run_dir),
     }
+
+
+def _gather_objects(obj, world: int) -> list:
+    """``obj`` of every rank, in rank order (a collective; [obj] on one process)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _window_checkpoint(run: Run) -> dict:
+    """The memft-sw window state for the checkpoint. Row-keyed state is each rank's own (its rows of
+    the batch): every rank's is kept. Sample-keyed state is the same on every rank (synchronized
+    after every forward, ``_sync_sample_window``)."""
+    own = run.window.state_dict()
+    return dict(own, rows=run.window_rows, per_rank=_gather_objects(own, run.world))
+
+
+def _restore_window(run: Run, window: dict) -> None:
+    per_rank = window.get("per_rank")
+    if per_rank is None:  # a checkpoint from before per-rank states (one process: the same)
+        run.window.load_state_dict(window)
+    elif len(per_rank) == run.world:
+        run.window.load_state_dict(per_rank[run.rank])
+    else:  # another number of ranks: the rows of each rank differ; start over, as for another batch size
+        run.window.reset()
+    run.window_rows = window["rows"]
 
 
 def _restore(run: Run, state: dict) -> None:
@@ -503,8 +564,7 @@ def _restore(run: Run, state: dict) -> None:
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     run.sampler.load_state_dict(state["sampler"])
-    run.window.load_state_dict(state["window"])
-    run.window_rows = state["window"]["rows"]
+    _restore_window(run, state["window"])
     run.step = state["step"]
     run.base_loss = state["base_loss"]
     run.steps_to_full_recall = state["steps_to_full_recall"]
@@ -607,6 +667,53 @@ def _refuse_earlier_checkpoint(run: Run) -> None:
                               f"continue it with --resume {run.run_dir}, or start the new run in another --run-dir")
 
 
+LOCK_FILE = ".memft-train.lock"
+
+
+def _lock_run_dir(run: Run):
+    """Rank 0 holds an exclusive lock on the run folder while it trains (a kernel flock, gone with
+    the process however it ends): a second ``memft train --resume`` (or a new run) into the same
+    folder is refused instead of interleaving its checkpoints and log with the first one's.
+    Returns (fd, path) on rank 0 where flock exists, else None."""
+    lock, holder = None, None
+    if run.rank == 0:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no lock
+            fcntl = None
+        if fcntl is not None:
+            path = os.path.join(run.run_dir, LOCK_FILE)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "?"
+                os.close(fd)
+            else:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+                lock = (fd, path)
+    if run.world > 1:
+        box = [holder]
+        dist.broadcast_object_list(box, src=0)
+        holder = box[0]
+    if holder is not None:
+        raise TrainInputError(f"the run folder {run.run_dir!r} is being trained by another process ({holder}); "
+                              "wait for it to end or use another --run-dir")
+    return lock
+
+
+def _unlock(lock) -> None:
+    if lock is None:
+        return
+    fd, path = lock
+    try:
+        os.remove(path)  # while still held: nothing is left in the run folder
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def _save(run: Run) -> None:
     state = _checkpoint_state(run)  # every rank computes it; rank 0 writes it
     if run.rank == 0:
@@ -619,14 +726,24 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
     config = run.config
     if resume_state is None:
         _refuse_earlier_checkpoint(run)
+    lock = _lock_run_dir(run)
     if run.rank == 0 and config.progress:
         print(format_plan(run.plan, run.world, config.fsdp), flush=True)
     try:
         _begin(run, resume_state)
     except BaseException:
+        _unlock(lock)
         if resume_state is None and run.rank == 0:
             _remove_if_empty(run.run_dir)  # a run that failed before writing anything leaves no folder
         raise
+    try:
+        return _train_and_finish(run, start)
+    finally:
+        _unlock(lock)
+
+
+def _train_and_finish(run: Run, start: float) -> dict:
+    config = run.config
     if run.rank == 0:
         ckpt.atomic_write_json(os.path.join(run.run_dir, "plan.json"), run.plan.as_dict())
 
