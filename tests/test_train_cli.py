@@ -455,3 +455,20 @@ def test_a_run_folder_being_trained_is_refused(checkpointed, tmp_path, capsys):
     assert "is being trained by another process (pid 4242 on elsewhere)" in err
     assert not os.path.exists(os.path.join(run, "report.json"))
     assert memft_main(["train", "--resume", run]) == 0  # the lock went with its holder
+
+
+def test_memft_train_under_torchrun_exits_0_on_both_ranks_and_prints_once(tmp_path):
+    """`torchrun -m memft_kernels train` on 2 gloo ranks: both ranks leave through the CLI's own
+    teardown (barrier, then destroy_process_group) with exit 0; rank 0 alone prints the table."""
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    env.pop("WORLD_SIZE", None)
+    argv = [a for a in RUN if a != "--checkpoint-every" and a != "2"]
+    argv[argv.index("--steps") + 1] = "2"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "memft_kernels", *argv, "--samples", "2", "--run-dir", run_dir],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"run folder: {run_dir}") == 1, proc.stdout[-3000:]
+    report = json.load(open(os.path.join(run_dir, "report.json")))
+    assert report["steps"] == 2

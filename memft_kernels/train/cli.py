@@ -203,11 +203,15 @@ def _run(args) -> int:
                 reports = [train(config)]
     except TrainInputError as exc:
         raise CLIError(str(exc)) from None
-    if reports[0] is None:  # a non-zero torchrun rank: rank 0 prints
-        return 0
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_rank() != 0:
+    printer = reports[0] is not None and not (dist.is_initialized() and dist.get_rank() != 0)  # rank 0 prints
+    if dist.is_initialized():
+        # Under torchrun: the ranks leave together and tear gloo/NCCL down here, not in the
+        # interpreter's exit (where a rank still holding connections can abort after the work is done).
+        dist.barrier()
+        dist.destroy_process_group()
+    if not printer:
         return 0
     print()
     print(markdown_table(reports))
