@@ -472,3 +472,26 @@ def test_memft_train_under_torchrun_exits_0_on_both_ranks_and_prints_once(tmp_pa
     assert proc.stdout.count(f"run folder: {run_dir}") == 1, proc.stdout[-3000:]
     report = json.load(open(os.path.join(run_dir, "report.json")))
     assert report["steps"] == 2
+
+
+def test_resume_of_a_finished_run_returns_its_report_without_training(checkpointed, tmp_path):
+    """--resume of a run that finished (its report.json newer than its checkpoints) trains nothing:
+    the report comes back with a warning, metrics.jsonl is untouched. A report.json older than the
+    newest checkpoint (an earlier run's, in a folder a new run then checkpointed) does not count."""
+    import shutil
+
+    run_dir, report = checkpointed
+    run = str(tmp_path / "finished")
+    shutil.copytree(run_dir, run)  # copytree keeps the files' times: the report stays the newest
+    metrics = open(os.path.join(run, "metrics.jsonl")).read()
+    with pytest.warns(UserWarning, match="already finished \\(6 steps\\); nothing to resume"):
+        assert memft_main(["train", "--resume", run]) == 0
+    assert open(os.path.join(run, "metrics.jsonl")).read() == metrics
+    assert json.load(open(os.path.join(run, "report.json"))) == report
+
+    newest = os.path.join(run, ckpt.CHECKPOINT)
+    os.utime(os.path.join(run, "report.json"), (os.path.getmtime(newest) - 60,) * 2)  # now older
+    assert memft_main(["train", "--resume", run]) == 0  # trained from step 4 again
+    assert os.path.getmtime(os.path.join(run, "report.json")) >= os.path.getmtime(newest)
+    resumed = json.load(open(os.path.join(run, "report.json")))
+    assert resumed["final_loss"] == report["final_loss"]

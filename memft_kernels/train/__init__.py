@@ -31,7 +31,8 @@ def resume(run_dir: str) -> dict:
     """Continue the run in ``run_dir`` from its last checkpoint; same result as never stopping.
 
     The newest usable checkpoint is used (the older one, with a warning, if the newest is
-    corrupt); a corrupt ``config.json`` is replaced by the copy stored in the checkpoint.
+    corrupt); a corrupt ``config.json`` is replaced by the copy stored in the checkpoint. A run
+    that already finished is not trained again: its report is returned, with a warning.
     """
     import json
     import warnings
@@ -58,7 +59,34 @@ def resume(run_dir: str) -> dict:
         ckpt.atomic_write_json(path, dict(config.to_dict(), run_dir=config.run_dir or run_dir))
     if config.run_dir is None or os.path.abspath(config.run_dir) != os.path.abspath(run_dir):
         config = config.replace(run_dir=run_dir)  # the folder was moved or renamed: keep writing here
+    report = _finished_report(run_dir, config)
+    if report is not None:  # nothing left to train: retraining from the last checkpoint would only repeat it
+        warnings.warn(f"{run_dir!r}: the run already finished ({report['steps']} steps); nothing to resume, "
+                      "its report is returned", stacklevel=2)
+        return report if int(os.environ.get("RANK", "0")) == 0 else None  # under torchrun rank 0 reports
     return run_training(config, resume_state=state)
+
+
+def _finished_report(run_dir: str, config: TrainConfig):
+    """The report of the finished run in ``run_dir``, or None: a report.json of these steps written
+    after the newest checkpoint (an older one belongs to an earlier run in that folder)."""
+    import json
+
+    from . import checkpoint as ckpt
+
+    path = os.path.join(run_dir, "report.json")
+    try:
+        newest = max(os.path.getmtime(os.path.join(run_dir, n)) for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS)
+                     if os.path.isfile(os.path.join(run_dir, n)))
+        if os.path.getmtime(path) < newest:
+            return None
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("steps") != config.steps:
+        return None
+    return report
 
 
 def differing_setting(stored: dict, config: TrainConfig):
