@@ -260,10 +260,7 @@ def _make_run_dir(config: TrainConfig, rank: int, world: int) -> str:
         base, k = run_dir, 1
         while os.path.exists(run_dir):
             run_dir, k = f"{base}-{k}", k + 1
-    if world > 1:
-        box = [run_dir]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = box[0]
+    run_dir = _from_rank0(run_dir, world)
     if rank == 0:
         try:
             os.makedirs(run_dir, exist_ok=True)
@@ -521,6 +518,15 @@ def _checkpoint_state(run: Run) -> dict:
     }
 
 
+def _from_rank0(obj, world: int):
+    """Rank 0's ``obj`` on every rank (a collective; ``obj`` itself on one process)."""
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _gather_objects(obj, world: int) -> list:
     """``obj`` of every rank, in rank order (a collective; [obj] on one process)."""
     if world == 1:
@@ -658,10 +664,7 @@ def _refuse_earlier_checkpoint(run: Run) -> None:
     found = None
     if run.rank == 0:
         found = next((n for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS) if os.path.isfile(os.path.join(run.run_dir, n))), None)
-    if run.world > 1:
-        box = [found]
-        dist.broadcast_object_list(box, src=0)
-        found = box[0]
+    found = _from_rank0(found, run.world)
     if found is not None:
         raise TrainInputError(f"the run folder {run.run_dir!r} holds the checkpoint of an earlier run ({found}): "
                               f"continue it with --resume {run.run_dir}, or start the new run in another --run-dir")
@@ -693,10 +696,7 @@ def _lock_run_dir(run: Run):
                 os.ftruncate(fd, 0)
                 os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
                 lock = (fd, path)
-    if run.world > 1:
-        box = [holder]
-        dist.broadcast_object_list(box, src=0)
-        holder = box[0]
+    holder = _from_rank0(holder, run.world)
     if holder is not None:
         raise TrainInputError(f"the run folder {run.run_dir!r} is being trained by another process ({holder}); "
                               "wait for it to end or use another --run-dir")
@@ -790,10 +790,7 @@ def _train_and_finish(run: Run, start: float) -> dict:
         run.adapter_state = fsdp.full_trainable(run.model)  # gathered on every rank, saved by rank 0
     if run.rank == 0:
         report = _finish(run, time.time() - start)
-    if run.world > 1:
-        box = [report]
-        dist.broadcast_object_list(box, src=0)
-        report = box[0]
+    report = _from_rank0(report, run.world)
     return report
 
 
