@@ -59,7 +59,7 @@ def resume(run_dir: str) -> dict:
         ckpt.atomic_write_json(path, dict(config.to_dict(), run_dir=config.run_dir or run_dir))
     if config.run_dir is None or os.path.abspath(config.run_dir) != os.path.abspath(run_dir):
         config = config.replace(run_dir=run_dir)  # the folder was moved or renamed: keep writing here
-    report = _finished_report(run_dir, config)
+    report = finished_report(config)
     if report is not None:  # nothing left to train: retraining from the last checkpoint would only repeat it
         warnings.warn(f"{run_dir!r}: the run already finished ({report['steps']} steps); nothing to resume, "
                       "its report is returned", stacklevel=2)
@@ -67,26 +67,27 @@ def resume(run_dir: str) -> dict:
     return run_training(config, resume_state=state)
 
 
-def _finished_report(run_dir: str, config: TrainConfig):
-    """The report of the finished run in ``run_dir``, or None: a report.json of these steps written
-    after the newest checkpoint (an older one belongs to an earlier run in that folder)."""
+def finished_report(config: TrainConfig):
+    """The report of the finished run in ``config.run_dir`` made with these very settings, else
+    None: its report.json, with a config.json that ``differing_setting`` finds equal, written after
+    the newest checkpoint (an older one belongs to an earlier run in that folder)."""
     import json
 
     from . import checkpoint as ckpt
 
+    run_dir = config.run_dir
     path = os.path.join(run_dir, "report.json")
     try:
-        newest = max(os.path.getmtime(os.path.join(run_dir, n)) for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS)
-                     if os.path.isfile(os.path.join(run_dir, n)))
-        if os.path.getmtime(path) < newest:
-            return None
         with open(path, encoding="utf-8") as f:
             report = json.load(f)
-    except (OSError, ValueError):
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+            same = differing_setting(json.load(f), config) is None
+        checkpoints = [os.path.getmtime(p) for p in (os.path.join(run_dir, n) for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS))
+                       if os.path.isfile(p)]
+        newer = not checkpoints or os.path.getmtime(path) >= max(checkpoints)
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    if not isinstance(report, dict) or report.get("steps") != config.steps:
-        return None
-    return report
+    return report if same and newer and isinstance(report, dict) else None
 
 
 def differing_setting(stored: dict, config: TrainConfig):

@@ -220,25 +220,8 @@ def _run(args) -> int:
     return 0
 
 
-def _finished_report(config: TrainConfig):
-    """The report of a finished run in ``config.run_dir`` made with these very settings, else None."""
-    import json
-
-    from . import differing_setting
-
-    try:
-        with open(os.path.join(config.run_dir, "report.json"), encoding="utf-8") as f:
-            report = json.load(f)
-        with open(os.path.join(config.run_dir, "config.json"), encoding="utf-8") as f:
-            stored = json.load(f)
-        same = differing_setting(stored, config) is None
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
-    return report if same else None
-
-
 def _compare(config: TrainConfig, losses) -> list:
-    from . import train_or_resume
+    from . import finished_report, train_or_resume
     from .checkpoint import atomic_write_text
     from .report import markdown_table, write_compare_plot
 
@@ -254,7 +237,7 @@ def _compare(config: TrainConfig, losses) -> list:
     from .loop import RunInterrupted
 
     try:
-        reports = [_finished_report(sub) or train_or_resume(sub)
+        reports = [finished_report(sub) or train_or_resume(sub)
                    for sub in (config.replace(loss=loss, run_dir=os.path.join(base, loss)) for loss in losses)]
     except RunInterrupted as exc:  # Ctrl-C: the run's checkpoint is saved; the table needs every run
         given = "" if config.run_dir else f" and --run-dir {base}"
