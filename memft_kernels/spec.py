@@ -361,7 +361,7 @@ def validate_denominator(denominator):
             raise ValueError(f"denominator must be a number or a 0-d tensor, got shape {tuple(denominator.shape)}")
         if denominator.dtype == torch.bool:
             raise ValueError(f"denominator must be a number or a numeric 0-d tensor, got {denominator!r}")
-        if denominator.device.type == "cpu" and not torch.compiler.is_compiling() and has_values(denominator):
+        if denominator.device.type == "cpu" and not torch.compiler.is_compiling():
             check_denominator_value(denominator)
         return denominator
     d = _number(denominator, "denominator")
@@ -418,7 +418,7 @@ def validate_tensors(logits: torch.Tensor, target: torch.Tensor, token_weight, *
             # F.cross_entropy's class weight, which refuses a weight that requires grad too).
             raise ValueError("token_weight requires grad, but the loss treats weights as constants and gives it no "
                              "gradient: pass token_weight.detach()")
-        if check_values and has_values(token_weight):
+        if check_values:
             _check_token_weight_values(token_weight)
 
 
@@ -431,7 +431,7 @@ READS_VALUES = ("validate=True checks tensor values on the host (a synchronizati
 
 @torch.compiler.disable(reason=READS_VALUES)
 def _check_token_weight_values(token_weight: torch.Tensor) -> None:
-    if token_weight.numel() > 0:
+    if token_weight.numel() > 0 and has_values(token_weight):
         bad = ~torch.isfinite(token_weight) | (token_weight < 0)
         if bool(bad.any()):
             value = token_weight[bad].flatten()[0].item()
@@ -441,7 +441,9 @@ def _check_token_weight_values(token_weight: torch.Tensor) -> None:
 @torch.compiler.disable(reason=READS_VALUES)
 def check_denominator_value(denominator: torch.Tensor) -> None:
     """Raise ValueError unless the 0-d tensor ``denominator`` is finite, > 0 and within float32's
-    range (synchronizes when it is on a device)."""
+    range (synchronizes when it is on a device; a meta or fake tensor has no value to check)."""
+    if not has_values(denominator):
+        return
     d = float(denominator)
     if not (d > 0 and _finite(d)):
         raise ValueError(f"denominator={d!r} must be a finite number > 0")
@@ -536,7 +538,7 @@ def prepare_call(logits: torch.Tensor, target: torch.Tensor, token_weight: Optio
         check_target_range(target, num_classes, checked.kernel.ignore_index)
     denominator = checked.denominator
     if isinstance(denominator, torch.Tensor):
-        if options.validate and denominator.device.type != "cpu" and has_values(denominator):
+        if options.validate and denominator.device.type != "cpu":
             check_denominator_value(denominator)  # a CPU tensor was checked with the options
         if denominator.device != logits.device:
             denominator = denominator.to(logits.device)

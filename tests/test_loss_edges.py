@@ -381,3 +381,19 @@ def test_wrong_argument_kinds_are_named():
     for error, message, call in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+def test_compiled_bad_weight_fn_is_named_in_the_error():
+    """Under torch.compile (not fullgraph) the value checks run at a graph break; the error named the
+    function as "<attribute '__qualname__' of 'function' objects>" because the name was read while traced."""
+    logits, target = make(n=6, v=7)
+
+    def my_window(target, stats):
+        return -torch.ones(target.shape)
+
+    torch._dynamo.reset()
+    f = torch.compile(memft_loss, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"weight_fn .*my_window returned -1.0"):
+        f(logits, target, weight_fn=my_window)
+    with pytest.raises(ValueError, match="token_weight must be finite"):
+        f(logits, target, token_weight=torch.full((6,), -1.0))
