@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .spec import READS_VALUES, KernelOptions, accumulate_dtype
+from .spec import READS_VALUES, KernelOptions, accumulate_dtype, has_values
 
 
 def policy_weight(ce: torch.Tensor, valid: torch.Tensor, token_weight: Optional[torch.Tensor], opts: KernelOptions) -> torch.Tensor:
@@ -116,7 +116,7 @@ def weight_fn_factor(weight_fn, target: torch.Tensor, stats, *, check_values: bo
     if shape is None or tuple(shape) != tuple(target.shape):
         raise ValueError(f"{where} returned shape {tuple(out.shape)}, which does not broadcast to target's shape "
                          f"{tuple(target.shape)}")
-    if check_values:
+    if check_values and has_values(out):
         _check_weight_values(out, where)
     return out.expand(target.shape).reshape(-1)
 

@@ -376,8 +376,9 @@ def validate_options(
 
 
 def validate_denominator(denominator):
-    """None, a positive number, or a positive 0-d tensor (checked on the host only if it is a number
-    or a CPU tensor: a device tensor is not synchronized)."""
+    """None, a positive number, or a positive 0-d tensor. A number or a CPU tensor is checked here; the
+    value of a tensor on another device is checked by ``prepare_call`` when ``validate=True`` (it
+    synchronizes), never with ``validate=False``."""
     if denominator is None:
         return None
     if isinstance(denominator, torch.Tensor):
@@ -385,17 +386,20 @@ def validate_denominator(denominator):
             raise ValueError(f"denominator must be a number or a 0-d tensor, got shape {tuple(denominator.shape)}")
         if denominator.dtype == torch.bool:
             raise ValueError(f"denominator must be a number or a numeric 0-d tensor, got {denominator!r}")
-        if denominator.device.type == "cpu" and not torch.compiler.is_compiling():
-            d = float(denominator)
-            if not (d > 0 and _finite(d)):
-                raise ValueError(f"denominator={d!r} must be a finite number > 0")
-            _float32_range(d, "denominator", "a number > 0")
+        if denominator.device.type == "cpu" and not torch.compiler.is_compiling() and has_values(denominator):
+            check_denominator_value(denominator)
         return denominator
     d = _number(denominator, "denominator")
     if not (d > 0 and _finite(d)):
         raise ValueError(f"denominator={denominator!r} must be a finite number > 0")
     _float32_range(d, "denominator", "a number > 0")
     return d
+
+
+def has_values(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds data the host can read: not a meta tensor, not a fake tensor (shape-only
+    tracing, e.g. torch.export). The value checks skip tensors without data; the shape checks still run."""
+    return tensor.device.type != "meta" and not torch._subclasses.fake_tensor.is_fake(tensor)
 
 
 def validate_tensors(logits: torch.Tensor, target: torch.Tensor, token_weight, *, check_values: bool) -> None:
@@ -439,7 +443,7 @@ def validate_tensors(logits: torch.Tensor, target: torch.Tensor, token_weight, *
             # F.cross_entropy's class weight, which refuses a weight that requires grad too).
             raise ValueError("token_weight requires grad, but the loss treats weights as constants and gives it no "
                              "gradient: pass token_weight.detach()")
-        if check_values:
+        if check_values and has_values(token_weight):
             _check_token_weight_values(token_weight)
 
 
@@ -460,9 +464,19 @@ def _check_token_weight_values(token_weight: torch.Tensor) -> None:
 
 
 @torch.compiler.disable(reason=READS_VALUES)
+def check_denominator_value(denominator: torch.Tensor) -> None:
+    """Raise ValueError unless the 0-d tensor ``denominator`` is finite, > 0 and within float32's
+    range (synchronizes when it is on a device)."""
+    d = float(denominator)
+    if not (d > 0 and _finite(d)):
+        raise ValueError(f"denominator={d!r} must be a finite number > 0")
+    _float32_range(d, "denominator", "a number > 0")
+
+
+@torch.compiler.disable(reason=READS_VALUES)
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise ValueError naming the first target outside [0, V) that is not ignore_index (synchronizes)."""
-    if target.numel() == 0:
+    if target.numel() == 0 or not has_values(target):
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
@@ -546,8 +560,11 @@ def prepare_call(logits: torch.Tensor, target: torch.Tensor, token_weight: Optio
     if options.validate and check_range:
         check_target_range(target, num_classes, checked.kernel.ignore_index)
     denominator = checked.denominator
-    if isinstance(denominator, torch.Tensor) and denominator.device != logits.device:
-        denominator = denominator.to(logits.device)
+    if isinstance(denominator, torch.Tensor):
+        if options.validate and denominator.device.type != "cpu" and has_values(denominator):
+            check_denominator_value(denominator)  # a CPU tensor was checked with the options
+        if denominator.device != logits.device:
+            denominator = denominator.to(logits.device)
     logits2d = None
     if flatten_logits:
         logits2d = logits.reshape(-1, num_classes)
