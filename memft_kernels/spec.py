@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -311,9 +311,6 @@ class LossOptions:
             raise TypeError(f"{where} got unknown option(s) {unknown}; options: {', '.join(cls.names())}")
         return cls(**kwargs)
 
-    def replace(self, **changes) -> "LossOptions":
-        return replace(self, **changes)
-
     def kernel_options(self) -> KernelOptions:
         """Validate every option (ValueError naming the option, the value and what is allowed) and
         return the per-row part."""
@@ -351,28 +348,6 @@ def takes_loss_options(*, exclude=()):
         return fn
 
     return wrap
-
-
-def validate_options(
-    *,
-    policy: str = "hard",
-    threshold: float = 0.5,
-    sharpness: float = 10.0,
-    reduction: str = "mean",
-    normalize: str = "active",
-    fallback: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap=None,
-    backend: str = "auto",
-    ignore_index: int = -100,
-) -> KernelOptions:
-    """Keyword form of ``LossOptions(...).kernel_options()`` (kept for callers that check a subset)."""
-    return LossOptions(
-        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
-        fallback=fallback, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend,
-        ignore_index=ignore_index,
-    ).kernel_options()
 
 
 def validate_denominator(denominator):

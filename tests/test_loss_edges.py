@@ -364,3 +364,20 @@ def test_denominator_value_check_reads_the_tensor():
     for bad in (0.0, -1.0, math.nan, math.inf, 1e-300):
         with pytest.raises(ValueError, match="denominator"):
             check_denominator_value(torch.tensor(bad, dtype=torch.float64))
+
+
+def test_wrong_argument_kinds_are_named():
+    from memft_kernels import MemFTLoss
+
+    logits, target = make(n=4, v=5)
+    cases = [
+        (TypeError, "logits must be a torch.Tensor", lambda: memft_loss(logits.tolist(), target)),
+        (TypeError, "target must be a torch.Tensor", lambda: memft_loss(logits, target.tolist())),
+        (ValueError, "at least one dimension", lambda: memft_loss(torch.tensor(1.0), torch.tensor(0))),
+        (ValueError, "token_weight must be a tensor", lambda: memft_loss(logits, target, token_weight=[1.0] * 4)),
+        (ValueError, "0-d tensor", lambda: memft_loss(logits, target, denominator=torch.ones(2))),
+        (ValueError, "token_weight is per call", lambda: MemFTLoss(token_weight=torch.ones(4))),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
