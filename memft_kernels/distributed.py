@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import dispatch
+from .dtensor import refuse
 from .ops.base import Backend
 from .ops.reference import BACKEND as REFERENCE
 from .ops.reference import capped, row_chunks, row_stats_from_parts
@@ -423,6 +424,9 @@ def vocab_parallel_memft_loss(
     )
     call = None
     try:
+        refuse("vocab_parallel_memft_loss", "Pass the DTensor logits to memft_loss (it calls this function on "
+               "their local slices), or plain local tensors (.to_local(); target.full_tensor())",
+               local_logits=local_logits, target=target, token_weight=token_weight)
         # The target range needs the global V: checked after the exchange.
         call = prepare_call(local_logits, target, token_weight, options, check_range=False)
         opts = call.kernel

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import dispatch
+from .dtensor import is_dtensor
 from .ops.base import Backend
 from .policy import reduce_rows, unit_scale, weight_fn_factor
 from .spec import (
@@ -160,7 +161,9 @@ def memft_loss(
     loss (float64 for float64 logits; 0-d for "mean"/"sum", the shape of ``target`` for "none"), and
     with ``return_stats=True`` the pair ``(loss, MemFTStats)``. ``token_weight`` (target's shape,
     float, >= 0) multiplies each token's policy weight; like it, a constant (no gradient: one that
-    requires grad is refused). No second derivative: a double backward raises.
+    requires grad is refused). No second derivative: a double backward raises. DTensor ``logits``
+    (tensor parallelism, classes sharded with ``Shard(-1)`` or replicated) are computed vocab-parallel
+    and the loss is a ``Replicate()`` DTensor, as under torch's ``loss_parallel()`` (docs/DISTRIBUTED.md).
     """
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
@@ -174,6 +177,10 @@ def memft_loss(
 def memft_loss_with(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
                     options: LossOptions):
     """``memft_loss`` taking its options as one ``LossOptions`` (what ``MemFTLoss`` calls)."""
+    if is_dtensor(logits):  # tensor-parallel logits: memft_kernels/dtensor.py (docs/DISTRIBUTED.md)
+        from .dtensor import route
+
+        return route(logits, target, token_weight, options)
     call = prepare_call(logits, target, token_weight, options)
     module = dispatch.resolve(options.backend, call.logits)
     # In-place only when the caller asked and the storage really is the logits' (no copy was made).

@@ -1,0 +1,394 @@
+"""memft_loss on DTensor logits (tensor parallelism, torchtitan's loss_parallel layout) against
+single-process memft_loss on the full logits.
+
+Two layers:
+
+* in this process, a one-rank gloo mesh: the routing itself with the default (native) backend,
+  the returned types, and the layouts that must raise (this is where the old code failed: "does not
+  have a sharding strategy registered" / "mixed torch.Tensor and DTensor");
+* ONE spawn of 2 gloo ranks on CPU that runs every case of the plan in a row (normal cases, cases
+  that must raise on every rank, then a normal case again) and saves its results; the tests below
+  read them. The join has a timeout, so a rank that hangs fails the test instead of hanging CI.
+
+Inputs are fresh random numbers from fixed seeds; the reference is memft_loss (backend "torch") on
+the full float64 logits; float64 cases must agree to ||out - ref|| / ||ref|| < 1e-10, float32 ones
+to < 2e-5 (loss, every statistic, and the gradient gathered with full_tensor()).
+"""
+from __future__ import annotations
+
+import faulthandler
+import re
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from memft_kernels import MemFTLoss, memft_linear_loss, memft_loss
+from memft_kernels.distributed import vocab_parallel_memft_loss
+
+from helpers import free_port
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
+
+ROOT = Path(__file__).resolve().parent.parent
+STAT_FIELDS = ("ce", "prob", "lse", "weight", "pred", "n_valid", "n_active", "weight_sum", "fell_back",
+               "recalled_frac", "token_accuracy")
+REL = {torch.float64: 1e-10, torch.float32: 2e-5}
+F64, F32 = torch.float64, torch.float32
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN positions differ"
+    keep = ~torch.isnan(ref)
+    nref = ref[keep].norm()
+    diff = (out[keep] - ref[keep]).norm()
+    return float(diff / nref) if nref > 0 else float(diff)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs (every process builds the same tensors from the case's seed)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_inputs(case: dict):
+    """Full float64 logits [*shape, V], target, token_weight (or None), upstream gradient."""
+    g = torch.Generator().manual_seed(case["seed"])
+    shape, v = case.get("shape", (3, 5)), case["v"]
+    x = torch.randn(*shape, v, generator=g, dtype=torch.float64) * 2.5
+    y = torch.randint(0, v, shape, generator=g)
+    conf = torch.rand(shape, generator=g) < 0.4  # confident rows: p > 0.5, masked by "hard"
+    x.view(-1, v)[conf.view(-1), y.view(-1)[conf.view(-1)]] += 7.0
+    ignore_index = case.get("options", {}).get("ignore_index", -100)
+    y.view(-1)[::4] = ignore_index
+    tw = None
+    if case.get("token_weight"):
+        tw = torch.rand(shape, generator=g, dtype=torch.float64) * 2.0
+        tw.view(-1)[1] = 0.0
+    reduction = case.get("options", {}).get("reduction", "mean")
+    grad_out = torch.randn(shape, generator=g, dtype=torch.float64) if reduction == "none" else torch.tensor(0.75)
+    return x, y, tw, grad_out
+
+
+def single_process(case: dict):
+    """memft_loss on the full logits (the reference backend): loss, stats, logits gradient."""
+    x, y, tw, grad_out = make_inputs(case)
+    dtype = case.get("dtype", F64)
+    x = x.to(dtype).requires_grad_(True)
+    opts = dict(case.get("options", {}), backend="torch")
+    loss, stats = memft_loss(x, y, token_weight=None if tw is None else tw.to(dtype), return_stats=True, **opts)
+    loss.backward(grad_out.to(loss.dtype))
+    return loss.detach(), stats.as_dict(), x.grad
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding -> tanh -> lm_head named "output" (torchtitan's name), float32."""
+
+    def __init__(self, vocab: int = 13, dim: int = 6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.output = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        return self.output(torch.tanh(self.embed(tokens) * 2.0))
+
+
+def snippet_inputs():
+    """The docs snippet's model (V = 13: split 7 + 6 over 2 ranks), tokens and labels."""
+    torch.manual_seed(50)
+    model = TinyLM()
+    g = torch.Generator().manual_seed(51)
+    tokens = torch.randint(0, 13, (2, 5), generator=g)
+    labels = torch.randint(0, 13, (2, 5), generator=g)
+    labels[:, -1] = -100
+    return model, tokens, labels
+
+
+def snippet_code() -> str:
+    """The DTensor example of docs/DISTRIBUTED.md, as written (on CPU devices instead of CUDA)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/DISTRIBUTED.md").read_text(), re.S)
+    (code,) = [b for b in blocks if "memft_loss(logits" in b]
+    return code.replace('init_device_mesh("cuda"', 'init_device_mesh("cpu"')
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan of the spawned run (2 ranks). mesh: (2,) = the tensor-parallel group; (1, 2) and (2, 1)
+# are 2-D meshes ("dp", "tp") whose size-2 dimension shards the classes.
+# ---------------------------------------------------------------------------------------------
+
+WORLD = 2
+
+CASES = [
+    dict(name="shard_even_hard_stats", seed=1, v=12, mesh=(2,), layout="shard",
+         options=dict(policy="hard")),
+    dict(name="shard_uneven_sigmoid_sum_tw", seed=2, v=13, mesh=(2,), layout="shard", token_weight="dtensor",
+         options=dict(policy="sigmoid", reduction="sum")),
+    dict(name="shard_uneven_none_f32", seed=3, v=13, mesh=(2,), layout="shard", dtype=F32, shape=(2, 3, 4),
+         options=dict(policy="hard", reduction="none", ignore_index=0)),
+    dict(name="shard_uneven_mean_f32_module", seed=4, v=13, mesh=(2,), layout="shard", dtype=F32, module=True,
+         token_weight="plain", options=dict(policy="sigmoid", threshold=0.3)),
+    dict(name="shard_smoothing_zloss_cap", seed=5, v=11, mesh=(2,), layout="shard",
+         options=dict(policy="hard", label_smoothing=0.1, z_loss=1e-3, softcap=4.0)),
+    dict(name="shard_inplace_f32", seed=6, v=13, mesh=(2,), layout="shard", dtype=F32,
+         options=dict(policy="hard", inplace_backward=True)),
+    dict(name="replicate_hard", seed=7, v=10, mesh=(2,), layout="replicate", target="dtensor",
+         options=dict(policy="hard")),
+    dict(name="replicate_sigmoid_none_f32", seed=8, v=9, mesh=(2,), layout="replicate", dtype=F32,
+         token_weight="dtensor", options=dict(policy="sigmoid", reduction="none")),
+    dict(name="mesh_1x2_tp_last", seed=9, v=13, mesh=(1, 2), layout="shard", token_weight="plain",
+         options=dict(policy="hard", reduction="sum")),
+    dict(name="mesh_2x1_tp_first", seed=10, v=12, mesh=(2, 1), layout="shard", target="dtensor",
+         options=dict(policy="sigmoid")),
+]
+
+ERROR_CASES = [
+    dict(name="row_shard", seed=20, v=8, mesh=(2,), layout="rows", raises="row dimension"),
+    dict(name="partial", seed=21, v=8, mesh=(2,), layout="partial", raises="Partial"),
+    dict(name="classes_on_two_mesh_dims", seed=22, v=8, mesh=(1, 2), layout="shard_twice",
+         raises="over 2 mesh dimensions"),
+    dict(name="empty_shard", seed=26, v=1, mesh=(2,), layout="shard", raises="without a class"),
+    dict(name="target_sharded", seed=23, v=8, mesh=(2,), layout="shard", target="sharded",
+         raises="target is a DTensor"),
+    dict(name="linear_dtensor_weight", seed=24, v=8, mesh=(2,), layout="linear", raises="no vocab-parallel fused"),
+    dict(name="vocab_parallel_dtensor", seed=25, v=8, mesh=(2,), layout="vocab_parallel", raises="is a DTensor"),
+]
+
+AFTER = dict(CASES[1], name="after_errors")
+
+
+def _plan():
+    return CASES + ERROR_CASES + [AFTER]
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker (runs in each rank's process)
+# ---------------------------------------------------------------------------------------------
+
+
+def _placements(case, mesh):
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    n, cls = mesh.ndim, len(case.get("shape", (3, 5)))
+    rep = [Replicate()] * n
+    tp = next(i for i, s in enumerate(case["mesh"]) if s == 2)
+    layout = case["layout"]
+    if layout in ("shard", "linear", "vocab_parallel"):
+        rep[tp] = Shard(cls)
+    elif layout == "rows":
+        rep[tp] = Shard(0)
+    elif layout == "partial":
+        rep[tp] = Partial()
+    elif layout == "shard_twice":
+        rep = [Shard(cls)] * n
+    return rep
+
+
+def _run_case(case, mesh):
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    x, y, tw, grad_out = make_inputs(case)
+    dtype = case.get("dtype", F64)
+    x = x.to(dtype)
+    placements = _placements(case, mesh)
+    rep = [Replicate()] * mesh.ndim
+    if case["layout"] == "partial":
+        dx = DTensor.from_local(x / WORLD, mesh, placements)
+    else:
+        dx = distribute_tensor(x, mesh, placements)
+    dx = dx.detach().requires_grad_(True)
+    if case.get("target") == "dtensor":
+        y = distribute_tensor(y, mesh, rep)
+    elif case.get("target") == "sharded":
+        y = distribute_tensor(y, mesh, [Shard(0)] + rep[1:])
+    if tw is not None:
+        tw = tw.to(dtype)
+        if case["token_weight"] == "dtensor":
+            tw = distribute_tensor(tw, mesh, rep)
+    opts = dict(case.get("options", {}), backend="torch")
+    try:
+        if case["layout"] == "linear":
+            hidden = torch.randn(*case.get("shape", (3, 5)), 4, dtype=dtype)
+            w = distribute_tensor(torch.randn(case["v"], 4, dtype=dtype), mesh, [Shard(0)])
+            memft_linear_loss(hidden, w, y, **opts)
+            return dict(error=None)
+        if case["layout"] == "vocab_parallel":
+            vocab_parallel_memft_loss(dx, y, group=mesh.get_group(0), **opts)
+            return dict(error=None)
+        if case.get("module"):
+            loss, stats = MemFTLoss(return_stats=True, **opts)(dx, y, tw)
+        else:
+            loss, stats = memft_loss(dx, y, token_weight=tw, return_stats=True, **opts)
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message per rank
+        return dict(error=(type(exc).__name__, str(exc)))
+    g = DTensor.from_local(grad_out.to(loss.dtype), mesh, rep, run_check=False)
+    loss.backward(g)
+    return dict(loss_type=type(loss).__name__, loss_placements=tuple(loss.placements), loss=loss.to_local().detach(),
+                stats=stats.as_dict(), stats_types={type(v).__name__ for v in stats.as_dict().values()},
+                grad_type=type(dx.grad).__name__, grad_placements=tuple(dx.grad.placements),
+                grad_local=dx.grad.to_local(), grad=dx.grad.full_tensor())
+
+
+def _run_snippet():
+    """docs/DISTRIBUTED.md's example with the default backend (native kernels on the slices)."""
+    model, tokens, labels = snippet_inputs()
+    ns = dict(model=model, tokens=tokens, labels=labels, tp_size=WORLD)
+    exec(snippet_code(), ns)
+    return dict(logits_placements=tuple(ns["logits"].placements), loss_type=type(ns["loss"]).__name__,
+                loss=ns["loss"].to_local().detach(), embed_grad=model.embed.weight.grad,
+                output_grad=model.output.weight.grad.full_tensor())
+
+
+def _worker(rank, world, port, outdir):
+    faulthandler.enable()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        meshes = {(2,): init_device_mesh("cpu", (2,)),
+                  (1, 2): init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp")),
+                  (2, 1): init_device_mesh("cpu", (2, 1), mesh_dim_names=("tp", "dp"))}
+        results = {c["name"]: _run_case(c, meshes[c["mesh"]]) for c in _plan()}
+        results["docs_snippet"] = _run_snippet()
+        torch.save(results, f"{outdir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """Both ranks' results of the one spawned run, keyed by case name."""
+    outdir = tmp_path_factory.mktemp("dtensor")
+    ctx = mp.start_processes(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 120.0
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2-rank DTensor run did not finish within 120 s: a rank hangs")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks of the spawned run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES + [AFTER], ids=lambda c: c["name"])
+def test_dtensor_logits_equal_single_process(spawned, case):
+    dtype = case.get("dtype", F64)
+    tol = REL[dtype]
+    ref_loss, ref_stats, ref_grad = single_process(case)
+    first = spawned[0][case["name"]]
+    for rank in range(WORLD):
+        res = spawned[rank][case["name"]]
+        assert "error" not in res, res.get("error")
+        # As torch's loss_parallel returns F.cross_entropy: a DTensor, Replicate on every mesh dim.
+        assert res["loss_type"] == "DTensor" and all(type(p).__name__ == "Replicate" for p in res["loss_placements"])
+        assert res["stats_types"] == {"Tensor"}  # the statistics are plain tensors
+        assert torch.equal(res["loss"], first["loss"]), "ranks disagree on the loss"
+        assert res["loss"].dtype == ref_loss.dtype
+        assert rel_err(res["loss"], ref_loss) < tol
+        for name in STAT_FIELDS:
+            got, want = res["stats"][name], ref_stats[name]
+            if want.dtype in (torch.int64, torch.bool):
+                assert torch.equal(got, want), name
+            else:
+                assert got.dtype == want.dtype and rel_err(got, want) < tol, name
+        # The gradient is a DTensor with the logits' placements; gathered, it is the full gradient.
+        assert res["grad_type"] == "DTensor" and res["grad_placements"] == tuple(_placements(case, _FakeMesh(case)))
+        assert res["grad"].dtype == ref_grad.dtype
+        assert rel_err(res["grad"], ref_grad) < tol
+    if case["layout"] == "shard":
+        v = case["v"]
+        widths = [r["grad_local"].shape[-1] for r in (spawned[0][case["name"]], spawned[1][case["name"]])]
+        assert widths == [-(-v // 2), v - (-(-v // 2))]  # torch.chunk's split, uneven for odd V
+
+
+class _FakeMesh:
+    """What _placements needs of a mesh (its number of dimensions)."""
+
+    def __init__(self, case):
+        self.ndim = len(case["mesh"])
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda c: c["name"])
+def test_bad_layouts_raise_on_every_rank(spawned, case):
+    for rank in range(WORLD):
+        res = spawned[rank][case["name"]]
+        assert res.get("error"), f"rank {rank} did not raise"
+        kind, message = res["error"]
+        assert kind == "ValueError" and case["raises"] in message, f"rank {rank}: {kind}: {message}"
+
+
+def test_docs_example_colwise_lm_head(spawned):
+    """docs/DISTRIBUTED.md's torchtitan-style example runs as written on 2 ranks: a ColwiseParallel
+    lm_head (use_local_output=False) feeding memft_loss with the default backend; the loss, the
+    embedding gradient and the gathered lm_head gradient equal the single process's (float32)."""
+    model, tokens, labels = snippet_inputs()
+    ref_loss = memft_loss(model(tokens), labels, policy="hard")
+    ref_loss.backward()
+    for rank in range(WORLD):
+        res = spawned[rank]["docs_snippet"]
+        assert [type(p).__name__ for p in res["logits_placements"]] == ["Shard"] and res["loss_type"] == "DTensor"
+        assert rel_err(res["loss"], ref_loss) < 2e-5
+        assert rel_err(res["embed_grad"], model.embed.weight.grad) < 2e-5
+        assert rel_err(res["output_grad"], model.output.weight.grad) < 2e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# In this process: a one-rank mesh, the default backend
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_rank_mesh():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_mesh_default_backend(one_rank_mesh):
+    """Was: RuntimeError "memft.cpu_row_forward.default ... mixed torch.Tensor and DTensor" (no
+    sharding strategy) for every placement."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    case = dict(seed=40, v=17, shape=(4, 6), options=dict(policy="hard"))
+    x, y, _, _ = make_inputs(case)
+    x = x.float()
+    ref_loss, ref_stats = memft_loss(x, y, return_stats=True)
+    ref_x = x.clone().requires_grad_(True)
+    memft_loss(ref_x, y).backward()
+    for placement in (Shard(2), Shard(-1), Replicate()):
+        dx = distribute_tensor(x, one_rank_mesh, [placement]).requires_grad_(True)
+        loss, stats = memft_loss(dx, y, return_stats=True)
+        assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+        assert rel_err(loss.to_local(), ref_loss) < 2e-5 and torch.equal(stats.pred, ref_stats.pred)
+        loss.backward()
+        assert isinstance(dx.grad, DTensor) and dx.grad.placements == dx.placements
+        assert rel_err(dx.grad.full_tensor(), ref_x.grad) < 2e-5
+    with pytest.raises(ValueError, match=r"Shard\(dim=0\).*row dimension.*full_tensor\(\)"):
+        memft_loss(distribute_tensor(x, one_rank_mesh, [Shard(0)]), y)
+    with pytest.raises(ValueError, match="Partial"):
+        from torch.distributed.tensor import Partial
+
+        memft_loss(DTensor.from_local(x, one_rank_mesh, [Partial()]), y)
+    with pytest.raises(ValueError, match="no vocab-parallel fused linear loss"):
+        memft_linear_loss(torch.randn(4, 3), distribute_tensor(torch.randn(5, 3), one_rank_mesh, [Shard(0)]),
+                          torch.randint(0, 5, (4,)))
