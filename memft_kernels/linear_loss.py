@@ -38,6 +38,7 @@ from .spec import (
     LossOptions,
     MemFTStats,
     accumulate_dtype,
+    has_values,
     once_differentiable_grads,
     prepare_call,
     takes_loss_options,
@@ -230,8 +231,9 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
             else:
                 scale = _inverse(wgt.sum())
                 # The rare "active" fallback: weights were all 0, the gradient needs w_i = 1 on
-                # valid rows instead. One host read decides; a second sweep computes it.
-                if fallback == "mean" and bool(reduced.fell_back):
+                # valid rows instead. One host read decides; a second sweep computes it (a meta
+                # tensor has no value to read: shapes are all it computes).
+                if fallback == "mean" and has_values(reduced.fell_back) and bool(reduced.fell_back):
                     grads.zero_()
                     coef = valid.to(acc)
                     _gradient_sweep(hidden, weight, bias, target, lse, coef, module, opts, rows, grads)

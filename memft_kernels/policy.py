@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .spec import READS_VALUES, KernelOptions, accumulate_dtype
+from .spec import READS_VALUES, KernelOptions, accumulate_dtype, has_values
 
 
 def policy_weight(ce: torch.Tensor, valid: torch.Tensor, token_weight: Optional[torch.Tensor], opts: KernelOptions) -> torch.Tensor:
@@ -101,31 +101,36 @@ def weight_fn_factor(weight_fn, target: torch.Tensor, stats, *, check_values: bo
     device broadcastable to target's shape; with ``check_values`` (validate=True; it synchronizes)
     also a NaN, infinite or negative entry."""
     out = weight_fn(target, stats)
-    where = f"weight_fn {getattr(weight_fn, '__qualname__', type(weight_fn).__name__)}"
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{where} must return a tensor broadcastable to target's shape {tuple(target.shape)}, "
-                        f"got {type(out).__name__}")
+        raise TypeError(f"{_describe(weight_fn)} must return a tensor broadcastable to target's shape "
+                        f"{tuple(target.shape)}, got {type(out).__name__}")
     if not out.is_floating_point():
-        raise TypeError(f"{where} must return a floating-point tensor, got {out.dtype}")
+        raise TypeError(f"{_describe(weight_fn)} must return a floating-point tensor, got {out.dtype}")
     if out.device != target.device:
-        raise ValueError(f"{where} returned a tensor on {out.device}; target is on {target.device}")
+        raise ValueError(f"{_describe(weight_fn)} returned a tensor on {out.device}; target is on {target.device}")
     try:
         shape = torch.broadcast_shapes(out.shape, target.shape)
     except RuntimeError:
         shape = None
     if shape is None or tuple(shape) != tuple(target.shape):
-        raise ValueError(f"{where} returned shape {tuple(out.shape)}, which does not broadcast to target's shape "
-                         f"{tuple(target.shape)}")
+        raise ValueError(f"{_describe(weight_fn)} returned shape {tuple(out.shape)}, which does not broadcast to "
+                         f"target's shape {tuple(target.shape)}")
     if check_values:
-        _check_weight_values(out, where)
+        _check_weight_values(out, weight_fn)
     return out.expand(target.shape).reshape(-1)
 
 
+def _describe(weight_fn) -> str:
+    """How an error names ``weight_fn`` (built only when raising: traced by torch.compile, reading a
+    function's ``__qualname__`` gave the attribute's descriptor, not the name)."""
+    return f"weight_fn {getattr(weight_fn, '__qualname__', None) or type(weight_fn).__qualname__}"
+
+
 @torch.compiler.disable(reason=READS_VALUES)
-def _check_weight_values(out: torch.Tensor, where: str) -> None:
-    if out.numel() > 0:
+def _check_weight_values(out: torch.Tensor, weight_fn) -> None:
+    if out.numel() > 0 and has_values(out):
         bad = ~torch.isfinite(out) | (out < 0)
         if bool(bad.any()):
             value = out[bad].flatten()[0].item()
-            raise ValueError(f"{where} returned {value!r}; weights must be finite and >= 0 "
+            raise ValueError(f"{_describe(weight_fn)} returned {value!r}; weights must be finite and >= 0 "
                              f"(validate=False skips this check, which synchronizes)")

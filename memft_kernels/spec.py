@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -311,9 +311,6 @@ class LossOptions:
             raise TypeError(f"{where} got unknown option(s) {unknown}; options: {', '.join(cls.names())}")
         return cls(**kwargs)
 
-    def replace(self, **changes) -> "LossOptions":
-        return replace(self, **changes)
-
     def kernel_options(self) -> KernelOptions:
         """Validate every option (ValueError naming the option, the value and what is allowed) and
         return the per-row part."""
@@ -353,31 +350,10 @@ def takes_loss_options(*, exclude=()):
     return wrap
 
 
-def validate_options(
-    *,
-    policy: str = "hard",
-    threshold: float = 0.5,
-    sharpness: float = 10.0,
-    reduction: str = "mean",
-    normalize: str = "active",
-    fallback: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap=None,
-    backend: str = "auto",
-    ignore_index: int = -100,
-) -> KernelOptions:
-    """Keyword form of ``LossOptions(...).kernel_options()`` (kept for callers that check a subset)."""
-    return LossOptions(
-        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
-        fallback=fallback, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, backend=backend,
-        ignore_index=ignore_index,
-    ).kernel_options()
-
-
 def validate_denominator(denominator):
-    """None, a positive number, or a positive 0-d tensor (checked on the host only if it is a number
-    or a CPU tensor: a device tensor is not synchronized)."""
+    """None, a positive number, or a positive 0-d tensor. A number or a CPU tensor is checked here; the
+    value of a tensor on another device is checked by ``prepare_call`` when ``validate=True`` (it
+    synchronizes), never with ``validate=False``."""
     if denominator is None:
         return None
     if isinstance(denominator, torch.Tensor):
@@ -386,16 +362,19 @@ def validate_denominator(denominator):
         if denominator.dtype == torch.bool:
             raise ValueError(f"denominator must be a number or a numeric 0-d tensor, got {denominator!r}")
         if denominator.device.type == "cpu" and not torch.compiler.is_compiling():
-            d = float(denominator)
-            if not (d > 0 and _finite(d)):
-                raise ValueError(f"denominator={d!r} must be a finite number > 0")
-            _float32_range(d, "denominator", "a number > 0")
+            check_denominator_value(denominator)
         return denominator
     d = _number(denominator, "denominator")
     if not (d > 0 and _finite(d)):
         raise ValueError(f"denominator={denominator!r} must be a finite number > 0")
     _float32_range(d, "denominator", "a number > 0")
     return d
+
+
+def has_values(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds data the host can read: not a meta tensor, not a fake tensor (shape-only
+    tracing, e.g. torch.export). The value checks skip tensors without data; the shape checks still run."""
+    return tensor.device.type != "meta" and not torch._subclasses.fake_tensor.is_fake(tensor)
 
 
 def validate_tensors(logits: torch.Tensor, target: torch.Tensor, token_weight, *, check_values: bool) -> None:
@@ -452,7 +431,7 @@ READS_VALUES = ("validate=True checks tensor values on the host (a synchronizati
 
 @torch.compiler.disable(reason=READS_VALUES)
 def _check_token_weight_values(token_weight: torch.Tensor) -> None:
-    if token_weight.numel() > 0:
+    if token_weight.numel() > 0 and has_values(token_weight):
         bad = ~torch.isfinite(token_weight) | (token_weight < 0)
         if bool(bad.any()):
             value = token_weight[bad].flatten()[0].item()
@@ -460,9 +439,21 @@ def _check_token_weight_values(token_weight: torch.Tensor) -> None:
 
 
 @torch.compiler.disable(reason=READS_VALUES)
+def check_denominator_value(denominator: torch.Tensor) -> None:
+    """Raise ValueError unless the 0-d tensor ``denominator`` is finite, > 0 and within float32's
+    range (synchronizes when it is on a device; a meta or fake tensor has no value to check)."""
+    if not has_values(denominator):
+        return
+    d = float(denominator)
+    if not (d > 0 and _finite(d)):
+        raise ValueError(f"denominator={d!r} must be a finite number > 0")
+    _float32_range(d, "denominator", "a number > 0")
+
+
+@torch.compiler.disable(reason=READS_VALUES)
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise ValueError naming the first target outside [0, V) that is not ignore_index (synchronizes)."""
-    if target.numel() == 0:
+    if target.numel() == 0 or not has_values(target):
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
@@ -546,8 +537,11 @@ def prepare_call(logits: torch.Tensor, target: torch.Tensor, token_weight: Optio
     if options.validate and check_range:
         check_target_range(target, num_classes, checked.kernel.ignore_index)
     denominator = checked.denominator
-    if isinstance(denominator, torch.Tensor) and denominator.device != logits.device:
-        denominator = denominator.to(logits.device)
+    if isinstance(denominator, torch.Tensor):
+        if options.validate and denominator.device.type != "cpu":
+            check_denominator_value(denominator)  # a CPU tensor was checked with the options
+        if denominator.device != logits.device:
+            denominator = denominator.to(logits.device)
     logits2d = None
     if flatten_logits:
         logits2d = logits.reshape(-1, num_classes)

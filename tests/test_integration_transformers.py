@@ -19,6 +19,7 @@ from memft_kernels.integrations.transformers import (  # noqa: E402
     apply_memft_to_model,
     memft_causal_lm_loss,
     memft_compute_loss_func,
+    unwrap_model,
     use_memft,
 )
 
@@ -193,7 +194,7 @@ def test_unsupported_family_and_double_softcap():
 
 def test_patched_model_copies_and_unpatches():
     model = apply_memft_to_model(tiny("llama"), **OPTIONS)
-    clone = copy.deepcopy(model)  # the patch is a bound method: the copy runs its own weights
+    clone = copy.deepcopy(model)  # the patch holds its model: the copy's holds the copy
     ids, labels = batch()
     out = clone(input_ids=ids, labels=labels)
     assert out.logits is None
@@ -202,6 +203,30 @@ def test_patched_model_copies_and_unpatches():
     assert all(p.grad is not None for p in clone.parameters())
     apply_memft_to_model(model, fused_linear=False, **OPTIONS)  # back to the model's own forward
     assert model(input_ids=ids, labels=labels).logits is not None
+
+
+@pytest.mark.parametrize("wrap", ["plain", "peft"])
+def test_patched_model_saves_and_loads_whole(wrap, tmp_path):
+    """torch.save of a whole patched model (and pickling, e.g. to a worker process) failed: the patch
+    was a closure; a pickled bound method of the class forward would come back as the patch itself."""
+    import inspect
+
+    model = tiny("llama")
+    if wrap == "peft":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model = apply_memft_to_model(model.train(), **OPTIONS)
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    ids, labels = batch()
+    want, got = model(input_ids=ids, labels=labels), loaded(input_ids=ids, labels=labels)
+    assert want.logits is None and got.logits is None  # still patched
+    assert float(got.loss) == float(want.loss)
+    base = unwrap_model(loaded)
+    assert base.forward.model is base and "labels" in inspect.signature(base.forward).parameters
+    apply_memft_to_model(loaded, fused_linear=False, **OPTIONS)  # the saved original forward still runs
+    out = loaded(input_ids=ids, labels=labels)
+    assert out.logits is not None and rel(out.loss, want.loss) < 1e-5
 
 
 def test_unknown_head_falls_back_to_logits():

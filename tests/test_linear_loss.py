@@ -202,6 +202,44 @@ def test_bad_input():
         memft_linear_loss(hidden, weight, target.float())
 
 
+def test_bad_tensor_types_and_layouts():
+    hidden, weight, b, target = make()
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):
+        memft_linear_loss(hidden.tolist(), weight, target)
+    with pytest.raises(TypeError, match="weight must be floating point"):
+        memft_linear_loss(hidden, weight.long(), target)
+    with pytest.raises(ValueError, match=r"\[V, D\]"):
+        memft_linear_loss(hidden, weight[None], target)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        memft_linear_loss(hidden, weight, target, b.tolist())
+    with pytest.raises(ValueError, match="must match weight"):
+        memft_linear_loss(hidden, weight, target, b.double())
+    with pytest.raises(ValueError, match="device"):
+        memft_linear_loss(hidden, weight.to("meta"), target)
+
+
+def test_strided_views_equal_contiguous_copies():
+    """The usual call passes views: hidden[:, :-1] of a [B, T + 1, D] output, a weight stored
+    transposed (tied to a [D, V] matrix), a strided bias. Gradients reach the viewed leaves."""
+    g = torch.Generator().manual_seed(11)
+    base_h = torch.randn(3, 8, D, generator=g, dtype=torch.float64).requires_grad_()
+    base_w = (0.5 * torch.randn(D, V, generator=g, dtype=torch.float64)).requires_grad_()
+    base_b = (0.3 * torch.randn(2 * V, generator=g, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(0, V, (3, 7), generator=g)
+    views = (base_h[:, :-1], base_w.T, base_b[::2])
+    assert not any(v.is_contiguous() for v in views)
+    kw = dict(policy="sigmoid", threshold=0.05, sharpness=5.0)
+    loss = memft_linear_loss(*views[:2], target, views[2], chunk_size=4, **kw)
+    got = torch.autograd.grad(loss, (base_h, base_w, base_b))
+    copies = [v.detach().contiguous().requires_grad_() for v in views]
+    ref = memft_loss(copies[0] @ copies[1].T + copies[2], target, **kw)
+    want = torch.autograd.grad(ref, copies)
+    assert rel(loss, ref) < 1e-12
+    assert rel(got[0][:, :-1], want[0]) < 1e-12 and float(got[0][:, -1].abs().max()) == 0.0
+    assert rel(got[1].T, want[1]) < 1e-12
+    assert rel(got[2][::2], want[2]) < 1e-12 and float(got[2][1::2].abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_each_backend_in_place_per_chunk(backend, reduction):

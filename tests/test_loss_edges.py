@@ -307,3 +307,93 @@ def test_numpy_ignore_index_under_fullgraph_says_pass_an_int():
     # eager takes a numpy integer; traced it would reach a compiled kernel as a SymInt
     with pytest.raises(Exception, match=r"pass int\(ignore_index\)"):
         f(logits, target, ignore_index=np.int64(3), validate=False)
+
+
+# ------------------------------------------------------------------------------ tensors without values
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("kw", [dict(), dict(token_weight="w"), dict(denominator="d"), dict(weight_fn="f"),
+                                dict(policy="sigmoid", return_stats=True)],
+                         ids=["plain", "token_weight", "denominator", "weight_fn", "stats"])
+def test_meta_tensors_give_shapes_with_validate_on(validate, kw):
+    """A meta tensor has no values: the value checks (which read the host) are skipped and the call
+    computes shapes, as with validate=False; it failed inside .item() before."""
+    meta = torch.device("meta")
+    x = torch.randn(6, 5, 11, device=meta, requires_grad=True)
+    t = torch.randint(0, 11, (6, 5)).to(meta)
+    extra = {"w": torch.rand(6, 5).to(meta), "d": torch.tensor(4.0, device=meta),
+             "f": lambda target, stats: torch.ones(target.shape, device=target.device)}
+    kw = {k: extra.get(v, v) if isinstance(v, str) else v for k, v in kw.items()}
+    out = memft_loss(x, t, validate=validate, **{"policy": "hard", **kw})
+    loss = out[0] if isinstance(out, tuple) else out
+    assert loss.device == meta and loss.shape == ()
+    loss.backward()
+    assert x.grad.shape == x.shape and x.grad.device == meta
+    if isinstance(out, tuple):
+        assert out[1].prob.shape == t.shape
+
+
+def test_meta_tensors_through_the_linear_loss():
+    meta = torch.device("meta")
+    h = torch.randn(7, 9, device=meta, requires_grad=True)
+    w = torch.randn(13, 9, device=meta, requires_grad=True)
+    t = torch.randint(0, 13, (7,)).to(meta)
+    for reduction in ("mean", "sum", "none"):
+        loss = memft_linear_loss(h, w, t, reduction=reduction)  # validate=True, fallback="mean"
+        loss.sum().backward()
+        assert h.grad.shape == h.shape and w.grad.shape == w.shape
+        h.grad = w.grad = None
+
+
+def test_fake_tensor_mode_with_validate_on():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(8, 17, requires_grad=True)
+        t = torch.randint(0, 17, (8,))
+        loss = memft_loss(x, t, policy="hard", token_weight=torch.rand(8), denominator=torch.tensor(3.0))
+        loss.backward()
+        assert x.grad.shape == x.shape
+
+
+def test_denominator_value_check_reads_the_tensor():
+    """The check prepare_call runs on a device denominator with validate=True (a CUDA tensor in
+    practice; the same function checks CPU tensors when the options are checked)."""
+    from memft_kernels.spec import check_denominator_value
+
+    check_denominator_value(torch.tensor(2.5))
+    for bad in (0.0, -1.0, math.nan, math.inf, 1e-300):
+        with pytest.raises(ValueError, match="denominator"):
+            check_denominator_value(torch.tensor(bad, dtype=torch.float64))
+
+
+def test_wrong_argument_kinds_are_named():
+    from memft_kernels import MemFTLoss
+
+    logits, target = make(n=4, v=5)
+    cases = [
+        (TypeError, "logits must be a torch.Tensor", lambda: memft_loss(logits.tolist(), target)),
+        (TypeError, "target must be a torch.Tensor", lambda: memft_loss(logits, target.tolist())),
+        (ValueError, "at least one dimension", lambda: memft_loss(torch.tensor(1.0), torch.tensor(0))),
+        (ValueError, "token_weight must be a tensor", lambda: memft_loss(logits, target, token_weight=[1.0] * 4)),
+        (ValueError, "0-d tensor", lambda: memft_loss(logits, target, denominator=torch.ones(2))),
+        (ValueError, "token_weight is per call", lambda: MemFTLoss(token_weight=torch.ones(4))),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_compiled_bad_weight_fn_is_named_in_the_error():
+    """Under torch.compile (not fullgraph) the value checks run at a graph break; the error named the
+    function as "<attribute '__qualname__' of 'function' objects>" because the name was read while traced."""
+    logits, target = make(n=6, v=7)
+
+    def my_window(target, stats):
+        return -torch.ones(target.shape)
+
+    torch._dynamo.reset()
+    f = torch.compile(memft_loss, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"weight_fn .*my_window returned -1.0"):
+        f(logits, target, weight_fn=my_window)
+    with pytest.raises(ValueError, match="token_weight must be finite"):
+        f(logits, target, token_weight=torch.full((6,), -1.0))

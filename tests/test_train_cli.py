@@ -382,13 +382,32 @@ def test_resume_without_a_checkpoint_says_why(every, says, tmp_path, capsys):
     assert says in err
 
 
-def test_fewer_samples_than_ranks_names_the_samples(monkeypatch, tmp_path):
-    from memft_kernels.train import TrainConfig, TrainInputError, loop
+def test_fewer_samples_than_ranks_runs_idle_ranks_and_says_so(monkeypatch, tmp_path, capsys):
+    """One sample on 2 ranks used to be refused ("every rank needs a row"). It is allowed now (rank 1
+    runs the idle path; tests/test_train_fsdp.py and test_train_ddp.py check the numbers): without
+    --fsdp with a warning naming the fix, with --fsdp a note that the idle rank only shards the model.
+    The memory plan counts the one row a rank runs, --plan prints the line too."""
+    from memft_kernels.train import TrainConfig, loop
 
     monkeypatch.setattr(loop, "_init_distributed", lambda device: (0, 2))  # as under torchrun with 2 ranks
-    with pytest.raises(TrainInputError, match=r"batch_size=0: all 1 sample\(s\)\) is smaller than the 2 ranks.*--samples"):
-        loop.setup(TrainConfig(model="nano", length=8, steps=1, threads=1, progress=False, run_dir=str(tmp_path / "r")))
+    config = TrainConfig(model="nano", length=8, steps=1, threads=1, progress=False, run_dir=str(tmp_path / "r"))
+    run = loop.setup(config, make_dir=False)
+    assert run.idle_ranks == 1 and run.plan.tokens == run.task.max_len  # one row per rank
+    note = loop.idle_note(run)
+    assert "warning: 1 of the 2 ranks holds no row of a micro-batch of 1 row" in note
+    assert "--nproc_per_node 1" in note and "add --fsdp" in note
+    run.config = config.replace(fsdp=True)
+    assert "under --fsdp it only shards the model" in loop.idle_note(run)
+    assert memft_main(["train", "--model", "nano", "--length", "8", "--plan"]) == 0
+    assert "warning: 1 of the 2 ranks holds no row" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
+    # enough rows for every rank: no line
+    run = loop.setup(config.replace(samples=4, batch_size=2, grad_accum=2), make_dir=False)
+    assert run.idle_ranks == 0 and loop.idle_note(run) is None and run.plan.tokens == run.task.max_len
+    # the plan's rows are a micro-batch's share of one rank, whatever --grad-accum (it was divided by it)
+    monkeypatch.setattr(loop, "_init_distributed", lambda device: (0, 1))
+    run = loop.setup(config.replace(samples=4, batch_size=4, grad_accum=2), make_dir=False)
+    assert run.plan.tokens == 4 * run.task.max_len
 
 
 def test_a_new_run_into_a_folder_with_a_checkpoint_is_refused(checkpointed, tmp_path, capsys):

@@ -23,11 +23,15 @@ from memft_kernels.train.loop import setup, train_step, trainable_parameters
 SHORT = {"length": 8, "samples": 3, "batch_size": 2, "grad_accum": 2}
 SETTINGS = {"memft-ot": {"loss": "memft-ot"}, "memft-sw": {"loss": "memft-sw"},
             "active": {"loss": "memft-ot", **SHORT, "steps": 8, "accum_normalize": "active", "threshold": 0.02},
-            "memft-sw-short": {"loss": "memft-sw", **SHORT, "steps": 3},
+            # a window of 2 e tokens: the state matters, and rank 1 (idle in the 1-row micro-batches)
+            # must still start its rows' state over there, as one process does when the batch size changes
+            "memft-sw-short": {"loss": "memft-sw", **SHORT, "steps": 6, "window_span": 2.0},
             # state per sample; the full batch is reshuffled every step, so samples change ranks, and a
             # window of 2 e tokens makes the state (e grows from the 4th sighting of an anchor) matter
             "memft-sw-sample": {"loss": "memft-sw", "length": 8, "steps": 6, "window_state": "sample",
-                                "window_span": 2.0}}
+                                "window_span": 2.0},
+            # one sample on 2 ranks (plain DDP, allowed with a warning): rank 1 holds no row in any step
+            "one-sample": {"loss": "memft-sw", "samples": 1, "steps": 6, "window_span": 2.0}}
 
 
 def collect(options, out):

@@ -515,3 +515,14 @@ def test_scale_grad_reads_the_factor_on_the_device():
         kept = grad.clone()
         triton_ce.scale_grad_(grad, torch.ones((), device=DEVICE))
         assert torch.equal(grad, kept)
+
+
+@pytest.mark.gpu
+def test_gpu_device_denominator_is_range_checked_with_validate_on():
+    logits, target = _real_size(64, 1000, torch.float32)
+    for bad in (0.0, -2.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="denominator"):
+            memft_loss(logits, target, denominator=torch.tensor(bad, device=GPU))
+    good = memft_loss(logits, target, denominator=torch.tensor(5.0, device=GPU))
+    want = memft_loss(logits, target, denominator=5.0)
+    assert rel(good, want) < 1e-6

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import types
 import warnings
 from typing import Callable, Optional
 
@@ -347,53 +346,73 @@ def _forward_signature(forward):
     return _SIGNATURES[key]
 
 
-def _fused_forward(self, *args, **kwargs):
-    """The causal LM's forward with the loss computed from the last hidden states (no logits).
+class _ClassForward:
+    """``model``'s class forward bound to ``model``: what ``model.forward`` was before the patch, in a
+    form that pickles. (A bound method pickles as ``getattr(model, "forward")``, which after the patch
+    is the patch itself, so a saved model would call itself forever.)"""
 
-    Installed per instance as a bound method (so ``copy.deepcopy`` of the model rebinds it); the
-    model's previous forward and the options live on the instance too.
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return type(self.model).forward(self.model, *args, **kwargs)
+
+    @property
+    def __func__(self):  # as a bound method has: the plain function (the signature cache's key)
+        return type(self.model).forward
+
+    @property
+    def __signature__(self):
+        return inspect.signature(type(self.model).forward.__get__(self.model))
+
+
+class _FusedForward:
+    """``model.forward`` after ``apply_memft_to_model``: the causal LM's forward with the loss computed
+    from the last hidden states (no logits) when training with labels, else the previous forward.
+
+    A plain object holding the model (not a closure), so that ``copy.deepcopy``, ``torch.save`` and
+    pickling of the model keep the patch; its signature is the previous forward's (the Trainer reads
+    it to decide which dataset columns reach the model). The previous forward and the options live
+    on the model (``_memft_original_forward``, ``_memft_options``).
     """
-    original = self._memft_original_forward
-    signature, var_kw = _forward_signature(original)
-    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
-    if var_kw is not None:
-        arguments.update(arguments.pop(var_kw, {}))
-    labels = arguments.get("labels")
-    shift_labels = arguments.get("shift_labels")
-    keep = arguments.get("logits_to_keep", 0)
-    fused = (
-        self.training
-        and (labels is not None or shift_labels is not None)
-        and isinstance(keep, int) and keep == 0
-        and arguments.get("return_dict", True) is not False
-    )
-    if not fused:
-        return original(*args, **kwargs)
-    for name in ("labels", "shift_labels", "logits_to_keep", "return_dict"):
-        arguments.pop(name, None)
-    num_items_in_batch = arguments.pop("num_items_in_batch", None)
-    decoder = getattr(self, self.base_model_prefix)
-    outputs = decoder(**arguments)
-    softcap = getattr(self.config, "final_logit_softcapping", None)
-    loss = _fused_loss(self, outputs.last_hidden_state, labels, shift_labels, num_items_in_batch, self._memft_options, softcap)
-    cls = _output_class(outputs)
-    carried = {f.name for f in dataclasses.fields(cls)} - {"loss", "logits"}
-    fields = {name: getattr(outputs, name) for name in carried if hasattr(outputs, name)}
-    return cls(loss=loss, logits=None, **fields)
 
+    def __init__(self, model: nn.Module):
+        self.model = model
 
-def _signed_like(impl, original):
-    """A new function calling ``impl`` whose signature is ``original``'s (plus ``self``): the Trainer
-    reads the forward's signature to decide which dataset columns reach the model."""
+    @property
+    def __signature__(self):
+        return inspect.signature(self.model._memft_original_forward)
 
-    def forward(self, *args, **kwargs):
-        return impl(self, *args, **kwargs)
-
-    signature = inspect.signature(original)
-    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    forward.__signature__ = signature.replace(parameters=[self_param, *signature.parameters.values()])
-    forward.__doc__ = original.__doc__
-    return forward
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        original = model._memft_original_forward
+        signature, var_kw = _forward_signature(original)
+        arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+        if var_kw is not None:
+            arguments.update(arguments.pop(var_kw, {}))
+        labels = arguments.get("labels")
+        shift_labels = arguments.get("shift_labels")
+        keep = arguments.get("logits_to_keep", 0)
+        fused = (
+            model.training
+            and (labels is not None or shift_labels is not None)
+            and isinstance(keep, int) and keep == 0
+            and arguments.get("return_dict", True) is not False
+        )
+        if not fused:
+            return original(*args, **kwargs)
+        for name in ("labels", "shift_labels", "logits_to_keep", "return_dict"):
+            arguments.pop(name, None)
+        num_items_in_batch = arguments.pop("num_items_in_batch", None)
+        decoder = getattr(model, model.base_model_prefix)
+        outputs = decoder(**arguments)
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        loss = _fused_loss(model, outputs.last_hidden_state, labels, shift_labels, num_items_in_batch,
+                           model._memft_options, softcap)
+        cls = _output_class(outputs)
+        carried = {f.name for f in dataclasses.fields(cls)} - {"loss", "logits"}
+        fields = {name: getattr(outputs, name) for name in carried if hasattr(outputs, name)}
+        return cls(loss=loss, logits=None, **fields)
 
 
 def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options) -> nn.Module:
@@ -418,10 +437,11 @@ def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options)
         raise ValueError(f"{type(base).__name__} has no lm_head / decoder: pass a *ForCausalLM model")
     use_memft(base, **{k: v for k, v in options.items() if k not in LINEAR_OPTIONS})
     if "_memft_original_forward" not in vars(base):
-        base._memft_original_forward = base.forward  # the class's, or an instance wrapper already there
+        # an instance wrapper already there (e.g. accelerate's hooks), or the class's own forward
+        base._memft_original_forward = vars(base).get("forward") or _ClassForward(base)
     base._memft_options = options
     if fused_linear:
-        base.forward = types.MethodType(_signed_like(_fused_forward, base._memft_original_forward), base)
+        base.forward = _FusedForward(base)
     else:  # undo an earlier fused patch
         base.forward = base._memft_original_forward
     return model

@@ -191,11 +191,13 @@ def _run(args) -> int:
             else:
                 config = TrainConfig(**options).validate()
             if args.plan:
-                from .loop import setup
+                from .loop import idle_note, setup
                 from .plan import format_plan
 
                 run = setup(config, make_dir=False)
                 print(format_plan(run.plan, run.world, config.fsdp))
+                if idle_note(run) is not None:
+                    print(idle_note(run))
                 return 0
             if args.compare:
                 reports = _compare(config, args.compare)

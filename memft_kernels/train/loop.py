@@ -4,8 +4,10 @@ setup (data -> base model -> LoRA -> optimizer) -> base evaluation -> steps (K m
 forward, MemFT loss (memft-sw: the window from this very forward), backward; all-reduce, clip,
 AdamW, log, evaluate, checkpoint) -> final evaluation, report, plots, adapter.
 
-Distributed (torchrun): every rank holds the whole model and task and takes rows ``rank::world``
-of each global batch. The loss is ``sum_i w_i l_i / D`` with D the *global* sum of weights
+Distributed (torchrun): every rank holds the whole model (or, with --fsdp, its shards) and the task
+and takes rows ``rank::world`` of each global batch; a rank left without a row (fewer rows than
+ranks: one long text sharded over the GPUs) runs the forward/backward on an ignored row
+(``forward_backward``, ``idle_note``). The loss is ``sum_i w_i l_i / D`` with D the *global* sum of weights
 (all-reduced stats.weight_sum), and gradients are all-reduced with SUM, so the update equals
 single-process training on the whole batch. One process is the same code with world = 1.
 """
@@ -15,6 +17,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -200,6 +203,7 @@ class Run:
     fused_head: bool = False  # the loss through memft_linear_loss (train/head.py)
     decoder: object = None  # the compiled decoder under --compile, else None (the model's own)
     plan: object = None  # the memory plan (train/plan.py)
+    idle_ranks: int = 0  # ranks without a row in a full micro-batch (batch < world; idle_note)
     adapter_state: Optional[dict] = None  # --fsdp: the gathered LoRA tensors the adapter is saved from
     lr_steps: int = 0
     step: int = 0
@@ -311,11 +315,9 @@ def setup(config: TrainConfig, make_dir: bool = True) -> Run:
     batch_size = config.batch_size or len(task.samples)
     if batch_size > len(task.samples):
         raise TrainInputError(f"batch_size={config.batch_size} is larger than the {len(task.samples)} samples")
-    if batch_size < world:
-        given = (f"batch_size={batch_size}" if config.batch_size
-                 else f"the global batch (batch_size=0: all {len(task.samples)} sample(s))")
-        raise TrainInputError(f"{given} is smaller than the {world} ranks: every rank needs a row; give "
-                              f"--samples (and --batch-size) of at least {world}")
+    # Fewer rows than ranks (one long text sharded over the GPUs with --fsdp): the ranks without a
+    # row run the idle path of forward_backward every micro-batch (see idle_note).
+    idle_ranks = max(0, world - batch_size)
 
     sampler = Sampler(len(task.samples), config.batch_size, config.seed, config.curriculum, config.curriculum_epochs,
                       config.curriculum_style, config.curriculum_ratios, config.curriculum_boundaries)
@@ -329,27 +331,53 @@ def setup(config: TrainConfig, make_dir: bool = True) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / lr_steps))
     window = SlidingWindow(config.window_span, config.window_decay, config.window_floor, config.window_patience,
                            config.window_growth, config.window_max, ignore_index=IGNORE)
-    rows = -(-(config.batch_size or len(task.samples)) // max(1, config.grad_accum * world))
+    rows = -(-batch_size // world)  # per rank and micro-batch (an idle rank's ignored row: 1)
     fused = use_fused_head(config, model, rows * task.max_len)
     memory = make_plan(config, model, rows, task.max_len, device, fused)
     check_fits(memory)
     decoder = compile_decoder(model) if config.compile else None
     run_dir = _make_run_dir(config, rank, world) if make_dir else None
     return Run(config, run_dir, device, rank, world, task, model, optimizer, scheduler, sampler, window,
-               lr_steps=lr_steps, fused_head=fused, decoder=decoder, plan=memory)
+               lr_steps=lr_steps, fused_head=fused, decoder=decoder, plan=memory, idle_ranks=idle_ranks)
+
+
+def idle_note(run: "Run") -> Optional[str]:
+    """The line rank 0 prints at the start when a micro-batch has fewer rows than there are ranks
+    (None otherwise). Such ranks hold no row: every micro-batch they run the forward and backward
+    on one row whose labels are all ignored (``forward_backward``), which adds nothing to the loss,
+    its statistics, the gradients or the window, and keeps the collectives in step. Under --fsdp
+    that is the point (they hold their shards of the model); without it their device is wasted."""
+    if not run.idle_ranks:
+        return None
+    k, rows = run.idle_ranks, run.world - run.idle_ranks
+    who = "1 of the {} ranks holds".format(run.world) if k == 1 else f"{k} of the {run.world} ranks hold"
+    they = "it" if k == 1 else "they"
+    head = (f"{who} no row of a micro-batch of {rows} row{'s' if rows > 1 else ''} (--batch-size, or all "
+            f"--samples) and run{'s' if k == 1 else ''} each forward/backward on an ignored row to keep the "
+            f"collectives in step")
+    if run.config.fsdp:
+        return f"memft train: {head}; under --fsdp {they} only shard{'s' if k == 1 else ''} the model"
+    return (f"memft train: warning: {head}; without --fsdp {they} compute{'s' if k == 1 else ''} nothing and "
+            f"{'its device is' if k == 1 else 'their devices are'} wasted: run {rows} process{'es' if rows > 1 else ''} "
+            f"(--nproc_per_node {rows}), or add --fsdp to shard the model over all {run.world}")
 
 
 # ---------------------------------------------------------------------------------------------
 # One step
 # ---------------------------------------------------------------------------------------------
 def _window_fn(run: Run, local_index: torch.Tensor, global_rows: int):
-    """memft-sw: the authors' window, called by the loss on this forward's predictions."""
+    """memft-sw: the authors' window, called by the loss on this forward's predictions (None on a
+    rank without a row in this micro-batch)."""
+    idle = len(local_index) == 0
     if run.config.window_state == "sample":
-        return run.window.bind(local_index.to(run.device))
-    if global_rows != run.window_rows:  # the authors start over when the batch size changes
+        return None if idle else run.window.bind(local_index.to(run.device))
+    # The authors start over when the batch size changes. Every rank, idle or not, keeps this
+    # bookkeeping: a rank idle in a short micro-batch (3 samples in batches of 2: [2, 1]) must still
+    # reset its rows' state there, as one process resets every row.
+    if global_rows != run.window_rows:
         run.window.reset()
         run.window_rows = global_rows
-    return run.window  # keyed by the rows of this rank's slice (a fixed map to global rows)
+    return None if idle else run.window  # keyed by the rows of this rank's slice (a fixed map to global rows)
 
 
 def _sync_sample_window(run: Run, local_index: torch.Tensor) -> None:
@@ -377,15 +405,15 @@ def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, de
     micro-batch; gradients accumulate in ``.grad`` (not all-reduced). Returns (info, stats, batch)."""
     config, task = run.config, run.task
     local_index = batch_index[run.rank::run.world]
-    # A micro-batch with fewer rows than ranks (the short last batch of an epoch, a small curriculum
-    # stage) leaves some ranks without a row. They still run the forward and backward (FSDP's
+    # A micro-batch with fewer rows than ranks (one sample sharded over the ranks with --fsdp, the
+    # short last batch of an epoch, a small curriculum stage) leaves some ranks without a row. They still run the forward and backward (FSDP's
     # all-gathers and reduce-scatters, the loss's all-reduce) on one row whose labels are all
     # ignored: it adds nothing to the loss, its statistics or the gradients, and leaves the window alone.
     idle = len(local_index) == 0
     batch = to_batch(task, (batch_index[:1] if idle else local_index).tolist(), task.max_len).to(run.device)
     if idle:
         batch.labels.fill_(IGNORE)
-    weight_fn = _window_fn(run, local_index, len(batch_index)) if config.loss == "memft-sw" and not idle else None
+    weight_fn = _window_fn(run, local_index, len(batch_index)) if config.loss == "memft-sw" else None
     with autocast_context(config, run.device):
         head = forward_head(run.model, batch.input_ids, batch.attention_mask, run.fused_head, run.decoder,
                             autocast=config.autocast == "bf16")
@@ -729,6 +757,9 @@ def run_training(config: TrainConfig, resume_state: Optional[dict] = None) -> di
     lock = _lock_run_dir(run)
     if run.rank == 0 and config.progress:
         print(format_plan(run.plan, run.world, config.fsdp), flush=True)
+    note = idle_note(run)
+    if run.rank == 0 and note is not None:
+        print(note, file=sys.stderr, flush=True)
     try:
         _begin(run, resume_state)
     except BaseException:
