@@ -272,7 +272,7 @@ def _fused_loss(model, hidden, labels, shift_labels, num_items_in_batch, options
         # head.forward: run it as a registered FSDP forward method of the head (all-gathered
         # weight, the backward hooks that reduce-scatter a LoRA head's gradients).
         if "_memft_head_call" not in vars(head):
-            head._memft_head_call = types.MethodType(_fsdp2_head_call, head)
+            head._memft_head_call = _fsdp2_head_call.__get__(head)
             torch.distributed.fsdp.register_fsdp_forward_method(head, "_memft_head_call")
         return head._memft_head_call(
             lambda h: _fused_loss_here(model, h, labels, shift_labels, num_items_in_batch, options, model_softcap),
