@@ -15,7 +15,6 @@ float64 there too), float32 and bfloat16 cases within their dtype's tolerance.
 """
 from __future__ import annotations
 
-import dataclasses
 import faulthandler
 import math
 import time

@@ -314,7 +314,6 @@ def test_a_sequence_longer_than_the_context_is_memorized_in_windows(tmp_path):
 def test_compile_wraps_the_decoder_of_the_training_forward(monkeypatch, tmp_path):
     """--compile: the training forward goes through torch.compile(decoder) (here a recording stand-in:
     compiling on the CPU costs a minute), generation and evaluation through the eager model."""
-    from memft_kernels.train import loop
 
     compiled, calls = [], []
 

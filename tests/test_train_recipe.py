@@ -12,7 +12,7 @@ from memft_kernels.train import TrainConfig, TrainInputError
 from memft_kernels.train.data import to_batch
 from memft_kernels.train.loop import Sampler, memorization_loss, schedule_length, setup, train_step
 from memft_kernels.train.recipes import recipe_config, recipe_settings
-from memft_kernels.train.windows import NO_ANCHOR, SlidingWindow, curriculum_active, curriculum_ratio
+from memft_kernels.train.windows import SlidingWindow, curriculum_active, curriculum_ratio
 
 
 @pytest.fixture(autouse=True)

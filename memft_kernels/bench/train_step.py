@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
 def _measure(provider: TrainProvider, args, dtype, device, ids, labels) -> Dict[str, object]:
     # A fresh model per provider: same seed, so the same weights, adapter and first step.
     if args.model:  # a built-in model of memft train, LoRA on its seven linear modules
-        from memft_kernels.train.models import BUILTIN_MODELS, add_lora
+        from memft_kernels.train.models import add_lora
         from memft_kernels.train.models import build_model as build_builtin
 
         name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]

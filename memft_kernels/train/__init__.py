@@ -34,7 +34,6 @@ def resume(run_dir: str) -> dict:
     corrupt); a corrupt ``config.json`` is replaced by the copy stored in the checkpoint. A run
     that already finished is not trained again: its report is returned, with a warning.
     """
-    import json
     import warnings
 
     from . import checkpoint as ckpt
