@@ -208,8 +208,8 @@ def add_memft_to_trainer(
         if accumulating and _is_deepspeed(trainer):
             raise NotImplementedError(
                 "add_memft_to_trainer(exact_active_mean=True) with gradient_accumulation_steps > 1 under DeepSpeed: "
-                "DeepSpeed accumulates the micro-batches' gradients in its own (ZeRO) buffers, not in the parameters' "
-                ".grad, and divides every loss by gradient_accumulation_steps itself, so the step's denominator "
+                "DeepSpeed's engine divides every loss by gradient_accumulation_steps itself and (ZeRO) accumulates the "
+                "micro-batches' gradients in its own buffers, not in the parameters' .grad, so the step's denominator "
                 "(known only at its last micro-batch) cannot be applied to the earlier micro-batches' gradients. Use "
                 "FSDP (TrainingArguments(fsdp=True, fsdp_config={'version': 2})), gradient_accumulation_steps=1, or "
                 "exact_active_mean=False (the 'valid' normalization across micro-batches, num_items_in_batch)")
