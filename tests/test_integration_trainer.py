@@ -514,6 +514,7 @@ def fsdp_results(tmp_path_factory):
     return [torch.load(outdir / f"fsdp-rank{rank}.pt") for rank in range(2)]
 
 
+@pytest.mark.slow  # one 2-process launch for all the cases (~15 s on 2 cores)
 @pytest.mark.parametrize("name", list(FSDP_CASES))
 def test_trainer_fsdp2_two_gloo_ranks_equal_one_process(name, fsdp_results, tmp_path):
     """2 ranks x 1 row per micro-batch under FSDP2 = the same Trainer run in one process with 2 rows
