@@ -22,10 +22,10 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def tiny_llama():
+def tiny_llama(tied=False):
     config = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=V, max_position_embeddings=64, initializer_range=0.2,
+        vocab_size=V, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).train()
@@ -299,10 +299,10 @@ def _ddp_rows():
     return ids, labels
 
 
-def _ddp_lora_model():
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                           init_lora_weights=False)
-    return peft.get_peft_model(tiny_llama(), lora)
+def _ddp_lora_model(tied=False, head=False):
+    targets = ["q_proj", "v_proj"] + (["lm_head"] if head else [])
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    return peft.get_peft_model(tiny_llama(tied), lora)
 
 
 def _ddp_worker(rank, port, outdir):
@@ -423,6 +423,12 @@ FSDP_CASES = {
                    dict(gradient_accumulation_steps=2, max_steps=3, learning_rate=0.1)),
     "ga2-fused-clip": (dict(policy="hard", threshold=FSDP_THRESHOLD, fused=True),
                        dict(gradient_accumulation_steps=2, max_steps=3, max_grad_norm=0.5)),
+    # the fused head with tied embeddings (accelerate groups the head with them), and LoRA on the head
+    # (its adapters' gradients reduce-scattered by the hooks of the head's FSDP forward method)
+    "ga1-fused-tied": (dict(policy="hard", threshold=FSDP_THRESHOLD, fused=True),
+                       dict(gradient_accumulation_steps=1, max_steps=2), dict(tied=True)),
+    "ga2-fused-lora-head": (dict(policy="hard", threshold=FSDP_THRESHOLD, fused=True),
+                            dict(gradient_accumulation_steps=2, max_steps=2, learning_rate=0.1), dict(head=True)),
     # transformers' num_items_in_batch convention (no accumulator): FSDP2's own no_sync, unchanged
     "ga2-valid": (dict(policy="hard", threshold=FSDP_THRESHOLD, exact_active_mean=False),
                   dict(gradient_accumulation_steps=2, max_steps=3, learning_rate=0.1)),
@@ -443,9 +449,9 @@ def _fsdp_case(name, outdir, fsdp):
         def _get_train_sampler(self, train_dataset=None):
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
-    options, overrides = FSDP_CASES[name]
+    options, overrides, *model_options = FSDP_CASES[name]
     ids, labels = _fsdp_rows()
-    model = _ddp_lora_model()
+    model = _ddp_lora_model(**(model_options[0] if model_options else {}))
     dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
     settings = dict(dict(learning_rate=0.5), **overrides)
     if fsdp:
@@ -528,6 +534,8 @@ def test_trainer_fsdp2_two_gloo_ranks_equal_one_process(name, fsdp_results, tmp_
         assert n_active[0] == 0 < n_active[1]
     if name in ("ga2-logits", "ga2-fused-clip"):  # step 2 falls back entirely; steps 1 and 3 train active tokens
         assert n_active[1] == 0 < min(n_active[0], n_active[2])
+    if name == "ga2-fused-lora-head":
+        assert any("lm_head.lora_B" in n and u.norm() > 0 for n, u in single["update"].items())
     max_norm = FSDP_CASES[name][1].get("max_grad_norm", 0.0)
     if max_norm:  # clipping acts on every step (on the final gradients: the logged grad_norm is compared)
         assert all(log["grad_norm"] > max_norm for log in single["logs"])
