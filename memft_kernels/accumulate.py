@@ -17,8 +17,11 @@ the step (as one ``memft_loss`` call over the whole batch would), ``"zero"`` giv
 Which of the two a micro-batch backpropagates is decided from the all-reduced weight sums seen so
 far: while no rank has seen an active token in this step, a micro-batch backpropagates its plain
 loss sum (computed only then, by a second ``memft_loss`` call on the same logits); the first
-micro-batch with an active token anywhere zeroes those fallback gradients (still local: they were
-never reduced) and from then on only ``sum w l`` is backpropagated.
+micro-batch with an active token anywhere zeroes those fallback gradients and from then on only
+``sum w l`` is backpropagated. Zeroing and scaling are linear and every rank decides them from the
+same all-reduced totals, so they are exact whether the gradients are still local (DDP's no_sync,
+``grad_reduction="sum"``) or were already reduced after every micro-batch (FSDP2 reduce-scattering
+each micro-batch into the sharded ``.grad``: each rank zeroes or scales its own shard).
 
 Two ways to end the step:
 
@@ -300,8 +303,9 @@ class MemFTAccumulator:
         if self.last_micro_batch is not None and not self._scaled:
             raise RuntimeError(
                 "MemFTAccumulator.finish_step(): last_micro_batch() never said True in this step, so the "
-                "gradients were not scaled before the framework used them (clipping); is gradient "
-                "synchronization on every micro-batch (sync_each_batch, DeepSpeed)? That is not supported."
+                "gradients were not scaled before the framework used them (clipping): the framework never "
+                "marked its last micro-batch (the Trainer's accelerator.sync_gradients); a loop that steps the "
+                "optimizer without such a mark is not supported."
             )
         if self.grad_reduction == "sum" and self.world_size() > 1:
             for g in self._grads():

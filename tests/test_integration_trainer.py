@@ -22,10 +22,10 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def tiny_llama():
+def tiny_llama(tied=False):
     config = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=V, max_position_embeddings=64, initializer_range=0.2,
+        vocab_size=V, max_position_embeddings=64, initializer_range=0.2, tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).train()
@@ -209,6 +209,17 @@ def test_refusals(tmp_path):
         trainer = transformers.Trainer(model=model, args=args, train_dataset=[])
         with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1.*pass label_smoothing=0.1"):
             add_memft_to_trainer(trainer, exact_active_mean=exact)
+    # DeepSpeed keeps the micro-batches' gradients in its own buffers; FSDP1 is not supported (the
+    # flags the Trainer sets from accelerate's state; neither runs on this CPU-only machine)
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[])
+    trainer.is_deepspeed_enabled = True
+    with pytest.raises(NotImplementedError, match="DeepSpeed's engine divides every loss .* own buffers"):
+        add_memft_to_trainer(trainer)
+    add_memft_to_trainer(trainer, exact_active_mean=False)  # the num_items_in_batch convention: allowed
+    trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[])
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(NotImplementedError, match="FSDP version 1: only FSDP2"):
+        add_memft_to_trainer(trainer)
     trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[])
     trainer.args.use_liger_kernel = True  # Liger's forward computes its own CE (liger is not installed here)
     with pytest.raises(ValueError, match="use_liger_kernel"):
@@ -288,10 +299,10 @@ def _ddp_rows():
     return ids, labels
 
 
-def _ddp_lora_model():
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                           init_lora_weights=False)
-    return peft.get_peft_model(tiny_llama(), lora)
+def _ddp_lora_model(tied=False, head=False):
+    targets = ["q_proj", "v_proj"] + (["lm_head"] if head else [])
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    return peft.get_peft_model(tiny_llama(tied), lora)
 
 
 def _ddp_worker(rank, port, outdir):
@@ -345,3 +356,204 @@ def test_trainer_ddp_two_gloo_ranks_is_one_active_mean_call(tmp_path):
         assert result["log"]["loss"] == pytest.approx(ref_loss, rel=1e-5)
         assert result["log"]["n_active"] == int(ref_stats.n_active)
         assert result["log"]["token_accuracy"] == pytest.approx(float(ref_stats.token_accuracy), abs=1e-6)
+
+
+# ---------------------------------------------------------------- Trainer under FSDP2: 2 gloo ranks
+#
+# accelerate (1.15) drops the FSDP plugin when the processes run on CPUs: AcceleratorState turns a
+# plugin into DistributedType.FSDP only for GPU-like process types (MULTI_CPU is not in its list),
+# so TrainingArguments(fsdp=...) on a CPU silently trains with DDP. The workers below flip the state
+# to FSDP right after accelerate built it; everything else -- accelerate's fsdp2_prepare_model
+# (fully_shard of every LlamaDecoderLayer and of the root), its no_sync (set_requires_gradient_sync),
+# the clipping of DTensor gradients, the Trainer's FSDP branches -- runs unchanged, on gloo. Each
+# worker checks that the LoRA parameters really are sharded DTensors.
+
+FSDP_T = 8
+FSDP_THRESHOLD = 1.0 / V
+
+
+def _accelerate_fsdp_on_cpu():
+    import accelerate.state
+    from accelerate.utils import DistributedType
+
+    cls = accelerate.state.AcceleratorState
+    if getattr(cls, "_memft_test_fsdp_on_cpu", False):
+        return
+    original = cls.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            # as accelerate does (a later AcceleratorState() copies PartialState's type back)
+            accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    cls.__init__ = init
+    cls._memft_test_fsdp_on_cpu = True
+
+
+def _fsdp_rows():
+    """12 rows of 8 tokens, their labels chosen from the initial model's own predictions: "recalled"
+    rows are labelled with the model's top token at every position (p > 1/V: weight 0 under the hard
+    policy), "active" rows with its least likely one (p << 1/V), "mixed" rows half and half. With 2
+    ranks x 1 row per micro-batch, in order: step 1 = micro-batches {0, 1} (all recalled: the plain-loss
+    gradients the step's next micro-batch must drop) and {2, 3} (mixed + active); step 2 = rows 4-7, all
+    recalled (the whole step falls back to the plain mean); step 3 = rows 8-11 (mixed)."""
+    g = torch.Generator().manual_seed(21)
+    ids = torch.randint(4, V, (12, FSDP_T), generator=g)
+    with torch.no_grad():
+        logits = _ddp_lora_model()(input_ids=ids).logits  # the trained model at its start
+    top, bottom = logits.argmax(-1), logits.argmin(-1)
+    labels = torch.full_like(ids, -100)
+    kinds = ["recalled"] * 2 + ["mixed", "active"] + ["recalled"] * 4 + ["mixed", "active", "mixed", "mixed"]
+    for r, kind in enumerate(kinds):
+        for t in range(1, FSDP_T):  # label t is predicted at position t - 1
+            pick = top if kind == "recalled" or (kind == "mixed" and t % 2) else bottom
+            labels[r, t] = pick[r, t - 1]
+    return ids, labels
+
+
+# name: (add_memft_to_trainer options, TrainingArguments overrides)
+FSDP_CASES = {
+    "ga1-logits": (dict(policy="hard", threshold=FSDP_THRESHOLD), dict(gradient_accumulation_steps=1, max_steps=3)),
+    "ga1-fused-clip": (dict(policy="sigmoid", threshold=FSDP_THRESHOLD, fused=True),
+                       dict(gradient_accumulation_steps=1, max_steps=3, max_grad_norm=0.5)),
+    "ga2-logits": (dict(policy="hard", threshold=FSDP_THRESHOLD),
+                   dict(gradient_accumulation_steps=2, max_steps=3, learning_rate=0.1)),
+    "ga2-fused-clip": (dict(policy="hard", threshold=FSDP_THRESHOLD, fused=True),
+                       dict(gradient_accumulation_steps=2, max_steps=3, max_grad_norm=0.5)),
+    # the fused head with tied embeddings (accelerate groups the head with them), and LoRA on the head
+    # (its adapters' gradients reduce-scattered by the hooks of the head's FSDP forward method)
+    "ga1-fused-tied": (dict(policy="hard", threshold=FSDP_THRESHOLD, fused=True),
+                       dict(gradient_accumulation_steps=1, max_steps=2), dict(tied=True)),
+    "ga2-fused-lora-head": (dict(policy="hard", threshold=FSDP_THRESHOLD, fused=True),
+                            dict(gradient_accumulation_steps=2, max_steps=2, learning_rate=0.1), dict(head=True)),
+    # transformers' num_items_in_batch convention (no accumulator): FSDP2's own no_sync, unchanged
+    "ga2-valid": (dict(policy="hard", threshold=FSDP_THRESHOLD, exact_active_mean=False),
+                  dict(gradient_accumulation_steps=2, max_steps=3, learning_rate=0.1)),
+    # every token recalled, fallback "zero": no gradient at all, so AdamW's weight decay must not
+    # move the weights (a zero gradient would)
+    "ga1-zero-adamw": (dict(policy="hard", threshold=1e-6, fallback="zero"),
+                       dict(gradient_accumulation_steps=1, max_steps=2, optim="adamw_torch", weight_decay=0.1,
+                            learning_rate=0.1)),
+}
+
+
+def _fsdp_case(name, outdir, fsdp):
+    """One Trainer run of FSDP_CASES[name]: under FSDP2 on this process's rank (1 row per device),
+    or in one process (2 rows per device, the same rows per micro-batch). Returns what is compared."""
+    from torch.utils.data import SequentialSampler
+
+    class InOrder(transformers.Trainer):  # the same rows in every step, in both runs
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    options, overrides, *model_options = FSDP_CASES[name]
+    ids, labels = _fsdp_rows()
+    model = _ddp_lora_model(**(model_options[0] if model_options else {}))
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    settings = dict(dict(learning_rate=0.5), **overrides)
+    if fsdp:
+        settings.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]})
+    else:
+        settings.update(per_device_train_batch_size=2)
+    before = snapshot(model)
+    trainer = InOrder(model=model, args=sgd_args(outdir, **settings), train_dataset=dataset)
+    add_memft_to_trainer(trainer, **options)
+    trainer.train()
+    after = {}
+    for n, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            if fsdp:
+                from torch.distributed.tensor import DTensor
+
+                assert isinstance(p, DTensor), f"{n} is not sharded: FSDP did not run"
+                p = p.full_tensor()
+            after[n.replace("_fsdp_wrapped_module.", "")] = p.detach().clone()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return dict(update={n: before[n] - after[n] for n in before}, logs=logs, steps=trainer.state.global_step,
+                is_fsdp=bool(trainer.is_fsdp_enabled), sync_each_batch_after=trainer.accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False))
+
+
+def _fsdp_worker(rank, port, outdir):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")  # loopback only
+    torch.set_num_threads(1)
+    _accelerate_fsdp_on_cpu()
+    results = {name: _fsdp_case(name, f"{outdir}/{name}-r{rank}", fsdp=True) for name in FSDP_CASES}
+    torch.save(results, f"{outdir}/fsdp-rank{rank}.pt")
+    # Tear down together and leave without the interpreter's teardown of gloo's threads (a rank
+    # that exits while the other still holds gloo connections can die there: tests/test_train_fsdp.py)
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    import time
+
+    import torch.multiprocessing as mp
+
+    from helpers import free_port
+
+    outdir = tmp_path_factory.mktemp("trainer-fsdp")
+    ctx = mp.start_processes(_fsdp_worker, args=(free_port(), str(outdir)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 300.0
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2-rank FSDP Trainer runs did not finish within 300 s: a rank hangs")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(outdir / f"fsdp-rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.mark.slow  # one 2-process launch for all the cases (~15 s on 2 cores)
+@pytest.mark.parametrize("name", list(FSDP_CASES))
+def test_trainer_fsdp2_two_gloo_ranks_equal_one_process(name, fsdp_results, tmp_path):
+    """2 ranks x 1 row per micro-batch under FSDP2 = the same Trainer run in one process with 2 rows
+    per micro-batch: the parameter update after every step, the logged loss, grad_norm and recall
+    metrics (once per step, over both ranks), for gradient accumulation 1 and 2 (the exact active
+    mean over the step's micro-batches and ranks, with its fallbacks), with logits and fused."""
+    single = _fsdp_case(name, tmp_path / "single", fsdp=False)
+    assert not single["is_fsdp"]
+    n_active = [log["n_active"] for log in single["logs"]]
+    if name == "ga1-logits":  # rows 0 and 1 (the ga2 cases' first micro-batch) have no active token
+        assert n_active[0] == 0 < n_active[1]
+    if name in ("ga2-logits", "ga2-fused-clip"):  # step 2 falls back entirely; steps 1 and 3 train active tokens
+        assert n_active[1] == 0 < min(n_active[0], n_active[2])
+    if name == "ga2-fused-lora-head":
+        assert any("lm_head.lora_B" in n and u.norm() > 0 for n, u in single["update"].items())
+    max_norm = FSDP_CASES[name][1].get("max_grad_norm", 0.0)
+    if max_norm:  # clipping acts on every step (on the final gradients: the logged grad_norm is compared)
+        assert all(log["grad_norm"] > max_norm for log in single["logs"])
+    for rank, results in enumerate(fsdp_results):
+        result = results[name]
+        assert result["is_fsdp"] and result["steps"] == single["steps"]
+        assert not result["sync_each_batch_after"]  # restored at the end of training
+        assert result["update"].keys() == single["update"].keys()
+        # float32: the ranks' gradients are summed by the reduce-scatter, one process sums both rows
+        # in its matmuls (measured: max 1.7e-6 over the cases)
+        for n, ref in single["update"].items():
+            if name == "ga1-zero-adamw":
+                assert torch.equal(result["update"][n], ref) and not ref.any(), (rank, n)
+            else:
+                assert rel(result["update"][n], ref) < 1e-5, (rank, n)
+        assert len(result["logs"]) == len(single["logs"]) == single["steps"]
+        for got, want in zip(result["logs"], single["logs"]):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+            for key in ("recalled_frac", "token_accuracy", "n_active"):
+                assert got[key] == pytest.approx(want[key], abs=1e-6), key

@@ -10,7 +10,7 @@ in the Trainer's own logs.
 * ``add_memft_to_trainer(trainer, ...)``: the one call that makes a built Trainer (or TRL
   ``SFTTrainer``) train its model with MemFT: ``use_memft`` / ``apply_memft_to_model`` on the model,
   optionally a ``MemFTAccumulator`` for the exact active mean over the whole optimizer step
-  (gradient accumulation and data parallelism), and the metrics callback.
+  (gradient accumulation and data parallelism: DDP, FSDP2), and the metrics callback.
 """
 from __future__ import annotations
 
@@ -87,11 +87,40 @@ class MemFTMetricsCallback(TrainerCallback):
 
 class _MemFTStepCallback(TrainerCallback):
     """Closes the accumulator's step before the optimizer step (the gradients were already scaled
-    before the step's last backward, so the Trainer's clipping saw the final gradients)."""
+    before the step's last backward, so the Trainer's clipping saw the final gradients).
 
-    def __init__(self, accumulator: MemFTAccumulator):
+    ``trainer``: the Trainer, whose model's parameters the accumulator takes at the start of
+    training (FSDP replaces them with sharded ones when the Trainer prepares the model).
+    ``sync_each_batch``: make the Trainer reduce the gradients after every micro-batch (FSDP2 with
+    gradient accumulation: under ``no_sync`` FSDP2 keeps the earlier micro-batches' gradients in its
+    unsharded parameters, out of the accumulator's reach); the setting lives in accelerate's
+    process-wide ``GradientState``, so it is set at every step and restored at the end of training.
+    """
+
+    def __init__(self, accumulator: MemFTAccumulator, trainer=None, sync_each_batch: bool = False):
         self.accumulator = accumulator
+        self.trainer = trainer
+        self.sync_each_batch = sync_each_batch
+        self._saved_sync = None
         self.last_step: Optional[dict] = None
+
+    def _plugin_kwargs(self):
+        return self.trainer.accelerator.gradient_state.plugin_kwargs
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer is not None:
+            self.accumulator.params = MemFTAccumulator._trainable(self.trainer.model)
+            if self.sync_each_batch:
+                self._saved_sync = (self._plugin_kwargs().get("sync_each_batch", False),)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.sync_each_batch:
+            self._plugin_kwargs()["sync_each_batch"] = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._saved_sync is not None:
+            self._plugin_kwargs()["sync_each_batch"] = self._saved_sync[0]
+            self._saved_sync = None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.last_step = step = self.accumulator.finish_step()
@@ -101,6 +130,21 @@ class _MemFTStepCallback(TrainerCallback):
             # gradient would still move them by AdamW's momentum).
             for p in self.accumulator.params:
                 p.grad = None
+
+
+def _is_deepspeed(trainer) -> bool:
+    kind = str(getattr(getattr(trainer, "accelerator", None), "distributed_type", ""))
+    return bool(getattr(trainer, "is_deepspeed_enabled", False)) or "DEEPSPEED" in kind
+
+
+def _fsdp_version(trainer) -> Optional[int]:
+    """1 or 2 when the Trainer trains with accelerate's FSDP plugin, else None."""
+    accelerator = getattr(trainer, "accelerator", None)
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    if not (getattr(trainer, "is_fsdp_enabled", False) or "FSDP" in kind):
+        return None
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    return int(getattr(plugin, "fsdp_version", 1) or 1)
 
 
 def _insert_first(trainer, callback) -> None:
@@ -123,7 +167,9 @@ def add_memft_to_trainer(
     ``fused``: ``apply_memft_to_model`` (no logits in training; Llama-like families and GPT-2)
     instead of ``use_memft`` (logits, any causal LM). ``exact_active_mean``: the loss of every
     optimizer step is ``sum w l / sum w`` over all its micro-batches and ranks (``MemFTAccumulator``,
-    docs/INTEGRATIONS.md), gradients final before the Trainer clips them; otherwise transformers'
+    docs/INTEGRATIONS.md), gradients final before the Trainer clips them (under FSDP2 with gradient
+    accumulation the Trainer then reduce-scatters after every micro-batch; DeepSpeed with gradient
+    accumulation and FSDP1 are refused); otherwise transformers'
     ``num_items_in_batch`` convention (the "valid" normalization across micro-batches). ``metrics``:
     add ``MemFTMetricsCallback``. Other keywords are the loss's (``policy``, ``threshold``, ...).
     """
@@ -157,10 +203,21 @@ def add_memft_to_trainer(
         options["stats_callback"] = metrics_callback.record
         callbacks.append(metrics_callback)
     if exact_active_mean:
-        if trainer.args.gradient_accumulation_steps > 1 and getattr(trainer.accelerator, "distributed_type", None) is not None:
-            kind = str(trainer.accelerator.distributed_type)
-            if "DEEPSPEED" in kind or "FSDP" in kind:
-                raise NotImplementedError(f"exact_active_mean under {kind}: gradients are reduced on every micro-batch there")
+        accumulating = trainer.args.gradient_accumulation_steps > 1
+        fsdp_version = _fsdp_version(trainer)
+        if accumulating and _is_deepspeed(trainer):
+            raise NotImplementedError(
+                "add_memft_to_trainer(exact_active_mean=True) with gradient_accumulation_steps > 1 under DeepSpeed: "
+                "DeepSpeed's engine divides every loss by gradient_accumulation_steps itself and (ZeRO) accumulates the "
+                "micro-batches' gradients in its own buffers, not in the parameters' .grad, so the step's denominator "
+                "(known only at its last micro-batch) cannot be applied to the earlier micro-batches' gradients. Use "
+                "FSDP (TrainingArguments(fsdp=True, fsdp_config={'version': 2})), gradient_accumulation_steps=1, or "
+                "exact_active_mean=False (the 'valid' normalization across micro-batches, num_items_in_batch)")
+        if accumulating and fsdp_version is not None and fsdp_version != 2:
+            raise NotImplementedError(
+                f"add_memft_to_trainer(exact_active_mean=True) with gradient_accumulation_steps > 1 under FSDP version "
+                f"{fsdp_version}: only FSDP2 is supported and tested (fsdp_config={{'version': 2}}, transformers' "
+                "default); or use exact_active_mean=False")
         world = max(int(trainer.args.world_size), 1)
         # Trainer.compute_loss multiplies the loss by the process count when it averages tokens
         # across devices (num_items_in_batch is set whenever the batch has labels).
@@ -174,7 +231,7 @@ def add_memft_to_trainer(
         # The returned loss is final for the step: the Trainer must not divide it by the number of
         # accumulation steps.
         trainer.loss_is_scaled_for_ga = True
-        step_callback = _MemFTStepCallback(accumulator)
+        step_callback = _MemFTStepCallback(accumulator, trainer, sync_each_batch=accumulating and fsdp_version == 2)
         callbacks.append(step_callback)
         trainer.memft_accumulator = accumulator
     options["fallback"] = fallback

@@ -258,7 +258,30 @@ def _output_class(decoder_output):
     return CausalLMOutputWithCrossAttentions if "cross_attentions" in names else CausalLMOutputWithPast
 
 
+def _fsdp2_head_call(self, compute, hidden):
+    """Installed on an FSDP2-sharded lm_head as an FSDP forward method (see ``_fused_loss``)."""
+    return compute(hidden)
+
+
 def _fused_loss(model, hidden, labels, shift_labels, num_items_in_batch, options, model_softcap):
+    head = model.lm_head
+    fsdp_module = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
+    if fsdp_module is not None and isinstance(head, fsdp_module):
+        # FSDP2 (accelerate shards the lm_head as a unit of its own) gathers a unit's parameters
+        # only around its forward methods, and this loss reads the head's weight without calling
+        # head.forward: run it as a registered FSDP forward method of the head (all-gathered
+        # weight, the backward hooks that reduce-scatter a LoRA head's gradients).
+        if "_memft_head_call" not in vars(head):
+            head._memft_head_call = _fsdp2_head_call.__get__(head)
+            torch.distributed.fsdp.register_fsdp_forward_method(head, "_memft_head_call")
+        return head._memft_head_call(
+            lambda h: _fused_loss_here(model, h, labels, shift_labels, num_items_in_batch, options, model_softcap),
+            hidden,
+        )
+    return _fused_loss_here(model, hidden, labels, shift_labels, num_items_in_batch, options, model_softcap)
+
+
+def _fused_loss_here(model, hidden, labels, shift_labels, num_items_in_batch, options, model_softcap):
     loss_options = {k: v for k, v in options.items() if k not in ("stats_callback", "accumulator")}
     callback = options.get("stats_callback")
     accumulator = options.get("accumulator")

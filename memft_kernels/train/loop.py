@@ -406,9 +406,10 @@ def forward_backward(run: Run, batch_index: torch.Tensor, scale: float = 1.0, de
     config, task = run.config, run.task
     local_index = batch_index[run.rank::run.world]
     # A micro-batch with fewer rows than ranks (one sample sharded over the ranks with --fsdp, the
-    # short last batch of an epoch, a small curriculum stage) leaves some ranks without a row. They still run the forward and backward (FSDP's
-    # all-gathers and reduce-scatters, the loss's all-reduce) on one row whose labels are all
-    # ignored: it adds nothing to the loss, its statistics or the gradients, and leaves the window alone.
+    # short last batch of an epoch, a small curriculum stage) leaves some ranks without a row. They
+    # still run the forward and backward (FSDP's all-gathers and reduce-scatters, the loss's
+    # all-reduce) on one row whose labels are all ignored: it adds nothing to the loss, its
+    # statistics or the gradients, and leaves the window alone.
     idle = len(local_index) == 0
     batch = to_batch(task, (batch_index[:1] if idle else local_index).tolist(), task.max_len).to(run.device)
     if idle:
