@@ -136,6 +136,10 @@ CASES = [
          options=dict(policy="hard", label_smoothing=0.1, z_loss=1e-3, softcap=4.0)),
     dict(name="shard_inplace_f32", seed=6, v=13, mesh=(2,), layout="shard", dtype=F32,
          options=dict(policy="hard", inplace_backward=True)),
+    dict(name="shard_uneven_denominator_dtensor", seed=11, v=13, mesh=(2,), layout="shard", denominator="dtensor",
+         options=dict(policy="sigmoid", denominator=7.0)),
+    dict(name="shard_uneven_weight_fn", seed=12, v=13, mesh=(2,), layout="shard",
+         options=dict(policy="hard", weight_fn=lambda target, stats: 0.5 + (stats.ce > 1.5).double())),
     dict(name="replicate_hard", seed=7, v=10, mesh=(2,), layout="replicate", target="dtensor",
          options=dict(policy="hard")),
     dict(name="replicate_sigmoid_none_f32", seed=8, v=9, mesh=(2,), layout="replicate", dtype=F32,
@@ -210,6 +214,8 @@ def _run_case(case, mesh):
         if case["token_weight"] == "dtensor":
             tw = distribute_tensor(tw, mesh, rep)
     opts = dict(case.get("options", {}), backend="torch")
+    if case.get("denominator") == "dtensor":
+        opts["denominator"] = distribute_tensor(torch.tensor(opts["denominator"], dtype=torch.float64), mesh, rep)
     try:
         if case["layout"] == "linear":
             hidden = torch.randn(*case.get("shape", (3, 5)), 4, dtype=dtype)
