@@ -398,3 +398,39 @@ def test_one_rank_mesh_default_backend(one_rank_mesh):
     with pytest.raises(ValueError, match="no vocab-parallel fused linear loss"):
         memft_linear_loss(torch.randn(4, 3), distribute_tensor(torch.randn(5, 3), one_rank_mesh, [Shard(0)]),
                           torch.randint(0, 5, (4,)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_one_rank_nccl_mesh(backend):
+    """DTensor logits on the GPU (nccl, one rank): bf16 through the Triton and CUDA backends, equal
+    to the plain call on the same tensors (run by benchmarks/gpu_check.sh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from memft_kernels import dispatch
+
+    reason = dispatch.availability(backend)
+    if reason is not None:
+        pytest.skip(reason)
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,))
+        g = torch.Generator().manual_seed(7)
+        x = (3 * torch.randn(64, 4099, generator=g)).to("cuda", torch.bfloat16)
+        y = torch.randint(0, 4099, (64,), generator=g).to("cuda")
+        y[::9] = -100
+        ref_x = x.clone().requires_grad_(True)
+        ref = memft_loss(ref_x, y, backend=backend, policy="sigmoid")
+        ref.backward()
+        for placement in (Shard(-1), Replicate()):
+            dx = distribute_tensor(x, mesh, [placement]).requires_grad_(True)
+            loss = memft_loss(dx, y, backend=backend, policy="sigmoid")
+            assert isinstance(loss, DTensor)
+            loss.backward()
+            assert rel_err(loss.to_local(), ref) < 1e-6
+            assert rel_err(dx.grad.full_tensor().float(), ref_x.grad.float()) < 1e-6
+    finally:
+        dist.destroy_process_group()
