@@ -158,16 +158,17 @@ class Layout(NamedTuple):
     starts: List[int]  # every rank's vocab_start, in group rank order
 
 
-def check_layout(records: List[List[int]], rank: int, own_error: Optional[BaseException] = None) -> Layout:
+def check_layout(records: List[List[int]], rank: int, own_error: Optional[BaseException] = None,
+                 where: str = "vocab_parallel_memft_loss") -> Layout:
     """Check the gathered layout records (one per rank, identical on every rank) and return this
     rank's Layout, or raise. Every rank raises the same ValueError, except a rank whose own local
-    validation failed, which raises its own error."""
+    validation failed, which raises its own error. ``where`` names the caller in the messages."""
     failed = [r for r, rec in enumerate(records) if rec[_F_ERROR]]
     if failed:
         if own_error is not None:
             raise own_error
         raise ValueError(
-            f"vocab_parallel_memft_loss: rank(s) {failed} of the group rejected their inputs "
+            f"{where}: rank(s) {failed} of the group rejected their inputs "
             f"(the error is raised there); nothing was computed on any rank"
         )
     world = len(records)
@@ -178,30 +179,30 @@ def check_layout(records: List[List[int]], rank: int, own_error: Optional[BaseEx
     if differing(_F_NUMEL) or differing(_F_SHAPE):
         numels = [rec[_F_NUMEL] for rec in records]
         raise ValueError(
-            "vocab_parallel_memft_loss: target must have the same shape on every rank of the group "
+            f"{where}: target must have the same shape on every rank of the group "
             f"(every rank holds the same rows); target.numel() per rank = {numels}"
         )
     if differing(_F_TARGET):
         raise ValueError(
-            "vocab_parallel_memft_loss: target differs across ranks of the group (ranks "
+            f"{where}: target differs across ranks of the group (ranks "
             f"{differing(_F_TARGET)} differ from rank 0); every rank must pass the same global token ids"
         )
     if differing(_F_HAS_WEIGHT) or differing(_F_WEIGHT):
         raise ValueError(
-            "vocab_parallel_memft_loss: token_weight differs across ranks of the group (ranks "
+            f"{where}: token_weight differs across ranks of the group (ranks "
             f"{sorted(set(differing(_F_HAS_WEIGHT) + differing(_F_WEIGHT)))} differ from rank 0); pass the same "
             "token_weight (or none) on every rank"
         )
     if differing(_F_OPTIONS):
         raise ValueError(
-            "vocab_parallel_memft_loss: the loss options differ across ranks of the group (ranks "
+            f"{where}: the loss options differ across ranks of the group (ranks "
             f"{differing(_F_OPTIONS)} differ from rank 0); pass the same options on every rank"
         )
     widths = [rec[_F_V_LOCAL] for rec in records]
     given = [bool(rec[_F_HAS_START]) for rec in records]
     if any(given) and not all(given):
         raise ValueError(
-            "vocab_parallel_memft_loss: vocab_start must be given on every rank or on none; given on "
+            f"{where}: vocab_start must be given on every rank or on none; given on "
             f"ranks {[r for r in range(world) if given[r]]} only"
         )
     if all(given):
@@ -213,20 +214,47 @@ def check_layout(records: List[List[int]], rank: int, own_error: Optional[BaseEx
         if starts[r] != expected:
             slices = ", ".join(f"rank {i}: [{starts[i]}, {starts[i] + widths[i]})" for i in range(world))
             raise ValueError(
-                "vocab_parallel_memft_loss: the vocabulary slices do not tile [0, V) in rank order: "
+                f"{where}: the vocabulary slices do not tile [0, V) in rank order: "
                 f"rank {r} starts at {starts[r]} but the slices before it end at {expected} ({slices})"
             )
         expected += widths[r]
     return Layout(vocab_start=starts[rank], vocab_size=expected, starts=starts)
 
 
-def _exchange_layout(group, device, record: torch.Tensor, own_error) -> Layout:
+def fill_record(record: torch.Tensor, call, *, v_local: int, vocab_start, target, token_weight, dp_group,
+                extra=()) -> None:
+    """Fill this rank's int64 layout ``record`` (raises on a bad ``vocab_start``): the slice geometry,
+    checksums of ``target`` and ``token_weight``, and a checksum of the options of the prepared
+    ``call`` plus ``extra`` (anything else every rank must agree on)."""
+    if vocab_start is not None and (
+        isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+    ):
+        raise ValueError(
+            f"vocab_start={vocab_start!r} must be an int >= 0 (or None for contiguous slices in rank order)"
+        )
+    o = call.options
+    record[_F_V_LOCAL] = v_local
+    record[_F_HAS_START] = vocab_start is not None
+    record[_F_START] = vocab_start or 0
+    record[_F_NUMEL] = target.numel()
+    record[_F_SHAPE] = _crc(tuple(target.shape))
+    record[_F_TARGET] = _checksum(target)
+    if token_weight is not None:
+        record[_F_HAS_WEIGHT] = 1
+        record[_F_WEIGHT] = _checksum(token_weight.to(torch.float32).contiguous().view(torch.int32))
+    number_denominator = call.denominator if not isinstance(call.denominator, torch.Tensor) else "tensor"
+    record[_F_OPTIONS] = _crc((dataclasses.astuple(call.kernel), o.reduction, o.normalize, o.fallback,
+                               number_denominator, o.validate, dp_group is not None, o.weight_fn is not None,
+                               tuple(extra)))
+
+
+def _exchange_layout(group, device, record: torch.Tensor, own_error, where: str = "vocab_parallel_memft_loss") -> Layout:
     world = dist.get_world_size(group)
     record = record.to(_comm_device(group, device))
     gathered = [torch.empty_like(record) for _ in range(world)]
     dist.all_gather(gathered, record, group=group)
     records = torch.stack(gathered).cpu().tolist()
-    return check_layout(records, dist.get_rank(group), own_error)
+    return check_layout(records, dist.get_rank(group), own_error, where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +323,39 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
     return Reduced(r.loss, r.row_scale, fell_back)
 
 
+def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: KernelOptions, layout: Layout, group,
+                dtype: torch.dtype, *, reduction, normalize, fallback, denominator, dp_group, weight_fn, user_target,
+                validate):
+    """(global RowStats, Reduced) from this rank's ``[5, N]`` slice statistics ``local`` (None when
+    N == 0, the same on every rank): one all_gather over ``group``, the rank-order combination,
+    ``weight_fn``, and the reduction (one all_reduce over ``dp_group`` where ``_reduce`` needs it).
+    ``dtype`` is the statistics' dtype (the accumulate dtype of the logits)."""
+    device = target.device
+    if local is not None:  # N is the same on every rank (checked), so every rank skips together
+        comm = local.to(_comm_device(group, device))
+        gathered = [torch.empty_like(comm) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, comm, group=group)
+        parts = torch.stack(gathered).to(device)
+    else:
+        parts = torch.zeros(1, _N_SLICE_STATS, 0, dtype=torch.float64, device=device)
+    stats = combine_slices(parts, target, token_weight, opts, layout.vocab_size, dtype)
+    valid = target != opts.ignore_index
+    if weight_fn is not None:
+        # The global statistics (the same on every rank); fell_back here is this rank's own
+        # (the dp-group decision comes with the reduction below).
+        own = reduce_rows(stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
+                          fallback=fallback, denominator=denominator)
+        seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
+                                    stats.pred, stats.weight, own.fell_back)
+        factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
+        stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
+    reduced = _reduce(
+        stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
+        fallback=fallback, denominator=denominator, dp_group=dp_group,
+    )
+    return stats, reduced
+
+
 # ---------------------------------------------------------------------------------------------
 # autograd.Function
 # ---------------------------------------------------------------------------------------------
@@ -304,31 +365,11 @@ class _VocabParallelMemFTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, token_weight, module, opts: KernelOptions, layout: Layout, reduction,
                 normalize, fallback, denominator, group, dp_group, inplace, weight_fn, user_target, validate):
-        dt = accumulate_dtype(logits.dtype)
-        n = logits.shape[0]
-        if n > 0:  # n is the same on every rank (checked), so every rank skips together
-            local = slice_row_stats(logits, target, layout.vocab_start, opts, module)
-            comm = local.to(_comm_device(group, logits.device))
-            gathered = [torch.empty_like(comm) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(gathered, comm, group=group)
-            parts = torch.stack(gathered).to(logits.device)
-        else:
-            parts = torch.zeros(1, _N_SLICE_STATS, 0, dtype=torch.float64, device=logits.device)
-        stats = combine_slices(parts, target, token_weight, opts, layout.vocab_size, dt)
-        valid = target != opts.ignore_index
-        if weight_fn is not None:
-            # The global statistics (the same on every rank); fell_back here is this rank's own
-            # (the dp-group decision comes with the reduction below).
-            local = reduce_rows(stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
-                                fallback=fallback, denominator=denominator)
-            seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
-                                        stats.pred, stats.weight, local.fell_back)
-            factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
-            stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
-        reduced = _reduce(
-            stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
-            fallback=fallback, denominator=denominator, dp_group=dp_group,
-        )
+        local = slice_row_stats(logits, target, layout.vocab_start, opts, module) if logits.shape[0] else None
+        stats, reduced = global_rows(local, target, token_weight, opts, layout, group, accumulate_dtype(logits.dtype),
+                                     reduction=reduction, normalize=normalize, fallback=fallback,
+                                     denominator=denominator, dp_group=dp_group, weight_fn=weight_fn,
+                                     user_target=user_target, validate=validate)
         ctx.module, ctx.opts, ctx.inplace, ctx.layout = module, opts, inplace, layout
         ctx.save_for_backward(logits, target, stats.lse, reduced.row_scale)
         ctx.mark_non_differentiable(stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back)
@@ -432,24 +473,8 @@ def vocab_parallel_memft_loss(
         opts = call.kernel
         if inplace_backward and torch.is_grad_enabled() and local_logits.requires_grad:
             check_inplace_target(local_logits)
-        if vocab_start is not None and (
-            isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
-        ):
-            raise ValueError(
-                f"vocab_start={vocab_start!r} must be an int >= 0 (or None for contiguous slices in rank order)"
-            )
-        record[_F_V_LOCAL] = local_logits.shape[-1]
-        record[_F_HAS_START] = vocab_start is not None
-        record[_F_START] = vocab_start or 0
-        record[_F_NUMEL] = target.numel()
-        record[_F_SHAPE] = _crc(tuple(target.shape))
-        record[_F_TARGET] = _checksum(target)
-        if token_weight is not None:
-            record[_F_HAS_WEIGHT] = 1
-            record[_F_WEIGHT] = _checksum(token_weight.to(torch.float32).contiguous().view(torch.int32))
-        number_denominator = call.denominator if not isinstance(call.denominator, torch.Tensor) else "tensor"
-        record[_F_OPTIONS] = _crc((dataclasses.astuple(opts), reduction, normalize, fallback,
-                                   number_denominator, validate, dp_group is not None, weight_fn is not None))
+        fill_record(record, call, v_local=local_logits.shape[-1], vocab_start=vocab_start, target=target,
+                    token_weight=token_weight, dp_group=dp_group)
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
         own_error = exc
         record.zero_()

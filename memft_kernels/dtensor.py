@@ -111,11 +111,12 @@ def class_shard_dim(logits, where: str = "memft_loss") -> Optional[int]:
     return shard_dims[0] if shard_dims else None
 
 
-def _vocab_start(logits, mesh_dim: int) -> int:
-    """Where this rank's slice starts: DTensor's Shard rule is torch.chunk's (chunks of
-    ceil(V / n), the last ones shorter or empty). Checked against the local width."""
+def _vocab_start(logits, mesh_dim: int, dim: int = -1, what: str = "logits", where: str = "memft_loss") -> int:
+    """Where this rank's slice of tensor dimension ``dim`` (the classes) starts: DTensor's Shard rule
+    is torch.chunk's (chunks of ceil(V / n), the last ones shorter or empty). Checked against the
+    local width."""
     mesh = logits.device_mesh
-    v = logits.shape[-1]
+    v = logits.shape[dim]
     n = mesh.size(mesh_dim)
     r = mesh.get_local_rank(mesh_dim)
     chunk = -(-v // n)
@@ -123,15 +124,15 @@ def _vocab_start(logits, mesh_dim: int) -> int:
     empty = [i for i in range(n) if min(chunk, v - min(i * chunk, v)) <= 0]
     if empty:  # the same on every rank: V, n and the rule are global
         raise ValueError(
-            f"memft_loss: DTensor logits with V={v} classes sharded over {n} ranks ({_describe(logits)}) leave "
+            f"{where}: DTensor {what} with V={v} classes sharded over {n} ranks ({_describe(logits)}) leave "
             f"positions {empty} of that mesh dimension without a class (torch.chunk's rule); every rank must hold "
-            f"at least one: pass logits.full_tensor() or a Replicate() layout"
+            f"at least one: pass {what}.full_tensor() or a Replicate() layout"
         )
-    local = logits.to_local().shape[-1]
+    local = logits.to_local().shape[dim]
     if local != min(chunk, v - start):
         raise ValueError(
-            f"memft_loss: DTensor logits with {_describe(logits)}: this rank holds {local} classes, but "
-            f"torch.chunk's rule gives {min(chunk, v - start)} at position {r} of {n}; pass logits.full_tensor()"
+            f"{where}: DTensor {what} with {_describe(logits)}: this rank holds {local} classes, but "
+            f"torch.chunk's rule gives {min(chunk, v - start)} at position {r} of {n}; pass {what}.full_tensor()"
         )
     return start
 
@@ -160,6 +161,73 @@ def route(logits, target, token_weight, options: LossOptions):
         out = vocab_parallel_memft_loss(local, target, group=mesh.get_group(mesh_dim),
                                         vocab_start=_vocab_start(logits, mesh_dim), token_weight=token_weight,
                                         **kwargs)
+    loss, stats = out if options.return_stats else (out, None)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    loss = DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return (loss, stats) if options.return_stats else loss
+
+
+def route_linear(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict):
+    """``memft_linear_loss`` when any of its tensors is a DTensor. The lm_head of tensor parallelism
+    (``ColwiseParallel``): ``weight`` ``[V, D]`` a DTensor sharded ``Shard(0)`` on one mesh dimension
+    and replicated on the others (``bias``, if any, the same), or replicated everywhere; ``hidden``,
+    ``target``, ``token_weight``, ``denominator`` replicated DTensors or plain tensors. Runs
+    ``vocab_parallel_memft_linear_loss`` over that mesh dimension's group (plain
+    ``memft_linear_loss`` on the local tensors when the weight is replicated, or the mesh dimension
+    has one rank). The loss comes back as a ``Replicate()`` DTensor on the weight's mesh, the
+    statistics as plain tensors; gradients reach DTensor inputs as DTensors with their placements.
+    Any other layout raises a ValueError on every rank (placements are global metadata)."""
+    where = "memft_linear_loss"
+    if not is_dtensor(weight):
+        raise ValueError(
+            f"{where}: a DTensor argument needs a DTensor weight (the tensor-parallel lm_head's, Shard(0) or "
+            f"Replicate()); got a plain weight. Pass plain tensors ((hidden|bias|target).full_tensor()) instead"
+        )
+    mod = _dtensor_module()
+    mesh = weight.device_mesh
+    fix = ("Pass the ColwiseParallel layout (weight Shard(0) on one mesh dimension, Replicate() on the others), "
+           "or plain tensors (weight.full_tensor())")
+    if weight.ndim != 2:
+        raise ValueError(f"{where}: weight must be [V, D] (2-D), got shape {tuple(weight.shape)}")
+    shard_dims = []
+    for i, p in enumerate(weight.placements):
+        if isinstance(p, mod.Replicate):
+            continue
+        strided = type(p).__name__ == "_StridedShard"
+        if isinstance(p, mod.Shard) and not strided and p.dim % 2 == 0:
+            shard_dims.append(i)
+            continue
+        raise ValueError(f"{where}: a DTensor weight with {_describe(weight)} is not supported: mesh dimension {i} "
+                         f"has {p}; only the vocabulary (rows, Shard(0)) may be sharded. {fix}")
+    if len(shard_dims) > 1:
+        raise ValueError(f"{where}: a DTensor weight with {_describe(weight)} shards the vocabulary over "
+                         f"{len(shard_dims)} mesh dimensions {shard_dims}; at most one may. {fix}")
+    mesh_dim = shard_dims[0] if shard_dims else None
+    if bias is not None:
+        if not is_dtensor(bias) or bias.device_mesh != mesh or tuple(bias.placements) != tuple(weight.placements):
+            got = _describe(bias) if is_dtensor(bias) else "a plain tensor"
+            raise ValueError(f"{where}: with a DTensor weight ({_describe(weight)}), bias must be a DTensor with the "
+                             f"same mesh and placements (nn.Linear's under ColwiseParallel); got {got}")
+    hidden = _replicated_local("hidden", hidden, where)
+    target = _replicated_local("target", target, where)
+    token_weight = _replicated_local("token_weight", token_weight, where)
+    denominator = _replicated_local("denominator", options.denominator, where)
+    if denominator is not options.denominator:
+        options = dataclasses.replace(options, denominator=denominator)
+    kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "inplace_backward"}
+    local_w = weight.to_local()  # differentiable: the gradient returns as a DTensor with the weight's placements
+    local_b = None if bias is None else bias.to_local()
+    if mesh_dim is None or mesh.size(mesh_dim) == 1:
+        from .linear_loss import memft_linear_loss
+
+        out = memft_linear_loss(hidden, local_w, target, local_b, token_weight=token_weight, **chunking, **kwargs)
+    else:
+        from .vocab_parallel_linear import vocab_parallel_memft_linear_loss
+
+        start = _vocab_start(weight, mesh_dim, dim=0, what="weight", where=where)
+        out = vocab_parallel_memft_linear_loss(hidden, local_w, target, local_b, group=mesh.get_group(mesh_dim),
+                                               vocab_start=start, token_weight=token_weight, **chunking, **kwargs)
     loss, stats = out if options.return_stats else (out, None)
     from torch.distributed.tensor import DTensor, Replicate
 

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from . import dispatch
-from .dtensor import refuse
+from .dtensor import is_dtensor, route_linear
 from .ops.base import Backend
 from .policy import reduce_rows, weight_fn_factor
 from .spec import (
@@ -290,14 +290,6 @@ def _check_linear_inputs(hidden, weight, bias) -> None:
             raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match weight ({weight.dtype}, {weight.device})")
 
 
-_NO_DTENSOR = (
-    "There is no vocab-parallel fused linear loss. With a tensor-parallel lm_head, compute its output "
-    "(a DTensor sharded on the class dimension, Shard(-1)) and pass it to memft_loss, which computes "
-    "vocab-parallel; or pass plain tensors (hidden.full_tensor(), weight.full_tensor()) to compute the "
-    "whole vocabulary on every rank"
-)
-
-
 @takes_loss_options(exclude=("inplace_backward",))
 def memft_linear_loss(
     hidden: torch.Tensor,
@@ -344,7 +336,9 @@ def memft_linear_loss(
         weight_fn=weight_fn,
     )
     options.checked()  # option errors first, as memft_loss reports them
-    refuse("memft_linear_loss", _NO_DTENSOR, hidden=hidden, weight=weight, bias=bias, target=target)
+    if any(is_dtensor(t) for t in (hidden, weight, bias, target, token_weight)):  # a tensor-parallel lm_head
+        return route_linear(hidden, weight, target, bias, token_weight, options,
+                            dict(chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes))
     _check_linear_inputs(hidden, weight, bias)
     if isinstance(target, torch.Tensor) and tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"target.shape={tuple(target.shape)} must equal hidden.shape[:-1]={tuple(hidden.shape[:-1])}")

@@ -158,7 +158,8 @@ ERROR_CASES = [
     dict(name="empty_shard", seed=26, v=1, mesh=(2,), layout="shard", raises="without a class"),
     dict(name="target_sharded", seed=23, v=8, mesh=(2,), layout="shard", target="sharded",
          raises="target is a DTensor"),
-    dict(name="linear_dtensor_weight", seed=24, v=8, mesh=(2,), layout="linear", raises="no vocab-parallel fused"),
+    dict(name="linear_dtensor_weight_shard1", seed=24, v=8, mesh=(2,), layout="linear",
+         raises="only the vocabulary (rows, Shard(0)) may be sharded"),
     dict(name="vocab_parallel_dtensor", seed=25, v=8, mesh=(2,), layout="vocab_parallel", raises="is a DTensor"),
 ]
 
@@ -219,7 +220,7 @@ def _run_case(case, mesh):
     try:
         if case["layout"] == "linear":
             hidden = torch.randn(*case.get("shape", (3, 5)), 4, dtype=dtype)
-            w = distribute_tensor(torch.randn(case["v"], 4, dtype=dtype), mesh, [Shard(0)])
+            w = distribute_tensor(torch.randn(case["v"], 4, dtype=dtype), mesh, [Shard(1)])  # Shard(0): tested in test_vocab_parallel_linear.py
             memft_linear_loss(hidden, w, y, **opts)
             return dict(error=None)
         if case["layout"] == "vocab_parallel":
@@ -395,9 +396,21 @@ def test_one_rank_mesh_default_backend(one_rank_mesh):
         from torch.distributed.tensor import Partial
 
         memft_loss(DTensor.from_local(x, one_rank_mesh, [Partial()]), y)
-    with pytest.raises(ValueError, match="no vocab-parallel fused linear loss"):
-        memft_linear_loss(torch.randn(4, 3), distribute_tensor(torch.randn(5, 3), one_rank_mesh, [Shard(0)]),
+    with pytest.raises(ValueError, match=r"only the vocabulary \(rows, Shard\(0\)\) may be sharded"):
+        memft_linear_loss(torch.randn(4, 3), distribute_tensor(torch.randn(5, 3), one_rank_mesh, [Shard(1)]),
                           torch.randint(0, 5, (4,)))
+    # A Shard(0) weight on a one-rank mesh: plain memft_linear_loss on the local tensor.
+    hidden, weight = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3)
+    y5 = torch.randint(0, 5, (4,))
+    dw = distribute_tensor(weight, one_rank_mesh, [Shard(0)]).requires_grad_(True)
+    loss = memft_linear_loss(hidden, dw, y5)
+    assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+    loss.backward()
+    ref_h, ref_w = hidden.detach().clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref = memft_linear_loss(ref_h, ref_w, y5)
+    ref.backward()
+    assert rel_err(loss.to_local(), ref) < 2e-5 and isinstance(dw.grad, DTensor) and dw.grad.placements == (Shard(0),)
+    assert rel_err(dw.grad.full_tensor(), ref_w.grad) < 2e-5 and rel_err(hidden.grad, ref_h.grad) < 2e-5
 
 
 @pytest.mark.gpu

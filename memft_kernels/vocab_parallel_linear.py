@@ -1,0 +1,236 @@
+"""``vocab_parallel_memft_linear_loss``: ``memft_linear_loss`` for a tensor-parallel lm_head.
+
+Each rank of ``group`` holds rows ``[vocab_start, vocab_start + V_local)`` of the head's weight
+(and bias): the ``ColwiseParallel`` layout of an ``nn.Linear(D, V)``, whose weight is ``[V, D]``
+sharded on dimension 0. ``hidden`` ``[..., D]`` and ``target`` are the same on every rank. The
+loss, the statistics and ``hidden``'s gradient equal ``memft_linear_loss(hidden, full_weight,
+target, ...)`` on every rank; each rank gets the gradient of its own weight (and bias) slice. No
+N x V_local logits exist: one row chunk of them at a time, as in ``memft_linear_loss``.
+
+It is composed of the existing pieces:
+
+* the checked layout exchange of ``distributed.py`` (one small all_gather of every rank's slice
+  geometry and checksums of target, token_weight, options, D, dtype), so that bad input raises
+  the same error on every rank instead of hanging in a later collective;
+* forward: one sweep over the row chunks (``linear_loss._chunk_logits``) computing each chunk's
+  slice statistics (``distributed.slice_row_stats``, the backend's row kernel) into a ``[5, N]``
+  float64 tensor; then ``distributed.global_rows``: ONE all_gather of those statistics for the
+  whole call, their combination in rank order (bit-identical on every rank), ``weight_fn`` and
+  the reduction (one all_reduce of two numbers over ``dp_group`` when it is given);
+* backward: a second sweep (``linear_loss._gradient_sweep``) recomputing each chunk's logits and
+  writing its gradient over them in place with the backend's ``row_backward_`` (global lse, the
+  target term only on the owning rank, ``eps / V`` with the global V: ``distributed.slice_target``
+  and ``slice_options``), accumulating ``g @ W_local`` into the hidden gradient and
+  ``g.T @ hidden`` into the local weight gradient. The hidden gradient is a sum over ranks: ONE
+  all_reduce of ``[N, D]`` (float32 for half-precision inputs) over ``group``. The weight and bias
+  gradients are local.
+
+Unlike ``memft_linear_loss`` (whose row statistics are local, so it forms the gradients during
+the forward), the gradient here needs the global lse, which exists only after the all_gather: the
+chunk logits are computed twice per step (forward and backward), never kept.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import dispatch
+from .distributed import (
+    _N_FIELDS,
+    _F_ERROR,
+    _N_SLICE_STATS,
+    _comm_device,
+    _exchange_layout,
+    fill_record,
+    global_rows,
+    slice_options,
+    slice_row_stats,
+    slice_target,
+    Layout,
+)
+from .dtensor import refuse
+from .linear_loss import _check_linear_inputs, _chunk_logits, _gradient_sweep, _Grads, chunk_rows_for
+from .spec import (
+    KernelOptions,
+    LossOptions,
+    MemFTStats,
+    accumulate_dtype,
+    check_target_range,
+    once_differentiable_grads,
+    prepare_call,
+    takes_loss_options,
+)
+
+_WHERE = "vocab_parallel_memft_linear_loss"
+
+
+def _stats_sweep(hidden, weight, bias, target, vocab_start: int, module, opts: KernelOptions, rows: int) -> torch.Tensor:
+    """``[5, N]`` float64 slice statistics of ``hidden @ weight.T + bias``, one row chunk at a time."""
+    n, v = hidden.shape[0], weight.shape[0]
+    out = torch.empty(_N_SLICE_STATS, n, dtype=torch.float64, device=hidden.device)
+    buf = torch.empty(min(rows, n), v, dtype=hidden.dtype, device=hidden.device)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        logits = _chunk_logits(buf[: b - a], hidden[a:b], weight, bias)
+        out[:, a:b] = slice_row_stats(logits, target[a:b], vocab_start, opts, module)
+    return out
+
+
+def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Sum of ``t`` over ``group`` (float32 or wider on the wire; the same bits on every rank)."""
+    wire = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    wire = wire.to(_comm_device(group, t.device))
+    dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group)
+    return wire.to(device=t.device, dtype=t.dtype)
+
+
+class _VocabParallelLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, token_weight, module, opts: KernelOptions, layout: Layout,
+                reduction, normalize, fallback, denominator, rows, group, dp_group, weight_fn, user_target, validate):
+        n = hidden.shape[0]
+        local = _stats_sweep(hidden, weight, bias, target, layout.vocab_start, module, opts, rows) if n else None
+        stats, reduced = global_rows(local, target, token_weight, opts, layout, group, accumulate_dtype(hidden.dtype),
+                                     reduction=reduction, normalize=normalize, fallback=fallback,
+                                     denominator=denominator, dp_group=dp_group, weight_fn=weight_fn,
+                                     user_target=user_target, validate=validate)
+        ctx.module, ctx.opts, ctx.layout, ctx.rows, ctx.group = module, opts, layout, rows, group
+        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        ctx.save_for_backward(hidden, weight, bias, target, stats.lse, reduced.row_scale)
+        ctx.mark_non_differentiable(stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back)
+        return reduced.loss, stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        hidden, weight, bias, target, lse, row_scale = ctx.saved_tensors
+        opts, layout = ctx.opts, ctx.layout
+        coef = (grad_loss * row_scale).to(lse.dtype).contiguous()
+        local_target = slice_target(target, layout.vocab_start, weight.shape[0], layout.vocab_size, opts.ignore_index)
+        grads = _Grads(hidden, weight, bias, ctx.needs, ctx.rows)
+        if hidden.shape[0]:
+            _gradient_sweep(hidden, weight, bias, local_target, lse, coef, ctx.module,
+                            slice_options(opts, layout.vocab_size), ctx.rows, grads)
+        gh = grads.hidden
+        if gh is not None:  # every rank of the group needs it (checked in the layout exchange)
+            gh = _all_reduce_sum(gh, ctx.group)
+        gw = None if grads.weight is None else grads.weight.to(weight.dtype)
+        gb = None if grads.bias is None else grads.bias.to(weight.dtype)
+        return once_differentiable_grads(gh, gw, gb) + (None,) * 15
+
+
+@takes_loss_options(exclude=("inplace_backward",))
+def vocab_parallel_memft_linear_loss(
+    hidden: torch.Tensor,
+    local_weight: torch.Tensor,
+    target: torch.Tensor,
+    local_bias: Optional[torch.Tensor] = None,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    dp_group=None,
+    chunk_size: Optional[int] = None,
+    memory_budget_bytes: Optional[int] = None,
+    policy: str = "hard",
+    threshold: float = 0.5,
+    sharpness: float = 10.0,
+    token_weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    normalize: str = "active",
+    denominator=None,
+    fallback: str = "mean",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_stats: bool = False,
+    validate: bool = True,
+    backend: str = "auto",
+    weight_fn: Optional[Callable] = None,
+):
+    """``memft_linear_loss(hidden, full_weight, target, full_bias, ...)`` computed from this rank's
+    rows of the lm_head: ``local_weight`` ``[V_local, D]`` (and ``local_bias`` ``[V_local]`` or None)
+    are rows ``[vocab_start, vocab_start + V_local)`` of the full ``[V, D]`` weight.
+
+    ``hidden`` ``[..., D]``, ``target`` (global ids), ``token_weight`` and every option must be the
+    same on every rank of ``group`` (default: the world); ``hidden`` itself is not checked (only its
+    shape, dtype and whether it needs a gradient). ``vocab_start=None`` means contiguous slices in
+    group rank order (any widths, each at least one row); give it on every rank to state the split.
+    Returns what ``memft_linear_loss`` returns, identical on every rank. ``hidden``'s gradient is
+    the full one on every rank (one all_reduce of ``[N, D]`` in the backward); ``local_weight`` and
+    ``local_bias`` get their slices of the full gradients (none for a frozen weight).
+    ``chunk_size`` / ``memory_budget_bytes`` size the row chunks of the ``[chunk, V_local]`` logits
+    as in ``memft_linear_loss``. ``dp_group``: as ``vocab_parallel_memft_loss``'s (the "mean"
+    denominator summed over a data-parallel group).
+
+    Collective: every rank of ``group`` (and ``dp_group``) must call it in the same order, and, when
+    ``hidden`` needs a gradient, run the backward. Bad input on any rank raises on every rank
+    (ValueError, or the local error on the rank that had it) instead of hanging.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{_WHERE} needs an initialized torch.distributed process group "
+            "(torch.distributed.init_process_group); for one process use memft_linear_loss"
+        )
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{_WHERE}: this process is not a member of `group`")
+
+    # Local validation never raises before the exchange: the other ranks would wait in it forever.
+    own_error = None
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    record = torch.zeros(_N_FIELDS, dtype=torch.int64, device=device)
+    options = LossOptions(
+        policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
+        denominator=denominator, fallback=fallback, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, return_stats=return_stats, validate=validate, backend=backend,
+        weight_fn=weight_fn,
+    )
+    try:
+        options.checked()
+        refuse(_WHERE, "Pass the local tensors (weight.to_local(), bias.to_local(); the others whole), or pass the "
+               "DTensor weight to memft_linear_loss, which calls this function",
+               hidden=hidden, local_weight=local_weight, local_bias=local_bias, target=target,
+               token_weight=token_weight)
+        _check_linear_inputs(hidden, local_weight, local_bias)
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+        if tuple(target.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"target.shape={tuple(target.shape)} must equal hidden.shape[:-1]="
+                             f"{tuple(hidden.shape[:-1])}")
+        v_local, dim = local_weight.shape
+        if v_local == 0:
+            raise ValueError(f"{_WHERE}: local_weight has no rows; every rank must hold at least one row of the head")
+        virtual_logits = hidden.new_empty(()).expand(*hidden.shape[:-1], v_local)
+        call = prepare_call(virtual_logits, target, token_weight, options, check_range=False, flatten_logits=False)
+        hidden2d = hidden.reshape(-1, dim)
+        if not hidden2d.is_contiguous():
+            hidden2d = hidden2d.contiguous()
+        rows = chunk_rows_for(hidden2d.shape[0], v_local, dim, hidden.dtype, chunk_size=chunk_size,
+                              memory_budget_bytes=memory_budget_bytes)
+        module = dispatch.resolve(backend, hidden2d.new_empty((0, v_local)))
+        # Every rank must agree on these too: the backward all_reduces an [N, D] tensor of this dtype
+        # exactly when hidden needs a gradient.
+        needs_hidden = torch.is_grad_enabled() and hidden.requires_grad
+        fill_record(record, call, v_local=v_local, vocab_start=vocab_start, target=target, token_weight=token_weight,
+                    dp_group=dp_group, extra=(dim, str(hidden.dtype), needs_hidden, local_bias is not None))
+    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
+        own_error = exc
+        record.zero_()
+        record[_F_ERROR] = 1
+    layout = _exchange_layout(group, device, record, own_error, _WHERE)
+    if validate:
+        # The target is the same on every rank (checked), so every rank raises here together.
+        check_target_range(target, layout.vocab_size, ignore_index)
+
+    loss, lse, ce, prob, pred, wgt, fell_back = _VocabParallelLinearFunction.apply(
+        hidden2d, local_weight, local_bias, call.target, call.token_weight, module, call.kernel, layout, reduction,
+        normalize, fallback, call.denominator, rows, group, dp_group, weight_fn, target, validate,
+    )
+    if reduction == "none":
+        loss = loss.reshape(call.lead_shape)
+    loss = loss.to(accumulate_dtype(hidden.dtype))
+    if not return_stats:
+        return loss
+    return loss, MemFTStats.from_rows(call.lead_shape, call.target, call.kernel.ignore_index, lse, ce, prob, pred, wgt,
+                                      fell_back)
