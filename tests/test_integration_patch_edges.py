@@ -28,6 +28,7 @@ def test_patch_survives_accelerate_mixed_precision_unwrap(fused):
     apply_memft_to_model(model, policy="hard", threshold=1.0)  # p < 1 everywhere: every token active = CE
     if not fused:
         apply_memft_to_model(model, fused_linear=False, policy="hard", threshold=1.0)
+    AcceleratorState._reset_state(True)  # a Trainer of an earlier test built one without mixed precision
     try:
         accelerator = Accelerator(mixed_precision="bf16", cpu=True)
         prepared = accelerator.prepare_model(model)
@@ -61,3 +62,33 @@ def test_fused_forward_on_meta_device():
     want = apply_memft_to_model(reference, **OPTIONS)(input_ids=ids, labels=labels).loss
     got = model(input_ids=ids, labels=labels)
     assert got.logits is None and rel(got.loss, want) < 1e-6
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_data_parallel_replica_runs_its_own_parameters(fused, monkeypatch):
+    """nn.DataParallel (the Trainer on several GPUs without torchrun) replicates a module by copying its
+    __dict__: the patch of each replica held the ORIGINAL model, so every replica computed with the
+    first device's parameters (on GPUs: a device mismatch). torch's replicate() is run here on CPU with
+    its broadcast replaced by detached copies, so that which parameters a replica used shows in .grad."""
+    import importlib
+
+    replicate_module = importlib.import_module("torch.nn.parallel.replicate")
+
+    def broadcast(tensors, devices, detach=False):  # per device: copies that are leaves of their own
+        return [[t.detach().clone().requires_grad_(t.requires_grad) for t in tensors] for _ in devices]
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape", broadcast)
+    ids, labels = batch()
+    model = apply_memft_to_model(tiny("llama"), **OPTIONS)
+    want = model(input_ids=ids, labels=labels)
+    model.zero_grad(set_to_none=True)
+    if not fused:
+        apply_memft_to_model(model, fused_linear=False, **OPTIONS)
+        want = model(input_ids=ids, labels=labels)
+    replicas = replicate_module.replicate(model, [0, 1])
+    for replica in replicas:
+        out = replica(input_ids=ids, labels=labels)
+        assert (out.logits is None) == fused and rel(out.loss, want.loss) < 1e-6
+        out.loss.backward()
+        assert replica.lm_head.weight.grad is not None  # the replica's own copy was used
+    assert all(p.grad is None for p in model.parameters())  # the original was not

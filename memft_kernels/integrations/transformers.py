@@ -376,6 +376,27 @@ class _ClassForward:
         return inspect.signature(type(self.model).forward.__get__(self.model))
 
 
+class _ReplicateWithPatch:
+    """``model._replicate_for_data_parallel`` (what ``nn.DataParallel``'s ``replicate`` calls per module,
+    e.g. the Trainer with several GPUs and no torchrun): the replica is a shallow copy of the model's
+    ``__dict__``, so its patch would still hold (and run) the original model, on the first device's
+    parameters; here the replica's patch objects hold the replica instead."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self):
+        model = self.model
+        replica = type(model)._replicate_for_data_parallel(model)
+        state = vars(replica)
+        state.pop("_replicate_for_data_parallel", None)
+        for name in ("forward", "_memft_original_forward"):
+            patch = state.get(name)
+            if isinstance(patch, (_FusedForward, _ClassForward)) and patch.model is model:
+                state[name] = type(patch)(replica)
+        return replica
+
+
 class _FusedForward:
     """``model.forward`` after ``apply_memft_to_model``: the causal LM's forward with the loss computed
     from the last hidden states (no logits) when training with labels, else the previous forward.
@@ -455,4 +476,5 @@ def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options)
         base.forward = _FusedForward(base)
     else:  # undo an earlier fused patch
         base.forward = base._memft_original_forward
+    base._replicate_for_data_parallel = _ReplicateWithPatch(base)
     return model
