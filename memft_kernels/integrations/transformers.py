@@ -305,8 +305,11 @@ def _fused_loss_here(model, hidden, labels, shift_labels, num_items_in_batch, op
         )
     x, weight, bias = parts
     device_type = x.device.type
-    # Under autocast the head would run in the autocast dtype; otherwise in the weight's dtype.
-    if torch.is_autocast_enabled(device_type):
+    # Under autocast the head would run in the autocast dtype; otherwise in the weight's dtype. A
+    # device without autocast (meta: a shape-only forward) has none to ask about or to turn off.
+    if not torch.amp.is_autocast_available(device_type):
+        device_type = "cpu"
+    if torch.is_autocast_enabled(device_type) and x.device.type != "meta":
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = weight.dtype
@@ -346,6 +349,13 @@ def _forward_signature(forward):
     return _SIGNATURES[key]
 
 
+def _without_self(model, args):
+    """``args`` without a leading ``model``: accelerate binds a forward that has no ``__func__`` as a
+    method of its model (``MethodType(forward, model)``, e.g. ``unwrap_model(keep_fp32_wrapper=False)``
+    after mixed precision), so the patch is then called with the model first."""
+    return args[1:] if args and args[0] is model else args
+
+
 class _ClassForward:
     """``model``'s class forward bound to ``model``: what ``model.forward`` was before the patch, in a
     form that pickles. (A bound method pickles as ``getattr(model, "forward")``, which after the patch
@@ -355,7 +365,7 @@ class _ClassForward:
         self.model = model
 
     def __call__(self, *args, **kwargs):
-        return type(self.model).forward(self.model, *args, **kwargs)
+        return type(self.model).forward(self.model, *_without_self(self.model, args), **kwargs)
 
     @property
     def __func__(self):  # as a bound method has: the plain function (the signature cache's key)
@@ -364,6 +374,27 @@ class _ClassForward:
     @property
     def __signature__(self):
         return inspect.signature(type(self.model).forward.__get__(self.model))
+
+
+class _ReplicateWithPatch:
+    """``model._replicate_for_data_parallel`` (what ``nn.DataParallel``'s ``replicate`` calls per module,
+    e.g. the Trainer with several GPUs and no torchrun): the replica is a shallow copy of the model's
+    ``__dict__``, so its patch would still hold (and run) the original model, on the first device's
+    parameters; here the replica's patch objects hold the replica instead."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self):
+        model = self.model
+        replica = type(model)._replicate_for_data_parallel(model)
+        state = vars(replica)
+        state.pop("_replicate_for_data_parallel", None)
+        for name in ("forward", "_memft_original_forward"):
+            patch = state.get(name)
+            if isinstance(patch, (_FusedForward, _ClassForward)) and patch.model is model:
+                state[name] = type(patch)(replica)
+        return replica
 
 
 class _FusedForward:
@@ -385,6 +416,7 @@ class _FusedForward:
 
     def __call__(self, *args, **kwargs):
         model = self.model
+        args = _without_self(model, args)
         original = model._memft_original_forward
         signature, var_kw = _forward_signature(original)
         arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
@@ -444,4 +476,5 @@ def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options)
         base.forward = _FusedForward(base)
     else:  # undo an earlier fused patch
         base.forward = base._memft_original_forward
+    base._replicate_for_data_parallel = _ReplicateWithPatch(base)
     return model
