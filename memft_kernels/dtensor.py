@@ -23,6 +23,10 @@ at the call, on every rank alike (placements are global metadata: no rank reache
 another skips). ``torch.distributed`` may be unavailable on some builds: nothing here imports it
 until a DTensor is seen (a DTensor exists only once ``torch.distributed.tensor`` is imported).
 ``torch.compile`` of a call with DTensor logits is not tested and not promised.
+
+``memft_linear_loss`` hands a DTensor lm_head weight here (``route_linear``): ``Shard(0)`` on one
+mesh dimension (``ColwiseParallel``) runs ``vocab_parallel_memft_linear_loss`` over that dimension's
+group on the local rows; a replicated weight, plain ``memft_linear_loss`` on every rank.
 """
 from __future__ import annotations
 

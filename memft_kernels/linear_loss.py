@@ -328,6 +328,9 @@ def memft_linear_loss(
     no chunk's gradient can be formed before every row's final weight is known).
     ``torch.autocast`` does not reach inside: the chunk logits have ``hidden``'s dtype (cast
     ``hidden`` and ``weight`` to bfloat16 yourself for bfloat16 logits).
+    A DTensor ``weight`` sharded ``Shard(0)`` (a ``ColwiseParallel`` lm_head) runs
+    ``vocab_parallel_linear.vocab_parallel_memft_linear_loss`` over the sharding mesh dimension's
+    group; the loss is then a ``Replicate()`` DTensor (docs/DISTRIBUTED.md).
     """
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
