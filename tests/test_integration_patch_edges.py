@@ -92,3 +92,37 @@ def test_data_parallel_replica_runs_its_own_parameters(fused, monkeypatch):
         out.loss.backward()
         assert replica.lm_head.weight.grad is not None  # the replica's own copy was used
     assert all(p.grad is None for p in model.parameters())  # the original was not
+
+
+def _trainer_state(trainer):
+    base = trainer.model
+    return dict(callbacks=list(trainer.callback_handler.callbacks),
+                scaled=getattr(trainer, "loss_is_scaled_for_ga", None),
+                accumulator=getattr(trainer, "memft_accumulator", None),
+                forward=vars(base).get("forward"), loss_function=vars(base).get("_loss_function"))
+
+
+def test_refused_add_memft_to_trainer_leaves_the_trainer_as_it_was(tmp_path):
+    """add_memft_to_trainer raising part way (an option misspelt, a bad value, a family the fused head
+    does not support) had already told the Trainer that the loss comes divided by the accumulation steps
+    (so a plain run after it summed its micro-batches' losses), and a second call had already removed
+    the first call's callbacks while the model still fed their accumulator."""
+    from memft_kernels.integrations.trainer import add_memft_to_trainer
+
+    ids, labels = batch(b=4)
+    dataset = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2, use_cpu=True,
+        max_steps=1, report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=tiny("llama"), args=args, train_dataset=dataset)
+    before = _trainer_state(trainer)
+    for bad in (dict(polcy="hard"), dict(fused=True, threshold=1.5)):
+        with pytest.raises((TypeError, ValueError)):
+            add_memft_to_trainer(trainer, **bad)
+        assert _trainer_state(trainer) == before, bad
+    add_memft_to_trainer(trainer, fused=True, **OPTIONS)  # a first call that works, then a refused one
+    first = _trainer_state(trainer)
+    assert first["scaled"] is True and first["accumulator"] is not None and len(first["callbacks"]) > len(before["callbacks"])
+    with pytest.raises(ValueError, match="threshold"):
+        add_memft_to_trainer(trainer, fused=False, policy="hard", threshold=1.5)
+    assert _trainer_state(trainer) == first

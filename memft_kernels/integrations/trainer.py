@@ -187,6 +187,40 @@ def add_memft_to_trainer(
                          "is this package's fused head)")
     if "stats_callback" in options or "accumulator" in options:
         raise TypeError("add_memft_to_trainer sets stats_callback and accumulator itself")
+    saved = _Saved(trainer)
+    try:
+        return _add_memft_to_trainer(trainer, fused, exact_active_mean, metrics, fallback, options)
+    except BaseException:  # a refused call (an unknown option, a bad value, ...) leaves the Trainer as it was
+        saved.restore()
+        raise
+
+
+class _Saved:
+    """What ``add_memft_to_trainer`` changes on the Trainer and its model, to put back when it raises
+    part way (else the Trainer was left not dividing its own loss by the accumulation steps, or without
+    an earlier call's callbacks while its model still fed their accumulator)."""
+
+    TRAINER = ("loss_is_scaled_for_ga", "_memft_loss_is_scaled_for_ga", "memft_callbacks", "memft_accumulator")
+    MODEL = ("forward", "loss_function", "_loss_function", "_memft_original_forward", "_memft_options", "_replicate_for_data_parallel")
+
+    def __init__(self, trainer):
+        self.trainer, self.base = trainer, unwrap_model(trainer.model)
+        self.callbacks = list(trainer.callback_handler.callbacks)
+        self.trainer_state = {k: vars(trainer)[k] for k in self.TRAINER if k in vars(trainer)}
+        self.model_state = {k: vars(self.base)[k] for k in self.MODEL if k in vars(self.base)}
+
+    def restore(self) -> None:
+        self.trainer.callback_handler.callbacks[:] = self.callbacks
+        for obj, names, state in ((self.trainer, self.TRAINER, self.trainer_state),
+                                  (self.base, self.MODEL, self.model_state)):
+            for name in names:
+                if name in state:
+                    vars(obj)[name] = state[name]
+                else:
+                    vars(obj).pop(name, None)
+
+
+def _add_memft_to_trainer(trainer, fused, exact_active_mean, metrics, fallback, options):
     # Called again (new options): the previous call's callbacks go, else two accumulators would
     # close each step (one of them empty) and the metrics would be counted twice.
     for old in getattr(trainer, "memft_callbacks", ()):
