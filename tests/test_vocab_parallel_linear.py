@@ -148,9 +148,10 @@ def _cases(layout):
         dict(name="bfloat16", seed=35, dtype=BF16, shape=(4, 8), ignore=True,
              options=dict(policy="sigmoid", z_loss=1e-3, label_smoothing=0.1)),
     ]
-    if layout == "trio":
-        cases.append(dict(name="even_split", seed=19, widths=[6, 6, 6], ignore=True,
-                          options=dict(policy="sigmoid", label_smoothing=0.1)))
+    if layout in ("pair", "trio"):
+        even = [9, 9] if layout == "pair" else [6, 6, 6]
+        cases.append(dict(name="even_split", seed=19, widths=even, ignore=True, token_weight=True,
+                          options=dict(policy="sigmoid", label_smoothing=0.1, z_loss=1e-3)))
     if layout == "mesh":
         cases = [c for c in cases if c["name"] in ("hard_active", "fallback_mean", "sigmoid_sum")]
         cases.append(dict(name="valid_smooth", seed=32, ignore=True,
