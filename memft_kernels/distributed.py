@@ -246,6 +246,9 @@ def fill_record(record: torch.Tensor, call, *, v_local: int, vocab_start, target
     record[_F_OPTIONS] = _crc((dataclasses.astuple(call.kernel), o.reduction, o.normalize, o.fallback,
                                number_denominator, o.validate, dp_group is not None, o.weight_fn is not None,
                                tuple(extra)))
+    if isinstance(call.denominator, torch.Tensor):  # its value too (tensor ops: no host sync on a device)
+        bits = call.denominator.detach().to(torch.float64).reshape(()).view(torch.int64)
+        record[_F_OPTIONS] += (bits % _PRIME).to(record.device)
 
 
 def _exchange_layout(group, device, record: torch.Tensor, own_error, where: str = "vocab_parallel_memft_loss") -> Layout:

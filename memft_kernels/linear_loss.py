@@ -251,11 +251,15 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
         none = (None,) * 12
         if ctx.reduction == "none":
             hidden, weight, bias, target, lse, wgt = ctx.saved_tensors
-            coef = (grad_loss.to(wgt.dtype) * wgt).contiguous()
-            grads = _Grads(hidden, weight, bias, ctx.needs, ctx.rows)
-            _gradient_sweep(hidden, weight, bias, target, lse, coef, ctx.module, ctx.opts, ctx.rows, grads)
-            one = torch.ones((), dtype=wgt.dtype, device=wgt.device)
-            return once_differentiable_grads(*_finish(grads, one, weight, ctx.rows)) + none
+            # Without grad mode (on under create_graph=True): the sweep's out= matmuls refuse it, and
+            # once_differentiable_grads refuses the second derivative.
+            with torch.no_grad():
+                coef = (grad_loss.to(wgt.dtype) * wgt).contiguous()
+                grads = _Grads(hidden, weight, bias, ctx.needs, ctx.rows)
+                _gradient_sweep(hidden, weight, bias, target, lse, coef, ctx.module, ctx.opts, ctx.rows, grads)
+                one = torch.ones((), dtype=wgt.dtype, device=wgt.device)
+                out = _finish(grads, one, weight, ctx.rows)
+            return once_differentiable_grads(*out) + none
         out = list(ctx.saved_tensors)  # (hidden, weight, bias) gradients, None where not needed
         # Always multiplied (a pass over the small N x D / V x D results), never compared on the host.
         out = [None if g is None else _scaled(g, grad_loss, torch.empty_like(g), ctx.rows) for g in out]

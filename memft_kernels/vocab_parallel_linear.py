@@ -78,12 +78,22 @@ def _stats_sweep(hidden, weight, bias, target, vocab_start: int, module, opts: K
     return out
 
 
-def _all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
-    """Sum of ``t`` over ``group`` (float32 or wider on the wire; the same bits on every rank)."""
+def _power_of_two_scale(coef: torch.Tensor) -> torch.Tensor:
+    """0-d: 2**round(log2(max|coef|)), or 1 where that is not a positive finite number (no host sync)."""
+    top = coef.abs().amax() if coef.numel() else torch.ones((), dtype=coef.dtype, device=coef.device)
+    usable = torch.isfinite(top) & (top > 0)
+    exponent = torch.round(torch.log2(torch.where(usable, top, torch.ones_like(top))))
+    return torch.exp2(exponent)
+
+
+def _all_reduce_sum(t: torch.Tensor, group, scale: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ``group`` times ``scale`` (float32 or wider on the wire and for the scaling,
+    rounded once to ``t``'s dtype; the same bits on every rank)."""
     wire = t if t.dtype in (torch.float32, torch.float64) else t.float()
     wire = wire.to(_comm_device(group, t.device))
     dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group)
-    return wire.to(device=t.device, dtype=t.dtype)
+    wire = wire.to(t.device).mul_(scale.to(wire.dtype))
+    return wire.to(dtype=t.dtype)
 
 
 class _VocabParallelLinearFunction(torch.autograd.Function):
@@ -104,9 +114,24 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        # The sweep's out= matmuls refuse grad mode (on under create_graph=True): the gradients are
+        # computed without it, and once_differentiable_grads then refuses the second derivative.
+        with torch.no_grad():
+            gh, gw, gb = _VocabParallelLinearFunction._gradients(ctx, grad_loss)
+        return once_differentiable_grads(gh, gw, gb) + (None,) * 15
+
+    @staticmethod
+    def _gradients(ctx, grad_loss):
         hidden, weight, bias, target, lse, row_scale = ctx.saved_tensors
         opts, layout = ctx.opts, ctx.layout
-        coef = (grad_loss * row_scale).to(lse.dtype).contiguous()
+        coef = (grad_loss * row_scale).to(lse.dtype)
+        # As memft_linear_loss applies 1/D and the upstream gradient to its small results in float32
+        # (never to the chunk gradient, which has hidden's dtype): the sweep runs with coef / s, s the
+        # power of two nearest max|coef| (exact scaling), and the results are multiplied by s in
+        # float32. Without it a float16 chunk gradient underflows (coef ~ 1/D or a small upstream
+        # gradient) or overflows (GradScaler's 65536 with reduction="sum").
+        scale = _power_of_two_scale(coef)
+        coef = (coef / scale).contiguous()
         local_target = slice_target(target, layout.vocab_start, weight.shape[0], layout.vocab_size, opts.ignore_index)
         grads = _Grads(hidden, weight, bias, ctx.needs, ctx.rows)
         if hidden.shape[0]:
@@ -114,10 +139,10 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
                             slice_options(opts, layout.vocab_size), ctx.rows, grads)
         gh = grads.hidden
         if gh is not None:  # every rank of the group needs it (checked in the layout exchange)
-            gh = _all_reduce_sum(gh, ctx.group)
-        gw = None if grads.weight is None else grads.weight.to(weight.dtype)
-        gb = None if grads.bias is None else grads.bias.to(weight.dtype)
-        return once_differentiable_grads(gh, gw, gb) + (None,) * 15
+            gh = _all_reduce_sum(gh, ctx.group, scale)
+        gw = None if grads.weight is None else grads.weight.mul_(scale).to(weight.dtype)
+        gb = None if grads.bias is None else grads.bias.mul_(scale).to(weight.dtype)
+        return gh, gw, gb
 
 
 @takes_loss_options(exclude=("inplace_backward",))

@@ -286,3 +286,24 @@ def test_cuda_against_float64(dtype, tol, weight_grad):
     assert rel(loss, ref_loss) < tol
     for a, r in zip(got, ref):
         assert a.dtype == dtype and rel(a, r) < tol
+
+
+def test_double_backward_refuses_with_reduction_none():
+    """reduction="none" recomputes the chunks in the backward: under create_graph=True (grad mode on)
+    the first derivative is right and a backward through it raises "no second derivative" (was: the
+    sweep's out= matmuls raised "functions with out=... arguments don't support automatic
+    differentiation" at the first derivative)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (2, 3), generator=g)
+    up = torch.rand(2, 3, generator=g, dtype=torch.float64)
+    out = memft_linear_loss(h, w, y, b, policy="sigmoid", reduction="none", chunk_size=2)
+    grads = torch.autograd.grad(out, (h, w, b), up, create_graph=True)
+    want = torch.autograd.grad(memft_loss(torch.addmm(b, h.reshape(-1, 4), w.T), y.reshape(-1), policy="sigmoid",
+                                          reduction="none"), (h, w, b), up.reshape(-1))
+    for got, ref in zip(grads, want):
+        assert got.requires_grad and float((got - ref).norm() / ref.norm()) < 1e-12
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (sum(t.pow(2).sum() for t in grads) + h.sum()).backward()

@@ -29,10 +29,10 @@ from memft_kernels.vocab_parallel_linear import vocab_parallel_memft_linear_loss
 
 from helpers import free_port
 
-F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 WORLD = 4
 D = 16
-REL = {F64: 1e-10, F32: 2e-5, BF16: 2e-2}  # bfloat16: the chunk logits' own rounding
+REL = {F64: 1e-10, F32: 2e-5, BF16: 2e-2, F16: 1e-2}  # half precision: the chunk logits' own rounding
 STAT_FIELDS = ("ce", "prob", "lse", "weight", "pred", "n_valid", "n_active", "weight_sum", "fell_back",
                "recalled_frac", "token_accuracy")
 
@@ -88,6 +88,7 @@ def make_inputs(case: dict, part: int = 0):
         token_weight.view(-1)[4] = 0.0
     reduction = case.get("options", {}).get("reduction", "mean")
     grad_out = torch.randn(shape, generator=g, dtype=F64) if reduction == "none" else torch.tensor(0.75, dtype=F64)
+    grad_out = grad_out * case.get("grad_scale", 1.0)
     dtype = case.get("dtype", F64)
     cast = (lambda t: None if t is None else t.to(dtype))
     return cast(hidden), cast(weight), cast(bias), target, cast(token_weight), grad_out
@@ -147,6 +148,10 @@ def _cases(layout):
         dict(name="out_of_range_unvalidated", seed=34, out_of_range=True, options=dict(policy="none", validate=False)),
         dict(name="bfloat16", seed=35, dtype=BF16, shape=(4, 8), ignore=True,
              options=dict(policy="sigmoid", z_loss=1e-3, label_smoothing=0.1)),
+        # float16 chunk gradients scaled as memft_linear_loss scales them (was: coef = grad_out * w / D
+        # inside the float16 chunk gradient, which went subnormal for a small upstream gradient)
+        dict(name="float16_small_upstream", seed=36, dtype=F16, shape=(64,), grad_scale=1e-4,
+             options=dict(policy="sigmoid")),
     ]
     if layout in ("pair", "trio"):
         even = [9, 9] if layout == "pair" else [6, 6, 6]
@@ -185,6 +190,9 @@ def _error_cases(layout):
         dict(name="err_empty_slice", seed=28, perturb="empty_slice", raises="rejected their inputs",
              local_error=(last, "ValueError")),
         dict(name="err_target_range", seed=29, perturb="target_range", raises="outside [0, V)"),
+        # a denominator tensor's value is part of the options (was: each rank divided by its own)
+        dict(name="err_denominator_value", seed=30, perturb="denominator_value", raises="options differ",
+             options=dict(policy="hard", denominator=torch.tensor(4.0))),
     ]
     return [dict(c, layout=layout, widths=w) for c in cases]
 
@@ -197,6 +205,8 @@ def _plan():
     plan += _cases("mesh") + _cases("dtensor")
     plan.append(dict(name="dtensor_shard1", seed=44, layout="dtensor", widths=WIDTHS["dtensor"], shard_dim=1,
                      raises="Shard(0)"))
+    plan.append(dict(name="double_backward", seed=47, layout="pair", widths=WIDTHS["pair"], double_backward=True,
+                     options=dict(policy="sigmoid", reduction="none")))
     plan.append(dict(name="memory", seed=45, layout="pair", widths=[97, 96], shape=(512,), chunk=32,
                      options=dict(policy="sigmoid", threshold=0.05)))
     return plan
@@ -304,6 +314,8 @@ def _run_case(case, rank, groups, mesh):
         h = h.long()
     elif perturb == "empty_slice":
         lw, lb = lw[:0], lb[:0]
+    elif perturb == "denominator_value":
+        opts["denominator"] = torch.tensor(5.0)
     if case.get("perturb") == "target_range":  # on every rank
         y = y.clone()
         y.view(-1)[0] = sum(widths)
@@ -311,6 +323,15 @@ def _run_case(case, rank, groups, mesh):
     lw = lw.requires_grad_(case.get("weight_grad", True) and lw.is_floating_point())
     lb = None if lb is None else lb.requires_grad_(True)
     mode = _LargestTensor() if case["name"] == "memory" else None
+    if case.get("double_backward"):  # the first derivative, then a penalty through it
+        loss = vocab_parallel_memft_linear_loss(h, lw, y, lb, group=group, token_weight=tw, **opts)
+        gh = None
+        try:
+            (gh,) = torch.autograd.grad(loss, h, grad_out.to(loss.dtype), create_graph=True)
+            (gh.pow(2).sum() + h.pow(2).sum()).backward()
+        except Exception as exc:  # noqa: BLE001
+            return dict(grad_h=None if gh is None else gh.detach(), error=(type(exc).__name__, str(exc)))
+        return dict(grad_h=gh.detach())
     try:
         if mode is not None:
             with mode:
@@ -489,6 +510,18 @@ def test_dtensor_weight_other_layouts_raise_on_every_rank(spawned):
     for r in range(WORLD):
         res = spawned[r][("dtensor", "dtensor_shard1")]
         assert "error" in res and res["error"][0] == "ValueError" and "Shard(0)" in res["error"][1], res
+
+
+def test_double_backward_refuses_on_every_rank(spawned):
+    """create_graph=True gives the right first derivative; a backward through it raises "no second
+    derivative", as memft_linear_loss does (was: the out= matmuls of the gradient sweep raised
+    "functions with out=... arguments don't support automatic differentiation" already in the
+    first derivative)."""
+    ref = single_process(_case("pair", "double_backward"))
+    for r in range(WORLD):
+        res = spawned[r][("pair", "double_backward")]
+        assert res.get("error", ("", ""))[0] == "RuntimeError" and "no second derivative" in res["error"][1], res
+        _close(res["grad_h"], ref["grad_h"], F64, "grad hidden")
 
 
 def test_never_materializes_the_local_logits(spawned):
