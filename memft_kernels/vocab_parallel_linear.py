@@ -83,7 +83,7 @@ def _power_of_two_scale(coef: torch.Tensor) -> torch.Tensor:
     top = coef.abs().amax() if coef.numel() else torch.ones((), dtype=coef.dtype, device=coef.device)
     usable = torch.isfinite(top) & (top > 0)
     exponent = torch.round(torch.log2(torch.where(usable, top, torch.ones_like(top))))
-    return torch.exp2(exponent)
+    return torch.exp2(exponent.clamp(-126, 126))  # a normal float32 number, never 0 or inf
 
 
 def _all_reduce_sum(t: torch.Tensor, group, scale: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from helpers import free_port
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 WORLD = 4
 D = 16
-REL = {F64: 1e-10, F32: 2e-5, BF16: 2e-2, F16: 1e-2}  # half precision: the chunk logits' own rounding
+REL = {F64: 1e-10, F32: 2e-5, BF16: 2e-2, F16: 2e-2}  # half precision: the chunk logits' own rounding
 STAT_FIELDS = ("ce", "prob", "lse", "weight", "pred", "n_valid", "n_active", "weight_sum", "fell_back",
                "recalled_frac", "token_accuracy")
 
