@@ -13,7 +13,8 @@
 #   t-*        MEMFT_TEST_GPU=1 pytest -m gpu, one process per test file, side by side (the GPU has
 #              room; first-time Triton / inductor compiles are CPU work): t-triton, t-linear,
 #              t-train, t-dist at once; t-cuda (the whole file: build checks too) and t-dtensor (DTensor
-#              logits on a one-rank nccl mesh, the Triton and CUDA backends) once the build is done
+#              logits on a one-rank nccl mesh; the vocab-parallel linear loss's per-rank work on
+#              simulated slices; the Triton and CUDA backends) once the build is done
 #   memcheck-* compute-sanitizer memcheck on cuda_memcheck.py and on triton_memcheck.py (no caching
 #              allocator, so that every tensor is its own allocation), next to t-cuda
 #   bench      alone on the machine, each with a time cap, through `python -m memft_kernels.bench`
@@ -262,7 +263,8 @@ stage_start t-train 90 gpu_pytest -m gpu tests/test_train.py
 stage_start t-dist 120 gpu_pytest -m gpu tests/test_distributed.py
 stage_finish build
 stage_start t-cuda 90 gpu_pytest tests/test_native_cuda.py
-stage_start t-dtensor 60 gpu_pytest -m gpu tests/test_dtensor.py
+stage_start t-dtensor 60 gpu_pytest tests/test_dtensor.py tests/test_vocab_parallel_linear.py \
+  -k "gpu_one_rank or simulated_slices"
 stage_start memcheck-cuda 90 memcheck cuda_memcheck
 stage_start memcheck-triton 90 memcheck triton_memcheck
 for name in t-triton t-linear t-train t-dist t-cuda t-dtensor memcheck-cuda memcheck-triton; do
