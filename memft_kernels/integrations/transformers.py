@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..dtensor import is_dtensor
 from ..linear_loss import memft_linear_loss
 from ..loss import memft_loss
 from ..spec import LossOptions, takes_loss_options
@@ -175,8 +176,24 @@ def use_memft(model: nn.Module, **options) -> nn.Module:
     if not hasattr(base, "loss_function"):
         raise TypeError(f"{type(base).__name__} has no loss_function to replace (needs a transformers model)")
     _refuse_second_softcap(base, options)
+    _refuse_lora_on_tensor_parallel(base)
     base.loss_function = functools.partial(memft_causal_lm_loss, **options)
     return model
+
+
+def _refuse_lora_on_tensor_parallel(base: nn.Module) -> None:
+    """peft LoRA layers in a model loaded tensor-parallel by transformers (``tp_plan``, ``_tp_size`` > 1):
+    with peft 0.21 / transformers 5.24 the LoRA weights' gradients there are wrong already with the
+    model's own cross-entropy loss (measured on 2 gloo ranks: lora_B's differ from one process by
+    ~160%), so training would be silently wrong."""
+    tp_size = getattr(base, "_tp_size", None) or 1
+    if tp_size > 1 and any(hasattr(m, "lora_A") and hasattr(m, "base_layer") for m in base.modules()):
+        raise ValueError(
+            f"peft LoRA on a tensor-parallel model (loaded with tp_plan, tp_size={tp_size}) is not supported: peft's "
+            "LoRA layers on tensor-parallel modules get wrong gradients (with the model's own loss too). Train LoRA "
+            "with data parallelism instead (DDP or FSDP2, see docs/INTEGRATIONS.md), or fine-tune the tp_plan model "
+            "without peft"
+        )
 
 
 def _refuse_second_softcap(base: nn.Module, options: dict) -> None:
@@ -281,6 +298,18 @@ def _fused_loss(model, hidden, labels, shift_labels, num_items_in_batch, options
     return _fused_loss_here(model, hidden, labels, shift_labels, num_items_in_batch, options, model_softcap)
 
 
+def _plain_loss(result):
+    """The loss as transformers' own is: a plain tensor. A tensor-parallel lm_head (``tp_plan``: its
+    weight a ``Shard(0)`` DTensor) makes ``memft_linear_loss`` return a ``Replicate()`` DTensor, whose
+    local value is the whole loss on every rank; ``to_local()`` is differentiable (the gradient
+    returns as the replicated DTensor). A DTensor loss would not mix with the plain tensors a
+    Trainer adds it to. ``result``: a loss, or ``(loss, stats)``."""
+    loss, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, None)
+    if is_dtensor(loss):
+        loss = loss.to_local()
+    return loss if rest is None else (loss, *rest)
+
+
 def _fused_loss_here(model, hidden, labels, shift_labels, num_items_in_batch, options, model_softcap):
     loss_options = {k: v for k, v in options.items() if k not in ("stats_callback", "accumulator")}
     callback = options.get("stats_callback")
@@ -321,8 +350,8 @@ def _fused_loss_here(model, hidden, labels, shift_labels, num_items_in_batch, op
 
         def linear_sum(**kw):
             with torch.autocast(device_type, enabled=False):
-                return memft_linear_loss(x.to(dtype), weight.to(dtype), shift_labels.to(x.device), bias,
-                                         ignore_index=ignore_index, reduction="sum", **loss_options, **kw)
+                return _plain_loss(memft_linear_loss(x.to(dtype), weight.to(dtype), shift_labels.to(x.device), bias,
+                                                     ignore_index=ignore_index, reduction="sum", **loss_options, **kw))
 
         return _accumulated(accumulator, callback, linear_sum, policy)
     with torch.autocast(device_type, enabled=False):
@@ -330,6 +359,7 @@ def _fused_loss_here(model, hidden, labels, shift_labels, num_items_in_batch, op
             x.to(dtype), weight.to(dtype), shift_labels.to(x.device), None if bias is None else bias.to(dtype),
             ignore_index=ignore_index, denominator=denominator, return_stats=callback is not None, **loss_options,
         )
+    result = _plain_loss(result)
     if callback is None:
         return result
     loss, stats = result

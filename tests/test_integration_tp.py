@@ -1,0 +1,186 @@
+"""MemFT on a transformers causal LM loaded tensor-parallel (``from_pretrained(path, tp_plan="auto")``).
+
+ONE spawn of 2 gloo ranks on CPU (float32) loads a tiny Llama saved with ``save_pretrained`` (no hub)
+tensor-parallel over both ranks (transformers' plan: the lm_head ``colwise_gather_output``, its weight a
+DTensor ``Shard(0)``, the logits gathered to plain full tensors; the decoder's projections
+colwise/rowwise) and runs
+
+* ``use_memft(model)``: the loss on the model's own (plain, gathered) logits;
+* ``apply_memft_to_model(model)``: the fused head (hidden states, then the DTensor lm_head weight
+  through the vocabulary-parallel linear loss); its loss must come back a plain tensor, as
+  transformers' own does (it used to be a Replicate() DTensor);
+* ``model.generate()`` after the patch;
+* both with peft LoRA on q_proj/v_proj, which must be refused (peft's LoRA on tensor-parallel
+  modules gets wrong gradients, with the model's own cross-entropy loss too).
+
+The test process runs the same model in one process; the loss and every parameter's gradient
+(DTensors gathered with ``full_tensor()``) must match (relative error < 1e-5).
+"""
+from __future__ import annotations
+
+import faulthandler
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helpers import free_port, rel
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from memft_kernels.integrations.transformers import apply_memft_to_model, use_memft  # noqa: E402
+
+WORLD = 2
+V = 67  # odd: the lm_head's rows split 34 / 33
+OPTIONS = dict(policy="hard", threshold=0.5)
+CASES = [("logits", False), ("fused", False), ("logits", True), ("fused", True)]  # (path, lora)
+TOL = 1e-5
+
+
+def _save_tiny_llama(path):
+    """The tiny Llama, and labels half of which are its own greedy predictions (p > 0.5: masked by the
+    hard policy), half random (kept)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a confident head: its greedy prediction has p > 0.5
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(path)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (2, 12), generator=g)
+    with torch.no_grad():
+        predicted = model(input_ids=ids).logits.argmax(-1)
+    labels = ids.clone()
+    labels[:, 1::2] = predicted[:, 0:-1:2]  # label t+1 is what position t predicts
+    labels[0, :3] = -100
+    torch.save((ids, labels), os.path.join(path, "inputs.pt"))
+
+
+def _inputs(path):
+    return torch.load(os.path.join(path, "inputs.pt"))
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _run_case(path, tp, fused, lora):
+    """Loss, its type, the trainable parameters' full gradients, the MemFT stats and a greedy generation."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {}
+    if tp:  # transformers 5.x: tp_plan="auto" as a DistributedConfig (the bare keyword is deprecated)
+        from transformers import DistributedConfig
+
+        kwargs = dict(distributed_config=DistributedConfig(tp_plan="auto"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    stats = []
+    (apply_memft_to_model if fused else use_memft)(model, stats_callback=stats.append, **OPTIONS)
+    model.train()
+    ids, labels = _inputs(path)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    grads = {n: _full(p.grad).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids[:1, :4], max_new_tokens=5, do_sample=False)
+    return dict(loss=_full(out.loss).detach().clone(), loss_type=type(out.loss).__name__,
+                logits_type=None if out.logits is None else type(out.logits).__name__,
+                head_weight_type=type(model.get_output_embeddings().weight).__name__,
+                grads=grads, active=float(stats[0].n_active), generated=generated)
+
+
+def _worker(rank, world, port, path, outdir):
+    faulthandler.enable()
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        results = {}
+        for fused_name, lora in CASES:
+            try:
+                results[(fused_name, lora)] = _run_case(path, True, fused_name == "fused", lora)
+            except Exception as exc:  # recorded, so that the test shows it (every rank reaches the same)
+                results[(fused_name, lora)] = dict(error=f"{type(exc).__name__}: {exc}")
+        torch.save(results, f"{outdir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    _save_tiny_llama(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def spawned(tiny_path, tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("tp")
+    ctx = mp.start_processes(_worker, args=(WORLD, free_port(), tiny_path, str(outdir)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180.0
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2-rank tp_plan run did not finish within 180 s: a rank hangs")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("path", ["logits", "fused"])
+def test_tp_model_equals_one_process(spawned, tiny_path, path):
+    ref = _run_case(tiny_path, False, path == "fused", False)
+    assert 5 < ref["active"] < 16  # about half of the 21 labelled tokens masked: the mask matters
+    for rank in range(WORLD):
+        res = spawned[rank][(path, False)]
+        assert "error" not in res, res.get("error")
+        assert res["head_weight_type"] == "DTensor"  # the model really is tensor-parallel
+        # transformers' loss type: a plain tensor on both paths (the fused loss is not left a DTensor)
+        assert res["loss_type"] == "Tensor"
+        assert res["logits_type"] == (None if path == "fused" else "Tensor")  # gathered: plain, full vocab
+        assert rel(res["loss"], ref["loss"]) < TOL
+        assert res["active"] == ref["active"]
+        assert res["grads"].keys() == ref["grads"].keys() and len(res["grads"]) == 21
+        for name, g in ref["grads"].items():
+            assert g.norm() > 0, name
+            assert rel(res["grads"][name], g) < TOL, (rank, name, rel(res["grads"][name], g))
+        assert torch.equal(res["generated"], ref["generated"])
+
+
+@pytest.mark.parametrize("path", ["logits", "fused"])
+def test_peft_lora_on_tp_model_is_refused(spawned, path):
+    """peft's LoRA on the tensor-parallel projections gets wrong gradients (also with the model's own
+    loss): use_memft / apply_memft_to_model refuse it on every rank, naming the alternative."""
+    for rank in range(WORLD):
+        error = spawned[rank][(path, True)].get("error", "")
+        assert error.startswith("ValueError: peft LoRA on a tensor-parallel model"), error
+        assert "tp_size=2" in error and "DDP or FSDP2" in error
+
+
+def test_lora_refusal_needs_tensor_parallel(tiny_path):
+    """The same LoRA model in one process is accepted (the refusal is about tp_plan only)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert apply_memft_to_model(model) is model
