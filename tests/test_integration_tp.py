@@ -33,7 +33,7 @@ from helpers import free_port, rel
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from memft_kernels.integrations.transformers import apply_memft_to_model, use_memft  # noqa: E402
+from memft_kernels.integrations.transformers import apply_memft_to_model, use_memft
 
 WORLD = 2
 V = 67  # odd: the lm_head's rows split 34 / 33

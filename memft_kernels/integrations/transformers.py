@@ -187,7 +187,8 @@ def _refuse_lora_on_tensor_parallel(base: nn.Module) -> None:
     model's own cross-entropy loss (measured on 2 gloo ranks: lora_B's differ from one process by
     ~160%), so training would be silently wrong."""
     tp_size = getattr(base, "_tp_size", None) or 1
-    if tp_size > 1 and any(hasattr(m, "lora_A") and hasattr(m, "base_layer") for m in base.modules()):
+    if tp_size > 1 and any(hasattr(m, "lora_A") and is_dtensor(getattr(getattr(m, "base_layer", None), "weight", None))
+                           for m in base.modules()):
         raise ValueError(
             f"peft LoRA on a tensor-parallel model (loaded with tp_plan, tp_size={tp_size}) is not supported: peft's "
             "LoRA layers on tensor-parallel modules get wrong gradients (with the model's own loss too). Train LoRA "
