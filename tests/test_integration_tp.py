@@ -10,11 +10,13 @@ colwise/rowwise) and runs
   through the vocabulary-parallel linear loss); its loss must come back a plain tensor, as
   transformers' own does (it used to be a Replicate() DTensor);
 * ``model.generate()`` after the patch;
-* both with peft LoRA on q_proj/v_proj, which must be refused (peft's LoRA on tensor-parallel
-  modules gets wrong gradients, with the model's own cross-entropy loss too).
+* both with peft LoRA on q_proj/v_proj (every LoRA weight set from a generator);
+* the fused path with LoRA on the lm_head, which must be refused at the call (peft's own forward of
+  that head fails on the tensor-parallel model too).
 
 The test process runs the same model in one process; the loss and every parameter's gradient
-(DTensors gathered with ``full_tensor()``) must match (relative error < 1e-5).
+(DTensors gathered with ``full_tensor()``) must match (relative error < 1e-5), and greedy
+``generate()`` give the same tokens.
 """
 from __future__ import annotations
 
@@ -38,7 +40,9 @@ from memft_kernels.integrations.transformers import apply_memft_to_model, use_me
 WORLD = 2
 V = 67  # odd: the lm_head's rows split 34 / 33
 OPTIONS = dict(policy="hard", threshold=0.5)
-CASES = [("logits", False), ("fused", False), ("logits", True), ("fused", True)]  # (path, lora)
+# (path, LoRA target modules or None); LoRA on the lm_head of the tensor-parallel model is refused.
+CASES = [("logits", None), ("fused", None), ("logits", ("q_proj", "v_proj")), ("fused", ("q_proj", "v_proj")),
+         ("fused", ("q_proj", "lm_head"))]
 TOL = 1e-5
 
 
@@ -74,7 +78,8 @@ def _full(t):
 
 
 def _run_case(path, tp, fused, lora):
-    """Loss, its type, the trainable parameters' full gradients, the MemFT stats and a greedy generation."""
+    """Loss, its type, the trainable parameters' full gradients, the MemFT stats and a greedy generation.
+    ``lora``: None, or the LoRA target modules."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
@@ -83,10 +88,27 @@ def _run_case(path, tp, fused, lora):
 
         kwargs = dict(distributed_config=DistributedConfig(tp_plan="auto"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    lora_a_init = None
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(3)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(lora)))
+        lora_a_init = torch.stack([p.detach().sum() for n, p in model.named_parameters() if "lora_A" in n])
+        # peft's own initialization draws lora_A differently on the tensor-parallel model than in one
+        # process (same seed; the same on both ranks): set every LoRA weight from a generator (lora_B
+        # nonzero, so that lora_A gets a gradient); a DTensor one (lora_B of a colwise projection)
+        # gets its slices.
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    value = torch.randn(p.shape, generator=g) * 0.05
+                    if hasattr(p, "device_mesh"):
+                        from torch.distributed.tensor import distribute_tensor
+
+                        value = distribute_tensor(value, p.device_mesh, p.placements)
+                    p.copy_(value)
     stats = []
     (apply_memft_to_model if fused else use_memft)(model, stats_callback=stats.append, **OPTIONS)
     model.train()
@@ -100,7 +122,7 @@ def _run_case(path, tp, fused, lora):
     return dict(loss=_full(out.loss).detach().clone(), loss_type=type(out.loss).__name__,
                 logits_type=None if out.logits is None else type(out.logits).__name__,
                 head_weight_type=type(model.get_output_embeddings().weight).__name__,
-                grads=grads, active=float(stats[0].n_active), generated=generated)
+                grads=grads, active=float(stats[0].n_active), generated=generated, lora_a_init=lora_a_init)
 
 
 def _worker(rank, world, port, path, outdir):
@@ -146,12 +168,16 @@ def spawned(tiny_path, tmp_path_factory):
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("path", ["logits", "fused"])
-def test_tp_model_equals_one_process(spawned, tiny_path, path):
-    ref = _run_case(tiny_path, False, path == "fused", False)
+EQUAL_CASES = CASES[:4]
+
+
+@pytest.mark.parametrize("path,lora", EQUAL_CASES, ids=[f"{p}-{'lora' if l else 'full'}" for p, l in EQUAL_CASES])
+def test_tp_model_equals_one_process(spawned, tiny_path, path, lora):
+    ref = _run_case(tiny_path, False, path == "fused", lora)
     assert 5 < ref["active"] < 16  # about half of the 21 labelled tokens masked: the mask matters
+    expected_grads = 8 if lora else 21  # LoRA: A and B of q_proj and v_proj in 2 layers
     for rank in range(WORLD):
-        res = spawned[rank][(path, False)]
+        res = spawned[rank][(path, lora)]
         assert "error" not in res, res.get("error")
         assert res["head_weight_type"] == "DTensor"  # the model really is tensor-parallel
         # transformers' loss type: a plain tensor on both paths (the fused loss is not left a DTensor)
@@ -159,28 +185,22 @@ def test_tp_model_equals_one_process(spawned, tiny_path, path):
         assert res["logits_type"] == (None if path == "fused" else "Tensor")  # gathered: plain, full vocab
         assert rel(res["loss"], ref["loss"]) < TOL
         assert res["active"] == ref["active"]
-        assert res["grads"].keys() == ref["grads"].keys() and len(res["grads"]) == 21
+        assert res["grads"].keys() == ref["grads"].keys() and len(res["grads"]) == expected_grads
         for name, g in ref["grads"].items():
             assert g.norm() > 0, name
             assert rel(res["grads"][name], g) < TOL, (rank, name, rel(res["grads"][name], g))
         assert torch.equal(res["generated"], ref["generated"])
+    if lora:  # peft's own lora_A initialization agrees across the ranks (a replicated plain parameter)
+        assert torch.equal(spawned[0][(path, lora)]["lora_a_init"], spawned[1][(path, lora)]["lora_a_init"])
 
 
-@pytest.mark.parametrize("path", ["logits", "fused"])
-def test_peft_lora_on_tp_model_is_refused(spawned, path):
-    """peft's LoRA on the tensor-parallel projections gets wrong gradients (also with the model's own
-    loss): use_memft / apply_memft_to_model refuse it on every rank, naming the alternative."""
+def test_lora_lm_head_on_tp_model_is_refused(spawned, tiny_path):
+    """A LoRA-wrapped lm_head of a tensor-parallel model: the fused path refuses it at the call on every
+    rank, naming what works (it used to fail inside torch.cat, mixing a DTensor and a plain weight)."""
     for rank in range(WORLD):
-        error = spawned[rank][(path, True)].get("error", "")
-        assert error.startswith("ValueError: peft LoRA on a tensor-parallel model"), error
-        assert "tp_size=2" in error and "DDP or FSDP2" in error
-
-
-def test_lora_refusal_needs_tensor_parallel(tiny_path):
-    """The same LoRA model in one process is accepted (the refusal is about tp_plan only)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
-                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert apply_memft_to_model(model) is model
+        error = spawned[rank][CASES[4]].get("error", "")
+        assert error.startswith("ValueError: apply_memft_to_model: a LoRA-wrapped lm_head whose weight is a DTensor"), \
+            error
+        assert "Leave lm_head out of LoRA's target_modules" in error
+    # the same LoRA head in one process is fine
+    assert _run_case(tiny_path, False, True, CASES[4][1])["loss"].isfinite()

@@ -176,25 +176,8 @@ def use_memft(model: nn.Module, **options) -> nn.Module:
     if not hasattr(base, "loss_function"):
         raise TypeError(f"{type(base).__name__} has no loss_function to replace (needs a transformers model)")
     _refuse_second_softcap(base, options)
-    _refuse_lora_on_tensor_parallel(base)
     base.loss_function = functools.partial(memft_causal_lm_loss, **options)
     return model
-
-
-def _refuse_lora_on_tensor_parallel(base: nn.Module) -> None:
-    """peft LoRA layers in a model loaded tensor-parallel by transformers (``tp_plan``, ``_tp_size`` > 1):
-    with peft 0.21 / transformers 5.24 the LoRA weights' gradients there are wrong already with the
-    model's own cross-entropy loss (measured on 2 gloo ranks: lora_B's differ from one process by
-    ~160%), so training would be silently wrong."""
-    tp_size = getattr(base, "_tp_size", None) or 1
-    if tp_size > 1 and any(hasattr(m, "lora_A") and is_dtensor(getattr(getattr(m, "base_layer", None), "weight", None))
-                           for m in base.modules()):
-        raise ValueError(
-            f"peft LoRA on a tensor-parallel model (loaded with tp_plan, tp_size={tp_size}) is not supported: peft's "
-            "LoRA layers on tensor-parallel modules get wrong gradients (with the model's own loss too). Train LoRA "
-            "with data parallelism instead (DDP or FSDP2, see docs/INTEGRATIONS.md), or fine-tune the tp_plan model "
-            "without peft"
-        )
 
 
 def _refuse_second_softcap(base: nn.Module, options: dict) -> None:
@@ -244,6 +227,15 @@ def _head_as_linear(head: nn.Module, hidden: torch.Tensor):
         if base is None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
             return base
         x, weight, bias = base
+        if is_dtensor(weight) and any(name in head.lora_A for name in head.active_adapters):
+            # peft's own forward of such a head fails too (its lora_B has the local rows, the gathered
+            # logits all of them): refuse here, at the call, rather than fail inside torch.cat.
+            raise ValueError(
+                "apply_memft_to_model: a LoRA-wrapped lm_head whose weight is a DTensor (a tensor-parallel model, "
+                "tp_plan) is not supported: peft's LoRA does not shard with the vocabulary-parallel head. Leave "
+                "lm_head out of LoRA's target_modules (LoRA on the decoder's projections works), or fine-tune the head "
+                "itself (unwrapped)"
+            )
         hidden_parts, weight_parts = [x], [weight]
         for name in head.active_adapters:
             if name not in head.lora_A:
