@@ -12,7 +12,7 @@ colwise/rowwise) and runs
 * ``model.generate()`` after the patch;
 * both with peft LoRA on q_proj/v_proj (every LoRA weight set from a generator);
 * the fused path with LoRA on the lm_head, which must be refused at the call (peft's own forward of
-  that head fails on the tensor-parallel model too).
+  that head fails on the tensor-parallel model too); a MemFTAccumulator, refused too (not built).
 
 The test process runs the same model in one process; the loss and every parameter's gradient
 (DTensors gathered with ``full_tensor()``) must match (relative error < 1e-5), and greedy
@@ -77,9 +77,7 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _run_case(path, tp, fused, lora):
-    """Loss, its type, the trainable parameters' full gradients, the MemFT stats and a greedy generation.
-    ``lora``: None, or the LoRA target modules."""
+def _load(path, tp):
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
@@ -87,7 +85,13 @@ def _run_case(path, tp, fused, lora):
         from transformers import DistributedConfig
 
         kwargs = dict(distributed_config=DistributedConfig(tp_plan="auto"))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+
+def _run_case(path, tp, fused, lora):
+    """Loss, its type, the trainable parameters' full gradients, the MemFT stats and a greedy generation.
+    ``lora``: None, or the LoRA target modules."""
+    model = _load(path, tp)
     lora_a_init = None
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -139,6 +143,14 @@ def _worker(rank, world, port, path, outdir):
                 results[(fused_name, lora)] = _run_case(path, True, fused_name == "fused", lora)
             except Exception as exc:  # recorded, so that the test shows it (every rank reaches the same)
                 results[(fused_name, lora)] = dict(error=f"{type(exc).__name__}: {exc}")
+        try:  # a MemFTAccumulator with the tensor-parallel model: refused at the call
+            from memft_kernels.accumulate import MemFTAccumulator
+
+            model = _load(path, True)
+            apply_memft_to_model(model, accumulator=MemFTAccumulator(model))
+            results["accumulator"] = dict(error="")
+        except Exception as exc:
+            results["accumulator"] = dict(error=f"{type(exc).__name__}: {exc}")
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -204,3 +216,12 @@ def test_lora_lm_head_on_tp_model_is_refused(spawned, tiny_path):
         assert "Leave lm_head out of LoRA's target_modules" in error
     # the same LoRA head in one process is fine
     assert _run_case(tiny_path, False, True, CASES[4][1])["loss"].isfinite()
+
+
+def test_accumulator_on_tp_model_is_refused(spawned, tiny_path):
+    """A MemFTAccumulator with a tensor-parallel model (its reductions would count each TP rank's
+    identical batch again) is refused at the call on every rank, naming the alternative."""
+    for rank in range(WORLD):
+        error = spawned[rank]["accumulator"]["error"]
+        assert error.startswith("ValueError: a MemFTAccumulator (exact_active_mean=True"), error
+        assert "tp_size=2" in error and "exact_active_mean=False" in error

@@ -176,8 +176,23 @@ def use_memft(model: nn.Module, **options) -> nn.Module:
     if not hasattr(base, "loss_function"):
         raise TypeError(f"{type(base).__name__} has no loss_function to replace (needs a transformers model)")
     _refuse_second_softcap(base, options)
+    _refuse_accumulator_on_tensor_parallel(base, options)
     base.loss_function = functools.partial(memft_causal_lm_loss, **options)
     return model
+
+
+def _refuse_accumulator_on_tensor_parallel(base: nn.Module, options: dict) -> None:
+    """A ``MemFTAccumulator`` with a model loaded tensor-parallel by transformers (``tp_plan``): not
+    built. Its sums and gradient reductions run over ``group`` (the world by default), where every
+    rank of a tensor-parallel group holds the same batch (counted once per rank) and DTensor
+    gradients; no test covers it, so it is refused rather than left silently wrong."""
+    tp_size = getattr(base, "_tp_size", None) or 1
+    if options.get("accumulator") is not None and tp_size > 1:
+        raise ValueError(
+            f"a MemFTAccumulator (exact_active_mean=True in add_memft_to_trainer) is not supported with a "
+            f"tensor-parallel model (loaded with tp_plan, tp_size={tp_size}). Use the loss without it "
+            f"(use_memft / apply_memft_to_model without accumulator; in add_memft_to_trainer, exact_active_mean=False)"
+        )
 
 
 def _refuse_second_softcap(base: nn.Module, options: dict) -> None:
