@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Callable, List, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -251,13 +251,38 @@ def fill_record(record: torch.Tensor, call, *, v_local: int, vocab_start, target
         record[_F_OPTIONS] += (bits % _PRIME).to(record.device)
 
 
-def _exchange_layout(group, device, record: torch.Tensor, own_error, where: str = "vocab_parallel_memft_loss") -> Layout:
+def _exchange_layout(group, device, record: torch.Tensor, own_error, where: str) -> Layout:
     world = dist.get_world_size(group)
     record = record.to(_comm_device(group, device))
     gathered = [torch.empty_like(record) for _ in range(world)]
     dist.all_gather(gathered, record, group=group)
     records = torch.stack(gathered).cpu().tolist()
     return check_layout(records, dist.get_rank(group), own_error, where)
+
+
+def checked_layout(where: str, single: str, group, device: torch.device, prepare: Callable[[torch.Tensor], Any]):
+    """The opening of every vocab-parallel call: ``prepare(record)`` validates this rank's inputs and
+    fills its layout ``record`` (``fill_record``); then one exchange of the records, after which a
+    bad split, differing inputs, or a local error on any rank raise on every rank of ``group``
+    together. Local validation never raises before the exchange: the other ranks would wait in it
+    forever. ``single``: the one-process function named when no process group exists. Returns
+    ``(layout, what prepare returned)``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{where} needs an initialized torch.distributed process group "
+            f"(torch.distributed.init_process_group); for one process use {single}"
+        )
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{where}: this process is not a member of `group`")
+    record = torch.zeros(_N_FIELDS, dtype=torch.int64, device=device)
+    own_error = prepared = None
+    try:
+        prepared = prepare(record)
+    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
+        own_error = exc
+        record.zero_()
+        record[_F_ERROR] = 1
+    return _exchange_layout(group, device, record, own_error, where), prepared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,42 +472,28 @@ def vocab_parallel_memft_loss(
     ``weight_fn`` sees the global statistics of its rows (identical on every rank) and must return
     the same weights on every rank.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "vocab_parallel_memft_loss needs an initialized torch.distributed process group "
-            "(torch.distributed.init_process_group); for one process use memft_loss"
-        )
-    if dist.get_rank(group) < 0:
-        raise ValueError("vocab_parallel_memft_loss: this process is not a member of `group`")
-
-    # Local validation never raises before the exchange: the other ranks would wait in it forever.
-    # Its error is recorded, exchanged, and raised on every rank together.
-    own_error = None
-    device = local_logits.device if isinstance(local_logits, torch.Tensor) else torch.device("cpu")
-    record = torch.zeros(_N_FIELDS, dtype=torch.int64, device=device)
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
         denominator=denominator, fallback=fallback, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap, return_stats=return_stats, validate=validate,
         inplace_backward=inplace_backward, backend=backend, weight_fn=weight_fn,
     )
-    call = None
-    try:
+
+    def prepare(record):
         refuse("vocab_parallel_memft_loss", "Pass the DTensor logits to memft_loss (it calls this function on "
                "their local slices), or plain local tensors (.to_local(); target.full_tensor())",
                local_logits=local_logits, target=target, token_weight=token_weight)
         # The target range needs the global V: checked after the exchange.
         call = prepare_call(local_logits, target, token_weight, options, check_range=False)
-        opts = call.kernel
         if inplace_backward and torch.is_grad_enabled() and local_logits.requires_grad:
             check_inplace_target(local_logits)
         fill_record(record, call, v_local=local_logits.shape[-1], vocab_start=vocab_start, target=target,
                     token_weight=token_weight, dp_group=dp_group)
-    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
-        own_error = exc
-        record.zero_()
-        record[_F_ERROR] = 1
-    layout = _exchange_layout(group, device, record, own_error)
+        return call
+
+    device = local_logits.device if isinstance(local_logits, torch.Tensor) else torch.device("cpu")
+    layout, call = checked_layout("vocab_parallel_memft_loss", "memft_loss", group, device, prepare)
+    opts = call.kernel
 
     if validate:
         # The target is the same on every rank (checked), so every rank raises here together.
@@ -492,14 +503,8 @@ def vocab_parallel_memft_loss(
     module = dispatch.resolve(backend, logits2d)
     inplace = bool(inplace_backward) and logits2d.data_ptr() == local_logits.data_ptr() and logits2d.is_contiguous()
 
-    loss, lse, ce, prob, pred, weight, fell_back = _VocabParallelMemFTFunction.apply(
+    outputs = _VocabParallelMemFTFunction.apply(
         logits2d, call.target, call.token_weight, module, opts, layout, reduction, normalize, fallback,
         call.denominator, group, dp_group, inplace, weight_fn, target, validate,
     )
-    if reduction == "none":
-        loss = loss.reshape(call.lead_shape)
-    loss = loss.to(accumulate_dtype(local_logits.dtype))
-    if not return_stats:
-        return loss
-    return loss, MemFTStats.from_rows(call.lead_shape, call.target, ignore_index, lse, ce, prob, pred, weight,
-                                      fell_back)
+    return call.finish(local_logits.dtype, *outputs)

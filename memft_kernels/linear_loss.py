@@ -360,14 +360,8 @@ def memft_linear_loss(
     rows = chunk_rows_for(n_rows, vocab, dim, hidden.dtype, chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes)
     module = dispatch.resolve(backend, hidden2d.new_empty((0, vocab)))
 
-    loss, lse, ce, prob, pred, wgt, fell_back = _MemFTLinearLossFunction.apply(
+    outputs = _MemFTLinearLossFunction.apply(
         hidden2d, weight, bias, call.target, call.token_weight, module, call.kernel, reduction, normalize, fallback,
         call.denominator, rows, weight_fn, target, validate,
     )
-    if reduction == "none":
-        loss = loss.reshape(call.lead_shape)
-    loss = loss.to(accumulate_dtype(hidden.dtype))
-    if not return_stats:
-        return loss
-    return loss, MemFTStats.from_rows(call.lead_shape, call.target, call.kernel.ignore_index, lse, ce, prob, pred,
-                                      wgt, fell_back)
+    return call.finish(hidden.dtype, *outputs)

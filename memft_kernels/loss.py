@@ -190,17 +190,11 @@ def memft_loss_with(logits: torch.Tensor, target: torch.Tensor, token_weight: Op
     want_grad = torch.is_grad_enabled() and call.logits.requires_grad
     if inplace and want_grad:
         check_inplace_target(logits)
-    loss, lse, ce, prob, pred, weight, fell_back, _, _ = _MemFTLossFunction.apply(
+    outputs = _MemFTLossFunction.apply(
         call.logits, call.target, call.token_weight, module, call.kernel, options.reduction, options.normalize,
         options.fallback, call.denominator, inplace, options.weight_fn, target, options.validate, want_grad,
     )
-    if options.reduction == "none":
-        loss = loss.reshape(call.lead_shape)
-    loss = loss.to(accumulate_dtype(logits.dtype))
-    if not options.return_stats:
-        return loss
-    return loss, MemFTStats.from_rows(call.lead_shape, call.target, call.kernel.ignore_index, lse, ce, prob, pred,
-                                      weight, fell_back)
+    return call.finish(logits.dtype, *outputs[:7])
 
 
 class MemFTLoss(nn.Module):

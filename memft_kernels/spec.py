@@ -520,6 +520,18 @@ class PreparedCall(NamedTuple):
     target: torch.Tensor  # [N]
     token_weight: Optional[torch.Tensor]  # [N], accumulate_dtype(logits.dtype)
 
+    def finish(self, dtype: torch.dtype, loss, lse, ce, prob, pred, weight, fell_back):
+        """What every entry point returns from its autograd Function's outputs: the loss in
+        ``accumulate_dtype(dtype)`` (target's shape for ``reduction="none"``), and with
+        ``return_stats`` the MemFTStats of the per-row outputs."""
+        if self.options.reduction == "none":
+            loss = loss.reshape(self.lead_shape)
+        loss = loss.to(accumulate_dtype(dtype))
+        if not self.options.return_stats:
+            return loss
+        return loss, MemFTStats.from_rows(self.lead_shape, self.target, self.kernel.ignore_index, lse, ce, prob, pred,
+                                          weight, fell_back)
+
 
 def prepare_call(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
                  options: LossOptions, *, check_range: bool = True, flatten_logits: bool = True) -> PreparedCall:

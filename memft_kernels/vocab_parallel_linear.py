@@ -38,11 +38,9 @@ import torch.distributed as dist
 
 from . import dispatch
 from .distributed import (
-    _N_FIELDS,
-    _F_ERROR,
     _N_SLICE_STATS,
     _comm_device,
-    _exchange_layout,
+    checked_layout,
     fill_record,
     global_rows,
     slice_options,
@@ -55,7 +53,6 @@ from .linear_loss import _check_linear_inputs, _chunk_logits, _gradient_sweep, _
 from .spec import (
     KernelOptions,
     LossOptions,
-    MemFTStats,
     accumulate_dtype,
     check_target_range,
     once_differentiable_grads,
@@ -193,25 +190,14 @@ def vocab_parallel_memft_linear_loss(
     ``hidden`` needs a gradient, run the backward. Bad input on any rank raises on every rank
     (ValueError, or the local error on the rank that had it) instead of hanging.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"{_WHERE} needs an initialized torch.distributed process group "
-            "(torch.distributed.init_process_group); for one process use memft_linear_loss"
-        )
-    if dist.get_rank(group) < 0:
-        raise ValueError(f"{_WHERE}: this process is not a member of `group`")
-
-    # Local validation never raises before the exchange: the other ranks would wait in it forever.
-    own_error = None
-    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    record = torch.zeros(_N_FIELDS, dtype=torch.int64, device=device)
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
         denominator=denominator, fallback=fallback, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap, return_stats=return_stats, validate=validate, backend=backend,
         weight_fn=weight_fn,
     )
-    try:
+
+    def prepare(record):
         options.checked()
         refuse(_WHERE, "Pass the local tensors (weight.to_local(), bias.to_local(); the others whole), or pass the "
                "DTensor weight to memft_linear_loss, which calls this function",
@@ -239,23 +225,16 @@ def vocab_parallel_memft_linear_loss(
         needs_hidden = torch.is_grad_enabled() and hidden.requires_grad
         fill_record(record, call, v_local=v_local, vocab_start=vocab_start, target=target, token_weight=token_weight,
                     dp_group=dp_group, extra=(dim, str(hidden.dtype), needs_hidden, local_bias is not None))
-    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
-        own_error = exc
-        record.zero_()
-        record[_F_ERROR] = 1
-    layout = _exchange_layout(group, device, record, own_error, _WHERE)
+        return call, hidden2d, rows, module
+
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    layout, (call, hidden2d, rows, module) = checked_layout(_WHERE, "memft_linear_loss", group, device, prepare)
     if validate:
         # The target is the same on every rank (checked), so every rank raises here together.
         check_target_range(target, layout.vocab_size, ignore_index)
 
-    loss, lse, ce, prob, pred, wgt, fell_back = _VocabParallelLinearFunction.apply(
+    outputs = _VocabParallelLinearFunction.apply(
         hidden2d, local_weight, local_bias, call.target, call.token_weight, module, call.kernel, layout, reduction,
         normalize, fallback, call.denominator, rows, group, dp_group, weight_fn, target, validate,
     )
-    if reduction == "none":
-        loss = loss.reshape(call.lead_shape)
-    loss = loss.to(accumulate_dtype(hidden.dtype))
-    if not return_stats:
-        return loss
-    return loss, MemFTStats.from_rows(call.lead_shape, call.target, call.kernel.ignore_index, lse, ce, prob, pred, wgt,
-                                      fell_back)
+    return call.finish(hidden.dtype, *outputs)
