@@ -13,6 +13,7 @@ when pytest collects them, as conftest.py lives there).
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 from typing import Iterable
@@ -86,6 +87,43 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_ranks(worker, nprocs: int, args: tuple, timeout_s: float, what: str) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes and wait for all of them. A run
+    still going after ``timeout_s`` fails the test naming ``what`` (a rank hangs); no process
+    outlives the call. The workers write their results to files (see ``rank_results``)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} did not finish within {timeout_s:g} s: a rank hangs")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def rank_results(outdir, nprocs: int, name: str = "rank{}.pt") -> list:
+    """Every spawned rank's results, saved by rank ``r`` with ``torch.save`` as ``outdir/name.format(r)``."""
+    return [torch.load(os.path.join(str(outdir), name.format(r)), weights_only=False) for r in range(nprocs)]
+
+
+def init_gloo_rank(rank: int, world: int, port: int) -> None:
+    """The start of a spawned test rank: Python stacks on a crash, one thread, a gloo process group
+    on the loopback whose collectives give up after 60 s instead of hanging the suite."""
+    import faulthandler
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    faulthandler.enable()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
 
 
 def alive(pid: int) -> bool:

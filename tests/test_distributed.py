@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import faulthandler
 import math
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -39,7 +37,7 @@ from memft_kernels.distributed import (
 from memft_kernels.ops import reference
 from memft_kernels.spec import KernelOptions
 
-from helpers import free_port
+from helpers import free_port, init_gloo_rank, rank_results, spawn_ranks
 
 STAT_FIELDS = ("ce", "prob", "lse", "weight", "pred", "n_valid", "n_active", "weight_sum", "fell_back",
                "recalled_frac", "token_accuracy")
@@ -468,10 +466,7 @@ def _run_case(case, rank, groups):
 
 
 def _worker(rank, world, port, outdir):
-    faulthandler.enable()  # a crashing rank prints its Python stack
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    init_gloo_rank(rank, world, port)
     try:
         # Every rank creates every group, in the same order.
         groups = dict(
@@ -486,18 +481,8 @@ def _worker(rank, world, port, outdir):
 
 
 def _spawn(outdir, timeout_s=150.0):
-    ctx = mp.start_processes(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-rank run did not finish within {timeout_s} s: a rank hangs")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+    spawn_ranks(_worker, WORLD, (WORLD, free_port(), str(outdir)), timeout_s, f"the {WORLD}-rank run")
+    return rank_results(outdir, WORLD)
 
 
 @pytest.fixture(scope="module")
@@ -637,18 +622,8 @@ def _gpu_worker(rank, world, port, outdir, device, cases):
 
 def gpu_run(outdir, cases, device="cuda:0", timeout_s=240.0):
     """Spawn the GPU plan; returns every rank's results (``device="cpu"`` dry-runs the plumbing)."""
-    ctx = mp.start_processes(_gpu_worker, args=(2, free_port(), str(outdir), device, cases), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the GPU run did not finish within {timeout_s} s: a rank hangs")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(outdir / f"rank{r}.pt") for r in range(2)]
+    spawn_ranks(_gpu_worker, 2, (2, free_port(), str(outdir), device, cases), timeout_s, "the GPU run")
+    return rank_results(outdir, 2)
 
 
 def check_gpu_results(results, cases, device="cuda:0"):

@@ -16,21 +16,17 @@ to < 2e-5 (loss, every statistic, and the gradient gathered with full_tensor()).
 """
 from __future__ import annotations
 
-import faulthandler
 import re
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from memft_kernels import MemFTLoss, memft_linear_loss, memft_loss
 from memft_kernels.distributed import vocab_parallel_memft_loss
 
-from helpers import free_port
+from helpers import free_port, init_gloo_rank, rank_results, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 
@@ -251,10 +247,7 @@ def _run_snippet():
 
 
 def _worker(rank, world, port, outdir):
-    faulthandler.enable()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    init_gloo_rank(rank, world, port)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -272,18 +265,8 @@ def _worker(rank, world, port, outdir):
 def spawned(tmp_path_factory):
     """Both ranks' results of the one spawned run, keyed by case name."""
     outdir = tmp_path_factory.mktemp("dtensor")
-    ctx = mp.start_processes(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120.0
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-rank DTensor run did not finish within 120 s: a rank hangs")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    spawn_ranks(_worker, WORLD, (WORLD, free_port(), str(outdir)), 120.0, "the 2-rank DTensor run")
+    return rank_results(outdir, WORLD)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,20 +6,16 @@ the accumulator only ever sees the parameters' .grad, so the model's size does n
 """
 from __future__ import annotations
 
-import faulthandler
 import os
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from memft_kernels import memft_loss
 from memft_kernels.accumulate import MemFTAccumulator
 
-from helpers import free_port
+from helpers import free_port, init_gloo_rank, rank_results, spawn_ranks
 
 N, D, V = 48, 24, 40
 REL = 2e-6  # float32 rounding of sums over <= 48 rows
@@ -221,10 +217,7 @@ def _rank_run(rank, name, recalled, fallback, splits, mode):
 
 
 def _worker(rank, port, outdir):
-    faulthandler.enable()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+    init_gloo_rank(rank, WORLD, port)
     try:
         results = {case[0]: _rank_run(rank, *case) for case in RANK_CASES}
         torch.save(results, f"{outdir}/rank{rank}.pt")
@@ -236,18 +229,8 @@ def _worker(rank, port, outdir):
 def spawned(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("accumulate_ranks")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    ctx = mp.start_processes(_worker, args=(free_port(), str(outdir)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 150.0
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-rank accumulator run did not finish within 150 s: a rank hangs")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+    spawn_ranks(_worker, WORLD, (free_port(), str(outdir)), 150.0, "the 2-rank accumulator run")
+    return rank_results(outdir, WORLD)
 
 
 @pytest.mark.parametrize("case", RANK_CASES, ids=lambda c: c[0])

@@ -20,17 +20,13 @@ The test process runs the same model in one process; the loss and every paramete
 """
 from __future__ import annotations
 
-import faulthandler
 import os
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from helpers import free_port, rel
+from helpers import free_port, init_gloo_rank, rank_results, rel, spawn_ranks
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -130,12 +126,9 @@ def _run_case(path, tp, fused, lora):
 
 
 def _worker(rank, world, port, path, outdir):
-    faulthandler.enable()
-    torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    init_gloo_rank(rank, world, port)
     try:
         results = {}
         for fused_name, lora in CASES:
@@ -166,18 +159,8 @@ def tiny_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def spawned(tiny_path, tmp_path_factory):
     outdir = tmp_path_factory.mktemp("tp")
-    ctx = mp.start_processes(_worker, args=(WORLD, free_port(), tiny_path, str(outdir)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 180.0
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-rank tp_plan run did not finish within 180 s: a rank hangs")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    spawn_ranks(_worker, WORLD, (WORLD, free_port(), tiny_path, str(outdir)), 180.0, "the 2-rank tp_plan run")
+    return rank_results(outdir, WORLD)
 
 
 EQUAL_CASES = CASES[:4]

@@ -327,24 +327,9 @@ def test_trainer_ddp_two_gloo_ranks_is_one_active_mean_call(tmp_path):
     """2 processes x 4 micro-batches of one row = the 8 rows of one step: DDP averages the gradients
     and the Trainer multiplies the loss by the process count; the update is still the gradient of
     one call over all 8 rows, on both ranks."""
-    import socket
-    import time
+    from helpers import free_port, spawn_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240.0
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-rank Trainer run did not finish within 240 s: a rank hangs")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_ranks(_ddp_worker, 2, (free_port(), str(tmp_path)), 240.0, "the 2-rank Trainer run")
     ids, labels = _ddp_rows()
     ref_loss, ref_stats, ref = reference(_ddp_lora_model(), ids, labels, policy="hard", threshold=1.0 / V)
     for rank in range(2):
@@ -500,24 +485,11 @@ def _fsdp_worker(rank, port, outdir):
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    import time
-
-    import torch.multiprocessing as mp
-
-    from helpers import free_port
+    from helpers import free_port, rank_results, spawn_ranks
 
     outdir = tmp_path_factory.mktemp("trainer-fsdp")
-    ctx = mp.start_processes(_fsdp_worker, args=(free_port(), str(outdir)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300.0
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-rank FSDP Trainer runs did not finish within 300 s: a rank hangs")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(outdir / f"fsdp-rank{rank}.pt") for rank in range(2)]
+    spawn_ranks(_fsdp_worker, 2, (free_port(), str(outdir)), 300.0, "the 2-rank FSDP Trainer runs")
+    return rank_results(outdir, 2, "fsdp-rank{}.pt")
 
 
 @pytest.mark.slow  # one 2-process launch for all the cases (~15 s on 2 cores)

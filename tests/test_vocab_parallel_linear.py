@@ -14,20 +14,16 @@ rank order. Norm-relative errors: float64 < 1e-10, float32 < 2e-5.
 """
 from __future__ import annotations
 
-import faulthandler
-import time
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memft_kernels import memft_linear_loss
 from memft_kernels.vocab_parallel_linear import vocab_parallel_memft_linear_loss
 
-from helpers import free_port
+from helpers import free_port, init_gloo_rank, rank_results, spawn_ranks
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 WORLD = 4
@@ -350,10 +346,7 @@ def _run_case(case, rank, groups, mesh):
 
 
 def _worker(rank, world, port, outdir):
-    faulthandler.enable()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    init_gloo_rank(rank, world, port)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -372,18 +365,8 @@ def _worker(rank, world, port, outdir):
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("vocab_parallel_linear")
-    ctx = mp.start_processes(_worker, args=(WORLD, free_port(), str(outdir)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 180.0
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-rank run did not finish within 180 s: a rank hangs")
-    finally:
-        for process in ctx.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+    spawn_ranks(_worker, WORLD, (WORLD, free_port(), str(outdir)), 180.0, f"the {WORLD}-rank run")
+    return rank_results(outdir, WORLD)
 
 
 # ---------------------------------------------------------------------------------------------
