@@ -20,6 +20,7 @@ from typing import Iterable
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from memft_kernels import dispatch, memft_loss
 
@@ -80,6 +81,22 @@ def backend_params(compile_too: bool = True):
 
 def device_for(backend: str) -> str:
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest storage (in elements) any aten op produces while active; views and 0-stride
+    expands of small storages do not count, as they hold no memory of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
 
 
 def free_port() -> int:

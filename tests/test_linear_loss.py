@@ -3,12 +3,11 @@ and in float64 (the ground truth), for every reduction, policy and option, with 
 trainable and frozen weight, upstream gradients != 1 and chunk sizes that do not divide N."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from memft_kernels import memft_loss
 from memft_kernels.linear_loss import DEFAULT_MEMORY_BUDGET_BYTES, chunk_rows_for, memft_linear_loss
 
-from helpers import rel
+from helpers import LargestTensor, rel
 
 N, D, V = 37, 16, 53
 
@@ -138,29 +137,13 @@ def test_no_grad_and_empty():
     assert hidden.grad.abs().sum() == 0
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest storage (in elements) any aten op produces; views and 0-stride expands
-    of small storages do not count, as they hold no memory of their own."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 @pytest.mark.parametrize("weight_grad", [True, False])
 def test_never_materializes_the_logits(weight_grad):
     n, d, v, rows = 512, 16, 97, 32
     hidden = torch.randn(n, d, requires_grad=True)
     weight = torch.randn(v, d, requires_grad=weight_grad)
     target = torch.randint(0, v, (n,))
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         loss = memft_linear_loss(hidden, weight, target, chunk_size=rows, policy="sigmoid", threshold=0.05)
         loss.backward()
     assert mode.largest <= max(n * d, rows * v, v * d) < n * v // 4

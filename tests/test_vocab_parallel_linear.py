@@ -18,12 +18,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from memft_kernels import memft_linear_loss
 from memft_kernels.vocab_parallel_linear import vocab_parallel_memft_linear_loss
 
-from helpers import free_port, init_gloo_rank, rank_results, spawn_ranks
+from helpers import LargestTensor, free_port, init_gloo_rank, rank_results, spawn_ranks
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 WORLD = 4
@@ -217,21 +216,6 @@ def _case(layout, name):
 # ---------------------------------------------------------------------------------------------
 
 
-class _LargestTensor(TorchDispatchMode):
-    """The largest storage (in elements) any aten op produces (views hold no memory of their own)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
-
-
 def _placement(layout, rank, groups):
     """(group, rank in the group, data-parallel part, dp_group), or None when the rank sits out."""
     if layout == "pair":
@@ -318,7 +302,7 @@ def _run_case(case, rank, groups, mesh):
     h = h.requires_grad_(hidden_grad and h.is_floating_point())
     lw = lw.requires_grad_(case.get("weight_grad", True) and lw.is_floating_point())
     lb = None if lb is None else lb.requires_grad_(True)
-    mode = _LargestTensor() if case["name"] == "memory" else None
+    mode = LargestTensor() if case["name"] == "memory" else None
     if case.get("double_backward"):  # the first derivative, then a penalty through it
         loss = vocab_parallel_memft_linear_loss(h, lw, y, lb, group=group, token_weight=tw, **opts)
         gh = None
