@@ -31,6 +31,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / nb) if nb > 0 else float((a - b).norm())
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``rel`` where NaNs are expected: the shapes and the NaN positions must agree, and the NaN
+    positions are left out of ||out - ref|| / ||ref|| (||out - ref|| itself when ref is 0)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN positions differ"
+    keep = ~torch.isnan(ref)
+    return rel(out[keep], ref[keep])
+
+
 def make(n=24, v=37, dtype=torch.float32, ignore_frac=0.2, scale=3.0, seed=0, device="cpu", confident=8.0):
     """Fresh random logits [n, v] and targets (ignore_index -100 on about ``ignore_frac`` of them)."""
     g = torch.Generator().manual_seed(seed)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from memft_kernels import MemFTLoss, memft_linear_loss, memft_loss
 from memft_kernels.distributed import vocab_parallel_memft_loss
 
-from helpers import free_port, init_gloo_rank, rank_results, spawn_ranks
+from helpers import free_port, init_gloo_rank, rank_results, rel_err, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available in this build")
 
@@ -35,16 +35,6 @@ STAT_FIELDS = ("ce", "prob", "lse", "weight", "pred", "n_valid", "n_active", "we
                "recalled_frac", "token_accuracy")
 REL = {torch.float64: 1e-10, torch.float32: 2e-5}
 F64, F32 = torch.float64, torch.float32
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN positions differ"
-    keep = ~torch.isnan(ref)
-    nref = ref[keep].norm()
-    diff = (out[keep] - ref[keep]).norm()
-    return float(diff / nref) if nref > 0 else float(diff)
 
 
 # ---------------------------------------------------------------------------------------------

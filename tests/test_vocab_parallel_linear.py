@@ -22,7 +22,7 @@ import torch.distributed as dist
 from memft_kernels import memft_linear_loss
 from memft_kernels.vocab_parallel_linear import vocab_parallel_memft_linear_loss
 
-from helpers import LargestTensor, free_port, init_gloo_rank, rank_results, spawn_ranks
+from helpers import LargestTensor, free_port, init_gloo_rank, rank_results, rel_err, spawn_ranks
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
 WORLD = 4
@@ -35,16 +35,6 @@ STAT_FIELDS = ("ce", "prob", "lse", "weight", "pred", "n_valid", "n_active", "we
 def _gate(target, stats):
     """A weight_fn of the global statistics: wrong greedy predictions count 4x."""
     return torch.where(stats.pred == target, 0.5, 2.0) * (1.5 - stats.prob)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN positions must agree and are left out)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN positions differ"
-    keep = ~torch.isnan(ref)
-    out, ref = out[keep], ref[keep]
-    norm = ref.norm()
-    return float((out - ref).norm() / norm) if norm > 0 else float((out - ref).norm())
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
