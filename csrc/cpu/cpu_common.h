@@ -99,13 +99,11 @@ inline void from_float(float v, float* p) { *p = v; }
 inline void from_float(float v, uint16_t* p) { *p = float_to_bf16(v); }
 inline void from_float(float v, f16* p) { p->bits = float_to_f16(v); }
 
-// The row's statistics from its scan (max, sum of exp(x - max), sum of x, argmax).
-template <class T>
-void write_stats(const RowInput& in, const RowOptions& o, int64_t i, const T* x, float max, float sumexp,
-                 float sumx, int64_t argmax, bool has_nan, const RowStatsOut& out) {
-  const RowTarget t = row_target(in, o, i);
-  const float x_target = t.in_range ? capped(to_float(x[t.index]), o.softcap) : 0.0f;
-  write_row(out, i, argmax, t.valid, row_values(in, o, i, t, max, sumexp, sumx, has_nan, x_target));
+// The row's statistics from its scan (max, sum of exp(x - max), sum of x, argmax) and its (capped)
+// target logit, read only when the target is in range.
+inline void write_stats(const RowInput& in, const RowOptions& o, int64_t i, const RowTarget& t, float x_target,
+                        float max, float sumexp, float sumx, int64_t argmax, bool has_nan, const RowStatsOut& out) {
+  write_row(out, i, argmax, t.valid, row_values(in, o, i, t, max, sumexp, sumx, has_nan, t.in_range ? x_target : 0.0f));
 }
 
 }  // namespace

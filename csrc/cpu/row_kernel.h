@@ -22,6 +22,7 @@ namespace {
 template <class Vec>
 struct RowKernel {
   static constexpr int64_t kBlock = 2048;  // floats per block: 8 KiB stays in L1 between the two block passes
+  static constexpr int64_t kChunk = 128;   // elements per partial sum (a multiple of every W)
 
   struct Scan {
     float max;
@@ -41,6 +42,24 @@ struct RowKernel {
   template <bool kCap, class T>
   static float load_capped_scalar(const T* p, float softcap) {
     return kCap ? softcap * std::tanh(to_float(*p) / softcap) : to_float(*p);
+  }
+
+  // x[j] as scan_row saw it: with a soft cap, the vector lanes and the tail compute tanh with different
+  // code, and the target logit must be the very value the row's max and lse came from (else
+  // ce = lse - x_target could come out below 0, p above 1, and V = 1 would not give ce = 0).
+  template <class T, bool kCap>
+  static float scanned_value(const T* x, int64_t n, int64_t j, float softcap) {
+    if constexpr (!kCap) {
+      (void)n;
+      (void)softcap;
+      return to_float(x[j]);
+    } else {
+      const int64_t nv = n / Vec::W * Vec::W;
+      if (j >= nv) return load_capped_scalar<kCap>(x + j, softcap);
+      float lanes[Vec::W];
+      Vec::to_array(load_capped<kCap>(x + j / Vec::W * Vec::W, Vec::set1(softcap), Vec::set1(1.0f / softcap)), lanes);
+      return lanes[j % Vec::W];
+    }
   }
 
   // First index in [b0, b1) (a whole number of vectors) whose capped value equals m, or -1.
@@ -68,33 +87,56 @@ struct RowKernel {
     const F neg_inf = Vec::set1(-kInf);
     alignas(64) float buf[kBuffered ? kBlock : 1];
 
-    F run_max = neg_inf, run_sum = Vec::zero(), sum_x = Vec::zero();
+    // Sums are formed in three levels, so that no float32 accumulator takes more than a few hundred
+    // additions whatever V is (one running sum per lane over the whole row lost ~1e-4 of the loss
+    // at V = 1M on the scalar path): kChunk elements into a chunk sum, chunk sums into the block's
+    // sum, block sums into the running sum with Kahan compensation (rescaled with it).
+    F run_max = neg_inf, run_sum = Vec::zero(), run_comp = Vec::zero(), sum_x = Vec::zero();
     I run_block = Vec::set1i(0);  // per lane: the first block in which its max was reached
     const int64_t nv = n / W * W;
     for (int64_t b0 = 0, blk = 0; b0 < nv; b0 += kBlock, ++blk) {
       const int64_t b1 = b0 + kBlock < nv ? b0 + kBlock : nv;
-      F bmax = neg_inf;
-      for (int64_t j = b0; j < b1; j += W) {
-        const F v = load_capped<kCap>(x + j, cap, inv_cap);
-        if constexpr (kBuffered) Vec::store(buf + (j - b0), v, false);
-        bmax = Vec::max(bmax, v);
-        sum_x = Vec::add(sum_x, v);
+      F bmax = neg_inf, bx = Vec::zero();
+      for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
+        const int64_t c1 = c0 + kChunk < b1 ? c0 + kChunk : b1;
+        F cx = Vec::zero();
+        for (int64_t j = c0; j < c1; j += W) {
+          const F v = load_capped<kCap>(x + j, cap, inv_cap);
+          if constexpr (kBuffered) Vec::store(buf + (j - b0), v, false);
+          bmax = Vec::max(bmax, v);
+          cx = Vec::add(cx, v);
+        }
+        bx = Vec::add(bx, cx);
       }
+      sum_x = Vec::add(sum_x, bx);
       run_block = Vec::blendi(run_block, Vec::set1i(static_cast<int32_t>(blk)), Vec::gt(bmax, run_max));
       const F new_max = Vec::max(run_max, bmax);
       // A lane that has seen only -inf keeps max -inf: shift by 0 then, so exp gives 0, not NaN.
       const F shift = Vec::blend(new_max, Vec::zero(), Vec::eq(new_max, neg_inf));
-      run_sum = Vec::mul(run_sum, Vec::exp(Vec::sub(run_max, shift)));
+      const F rescale = Vec::exp(Vec::sub(run_max, shift));
+      run_sum = Vec::mul(run_sum, rescale);
+      run_comp = Vec::mul(run_comp, rescale);
       run_max = new_max;
       if (keep_max) Vec::store(keep_max + blk * W, new_max, false);
-      for (int64_t j = b0; j < b1; j += W) {
-        F v;
-        if constexpr (kBuffered) v = Vec::load(buf + (j - b0));
-        else v = Vec::load(x + j);
-        const F e = Vec::exp_nonpositive(Vec::sub(v, shift));  // v <= shift, or v = -inf
-        if (keep_exp) Vec::store(keep_exp + j, e, false);
-        run_sum = Vec::add(run_sum, e);
+      F bsum = Vec::zero();
+      for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
+        const int64_t c1 = c0 + kChunk < b1 ? c0 + kChunk : b1;
+        F csum = Vec::zero();
+        for (int64_t j = c0; j < c1; j += W) {
+          F v;
+          if constexpr (kBuffered) v = Vec::load(buf + (j - b0));
+          else v = Vec::load(x + j);
+          const F e = Vec::exp_nonpositive(Vec::sub(v, shift));  // v <= shift, or v = -inf
+          if (keep_exp) Vec::store(keep_exp + j, e, false);
+          csum = Vec::add(csum, e);
+        }
+        bsum = Vec::add(bsum, csum);
       }
+      // Kahan: run_sum + bsum, carrying the rounding error of the running sum in run_comp.
+      const F y = Vec::sub(bsum, run_comp);
+      const F total = Vec::add(run_sum, y);
+      run_comp = Vec::sub(Vec::sub(total, run_sum), y);
+      run_sum = total;
     }
 
     // Lanes, then the tail (fewer than W elements), combined in a fixed order.
@@ -126,6 +168,9 @@ struct RowKernel {
     const float shift = s.max == -kInf ? 0.0f : s.max;
     for (int k = 0; k < W && nv > 0; ++k) s.sumexp += lane_sum[k] * std::exp(lane_max[k] - shift);
     if (nv < n) s.sumexp += tail_sum * std::exp(tail_max - shift);
+    // The max element adds exactly exp(0) = 1: the compensated sums' rounding must not take the total
+    // below it (lse >= max keeps ce >= 0). NaN stays NaN, and a row of -inf keeps 0.
+    if (s.sumexp < 1.0f && s.max != -kInf) s.sumexp = 1.0f;
     for (int k = 0; k < W; ++k) s.sumx += lane_x[k];
     s.sumx += tail_x;
 
@@ -219,7 +264,8 @@ struct RowKernel {
       return;
     }
     const GradCoefs c = grad_coefs(o, n, lse, coef);
-    const float g_target = t.in_range ? target_grad(o, c, capped(to_float(x[t.index]), o.softcap), lse, coef) : 0.0f;
+    const float g_target =
+        t.in_range ? target_grad(o, c, scanned_value<T, kCap>(x, n, t.index, o.softcap), lse, coef) : 0.0f;
     if (!kCap && keep_exp) grad_sweep_kept<T>(x, keep_exp, keep_max, n, lse, c.a, c.b, out, nt, next_row);
     else grad_sweep<T, kCap>(x, n, lse, c.a, c.b, o.softcap, out, nt);
     if (t.in_range) from_float(g_target, out + t.index);
@@ -229,7 +275,9 @@ struct RowKernel {
   static void forward_row(const RowInput& in, const RowOptions& o, int64_t i, const RowStatsOut& out) {
     const T* x = static_cast<const T*>(in.logits) + i * in.row_stride;
     const Scan s = scan_row<T, kCap>(x, in.n_cols, o.softcap, nullptr, nullptr);
-    write_stats(in, o, i, x, s.max, s.sumexp, s.sumx, s.argmax, s.has_nan, out);
+    const RowTarget t = row_target(in, o, i);
+    const float x_target = t.in_range ? scanned_value<T, kCap>(x, in.n_cols, t.index, o.softcap) : 0.0f;
+    write_stats(in, o, i, t, x_target, s.max, s.sumexp, s.sumx, s.argmax, s.has_nan, out);
   }
 
   template <class T, bool kCap>
@@ -248,11 +296,12 @@ struct RowKernel {
     float* keep_exp = kCap ? nullptr : scratch;
     float* keep_max = kCap ? nullptr : scratch + in.n_cols;
     const Scan s = scan_row<T, kCap>(x, in.n_cols, o.softcap, keep_exp, keep_max);
-    write_stats(in, o, i, x, s.max, s.sumexp, s.sumx, s.argmax, s.has_nan, out);
+    const RowTarget t = row_target(in, o, i);
+    const float x_target = t.in_range ? scanned_value<T, kCap>(x, in.n_cols, t.index, o.softcap) : 0.0f;
+    write_stats(in, o, i, t, x_target, s.max, s.sumexp, s.sumx, s.argmax, s.has_nan, out);
     T* dst = static_cast<T*>(g.data) + i * g.row_stride;
     const T* next_row = i + 1 < in.n_rows ? x + in.row_stride : nullptr;
-    grad_row<T, kCap>(x, row_target(in, o, i), o, in.n_cols, out.lse[i], out.weight[i] * scale, dst, nt,
-                      keep_exp, keep_max, next_row);
+    grad_row<T, kCap>(x, t, o, in.n_cols, out.lse[i], out.weight[i] * scale, dst, nt, keep_exp, keep_max, next_row);
   }
 
   static int64_t scratch_floats(int64_t n_cols) { return n_cols + (n_cols / kBlock + 1) * Vec::W; }

@@ -72,6 +72,11 @@ def make_input(ext, logits: torch.Tensor, target: torch.Tensor, token_weight: Op
                          f"got {target.dtype} {tuple(target.shape)}")
     if token_weight is not None and (token_weight.dtype != torch.float32 or token_weight.shape != target.shape):
         raise ValueError("token_weight must be float32 of the target's shape")
+    # The kernel dereferences every address on the logits' device: a tensor elsewhere would be read
+    # through a pointer of another address space (a crash, or silently wrong values).
+    for name, t in (("target", target), ("token_weight", token_weight)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"{name} must be on the logits' device {logits.device}, got {t.device}")
     return ext.make_input(
         logits=logits.data_ptr(), dtype=DTYPE_CODES[logits.dtype], n_rows=logits.shape[0],
         n_cols=logits.shape[1], row_stride=logits.stride(0), target=target.data_ptr(),
@@ -100,6 +105,26 @@ def check_grad(grad: torch.Tensor, logits: torch.Tensor) -> None:
                          f"got {grad.dtype}, {tuple(grad.shape)}")
     if grad.numel() > 0 and grad.shape[1] > 1 and grad.stride(1) != 1:
         raise ValueError(f"grad needs unit column stride, got strides {grad.stride()}")
+    # Rows that share memory (an expand()ed or as_strided buffer) would be written by several rows
+    # at once, concurrently: the result depends on the thread schedule.
+    if grad.numel() > 0 and grad.shape[0] > 1 and grad.stride(0) < grad.shape[1]:
+        raise ValueError(f"grad rows overlap (row stride {grad.stride(0)} < {grad.shape[1]} columns): "
+                         f"the gradient needs a row of its own for every row")
+
+
+def check_rows(name: str, t: torch.Tensor, logits: torch.Tensor, dtype=torch.float32) -> None:
+    """A per-row input of the kernels (lse, coef): [N], ``dtype``, unit stride, the logits' device.
+    The kernels read element i of row i at ``address + i``: anything else is read out of bounds."""
+    n = logits.shape[0]
+    if t.shape != (n,) or t.dtype != dtype or t.device != logits.device or (n > 1 and t.stride(0) != 1):
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor of shape ({n},) on {logits.device}, "
+                         f"got {t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
+
+
+def check_scale(scale: torch.Tensor, logits: torch.Tensor) -> None:
+    if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != logits.device:
+        raise ValueError(f"scale must be one float32 element on {logits.device}, got {scale.dtype} "
+                         f"{tuple(scale.shape)} on {scale.device}")
 
 
 def prepare(logits, target, token_weight):
@@ -176,6 +201,8 @@ class NativeBackend(Backend):
     # ----------------------------------------------------------- op implementations (eager)
     def _forward(self, logits, target, token_weight, scale, grad, scalars):
         ext = self._require()
+        if grad is not None:
+            check_scale(scale, logits)
         stats = new_row_stats(logits)
         if logits.shape[0]:
             with self.context(logits) as run:
@@ -190,6 +217,8 @@ class NativeBackend(Backend):
 
     def _backward(self, logits, target, lse, coef, grad, scalars) -> None:
         ext = self._require()
+        check_rows("lse", lse, logits)
+        check_rows("coef", coef, logits)
         if logits.shape[0]:
             with self.context(logits) as run:
                 ext.row_backward(make_input(ext, logits, target, None), make_options(ext, KernelScalars(*scalars)),
@@ -204,6 +233,7 @@ class NativeBackend(Backend):
         return self._forward(logits, target, token_weight, scale, grad, scalars)
 
     def _op_row_forward_backward_inplace(self, logits, target, token_weight, scale, *scalars):
+        check_grad(logits, logits)
         return self._forward(logits, target, token_weight, scale, logits, scalars)
 
     def _op_row_backward(self, logits, target, lse, coef, grad, *scalars) -> None:
@@ -211,10 +241,13 @@ class NativeBackend(Backend):
         self._backward(logits, target, lse, coef, grad, scalars)
 
     def _op_row_backward_inplace(self, logits, target, lse, coef, *scalars) -> None:
+        check_grad(logits, logits)
         self._backward(logits, target, lse, coef, logits, scalars)
 
     def _op_scale_grad(self, grad, factor) -> None:
         ext = self._require()
+        check_grad(grad, grad)
+        check_scale(factor, grad)
         if grad.shape[0]:
             with self.context(grad) as run:
                 ext.scale_rows(grad=grad.data_ptr(), dtype=DTYPE_CODES[grad.dtype], n_rows=grad.shape[0],
