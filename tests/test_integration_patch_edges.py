@@ -307,3 +307,18 @@ def test_head_hook_of_unknown_kind_falls_back_to_logits():
     with pytest.warns(UserWarning, match="accelerate hook.*Scale.*materialized logits"):
         out = model(input_ids=ids, labels=labels)
     assert rel(out.loss, want) < 1e-6
+
+
+def test_lora_added_after_the_head_was_offloaded_is_refused_clearly(tmp_path):
+    """peft's get_peft_model after accelerate offloaded the lm_head leaves the head's LoRA weights on the
+    meta device with no hook to load them (the model's own backward fails too): a ValueError saying to
+    apply peft first, instead of torch.cat's device error."""
+    from accelerate import dispatch_model
+
+    model = dispatch_model(tiny("llama"), device_map={"model": "cpu", "lm_head": "disk"}, offload_dir=str(tmp_path))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    apply_memft_to_model(model.train(), **OPTIONS)
+    ids, labels = batch()
+    with pytest.raises(ValueError, match="apply peft .get_peft_model. before dispatching"):
+        model(input_ids=ids, labels=labels)
+    assert unwrap_model(model).lm_head.base_layer.weight.device.type == "meta"  # offloaded again

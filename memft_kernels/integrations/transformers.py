@@ -322,6 +322,15 @@ def _head_as_linear(head: nn.Module, hidden: torch.Tensor, hooks: Optional[_Head
                 bias = extra if bias is None else bias + extra
         if len(hidden_parts) == 1:
             return base
+        devices = {str(t.device) for t in (*hidden_parts, *weight_parts)}
+        if len(devices) > 1:
+            raise ValueError(
+                f"apply_memft_to_model: the LoRA-wrapped lm_head's base layer and adapter are on different devices "
+                f"({', '.join(sorted(devices))}). With accelerate, apply peft (get_peft_model) before dispatching the "
+                "model (dispatch_model, from_pretrained(device_map=...)): peft applied to an already offloaded head "
+                "leaves the adapter's weights on the meta device with no hook to load them (the model's own forward "
+                "fails there too)"
+            )
         return torch.cat(hidden_parts, dim=-1), torch.cat(weight_parts, dim=1), bias
     return None
 
