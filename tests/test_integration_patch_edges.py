@@ -322,3 +322,33 @@ def test_lora_added_after_the_head_was_offloaded_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="apply peft .get_peft_model. before dispatching"):
         model(input_ids=ids, labels=labels)
     assert unwrap_model(model).lm_head.base_layer.weight.device.type == "meta"  # offloaded again
+
+
+def test_trainer_on_a_model_with_an_offloaded_head(tmp_path):
+    """add_memft_to_trainer(fused=True) on a LoRA model whose lm_head accelerate offloaded to disk: one SGD
+    step over 2 micro-batches (the exact active mean through the accumulator) gives the update of the
+    logits path (fused=False) on the same dispatched model. The fused path raised before (meta weight)."""
+    from accelerate import dispatch_model
+
+    from memft_kernels.integrations.trainer import add_memft_to_trainer
+
+    ids, labels = batch(b=4)
+    dataset = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    updated = {}
+    for fused in (False, True):
+        model = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                  init_lora_weights=False))
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model = dispatch_model(model, device_map={"base_model.model.model": "cpu", "base_model.model.lm_head": "disk"},
+                               offload_dir=str(tmp_path / f"offload{fused}"))
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+            learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+            use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+        add_memft_to_trainer(trainer, fused=fused, **OPTIONS)
+        trainer.train()
+        updated[fused] = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+    assert updated[True].keys() == updated[False].keys() and updated[True]
+    for name, step in updated[False].items():
+        assert step.abs().max() > 0 and rel(updated[True][name], step) < 1e-5, name
