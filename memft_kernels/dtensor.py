@@ -384,12 +384,12 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
     # Local checks, then one exchange over every group this call uses: a bad input on any rank
     # raises on all of them before a collective whose peers could be missing.
     own_error = None
-    record = _options_record(options, token_weight is not None, device)
     try:
+        record = _options_record(options, token_weight is not None, device)
         _local_checks(local, target, token_weight, options, logits.shape[-1], where)
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
         own_error = exc
-        record[0] = 1
+        record = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int64, device=device)
     _check_exchange(row_groups + ([class_group] if class_group is not None else []), record, own_error, where)
 
     dp_group = tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
