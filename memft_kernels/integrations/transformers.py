@@ -10,7 +10,8 @@ Three ways in, from least to most invasive:
   from the last hidden states with ``memft_linear_loss`` and never builds the N x V logits
   (``outputs.logits`` is None there). Evaluation, generation and calls without labels run the
   model's own forward unchanged. A peft ``PeftModel`` is unwrapped to its base model; an lm_head
-  that is frozen, LoRA-wrapped or in ``modules_to_save`` is handled (see ``_head_as_linear``).
+  that is frozen, LoRA-wrapped or in ``modules_to_save`` is handled (see ``_head_as_linear``), also
+  when accelerate's device_map / offload hooks sit on it or on the model (``_HeadHooks``).
 
 Nothing in ``memft_kernels.ops`` or the loss modules imports transformers; this module imports it
 lazily, only to build the output object of the fused forward.
@@ -572,6 +573,11 @@ def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options)
     the last hidden states and the lm_head's weight (Gemma-2/3's ``final_logit_softcapping`` becomes
     the loss's ``softcap``); it returns ``logits=None``. ``chunk_size`` / ``memory_budget_bytes``
     set the chunking. Calling it again replaces the options. Returns ``model``.
+
+    A model dispatched by accelerate (``from_pretrained(device_map=...)``, ``dispatch_model``,
+    ``cpu_offload``), before or after this call: the lm_head's hooks load an offloaded weight and move
+    the hidden states to the head's device around the fused loss (``_HeadHooks``), and the patch goes
+    under a hook on the model itself (``_forward_slot``).
     """
     options = _checked_options(options, LOSS_OPTIONS + LINEAR_OPTIONS)
     base = unwrap_model(model)
