@@ -347,7 +347,7 @@ def _whole_vocab_dp(local, target, token_weight, options: LossOptions, dp_group)
         options.normalize, options.fallback, call.denominator, WHOLE_VOCAB, dp_group, inplace, options.weight_fn,
         target, options.validate,
     )
-    return call.finish(local.dtype, *outputs)
+    return call.finish(local.dtype, *outputs[:7])  # loss, lse, ce, prob, pred, weight, fell_back
 
 
 def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: Optional[int], row_dims, where: str):
@@ -369,6 +369,9 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
 
     mesh = logits.device_mesh
     row_placements = _row_placements(logits, row_dims)
+    if getattr(options, "dp_group", None) is not None:
+        raise ValueError(f"{where}: the logits' rows are sharded ({_describe(logits)}): their data-parallel group is "
+                         f"the row-sharding mesh dimensions' (mesh dimensions {list(row_dims)}); pass dp_group=None")
     # Global metadata first (the same on every rank: they raise alike, before any collective).
     target = _row_local("target", target, logits, row_placements, where)
     token_weight = _row_local("token_weight", token_weight, logits, row_placements, where)
@@ -398,8 +401,8 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
     if class_group is not None:
         from .distributed import vocab_parallel_memft_loss
 
-        out = vocab_parallel_memft_loss(local, target, group=class_group, vocab_start=vocab_start, dp_group=dp_group,
-                                        token_weight=token_weight, **_option_kwargs(options))
+        out = vocab_parallel_memft_loss(local, target, group=class_group, vocab_start=vocab_start,
+                                        token_weight=token_weight, **_option_kwargs(options, dp_group=dp_group))
     elif global_mean:
         out = _whole_vocab_dp(local, target, token_weight, options, dp_group)
     else:
