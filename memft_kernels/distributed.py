@@ -321,7 +321,9 @@ def combine_slices(
 
 
 def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denominator, dp_group) -> Reduced:
-    """reduce_rows, with the "active"/"valid" denominator summed over ``dp_group`` when given."""
+    """reduce_rows, with the "active"/"valid" denominator summed over ``dp_group`` when given (a
+    tuple of groups: summed over each in turn, i.e. over their product, as the row-sharding mesh
+    dimensions of DTensor logits are)."""
     if dp_group is None or reduction != "mean" or denominator is not None:
         return reduce_rows(
             row_loss, weight, valid,
@@ -330,8 +332,10 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
     acc = accumulate_dtype(row_loss.dtype)
     counts = torch.stack([weight.sum(), valid.sum()]).to(torch.float64)
     device = counts.device
-    counts = counts.to(_comm_device(dp_group, device))
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=dp_group)
+    groups = tuple(dp_group) if isinstance(dp_group, (tuple, list)) else (dp_group,)
+    counts = counts.to(_comm_device(groups[0], device))
+    for g in groups:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=g)
     global_wsum, global_valid = counts.to(device)
     no = torch.zeros((), dtype=torch.bool, device=device)
     if normalize == "valid":
@@ -351,6 +355,12 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
     return Reduced(r.loss, r.row_scale, fell_back)
 
 
+# ``group`` of global_rows (and _VocabParallelMemFTFunction) when this rank holds every class: its
+# one slice is the whole row, combined without a collective. dtensor.py's row-sharded path runs the
+# "mean" reductions that need a global denominator through it, with ``dp_group``.
+WHOLE_VOCAB = "whole-vocab"
+
+
 def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: KernelOptions, layout: Layout, group,
                 dtype: torch.dtype, *, reduction, normalize, fallback, denominator, dp_group, weight_fn, user_target,
                 validate):
@@ -359,7 +369,9 @@ def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: Kerne
     ``weight_fn``, and the reduction (one all_reduce over ``dp_group`` where ``_reduce`` needs it).
     ``dtype`` is the statistics' dtype (the accumulate dtype of the logits)."""
     device = target.device
-    if local is not None:  # N is the same on every rank (checked), so every rank skips together
+    if local is not None and group is WHOLE_VOCAB:  # this rank's slice is the whole vocabulary
+        parts = local[None]
+    elif local is not None:  # N is the same on every rank (checked), so every rank skips together
         comm = local.to(_comm_device(group, device))
         gathered = [torch.empty_like(comm) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, comm, group=group)
