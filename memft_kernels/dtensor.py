@@ -15,14 +15,30 @@ Unwrapping with ``to_local()`` is differentiable: the gradient comes back to the
 with their placements (each rank its slice of the full gradient). The loss is returned as torch's
 ``loss_parallel()`` returns ``F.cross_entropy``'s: a DTensor on the logits' mesh, ``Replicate()`` on
 every mesh dimension (its local value is the full loss, identical on every rank); the statistics
-(``return_stats=True``) are plain tensors, identical on every rank.
+(``return_stats=True``) are plain tensors, identical on every rank (with rows sharded, below, the
+per-row fields are DTensors).
 
-Anything else (a row dimension sharded, ``Partial``, the classes sharded by two mesh dimensions, a
-DTensor ``target`` / ``token_weight`` / ``denominator`` that is not replicated) raises a ValueError
-at the call, on every rank alike (placements are global metadata: no rank reaches a collective that
-another skips). ``torch.distributed`` may be unavailable on some builds: nothing here imports it
-until a DTensor is seen (a DTensor exists only once ``torch.distributed.tensor`` is imported).
-``torch.compile`` of a call with DTensor logits is not tested and not promised.
+Row dimensions sharded (``Shard(d)``, ``d`` < the class dimension, on any number of mesh
+dimensions: data / context parallelism, alone or with ``Shard(-1)`` on a TP dimension) go to
+``_route_rows``: the row-sharding mesh dimensions act as one data-parallel group (their groups
+reduced one after the other). Each rank computes its rows (vocab-parallel with ``dp_group`` when the
+classes are sharded too); "sum" adds the ranks' shares; "mean" with normalize "active"/"valid" and
+no denominator divides by the global weight sum / valid count and decides the fallback on the global
+sums. The loss is a ``Replicate()`` DTensor whose local value is the global loss (bit-identical on
+every rank); its gradient on each rank's local logits is the global loss's for those rows
+(``_GlobalTotal``: no collective in the backward). ``reduction="none"`` gives a DTensor sharded like
+the rows; the statistics' per-row fields are such DTensors, the 0-d ones global (summed over the row
+ranks). A plain ``target`` / ``token_weight`` holds this rank's rows, a DTensor one must be sharded
+like the logits' rows. Local input errors and differing options are exchanged in one small
+all-reduce per sharding mesh dimension first, so they raise on every rank instead of hanging one.
+
+Anything else (``Partial``, ``_StridedShard``, the classes sharded by two mesh dimensions, a DTensor
+``target`` / ``token_weight`` laid out otherwise than the logits' rows, a DTensor ``denominator``
+that is not replicated) raises a ValueError at the call, on every rank alike (placements are global
+metadata: no rank reaches a collective that another skips). ``torch.distributed`` may be unavailable
+on some builds: nothing here imports it until a DTensor is seen (a DTensor exists only once
+``torch.distributed.tensor`` is imported). ``torch.compile`` of a call with DTensor logits is not
+tested and not promised.
 
 ``memft_linear_loss`` hands a DTensor lm_head weight here (``route_linear``): ``Shard(0)`` on one
 mesh dimension (``ColwiseParallel``) runs ``vocab_parallel_memft_linear_loss`` over that dimension's
@@ -32,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -73,38 +89,35 @@ def _replicated_local(name: str, t, where: str):
     )
 
 
-def class_shard_dim(logits, where: str = "memft_loss") -> Optional[int]:
-    """The mesh dimension whose placement shards the class dimension (the last) of DTensor
-    ``logits``, or None when every mesh dimension replicates them. ValueError for any other
-    layout, naming the placements and what to pass instead."""
-    mod = _dtensor_module()
-    from torch.distributed.tensor import placement_types
+def _is_plain_shard(p, mod) -> bool:
+    return isinstance(p, mod.Shard) and type(p).__name__ != "_StridedShard"
 
-    strided = getattr(placement_types, "_StridedShard", None)
+
+def logits_sharding(logits, where: str = "memft_loss") -> Tuple[Optional[int], Tuple[int, ...]]:
+    """How DTensor ``logits`` are laid out: (the mesh dimension whose placement shards the class
+    dimension, the last, or None; the mesh dimensions whose placement shards a row dimension, in
+    mesh order). ValueError for any other layout, naming the placements and what to pass instead."""
+    mod = _dtensor_module()
     class_dim = logits.ndim - 1
     placements = tuple(logits.placements)
     fix = (
-        f"Pass the class-sharded layout (logits.redistribute(logits.device_mesh, placements) with Shard({class_dim}) "
-        f"on one mesh dimension and Replicate() on the others), or the whole logits (logits.full_tensor())"
+        f"Pass Shard({class_dim}) on at most one mesh dimension, Shard(d) on row dimensions d < {class_dim} "
+        f"and Replicate() elsewhere (logits.redistribute(logits.device_mesh, placements)), or the whole logits "
+        f"(logits.full_tensor())"
     )
-    shard_dims = []
+    shard_dims, row_dims = [], []
     for i, p in enumerate(placements):
         if isinstance(p, mod.Replicate):
             continue
-        is_plain_shard = isinstance(p, mod.Shard) and not (strided is not None and isinstance(p, strided))
-        if is_plain_shard and p.dim % max(logits.ndim, 1) == class_dim:
-            shard_dims.append(i)
+        if _is_plain_shard(p, mod):
+            (shard_dims if p.dim % max(logits.ndim, 1) == class_dim else row_dims).append(i)
             continue
         if isinstance(p, mod.Partial):
             why = (f"mesh dimension {i} is {p}: the logits are a pending reduction (e.g. a RowwiseParallel output "
                    f"with use_local_output=False), not values")
-        elif is_plain_shard:
-            why = (f"mesh dimension {i} shards tensor dimension {p.dim % max(logits.ndim, 1)}, a row dimension "
-                   f"(only the class dimension {class_dim}, the last, may be sharded); for data parallelism "
-                   f"give the lm_head the tensor-parallel sub-mesh only, or call vocab_parallel_memft_loss "
-                   f"with dp_group on the local logits")
         else:
-            why = f"mesh dimension {i} has placement {p}, which is neither Replicate() nor Shard({class_dim})"
+            why = (f"mesh dimension {i} has placement {p}, which is neither Replicate() nor a plain Shard(d) "
+                   f"(the classes d = {class_dim}, or a row dimension)")
         raise ValueError(f"{where}: DTensor logits of shape {tuple(logits.shape)} with {_describe(logits)} are "
                          f"not supported: {why}. {fix}")
     if len(shard_dims) > 1:
@@ -112,7 +125,7 @@ def class_shard_dim(logits, where: str = "memft_loss") -> Optional[int]:
             f"{where}: DTensor logits of shape {tuple(logits.shape)} with {_describe(logits)} shard the class "
             f"dimension over {len(shard_dims)} mesh dimensions {shard_dims}; at most one may. {fix}"
         )
-    return shard_dims[0] if shard_dims else None
+    return (shard_dims[0] if shard_dims else None), tuple(row_dims)
 
 
 def _vocab_start(logits, mesh_dim: int, dim: int = -1, what: str = "logits", where: str = "memft_loss") -> int:
@@ -144,11 +157,14 @@ def _vocab_start(logits, mesh_dim: int, dim: int = -1, what: str = "logits", whe
 def route(logits, target, token_weight, options: LossOptions):
     """``memft_loss`` of DTensor ``logits`` (see the module docstring): checks the layout, unwraps,
     computes on the local tensor (vocab-parallel over the class-sharding mesh dimension's group
-    when there is one), and returns the loss as a Replicate DTensor (statistics as plain tensors)."""
+    when there is one; with row-sharding mesh dimensions, ``_route_rows``), and returns the loss as
+    a Replicate DTensor (statistics as plain tensors)."""
     from .loss import memft_loss_with
 
     where = "memft_loss"
-    mesh_dim = class_shard_dim(logits, where)
+    mesh_dim, row_dims = logits_sharding(logits, where)
+    if row_dims:
+        return _route_rows(logits, target, token_weight, options, mesh_dim, row_dims, where)
     target = _replicated_local("target", target, where)
     token_weight = _replicated_local("token_weight", token_weight, where)
     denominator = _replicated_local("denominator", options.denominator, where)
@@ -161,15 +177,271 @@ def route(logits, target, token_weight, options: LossOptions):
     else:
         from .distributed import vocab_parallel_memft_loss
 
-        kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}  # no deep copies
         out = vocab_parallel_memft_loss(local, target, group=mesh.get_group(mesh_dim),
                                         vocab_start=_vocab_start(logits, mesh_dim), token_weight=token_weight,
-                                        **kwargs)
+                                        **_option_kwargs(options))
     loss, stats = out if options.return_stats else (out, None)
     from torch.distributed.tensor import DTensor, Replicate
 
     loss = DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return (loss, stats) if options.return_stats else loss
+
+
+def _option_kwargs(options: LossOptions, **override) -> dict:
+    """``options`` as keyword arguments (no deep copies), with ``override`` replacing fields."""
+    kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    kwargs.update(override)
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-sharded logits (data / context parallel mesh dimensions)
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_placements(logits, row_dims) -> tuple:
+    """The placements of per-row tensors next to ``logits``: the logits' Shard(d) on the row-sharding
+    mesh dimensions, Replicate() on every other (the class-sharding one included)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    return tuple(Shard(p.dim % logits.ndim) if i in row_dims else Replicate() for i, p in enumerate(logits.placements))
+
+
+def _row_local(name: str, t, logits, row_placements: tuple, where: str):
+    """``target`` / ``token_weight`` next to row-sharded logits: a DTensor must have the logits' mesh,
+    their leading shape and the row placements (``_row_placements``); its local tensor is returned.
+    A plain tensor is taken as this rank's rows (its shape is checked with the local checks)."""
+    if not is_dtensor(t):
+        return t
+    mod = _dtensor_module()
+    lead = tuple(logits.shape[:-1])
+
+    def same(a, b):
+        if isinstance(a, mod.Replicate) or isinstance(b, mod.Replicate):
+            return isinstance(a, mod.Replicate) and isinstance(b, mod.Replicate)
+        return _is_plain_shard(a, mod) and _is_plain_shard(b, mod) and a.dim % max(len(lead), 1) == b.dim
+    ok = (t.device_mesh == logits.device_mesh and tuple(t.shape) == lead and len(t.placements) == len(row_placements)
+          and all(same(a, b) for a, b in zip(t.placements, row_placements)))
+    if not ok:
+        raise ValueError(
+            f"{where}: the logits are sharded on their rows ({_describe(logits)}), so {name} must be sharded the same "
+            f"way: a DTensor of shape {lead} on the logits' mesh with placements {row_placements}, or a plain tensor "
+            f"holding this rank's rows (shape logits.to_local().shape[:-1]); got a DTensor of shape "
+            f"{tuple(t.shape)} with {_describe(t)}. Pass "
+            f"{name}.redistribute(logits.device_mesh, {list(row_placements)})"
+        )
+    return t.to_local()
+
+
+def _local_checks(local, target, token_weight, options: LossOptions, num_classes: int, where: str) -> None:
+    """This rank's input checks (memft_loss's, the target range against the global V): run before
+    the check exchange, which carries a failure to every rank."""
+    from .spec import check_target_range, validate_tensors
+
+    lead = tuple(local.shape[:-1])
+    for name, t in (("target", target), ("token_weight", token_weight)):
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != lead:
+            raise ValueError(
+                f"{where}: with row-sharded DTensor logits a plain {name} holds this rank's rows: its shape must be "
+                f"logits.to_local().shape[:-1] = {lead} on this rank, got {tuple(t.shape)} (the whole tensor? pass "
+                f"this rank's rows, or a DTensor sharded like the logits' rows)"
+            )
+    checked = options.checked()
+    validate_tensors(local, target, token_weight, check_values=options.validate)
+    if options.validate:
+        check_target_range(target, num_classes, checked.kernel.ignore_index)
+
+
+def _options_record(options: LossOptions, has_weight: bool, device) -> torch.Tensor:
+    """int64 [5]: 0 (the error flag), a checksum of the options and minus it, the bits of a tensor
+    denominator's value and minus them. After a MAX all-reduce, the options agree on every rank iff
+    record[1] == -record[2] and record[3] == -record[4]."""
+    from .distributed import _crc
+
+    def plain(v):
+        return v if v is None or isinstance(v, (bool, int, float, str)) else type(v).__name__
+
+    crc = _crc(tuple((f.name, plain(getattr(options, f.name))) for f in dataclasses.fields(options)) + (has_weight,))
+    record = torch.tensor([0, crc, -crc, 0, 0], dtype=torch.int64)
+    d = options.denominator
+    if isinstance(d, torch.Tensor):
+        bits = d.detach().to(torch.float64).reshape(()).view(torch.int64).cpu()
+        record[3], record[4] = bits, -bits
+    return record.to(device)
+
+
+def _check_exchange(groups, record: torch.Tensor, own_error, where: str) -> None:
+    """One MAX all-reduce of ``record`` over each group in turn (the row groups, then the class
+    group): afterwards every rank of the mesh slice knows whether any rank failed its local checks or
+    holds other options, and raises alike (the failed rank its own error)."""
+    import torch.distributed as dist
+
+    from .distributed import _comm_device
+
+    device = record.device
+    record = record.to(_comm_device(groups[0], device))
+    for g in groups:
+        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=g)
+    err, crc_max, crc_neg, den_max, den_neg = record.tolist()
+    if err:
+        if own_error is not None:
+            raise own_error
+        raise ValueError(f"{where}: another rank of the logits' mesh failed its input checks (it raises its own "
+                         f"error); no rank computed the loss")
+    if crc_max != -crc_neg or den_max != -den_neg:
+        raise ValueError(f"{where}: the options (or a tensor denominator's value) differ between the ranks that "
+                         f"share these row-sharded DTensor logits; every rank must pass the same options")
+
+
+class _GlobalTotal(torch.autograd.Function):
+    """Forward: ``total``, the sum of every row rank's share (the same bits on every rank). Backward:
+    the upstream gradient to this rank's own ``share``, the one term of the total that depends on
+    this rank's logits (the other shares' gradients reach their own ranks), so the local gradient is
+    exactly the global loss's, with no collective in the backward."""
+
+    @staticmethod
+    def forward(ctx, share, total):
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _sum_over(groups, values: torch.Tensor) -> torch.Tensor:
+    """float64 ``values`` summed over the product of ``groups``: an all_gather over each group in
+    turn, added in group-rank order (the same bits on every rank, whatever the backend)."""
+    import torch.distributed as dist
+
+    from .distributed import _comm_device
+
+    device = values.device
+    values = values.to(_comm_device(groups[0], device))
+    for g in groups:
+        gathered = [torch.empty_like(values) for _ in range(dist.get_world_size(g))]
+        dist.all_gather(gathered, values, group=g)
+        total = gathered[0].clone()
+        for part in gathered[1:]:
+            total = total + part
+        values = total
+    return values.to(device)
+
+
+def _whole_vocab_dp(local, target, token_weight, options: LossOptions, dp_group):
+    """memft_loss on this rank's rows with every class held here, the "mean" denominator (weight sum
+    or valid count) and the fallback decision summed over ``dp_group``: vocab_parallel_memft_loss's
+    autograd Function with a one-slice vocabulary (no class collective)."""
+    from . import dispatch
+    from .distributed import WHOLE_VOCAB, Layout, _VocabParallelMemFTFunction
+    from .spec import check_inplace_target, prepare_call
+
+    call = prepare_call(local, target, token_weight, options)
+    module = dispatch.resolve(options.backend, call.logits)
+    if options.inplace_backward and torch.is_grad_enabled() and local.requires_grad:
+        check_inplace_target(local)
+    inplace = (bool(options.inplace_backward) and call.logits.data_ptr() == local.data_ptr()
+               and call.logits.is_contiguous())
+    v = local.shape[-1]
+    outputs = _VocabParallelMemFTFunction.apply(
+        call.logits, call.target, call.token_weight, module, call.kernel, Layout(0, v, [0]), options.reduction,
+        options.normalize, options.fallback, call.denominator, WHOLE_VOCAB, dp_group, inplace, options.weight_fn,
+        target, options.validate,
+    )
+    return call.finish(local.dtype, *outputs[:7])  # loss, lse, ce, prob, pred, weight, fell_back
+
+
+def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: Optional[int], row_dims, where: str):
+    """``memft_loss`` of DTensor logits whose rows are sharded over the mesh dimensions ``row_dims``
+    (data / context parallelism), and whose classes are sharded over ``class_dim`` or replicated.
+
+    The row-sharding mesh dimensions act as one data-parallel group (their process groups, reduced
+    one after the other). Each rank computes its own rows (vocab-parallel over the class group when
+    the classes are sharded); "mean" with normalize "active"/"valid" and no denominator divides by
+    the global weight sum / valid count and decides the fallback on the global sums (dp_group);
+    "sum" and "mean" add the ranks' shares. The loss is a Replicate() DTensor whose local value is
+    the global loss on every rank; its gradient reaches each rank's local logits as the global
+    loss's gradient for those rows (``_GlobalTotal``). "none": the per-row losses, a DTensor sharded
+    like the logits' rows. Statistics: per-row fields are DTensors sharded like the rows, the 0-d
+    ones global (counts summed over the row ranks)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from .loss import memft_loss_with
+
+    mesh = logits.device_mesh
+    row_placements = _row_placements(logits, row_dims)
+    if getattr(options, "dp_group", None) is not None:
+        raise ValueError(f"{where}: the logits' rows are sharded ({_describe(logits)}): their data-parallel group is "
+                         f"the row-sharding mesh dimensions' (mesh dimensions {list(row_dims)}); pass dp_group=None")
+    # Global metadata first (the same on every rank: they raise alike, before any collective).
+    target = _row_local("target", target, logits, row_placements, where)
+    token_weight = _row_local("token_weight", token_weight, logits, row_placements, where)
+    denominator = _replicated_local("denominator", options.denominator, where)
+    if denominator is not options.denominator:
+        options = dataclasses.replace(options, denominator=denominator)
+    vocab_start = _vocab_start(logits, class_dim) if class_dim is not None else 0
+    class_group = mesh.get_group(class_dim) if class_dim is not None and mesh.size(class_dim) > 1 else None
+    row_groups = [mesh.get_group(i) for i in row_dims]
+    local = logits.to_local()  # differentiable: the gradient returns as a DTensor with the logits' placements
+    device = local.device
+
+    # Local checks, then one exchange over every group this call uses: a bad input on any rank
+    # raises on all of them before a collective whose peers could be missing.
+    own_error = None
+    try:
+        record = _options_record(options, token_weight is not None, device)
+        _local_checks(local, target, token_weight, options, logits.shape[-1], where)
+    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
+        own_error = exc
+        record = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int64, device=device)
+    _check_exchange(row_groups + ([class_group] if class_group is not None else []), record, own_error, where)
+
+    dp_group = tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
+    global_mean = (options.reduction == "mean" and options.normalize in ("active", "valid")
+                   and options.denominator is None)
+    if class_group is not None:
+        from .distributed import vocab_parallel_memft_loss
+
+        out = vocab_parallel_memft_loss(local, target, group=class_group, vocab_start=vocab_start,
+                                        token_weight=token_weight, **_option_kwargs(options, dp_group=dp_group))
+    elif global_mean:
+        out = _whole_vocab_dp(local, target, token_weight, options, dp_group)
+    else:
+        out = memft_loss_with(local, target, token_weight, options)
+    loss, stats = out if options.return_stats else (out, None)
+
+    lead = tuple(logits.shape[:-1])
+    stride = tuple(torch.empty(lead, device="meta").stride())
+
+    def rows(t):  # this rank's per-row tensor -> a DTensor sharded like the logits' rows
+        return DTensor.from_local(t, mesh, row_placements, run_check=False, shape=lead, stride=stride)
+
+    # One gather of the loss share and the summary counts over the row groups (none for "none"
+    # without statistics). Every rank's share is of the global loss: their sum is it.
+    valid = target != options.ignore_index
+    parts = [loss.detach().reshape(()) if options.reduction != "none" else torch.zeros((), device=device)]
+    if options.return_stats:
+        parts += [stats.n_valid, stats.n_active, stats.weight_sum, ((stats.prob > 0.5) & valid).sum(),
+                  ((stats.pred == target.long()) & valid).sum()]
+    totals = None
+    if len(parts) > 1 or options.reduction != "none":
+        totals = _sum_over(row_groups, torch.stack([p.to(torch.float64) for p in parts]))
+    if options.reduction == "none":
+        out = rows(loss)
+    else:
+        out = _GlobalTotal.apply(loss, totals[0].to(loss.dtype))
+        out = DTensor.from_local(out, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    if not options.return_stats:
+        return out
+    n_valid = totals[1].to(stats.n_valid.dtype)
+    denom = n_valid.clamp_min(1).to(stats.prob.dtype)
+    stats = dataclasses.replace(
+        stats, ce=rows(stats.ce), prob=rows(stats.prob), lse=rows(stats.lse), weight=rows(stats.weight),
+        pred=rows(stats.pred), n_valid=n_valid, n_active=totals[2].to(stats.n_active.dtype),
+        weight_sum=totals[3].to(stats.weight_sum.dtype),
+        recalled_frac=totals[4].to(torch.int64).to(stats.prob.dtype) / denom,
+        token_accuracy=totals[5].to(torch.int64).to(stats.prob.dtype) / denom,
+    )
+    return out, stats
 
 
 def route_linear(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict):

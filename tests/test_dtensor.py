@@ -52,6 +52,10 @@ def make_inputs(case: dict):
     x.view(-1, v)[conf.view(-1), y.view(-1)[conf.view(-1)]] += 7.0
     ignore_index = case.get("options", {}).get("ignore_index", -100)
     y.view(-1)[::4] = ignore_index
+    sure = case.get("confident_rows")  # batch indices whose every token is sure (p ~ 1): no active token
+    if sure is not None:
+        for b in (range(shape[0]) if sure == "all" else sure):
+            x[b].scatter_add_(-1, y[b].clamp_min(0)[..., None], torch.full((*y[b].shape, 1), 40.0, dtype=x.dtype))
     tw = None
     if case.get("token_weight"):
         tw = torch.rand(shape, generator=g, dtype=torch.float64) * 2.0
@@ -98,7 +102,7 @@ def snippet_inputs():
 def snippet_code() -> str:
     """The DTensor example of docs/DISTRIBUTED.md, as written (on CPU devices instead of CUDA)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/DISTRIBUTED.md").read_text(), re.S)
-    (code,) = [b for b in blocks if "memft_loss(logits" in b]
+    (code,) = [b for b in blocks if "memft_loss(logits" in b and "dp_mesh" not in b]
     return code.replace('init_device_mesh("cuda"', 'init_device_mesh("cpu"')
 
 
@@ -137,7 +141,6 @@ CASES = [
 ]
 
 ERROR_CASES = [
-    dict(name="row_shard", seed=20, v=8, mesh=(2,), layout="rows", raises="row dimension"),
     dict(name="partial", seed=21, v=8, mesh=(2,), layout="partial", raises="Partial"),
     dict(name="classes_on_two_mesh_dims", seed=22, v=8, mesh=(1, 2), layout="shard_twice",
          raises="over 2 mesh dimensions"),
@@ -170,8 +173,6 @@ def _placements(case, mesh):
     layout = case["layout"]
     if layout in ("shard", "linear", "vocab_parallel"):
         rep[tp] = Shard(cls)
-    elif layout == "rows":
-        rep[tp] = Shard(0)
     elif layout == "partial":
         rep[tp] = Partial()
     elif layout == "shard_twice":
@@ -246,6 +247,11 @@ def _worker(rank, world, port, outdir):
                   (2, 1): init_device_mesh("cpu", (2, 1), mesh_dim_names=("tp", "dp"))}
         results = {c["name"]: _run_case(c, meshes[c["mesh"]]) for c in _plan()}
         results["docs_snippet"] = _run_snippet()
+        results.update((c["name"], _run_row_case(c, meshes[c["mesh"]])) for c in ROW_PLAN_1D)
+        try:
+            results["docs_snippet_rows"] = _run_rows_snippet()
+        except Exception as exc:  # noqa: BLE001 - reported by its test, the other results still count
+            results["docs_snippet_rows"] = dict(error=(type(exc).__name__, str(exc)))
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -327,6 +333,282 @@ def test_docs_example_colwise_lm_head(spawned):
 
 
 # ---------------------------------------------------------------------------------------------
+# Row-sharded logits (data / context parallel mesh dimensions): the 1-D cases run in the 2-rank
+# spawn above, the 2-D ones in one spawn of 4 ranks below. Placements are written per mesh
+# dimension: "b" = Shard(0) (batch), "t" = Shard(1) (sequence), "c" = Shard(2) (classes), "r" =
+# Replicate(). target / token_weight: "dtensor" (sharded like the rows) or "local" (a plain tensor
+# holding this rank's rows). The old code raised "a row dimension" for every one of these.
+# ---------------------------------------------------------------------------------------------
+
+ROW_CASES_1D = [
+    dict(name="rows_b_mean_hard", seed=60, v=9, mesh=(2,), rows="b", target="dtensor", token_weight="dtensor",
+         options=dict(policy="hard")),
+    dict(name="rows_b_sum_sigmoid_local", seed=61, v=9, mesh=(2,), rows="b", target="local", token_weight="local",
+         options=dict(policy="sigmoid", reduction="sum")),
+    dict(name="rows_t_valid_f32_native", seed=62, v=11, mesh=(2,), rows="t", dtype=F32, backend="auto",
+         target="local", options=dict(policy="hard", normalize="valid")),
+    dict(name="rows_b_none", seed=63, v=9, mesh=(2,), rows="b", target="dtensor", shape=(5, 3),
+         options=dict(policy="sigmoid", reduction="none")),
+    dict(name="rows_b_empty_shard", seed=64, v=9, mesh=(2,), rows="b", target="local", shape=(1, 4),
+         options=dict(policy="hard")),
+    dict(name="rows_b_fallback_local_only", seed=65, v=9, mesh=(2,), rows="b", target="local",
+         confident_rows=(0, 1), options=dict(policy="hard")),
+    dict(name="rows_b_fallback_global_mean", seed=66, v=9, mesh=(2,), rows="b", target="local",
+         confident_rows="all", options=dict(policy="hard")),
+    dict(name="rows_b_fallback_global_zero", seed=66, v=9, mesh=(2,), rows="b", target="dtensor",
+         confident_rows="all", options=dict(policy="hard", fallback="zero")),
+    dict(name="rows_b_denominator_number", seed=67, v=9, mesh=(2,), rows="b", target="local", token_weight="local",
+         options=dict(policy="sigmoid", denominator=6.5)),
+    dict(name="rows_b_denominator_dtensor", seed=68, v=9, mesh=(2,), rows="b", target="local", denominator="dtensor",
+         options=dict(policy="hard", denominator=4.0)),
+    dict(name="rows_t_weight_fn_smooth_z_cap", seed=69, v=10, mesh=(2,), rows="t", target="dtensor",
+         options=dict(policy="hard", label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
+                      weight_fn=lambda target, stats: 0.5 + (stats.ce > 1.5).double())),
+    dict(name="rows_b_inplace_f32_module", seed=70, v=9, mesh=(2,), rows="b", dtype=F32, target="local",
+         module=True, options=dict(policy="sigmoid", inplace_backward=True)),
+]
+
+ROW_ERRORS_1D = [
+    dict(name="rows_err_target_whole", seed=80, v=9, mesh=(2,), rows="b", target="whole",
+         raises=["holds this rank's rows"] * 2),
+    dict(name="rows_err_target_replicated", seed=81, v=9, mesh=(2,), rows="b", target="replicated",
+         raises=["must be sharded the same way"] * 2),
+    dict(name="rows_err_bad_target_one_rank", seed=82, v=9, mesh=(2,), rows="b", target="local", bad_rank=1,
+         raises=["another rank", "outside [0, V)"]),
+    dict(name="rows_err_options_differ", seed=83, v=9, mesh=(2,), rows="b", target="local",
+         rank_options={0: dict(reduction="sum")}, raises=["options"] * 2),
+]
+
+ROW_AFTER_1D = dict(ROW_CASES_1D[0], name="rows_after_errors")
+ROW_PLAN_1D = ROW_CASES_1D + ROW_ERRORS_1D + [ROW_AFTER_1D]
+
+ROW_WORLD = 4
+ROW_CASES_2D = [
+    dict(name="rows2d_b_c_mean_uneven", seed=90, v=13, mesh=(2, 2), rows="bc", target="dtensor",
+         token_weight="dtensor", options=dict(policy="hard")),
+    dict(name="rows2d_b_c_sum_local", seed=91, v=12, mesh=(2, 2), rows="bc", target="local", token_weight="local",
+         options=dict(policy="sigmoid", reduction="sum")),
+    dict(name="rows2d_b_c_valid_smooth_z_cap", seed=92, v=11, mesh=(2, 2), rows="bc", target="local",
+         options=dict(policy="hard", normalize="valid", label_smoothing=0.1, z_loss=1e-3, softcap=5.0)),
+    dict(name="rows2d_b_c_none_f32", seed=93, v=13, mesh=(2, 2), rows="bc", dtype=F32, target="dtensor",
+         options=dict(policy="hard", reduction="none")),
+    dict(name="rows2d_c_t_mean_sigmoid", seed=94, v=13, mesh=(2, 2), rows="ct", target="local", token_weight="local",
+         options=dict(policy="sigmoid", threshold=0.3)),
+    dict(name="rows2d_b_c_fallback_local_only", seed=100, v=13, mesh=(2, 2), rows="bc", target="dtensor",
+         shape=(2, 5), confident_rows=(0,), options=dict(policy="hard")),
+    dict(name="rows2d_b_c_fallback_global", seed=95, v=13, mesh=(2, 2), rows="bc", target="local",
+         confident_rows="all", options=dict(policy="hard")),
+    dict(name="rows2d_b_t_two_row_dims", seed=96, v=9, mesh=(2, 2), rows="bt", target="dtensor",
+         token_weight="dtensor", options=dict(policy="sigmoid")),
+    dict(name="rows2d_b_b_nested_empty", seed=97, v=9, mesh=(2, 2), rows="bb", target="local",
+         options=dict(policy="hard", normalize="valid")),
+    dict(name="rows2d_b_r_mean", seed=98, v=9, mesh=(2, 2), rows="br", target="local", token_weight="local",
+         options=dict(policy="hard")),
+]
+ROW_ERRORS_2D = [
+    dict(name="rows2d_err_bad_target_rank3", seed=99, v=13, mesh=(2, 2), rows="bc", target="local", bad_rank=3,
+         raises=["another rank"] * 3 + ["outside [0, V)"]),
+]
+ROW_AFTER_2D = dict(ROW_CASES_2D[0], name="rows2d_after_errors")
+ROW_PLAN_2D = ROW_CASES_2D + ROW_ERRORS_2D + [ROW_AFTER_2D]
+
+
+def _row_case_placements(case):
+    """(the logits' placements, the per-row placements) of a row case."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    cls = len(case.get("shape", (3, 5)))
+    code = {"b": Shard(0), "t": Shard(1), "c": Shard(cls), "r": Replicate()}
+    logits = [code[k] for k in case["rows"]]
+    rows = [code[k] if k in "bt" else Replicate() for k in case["rows"]]
+    return logits, rows
+
+
+def _run_row_case(case, mesh):
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    x, y, tw, grad_out = make_inputs(case)
+    dtype = case.get("dtype", F64)
+    placements, rows = _row_case_placements(case)
+    dx = distribute_tensor(x.to(dtype), mesh, placements).detach().requires_grad_(True)
+    rank, rep = dist.get_rank(), [Replicate()] * mesh.ndim
+
+    def arg(t, how):
+        if t is None:
+            return None
+        if how == "whole":
+            return t
+        if how == "replicated":
+            return distribute_tensor(t, mesh, rep)
+        d = distribute_tensor(t, mesh, rows)
+        return d if how == "dtensor" else d.to_local().clone()
+
+    y_arg = arg(y, case["target"])
+    if case.get("bad_rank") == rank:
+        y_arg.view(-1)[-1] = case["v"] + 3
+    tw_arg = arg(None if tw is None else tw.to(dtype), case.get("token_weight"))
+    opts = dict(case.get("options", {}), backend=case.get("backend", "torch"))
+    opts.update(case.get("rank_options", {}).get(rank, {}))
+    if case.get("denominator") == "dtensor":
+        opts["denominator"] = distribute_tensor(torch.tensor(opts["denominator"], dtype=torch.float64), mesh, rep)
+    try:
+        if case.get("module"):
+            loss, stats = MemFTLoss(return_stats=True, **opts)(dx, y_arg, tw_arg)
+        else:
+            loss, stats = memft_loss(dx, y_arg, token_weight=tw_arg, return_stats=True, **opts)
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message per rank
+        return dict(error=(type(exc).__name__, str(exc)))
+    if opts.get("reduction") == "none":
+        loss.backward(distribute_tensor(grad_out.to(loss.dtype), mesh, rows))
+    else:
+        loss.backward(DTensor.from_local(grad_out.to(loss.dtype), mesh, rep, run_check=False))
+    per_row = {k: getattr(stats, k) for k in ("ce", "prob", "lse", "weight", "pred")}
+    return dict(loss_type=type(loss).__name__, loss_placements=tuple(loss.placements),
+                loss_local=loss.to_local().detach(), loss=loss.full_tensor().detach(),
+                stats={k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in stats.as_dict().items()},
+                per_row_placements={k: tuple(v.placements) if isinstance(v, DTensor) else None
+                                    for k, v in per_row.items()},
+                summary_types={type(getattr(stats, k)).__name__ for k in STAT_FIELDS if k not in per_row},
+                grad_type=type(dx.grad).__name__, grad_placements=tuple(dx.grad.placements),
+                grad=dx.grad.full_tensor(), local_rows=tuple(dx.to_local().shape[:-1]))
+
+
+def _row_worker(rank, world, port, outdir):
+    init_gloo_rank(rank, world, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("a", "b"))
+        results = {c["name"]: _run_row_case(c, mesh) for c in ROW_PLAN_2D}
+        torch.save(results, f"{outdir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned_rows_2d(tmp_path_factory):
+    """The 4 ranks' results of the one spawned run of the 2-D (2 x 2) row cases."""
+    outdir = tmp_path_factory.mktemp("dtensor_rows")
+    spawn_ranks(_row_worker, ROW_WORLD, (ROW_WORLD, free_port(), str(outdir)), 180.0, "the 4-rank row-sharded run")
+    return rank_results(outdir, ROW_WORLD)
+
+
+def _check_row_case(results, case):
+    """Every rank's result of a row case against memft_loss on the full float64 logits."""
+    dtype = case.get("dtype", F64)
+    tol = REL[dtype]
+    ref_loss, ref_stats, ref_grad = single_process(case)
+    _, rows = _row_case_placements(case)
+    first = results[0][case["name"]]
+    for rank, res in enumerate(results):
+        res = res[case["name"]]
+        assert "error" not in res, (rank, res.get("error"))
+        assert res["loss_type"] == "DTensor" and res["loss"].dtype == ref_loss.dtype
+        if case["options"].get("reduction") == "none":
+            # The per-row losses, sharded like the logits' rows.
+            assert res["loss_placements"] == tuple(rows)
+            assert res["loss_local"].shape == res["local_rows"]
+        else:
+            # The whole loss on every rank, the same bits everywhere.
+            assert all(type(p).__name__ == "Replicate" for p in res["loss_placements"])
+            assert torch.equal(res["loss_local"], first["loss_local"]), "ranks disagree on the loss"
+        assert rel_err(res["loss"], ref_loss) < tol
+        assert set(res["per_row_placements"].values()) == {tuple(rows)}  # per-row statistics: DTensors like the rows
+        assert res["summary_types"] == {"Tensor"}  # 0-d statistics: plain, global
+        for name in STAT_FIELDS:
+            got, want = res["stats"][name], ref_stats[name]
+            if want.dtype in (torch.int64, torch.bool):
+                assert torch.equal(got, want), (rank, name, got, want)
+            else:
+                assert got.dtype == want.dtype and rel_err(got, want) < tol, (rank, name)
+        assert res["grad_type"] == "DTensor" and res["grad"].dtype == ref_grad.dtype
+        assert rel_err(res["grad"], ref_grad) < tol, rank
+
+
+def _check_row_error(results, case):
+    for rank, res in enumerate(results):
+        res = res[case["name"]]
+        assert res.get("error"), f"rank {rank} did not raise"
+        kind, message = res["error"]
+        assert kind == "ValueError" and case["raises"][rank] in message, f"rank {rank}: {kind}: {message}"
+
+
+@pytest.mark.parametrize("case", ROW_CASES_1D + [ROW_AFTER_1D], ids=lambda c: c["name"])
+def test_row_sharded_logits_1d_mesh(spawned, case):
+    """Rows sharded over a 1-D mesh of 2 ranks (batch or sequence; uneven, and an empty shard):
+    loss, statistics and gradient equal memft_loss on the full logits; was a ValueError."""
+    _check_row_case(spawned, case)
+
+
+@pytest.mark.parametrize("case", ROW_CASES_2D + [ROW_AFTER_2D], ids=lambda c: c["name"])
+def test_row_sharded_logits_2d_mesh(spawned_rows_2d, case):
+    """Rows x classes on a 2 x 2 mesh (vocab-parallel with the rows' dp_group), two row-sharding mesh
+    dimensions, nested Shard(0) with an empty shard, rows x replicate; was a ValueError."""
+    _check_row_case(spawned_rows_2d, case)
+
+
+@pytest.mark.parametrize("case", ROW_ERRORS_1D, ids=lambda c: c["name"])
+def test_row_sharded_bad_inputs_raise_on_every_rank_1d(spawned, case):
+    _check_row_error(spawned, case)
+
+
+@pytest.mark.parametrize("case", ROW_ERRORS_2D, ids=lambda c: c["name"])
+def test_row_sharded_bad_inputs_raise_on_every_rank_2d(spawned_rows_2d, case):
+    _check_row_error(spawned_rows_2d, case)
+
+
+def test_row_fallback_cases_mean_what_they_say():
+    """The fallback cases test the global rule: with rows 0-1 sure, rank 0 holds no active token
+    (a local decision would fall back there) while the whole batch has some; with every row sure
+    the whole batch falls back."""
+    for name, fell in (("rows_b_fallback_local_only", False), ("rows_b_fallback_global_mean", True),
+                       ("rows2d_b_c_fallback_local_only", False), ("rows2d_b_c_fallback_global", True)):
+        case = next(c for c in ROW_CASES_1D + ROW_CASES_2D if c["name"] == name)
+        _, stats, _ = single_process(case)
+        assert bool(stats["fell_back"]) is fell and (int(stats["n_active"]) > 0) is not fell, name
+        sure = case["confident_rows"]
+        assert float(stats["weight"][list(sure) if sure != "all" else slice(None)].sum()) == 0.0, name
+
+
+def test_docs_example_row_sharded(spawned):
+    """docs/DISTRIBUTED.md's data-parallel DTensor example as written, on 2 ranks: each rank's batch
+    (plain local labels) through a replicated lm_head; the loss is the global batch's and the
+    lm_head gradient (a Replicate DTensor) the full one (float32)."""
+    model, tokens, labels = rows_snippet_inputs()
+    ref_loss = memft_loss(model(tokens), labels, policy="hard")
+    ref_loss.backward()
+    for rank in range(WORLD):
+        res = spawned[rank]["docs_snippet_rows"]
+        assert "error" not in res, res.get("error")
+        assert res["loss_type"] == "DTensor" and rel_err(res["loss"], ref_loss) < 2e-5
+        assert rel_err(res["output_grad"], model.output.weight.grad) < 2e-5
+
+
+def rows_snippet_inputs():
+    """The row-sharded docs snippet's model, the global batch (2 ranks x 2 sequences) and labels."""
+    torch.manual_seed(52)
+    model = TinyLM()
+    g = torch.Generator().manual_seed(53)
+    tokens = torch.randint(0, 13, (4, 5), generator=g)
+    labels = torch.randint(0, 13, (4, 5), generator=g)
+    labels[:, -1] = -100
+    return model, tokens, labels
+
+
+def _run_rows_snippet():
+    """docs/DISTRIBUTED.md's row-sharded example (default backend): rank r holds sequences 2r, 2r+1."""
+    model, tokens, labels = rows_snippet_inputs()
+    r = dist.get_rank()
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs/DISTRIBUTED.md").read_text(), re.S)
+    (code,) = [b for b in blocks if "dp_mesh" in b]
+    code = code.replace('init_device_mesh("cuda"', 'init_device_mesh("cpu"')
+    ns = dict(model=model, local_tokens=tokens[2 * r:2 * r + 2], local_labels=labels[2 * r:2 * r + 2], dp_size=WORLD)
+    exec(code, ns)
+    return dict(loss_type=type(ns["loss"]).__name__, loss=ns["loss"].to_local().detach(),
+                output_grad=model.output.weight.grad.full_tensor())
+
+
+# ---------------------------------------------------------------------------------------------
 # In this process: a one-rank mesh, the default backend
 # ---------------------------------------------------------------------------------------------
 
@@ -363,8 +645,21 @@ def test_one_rank_mesh_default_backend(one_rank_mesh):
         loss.backward()
         assert isinstance(dx.grad, DTensor) and dx.grad.placements == dx.placements
         assert rel_err(dx.grad.full_tensor(), ref_x.grad) < 2e-5
-    with pytest.raises(ValueError, match=r"Shard\(dim=0\).*row dimension.*full_tensor\(\)"):
-        memft_loss(distribute_tensor(x, one_rank_mesh, [Shard(0)]), y)
+    # Rows sharded (was: ValueError "a row dimension"): a one-rank data-parallel group, the default
+    # (native) backend, through the global-denominator path ("mean") and the plain one ("sum").
+    for placement in (Shard(0), Shard(1)):
+        for reduction in ("mean", "sum"):
+            ref_x = x.clone().requires_grad_(True)
+            ref_loss, ref_stats = memft_loss(ref_x, y, reduction=reduction, return_stats=True)
+            ref_loss.backward()
+            dx = distribute_tensor(x, one_rank_mesh, [placement]).requires_grad_(True)
+            loss, stats = memft_loss(dx, y, reduction=reduction, return_stats=True)
+            assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+            assert isinstance(stats.ce, DTensor) and stats.ce.placements == (placement,)
+            assert rel_err(loss.to_local(), ref_loss) < 2e-5 and torch.equal(stats.pred.full_tensor(), ref_stats.pred)
+            assert torch.equal(stats.n_active, ref_stats.n_active) and torch.equal(stats.fell_back, ref_stats.fell_back)
+            loss.backward()
+            assert dx.grad.placements == (placement,) and rel_err(dx.grad.full_tensor(), ref_x.grad) < 2e-5
     with pytest.raises(ValueError, match="Partial"):
         from torch.distributed.tensor import Partial
 

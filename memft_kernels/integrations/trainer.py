@@ -21,7 +21,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..accumulate import MemFTAccumulator
-from .transformers import apply_memft_to_model, unwrap_model, use_memft
+from .transformers import apply_memft_to_model, _restore_original_forward, unwrap_model, use_memft
 
 # Index of each running sum in MemFTMetricsCallback's vector.
 _N_VALID, _RECALLED, _CORRECT, _N_ACTIVE = range(4)
@@ -201,7 +201,7 @@ class _Saved:
     an earlier call's callbacks while its model still fed their accumulator)."""
 
     TRAINER = ("loss_is_scaled_for_ga", "_memft_loss_is_scaled_for_ga", "memft_callbacks", "memft_accumulator")
-    MODEL = ("forward", "loss_function", "_loss_function", "_memft_original_forward", "_memft_options", "_replicate_for_data_parallel")
+    MODEL = ("forward", "_old_forward", "loss_function", "_loss_function", "_memft_original_forward", "_memft_options", "_replicate_for_data_parallel")
 
     def __init__(self, trainer):
         self.trainer, self.base = trainer, unwrap_model(trainer.model)
@@ -272,9 +272,7 @@ def _add_memft_to_trainer(trainer, fused, exact_active_mean, metrics, fallback, 
     if fused:
         apply_memft_to_model(trainer.model, **options)
     else:
-        base = unwrap_model(trainer.model)
-        if "_memft_original_forward" in vars(base):  # an earlier fused=True call: its forward goes
-            base.forward = base._memft_original_forward
+        _restore_original_forward(trainer.model)  # an earlier fused=True call: its forward goes
         use_memft(trainer.model, **options)
     for callback in reversed(callbacks):
         _insert_first(trainer, callback)

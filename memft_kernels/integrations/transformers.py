@@ -10,7 +10,8 @@ Three ways in, from least to most invasive:
   from the last hidden states with ``memft_linear_loss`` and never builds the N x V logits
   (``outputs.logits`` is None there). Evaluation, generation and calls without labels run the
   model's own forward unchanged. A peft ``PeftModel`` is unwrapped to its base model; an lm_head
-  that is frozen, LoRA-wrapped or in ``modules_to_save`` is handled (see ``_head_as_linear``).
+  that is frozen, LoRA-wrapped or in ``modules_to_save`` is handled (see ``_head_as_linear``), also
+  when accelerate's device_map / offload hooks sit on it or on the model (``_HeadHooks``).
 
 Nothing in ``memft_kernels.ops`` or the loss modules imports transformers; this module imports it
 lazily, only to build the output object of the fused forward.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 import warnings
 from typing import Callable, Optional
 
@@ -222,23 +224,74 @@ def memft_compute_loss_func(**options) -> Callable:
 # --------------------------------------------------------------------------------------------
 
 
-def _head_as_linear(head: nn.Module, hidden: torch.Tensor):
+class _HeadHooks:
+    """accelerate's hooks (``_hf_hook``, put by ``dispatch_model`` / ``from_pretrained(device_map=...)`` /
+    ``cpu_offload``) on the lm_head and on the modules inside it whose weights the fused loss reads
+    without calling them. An ``AlignDevicesHook`` moves the module's input to its execution device in
+    ``pre_forward`` and, with offload, loads the weights there (they sit on the meta device between
+    calls); ``post_forward`` puts them back. ``enter`` runs ``pre_forward`` (returns the moved input),
+    ``exit`` the ``post_forward`` of every entered hook, innermost first, on the loss -- after the
+    loss's forward, as the model's own forward offloads the head after the logits: the autograd
+    graph keeps the loaded weight for the backward either way. Modules the loss calls (LoRA's
+    ``lora_A``, dropout) run their own hooks."""
+
+    def __init__(self):
+        self.entered = []
+        self.refused = None  # a hook of a kind whose effect the fused loss cannot reproduce
+
+    def enter(self, module: nn.Module, x: torch.Tensor):
+        hook = getattr(module, "_hf_hook", None)
+        if hook is None:
+            return x
+        if not _known_hook(hook):
+            self.refused = f"{type(hook).__name__} on {type(module).__name__}"
+            return None
+        args, _ = hook.pre_forward(module, x)
+        self.entered.append((module, hook))
+        return args[0]
+
+    def exit(self, output=None):
+        while self.entered:
+            module, hook = self.entered.pop()
+            output = hook.post_forward(module, output)
+        return output
+
+
+def _known_hook(hook) -> bool:
+    """accelerate's ``AlignDevicesHook`` (device placement, offload) and chains of them; not others (a
+    hook that changes the output, casts weights in place or runs without grad: its effect on the
+    logits is not what the fused loss computes)."""
+    from accelerate.hooks import AlignDevicesHook, ModelHook, SequentialHook
+
+    if getattr(hook, "no_grad", False):
+        return False
+    if type(hook) is SequentialHook:
+        return all(_known_hook(h) for h in hook.hooks)
+    return type(hook) in (AlignDevicesHook, ModelHook)
+
+
+def _head_as_linear(head: nn.Module, hidden: torch.Tensor, hooks: Optional[_HeadHooks] = None):
     """``(hidden2, weight, bias)`` with ``head(hidden) == hidden2 @ weight.T + bias``, or None when the
     head is of a kind this does not know (the caller then falls back to the materialized logits).
 
     A LoRA head ``x W^T + s B(A(drop(x)))`` is written as one linear map of the concatenation
     ``[x, s A(drop(x))]`` with weight ``[W, B]``: exact with dropout, gradients reach A and B
-    through autograd, and the extra width is only the LoRA rank.
+    through autograd, and the extra width is only the LoRA rank. ``hooks``: accelerate's hooks of
+    the modules visited are entered there (``_HeadHooks``; the caller exits them).
     """
+    hooks = _HeadHooks() if hooks is None else hooks
+    hidden = hooks.enter(head, hidden)
+    if hidden is None:
+        return None
     if isinstance(head, nn.Linear):
         return hidden, head.weight, head.bias
     if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):  # peft ModulesToSaveWrapper
         active = list(getattr(head, "active_adapters", []))
         if getattr(head, "disable_adapters", False) or not active or active[0] not in head.modules_to_save:
-            return _head_as_linear(head.original_module, hidden)
-        return _head_as_linear(head.modules_to_save[active[0]], hidden)
+            return _head_as_linear(head.original_module, hidden, hooks)
+        return _head_as_linear(head.modules_to_save[active[0]], hidden, hooks)
     if hasattr(head, "lora_A") and hasattr(head, "base_layer"):  # peft LoRA layer
-        base = _head_as_linear(head.base_layer, hidden)
+        base = _head_as_linear(head.base_layer, hidden, hooks)
         if base is None or getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
             return base
         x, weight, bias = base
@@ -259,7 +312,10 @@ def _head_as_linear(head: nn.Module, hidden: torch.Tensor):
                 return None  # DoRA and other variants are not a plain low-rank sum
             lora_a, lora_b = head.lora_A[name], head.lora_B[name]
             scaling = head.scaling[name]
-            down = lora_a(head.lora_dropout[name](x.to(lora_a.weight.dtype))) * scaling
+            down = lora_a(head.lora_dropout[name](hidden.to(lora_a.weight.dtype))) * scaling
+            down = hooks.enter(lora_b, down)  # lora_B's weight is read, not called: its hook loads it
+            if down is None:
+                return None
             hidden_parts.append(down.to(weight.dtype))
             weight_parts.append(lora_b.weight.to(weight.dtype))
             if lora_b.bias is not None:
@@ -267,6 +323,15 @@ def _head_as_linear(head: nn.Module, hidden: torch.Tensor):
                 bias = extra if bias is None else bias + extra
         if len(hidden_parts) == 1:
             return base
+        devices = {str(t.device) for t in (*hidden_parts, *weight_parts)}
+        if len(devices) > 1:
+            raise ValueError(
+                f"apply_memft_to_model: the LoRA-wrapped lm_head's base layer and adapter are on different devices "
+                f"({', '.join(sorted(devices))}). With accelerate, apply peft (get_peft_model) before dispatching the "
+                "model (dispatch_model, from_pretrained(device_map=...)): peft applied to an already offloaded head "
+                "leaves the adapter's weights on the meta device with no hook to load them (the model's own forward "
+                "fails there too)"
+            )
         return torch.cat(hidden_parts, dim=-1), torch.cat(weight_parts, dim=1), bias
     return None
 
@@ -327,20 +392,35 @@ def _fused_loss_here(model, hidden, labels, shift_labels, num_items_in_batch, op
         loss_options["softcap"] = model_softcap
     if shift_labels is None:
         shift_labels = _shifted_labels(labels, ignore_index)
-    parts = _head_as_linear(model.lm_head, hidden)
-    denominator = _denominator(num_items_in_batch, hidden.device)
-    if parts is None:
-        warnings.warn(
-            f"apply_memft_to_model: lm_head of type {type(model.lm_head).__name__} is not a (LoRA-wrapped) "
-            "nn.Linear; computing the loss from materialized logits instead",
-            stacklevel=3,
-        )
-        logits_options = {k: v for k, v in loss_options.items() if k not in LINEAR_OPTIONS}
-        return memft_causal_lm_loss(
-            model.lm_head(hidden), None, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
-            ignore_index=ignore_index, stats_callback=callback, accumulator=accumulator, **logits_options,
-        )
+    hooks = _HeadHooks()
+    try:
+        parts = _head_as_linear(model.lm_head, hidden, hooks)
+        if parts is not None:
+            loss = _linear_head_loss(parts, shift_labels, num_items_in_batch, loss_options, callback, accumulator,
+                                     ignore_index)
+    except BaseException:
+        hooks.exit()  # offloaded weights back to the meta device
+        raise
+    if parts is not None:
+        return hooks.exit(loss)
+    hooks.exit()  # the head's own forward below runs its hooks itself
+    if hooks.refused is not None:
+        reason = f"has an accelerate hook the fused loss does not reproduce ({hooks.refused})"
+    else:
+        reason = f"of type {type(model.lm_head).__name__} is not a (LoRA-wrapped) nn.Linear"
+    warnings.warn(f"apply_memft_to_model: lm_head {reason}; computing the loss from materialized logits instead",
+                  stacklevel=3)
+    logits_options = {k: v for k, v in loss_options.items() if k not in LINEAR_OPTIONS}
+    return memft_causal_lm_loss(
+        model.lm_head(hidden), None, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+        ignore_index=ignore_index, stats_callback=callback, accumulator=accumulator, **logits_options,
+    )
+
+
+def _linear_head_loss(parts, shift_labels, num_items_in_batch, loss_options, callback, accumulator, ignore_index):
+    """The loss of ``hidden2 @ weight.T + bias`` (``parts``, from ``_head_as_linear``) on the head's device."""
     x, weight, bias = parts
+    denominator = _denominator(num_items_in_batch, x.device)
     device_type = x.device.type
     # Under autocast the head would run in the autocast dtype; otherwise in the weight's dtype. A
     # device without autocast (meta: a shape-only forward) has none to ask about or to turn off.
@@ -428,7 +508,7 @@ class _ReplicateWithPatch:
         replica = type(model)._replicate_for_data_parallel(model)
         state = vars(replica)
         state.pop("_replicate_for_data_parallel", None)
-        for name in ("forward", "_memft_original_forward"):
+        for name in ("forward", "_old_forward", "_memft_original_forward"):
             patch = state.get(name)
             if isinstance(patch, (_FusedForward, _ClassForward)) and patch.model is model:
                 state[name] = type(patch)(replica)
@@ -493,6 +573,11 @@ def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options)
     the last hidden states and the lm_head's weight (Gemma-2/3's ``final_logit_softcapping`` becomes
     the loss's ``softcap``); it returns ``logits=None``. ``chunk_size`` / ``memory_budget_bytes``
     set the chunking. Calling it again replaces the options. Returns ``model``.
+
+    A model dispatched by accelerate (``from_pretrained(device_map=...)``, ``dispatch_model``,
+    ``cpu_offload``), before or after this call: the lm_head's hooks load an offloaded weight and move
+    the hidden states to the head's device around the fused loss (``_HeadHooks``), and the patch goes
+    under a hook on the model itself (``_forward_slot``).
     """
     options = _checked_options(options, LOSS_OPTIONS + LINEAR_OPTIONS)
     base = unwrap_model(model)
@@ -506,13 +591,40 @@ def apply_memft_to_model(model: nn.Module, fused_linear: bool = True, **options)
     if not hasattr(base, "lm_head") or not hasattr(base, getattr(base, "base_model_prefix", "") or "\0"):
         raise ValueError(f"{type(base).__name__} has no lm_head / decoder: pass a *ForCausalLM model")
     use_memft(base, **{k: v for k, v in options.items() if k not in LINEAR_OPTIONS})
+    slot = _forward_slot(base)
     if "_memft_original_forward" not in vars(base):
-        # an instance wrapper already there (e.g. accelerate's hooks), or the class's own forward
-        base._memft_original_forward = vars(base).get("forward") or _ClassForward(base)
+        # an instance wrapper already there (e.g. accelerate's mixed precision), or the class's own forward
+        previous = vars(base).get(slot)
+        if _is_class_forward(previous, base):
+            previous = None  # a bound method pickles as getattr(model, "forward"): the patch itself
+        base._memft_original_forward = previous or _ClassForward(base)
     base._memft_options = options
-    if fused_linear:
-        base.forward = _FusedForward(base)
-    else:  # undo an earlier fused patch
-        base.forward = base._memft_original_forward
+    # fused_linear=False undoes an earlier fused patch
+    setattr(base, slot, _FusedForward(base) if fused_linear else base._memft_original_forward)
     base._replicate_for_data_parallel = _ReplicateWithPatch(base)
     return model
+
+
+def _forward_slot(base: nn.Module) -> str:
+    """Where the patch goes. accelerate's ``add_hook_to_module`` (``dispatch_model``,
+    ``from_pretrained(device_map=...)``, ``cpu_offload``, ``cpu_offload_with_hook``) replaces
+    ``model.forward`` by a wrapper that runs the hook's ``pre_forward`` (inputs to the execution
+    device, the model onto it), then ``model._old_forward``, then ``post_forward`` (outputs back to
+    the input's device); ``remove_hook_from_module`` puts ``_old_forward`` back as ``model.forward``.
+    The patch goes in ``_old_forward`` then, inside the hook: the hook runs around the fused forward
+    (as it does when the hook comes after the patch), and removing the hook leaves the patch."""
+    if getattr(base, "_hf_hook", None) is not None and "_old_forward" in vars(base):
+        return "_old_forward"
+    return "forward"
+
+
+def _is_class_forward(forward, base: nn.Module) -> bool:
+    return (isinstance(forward, types.MethodType) and forward.__self__ is base
+            and forward.__func__ is type(base).forward)
+
+
+def _restore_original_forward(model: nn.Module) -> None:
+    """Undo ``apply_memft_to_model``'s fused forward (keeps ``use_memft``'s loss function)."""
+    base = unwrap_model(model)
+    if "_memft_original_forward" in vars(base):
+        setattr(base, _forward_slot(base), base._memft_original_forward)
