@@ -40,6 +40,7 @@ from .ops.reference import capped, row_chunks, row_stats_from_parts
 from .policy import Reduced, reduce_rows, weight_fn_factor
 from .spec import (
     KernelOptions,
+    NO_VMAP,
     LossOptions,
     MemFTStats,
     RowStats,
@@ -48,6 +49,7 @@ from .spec import (
     check_target_range,
     once_differentiable_grads,
     prepare_call,
+    refuse_vmap,
     takes_loss_options,
 )
 
@@ -320,6 +322,55 @@ def combine_slices(
     return row_stats_from_parts(lse, tgt_logit, mean_logit, pred, valid, in_range, token_weight, opts)
 
 
+def _dp_groups(dp_group) -> tuple:
+    return tuple(dp_group) if isinstance(dp_group, (tuple, list)) else (dp_group,)
+
+
+def dp_sum(values: torch.Tensor, dp_group) -> torch.Tensor:
+    """``values`` (a few numbers) summed over ``dp_group``, in float64 on their device: one all_reduce
+    (a tuple of groups: one per group, summed over each in turn, i.e. over their product)."""
+    device = values.device
+    groups = _dp_groups(dp_group)
+    wire = values.to(torch.float64).to(_comm_device(groups[0], device))
+    for g in groups:
+        dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=g)
+    return wire.to(device)
+
+
+def dp_mean_terms(weight, valid, *, normalize, fallback, dp_group):
+    """(w_eff, D, fell_back) of the "mean" reduction whose denominator is summed over ``dp_group``
+    (one all_reduce of the weight sum and the valid count): ``loss = sum w_eff_i l_i / D``. The
+    fallback is decided on the global sums, the same on every dp rank; D == 0 (nothing active
+    anywhere, or no valid row anywhere) gives loss 0 and zero gradient in ``reduce_rows``."""
+    global_wsum, global_valid = dp_sum(torch.stack([weight.sum(), valid.sum()]), dp_group)
+    no = torch.zeros((), dtype=torch.bool, device=weight.device)
+    if normalize == "valid":
+        return weight, global_valid, no
+    fell_back = (global_wsum == 0) & (global_valid > 0)
+    if fallback == "mean":
+        return (torch.where(fell_back, valid.to(weight.dtype), weight), torch.where(fell_back, global_valid, global_wsum),
+                fell_back)
+    return weight, global_wsum, fell_back
+
+
+def dp_plan(dp_group, *, reduction, normalize, denominator, valid, where: str):
+    """How ``memft_loss`` / ``memft_linear_loss`` use ``dp_group``: ``(dp_group for the "active"
+    reduction or None, the denominator)``. Only ``"mean"`` without an explicit denominator uses it;
+    ``"valid"`` becomes a denominator at once (the valid count summed over ``dp_group``: one
+    all_reduce, before the row pass, which the single-pass gradient needs), ``"active"`` keeps
+    ``dp_group`` for ``dp_mean_terms`` after the row pass."""
+    if dp_group is None or reduction != "mean" or denominator is not None:
+        return None, denominator
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{where}: dp_group needs an initialized torch.distributed process group "
+                           "(torch.distributed.init_process_group); pass dp_group=None for one process")
+    if any(dist.get_rank(g) < 0 for g in _dp_groups(dp_group)):
+        raise ValueError(f"{where}: this process is not a member of dp_group")
+    if normalize == "valid":
+        return None, dp_sum(valid.sum().reshape(1), dp_group)[0]
+    return dp_group, None
+
+
 def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denominator, dp_group) -> Reduced:
     """reduce_rows, with the "active"/"valid" denominator summed over ``dp_group`` when given (a
     tuple of groups: summed over each in turn, i.e. over their product, as the row-sharding mesh
@@ -330,24 +381,7 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
             reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
         )
     acc = accumulate_dtype(row_loss.dtype)
-    counts = torch.stack([weight.sum(), valid.sum()]).to(torch.float64)
-    device = counts.device
-    groups = tuple(dp_group) if isinstance(dp_group, (tuple, list)) else (dp_group,)
-    counts = counts.to(_comm_device(groups[0], device))
-    for g in groups:
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=g)
-    global_wsum, global_valid = counts.to(device)
-    no = torch.zeros((), dtype=torch.bool, device=device)
-    if normalize == "valid":
-        w_eff, d, fell_back = weight, global_valid, no
-    else:  # active; the fallback is decided on the global sums, the same on every dp rank
-        fell_back = (global_wsum == 0) & (global_valid > 0)
-        if fallback == "mean":
-            w_eff = torch.where(fell_back, valid.to(weight.dtype), weight)
-            d = torch.where(fell_back, global_valid, global_wsum)
-        else:
-            w_eff, d = weight, global_wsum
-    # d == 0 (nothing active anywhere, or no valid row anywhere) gives loss 0 and zero gradient.
+    w_eff, d, fell_back = dp_mean_terms(weight, valid, normalize=normalize, fallback=fallback, dp_group=dp_group)
     r = reduce_rows(
         row_loss, w_eff, valid,
         reduction="mean", normalize="valid", fallback=fallback, denominator=d.to(acc),
@@ -402,25 +436,40 @@ def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: Kerne
 
 
 class _VocabParallelMemFTFunction(torch.autograd.Function):
+    """forward / setup_context / backward: the form torch.func.grad and vjp need."""
+
     @staticmethod
-    def forward(ctx, logits, target, token_weight, module, opts: KernelOptions, layout: Layout, reduction,
+    def forward(logits, target, token_weight, module, opts: KernelOptions, layout: Layout, reduction,
                 normalize, fallback, denominator, group, dp_group, inplace, weight_fn, user_target, validate):
         local = slice_row_stats(logits, target, layout.vocab_start, opts, module) if logits.shape[0] else None
         stats, reduced = global_rows(local, target, token_weight, opts, layout, group, accumulate_dtype(logits.dtype),
                                      reduction=reduction, normalize=normalize, fallback=fallback,
                                      denominator=denominator, dp_group=dp_group, weight_fn=weight_fn,
                                      user_target=user_target, validate=validate)
+        return (reduced.loss, stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back,
+                reduced.row_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, _, module, opts, layout, _, _, _, _, _, _, inplace, *_ = inputs
+        _, lse, ce, prob, pred, wgt, fell_back, row_scale = output
         ctx.module, ctx.opts, ctx.inplace, ctx.layout = module, opts, inplace, layout
-        ctx.save_for_backward(logits, target, stats.lse, reduced.row_scale)
-        ctx.mark_non_differentiable(stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back)
-        return reduced.loss, stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back
+        ctx.save_for_backward(logits, target, lse, row_scale)
+        ctx.mark_non_differentiable(lse, ce, prob, pred, wgt, fell_back, row_scale)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(NO_VMAP.format(where="vocab_parallel_memft_loss"))
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        refuse_vmap("vocab_parallel_memft_loss")  # jacrev / jacfwd: the backward under vmap
         logits, target, lse, row_scale = ctx.saved_tensors
+        if not ctx.inplace:
+            logits = logits.detach()
         opts, layout = ctx.opts, ctx.layout
         dt = accumulate_dtype(logits.dtype)
-        coef = (grad_loss * row_scale).to(dt)
+        coef = (grad_loss.detach() * row_scale).to(dt)
         local_target = slice_target(target, layout.vocab_start, logits.shape[1], layout.vocab_size, opts.ignore_index)
         local_opts = slice_options(opts, layout.vocab_size)
         if ctx.inplace:
@@ -519,4 +568,4 @@ def vocab_parallel_memft_loss(
         logits2d, call.target, call.token_weight, module, opts, layout, reduction, normalize, fallback,
         call.denominator, group, dp_group, inplace, weight_fn, target, validate,
     )
-    return call.finish(local_logits.dtype, *outputs)
+    return call.finish(local_logits.dtype, *outputs[:7])

@@ -26,11 +26,12 @@ Reading order: chunk sizing, the chunk sweeps, the autograd.Function, the public
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
 from . import dispatch
+from .distributed import dp_mean_terms, dp_plan
 from .dtensor import is_dtensor, route_linear
 from .ops.base import Backend
 from .policy import reduce_rows, weight_fn_factor
@@ -40,8 +41,10 @@ from .spec import (
     MemFTStats,
     accumulate_dtype,
     has_values,
+    NO_VMAP,
     once_differentiable_grads,
     prepare_call,
+    refuse_vmap,
     takes_loss_options,
 )
 
@@ -194,11 +197,30 @@ def _finish(grads: _Grads, scale: torch.Tensor, weight: torch.Tensor, rows: int)
     return gh, gw, gb
 
 
+class _Config(NamedTuple):
+    """The constant arguments of one call, as ONE argument of the autograd.Function: its apply binds
+    every argument to the forward's signature (inspect, tens of Python calls per argument)."""
+
+    module: Backend
+    opts: KernelOptions
+    reduction: str
+    normalize: str
+    fallback: str
+    rows: int
+    weight_fn: Optional[Callable]
+    validate: bool
+    needs: tuple  # (hidden, weight, bias) need a gradient: the forward cannot ask ctx
+    dp_group: Any  # only for the "active" mean (distributed.dp_plan): its denominator summed over it
+
+
 class _MemFTLinearLossFunction(torch.autograd.Function):
+    """The chunk sweeps, then the reduction; forward / setup_context / backward (the form torch.func
+    transforms need). The gradients computed during the forward leave it as outputs (empty
+    stand-ins where not needed) for setup_context to save."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, token_weight, module, opts: KernelOptions, reduction, normalize,
-                fallback, denominator, rows, weight_fn, user_target, validate):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+    def forward(hidden, weight, bias, target, token_weight, denominator, user_target, cfg: _Config):
+        module, opts, reduction, normalize, fallback, rows, weight_fn, validate, needs, dp_group = cfg
         want_grad = any(needs)
         # reduction="none" has per-row upstream gradients: the backward recomputes the chunks.
         grads = _Grads(hidden, weight, bias, needs, rows) if (want_grad and reduction != "none") else None
@@ -207,20 +229,26 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
         lse, ce, prob, pred, wgt, row_loss = _forward_sweep(hidden, weight, bias, target, token_weight, module, opts,
                                                             rows, grads if weight_fn is None else None)
         valid = target != opts.ignore_index
-        reduced = reduce_rows(
-            row_loss, wgt, valid, reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
-        )
         if weight_fn is not None:
+            # weight_fn sees this rank's own fell_back (with dp_group the decision comes below).
+            own = reduce_rows(row_loss, wgt, valid, reduction=reduction, normalize=normalize, fallback=fallback,
+                              denominator=denominator)
             seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, lse, ce, prob, pred, wgt,
-                                        reduced.fell_back)
+                                        own.fell_back)
             wgt = wgt * weight_fn_factor(weight_fn, user_target, seen, check_values=validate).to(wgt.dtype)
-            reduced = reduce_rows(
-                row_loss, wgt, valid, reduction=reduction, normalize=normalize, fallback=fallback,
-                denominator=denominator,
-            )
             if grads is not None:
                 _gradient_sweep(hidden, weight, bias, target, lse, wgt, module, opts, rows, grads)
-        ctx.module, ctx.opts, ctx.rows, ctx.reduction = module, opts, rows, reduction
+        global_d = None
+        if dp_group is None:
+            reduced = reduce_rows(row_loss, wgt, valid, reduction=reduction, normalize=normalize, fallback=fallback,
+                                  denominator=denominator)
+        else:  # the "active" mean over the data-parallel group: one all_reduce of two numbers
+            w_eff, global_d, fell_back = dp_mean_terms(wgt, valid, normalize=normalize, fallback=fallback,
+                                                       dp_group=dp_group)
+            acc = accumulate_dtype(row_loss.dtype)
+            reduced = reduce_rows(row_loss, w_eff, valid, reduction="mean", normalize="valid", fallback=fallback,
+                                  denominator=global_d.to(acc))._replace(fell_back=fell_back)
+        gh = gw = gb = None
         if grads is not None:
             acc = wgt.dtype
             if reduction == "sum":
@@ -230,7 +258,8 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
             elif normalize == "valid":
                 scale = _inverse(valid.sum().to(acc))
             else:
-                scale = _inverse(wgt.sum())
+                # D: the weight sum; with dp_group the global one (the global valid count on a fallback).
+                scale = _inverse(wgt.sum() if global_d is None else global_d.to(acc))
                 # The rare "active" fallback: weights were all 0, the gradient needs w_i = 1 on
                 # valid rows instead. One host read decides; a second sweep computes it (a meta
                 # tensor has no value to read: shapes are all it computes).
@@ -238,17 +267,34 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
                     grads.zero_()
                     coef = valid.to(acc)
                     _gradient_sweep(hidden, weight, bias, target, lse, coef, module, opts, rows, grads)
-                    scale = _inverse(coef.sum())
-            ctx.save_for_backward(*_finish(grads, scale, weight, rows))  # None where not needed
-        elif want_grad:  # reduction="none"
-            ctx.save_for_backward(hidden, weight, bias, target, lse, wgt)
-            ctx.needs = needs
-        ctx.mark_non_differentiable(lse, ce, prob, pred, wgt, reduced.fell_back)
-        return reduced.loss, lse, ce, prob, pred, wgt, reduced.fell_back
+                    if global_d is None:
+                        scale = _inverse(coef.sum())
+            gh, gw, gb = _finish(grads, scale, weight, rows)
+        # Outputs are tensors: a fresh empty stand-in for each gradient not computed here.
+        gh, gw, gb = (hidden.new_empty(0) if g is None else g for g in (gh, gw, gb))
+        return reduced.loss, lse, ce, prob, pred, wgt, reduced.fell_back, gh, gw, gb
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, target, _, _, _, cfg = inputs
+        _, lse, ce, prob, pred, wgt, fell_back, gh, gw, gb = output
+        needs = cfg.needs
+        ctx.module, ctx.opts, ctx.rows, ctx.reduction, ctx.needs = cfg.module, cfg.opts, cfg.rows, cfg.reduction, needs
+        if cfg.reduction == "none":
+            if any(needs):
+                ctx.save_for_backward(hidden, weight, bias, target, lse, wgt)
+        elif any(needs):
+            # The gradients of the forward, None where not needed.
+            ctx.save_for_backward(*(g if need else None for g, need in zip((gh, gw, gb), needs)))
+        ctx.mark_non_differentiable(lse, ce, prob, pred, wgt, fell_back, gh, gw, gb)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        none = (None,) * 12
+        refuse_vmap("memft_linear_loss")  # jacrev / jacfwd: the backward under vmap
+        # The gradients are not differentiable (no double backward): under a torch.func transform the
+        # upstream gradient may track gradients itself.
+        grad_loss = grad_loss.detach()
+        none = (None,) * 5
         if ctx.reduction == "none":
             hidden, weight, bias, target, lse, wgt = ctx.saved_tensors
             # Without grad mode (on under create_graph=True): the sweep's out= matmuls refuse it, and
@@ -264,6 +310,10 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
         # Always multiplied (a pass over the small N x D / V x D results), never compared on the host.
         out = [None if g is None else _scaled(g, grad_loss, torch.empty_like(g), ctx.rows) for g in out]
         return once_differentiable_grads(*out) + none
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(NO_VMAP.format(where="memft_linear_loss"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +369,7 @@ def memft_linear_loss(
     validate: bool = True,
     backend: str = "auto",
     weight_fn: Optional[Callable] = None,
+    dp_group=None,
 ):
     """``memft_loss(hidden @ weight.T + bias, target, ...)`` (docs/SPEC.md) computed in row chunks so
     that no N x V tensor exists.
@@ -335,12 +386,16 @@ def memft_linear_loss(
     A DTensor ``weight`` sharded ``Shard(0)`` (a ``ColwiseParallel`` lm_head) runs
     ``vocab_parallel_linear.vocab_parallel_memft_linear_loss`` over the sharding mesh dimension's
     group; the loss is then a ``Replicate()`` DTensor (docs/DISTRIBUTED.md).
+    ``dp_group``: as ``memft_loss``'s (the "mean" denominator summed over a data-parallel group: each
+    rank's loss is its share of the global mean, the gradients exact).
+    ``torch.func.grad`` and ``torch.func.vjp`` work; ``torch.func.vmap`` (and jacrev, which uses it)
+    is refused with a RuntimeError.
     """
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
         denominator=denominator, fallback=fallback, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap, return_stats=return_stats, validate=validate, backend=backend,
-        weight_fn=weight_fn,
+        weight_fn=weight_fn, dp_group=dp_group,
     )
     options.checked()  # option errors first, as memft_loss reports them
     if any(is_dtensor(t) for t in (hidden, weight, bias, target, token_weight)):  # a tensor-parallel lm_head
@@ -359,9 +414,15 @@ def memft_linear_loss(
     n_rows = hidden2d.shape[0]
     rows = chunk_rows_for(n_rows, vocab, dim, hidden.dtype, chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes)
     module = dispatch.resolve(backend, hidden2d.new_empty((0, vocab)))
+    dp, denominator = None, call.denominator
+    if dp_group is not None:  # data parallelism: the "mean" denominator over the dp group
+        dp, denominator = dp_plan(dp_group, reduction=reduction, normalize=normalize, denominator=denominator,
+                                  valid=call.target != call.kernel.ignore_index, where="memft_linear_loss")
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden2d.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
 
-    outputs = _MemFTLinearLossFunction.apply(
-        hidden2d, weight, bias, call.target, call.token_weight, module, call.kernel, reduction, normalize, fallback,
-        call.denominator, rows, weight_fn, target, validate,
-    )
-    return call.finish(hidden.dtype, *outputs)
+    cfg = _Config(module, call.kernel, reduction, normalize, fallback, rows, weight_fn, validate, needs, dp)
+    outputs = _MemFTLinearLossFunction.apply(hidden2d, weight, bias, call.target, call.token_weight, denominator, target,
+                                             cfg)
+    return call.finish(hidden.dtype, *outputs[:7])

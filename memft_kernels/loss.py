@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import dispatch
+from .distributed import _reduce, dp_plan
 from .dtensor import is_dtensor
 from .ops.base import Backend
 from .policy import reduce_rows, unit_scale, weight_fn_factor
@@ -21,8 +22,10 @@ from .spec import (
     MemFTStats,
     accumulate_dtype,
     check_inplace_target,
+    NO_VMAP,
     once_differentiable_grads,
     prepare_call,
+    refuse_vmap,
     takes_loss_options,
 )
 
@@ -38,11 +41,12 @@ def _single_pass(want_grad: bool, weight_fn, reduction: str, normalize: str, den
 class _MemFTLossFunction(torch.autograd.Function):
     """Row kernels of a backend, then the reduction; forward / setup_context / backward (the form
     torch.func transforms need). ``want_grad`` tells the forward whether the logits need a gradient
-    (it cannot ask ctx)."""
+    (it cannot ask ctx). ``dp_group`` (only for the "active" mean, see ``distributed.dp_plan``): the
+    reduction's denominator is summed over it."""
 
     @staticmethod
     def forward(logits, target, token_weight, backend: Backend, opts: KernelOptions, reduction, normalize,
-                fallback, denominator, inplace, weight_fn, user_target, validate, want_grad):
+                fallback, denominator, inplace, weight_fn, user_target, validate, want_grad, dp_group):
         valid = target != opts.ignore_index
         fused = _single_pass(want_grad, weight_fn, reduction, normalize, denominator)
         grad = row_scale = None
@@ -57,19 +61,20 @@ class _MemFTLossFunction(torch.autograd.Function):
             row_scale = stats.weight.to(scale.dtype) * scale
         else:
             stats = backend.row_forward(logits, target, token_weight, opts)
-        reduced = reduce_rows(
-            stats.loss, stats.weight, valid,
-            reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
-        )
         if weight_fn is not None:
-            seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
-                                        stats.pred, stats.weight, reduced.fell_back)
-            factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
-            stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
-            reduced = reduce_rows(
+            # weight_fn sees this rank's own fell_back (with dp_group the decision comes below).
+            own = reduce_rows(
                 stats.loss, stats.weight, valid,
                 reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
             )
+            seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
+                                        stats.pred, stats.weight, own.fell_back)
+            factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
+            stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
+        reduced = _reduce(
+            stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize, fallback=fallback,
+            denominator=denominator, dp_group=dp_group,
+        )
         if not fused:
             row_scale = reduced.row_scale
         if grad is None:  # outputs are tensors (torch.compile's backward wants no None): an empty stand-in
@@ -80,7 +85,7 @@ class _MemFTLossFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         (logits, target, _, backend, opts, reduction, normalize, _, denominator, inplace, weight_fn, _, _,
-         want_grad) = inputs
+         want_grad, _) = inputs
         _, lse, ce, prob, pred, weight, fell_back, row_scale, grad = output
         ctx.backend, ctx.opts, ctx.inplace = backend, opts, inplace
         ctx.fused = _single_pass(want_grad, weight_fn, reduction, normalize, denominator)
@@ -102,8 +107,13 @@ class _MemFTLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        refuse_vmap("memft_loss")  # jacrev / jacfwd: the backward under vmap
         (grad,) = once_differentiable_grads(_MemFTLossFunction._backward(ctx, grad_loss))
-        return (grad,) + (None,) * 13
+        return (grad,) + (None,) * 14
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(NO_VMAP.format(where="memft_loss"))
 
     @staticmethod
     def _backward(ctx, grad_loss):
@@ -154,6 +164,7 @@ def memft_loss(
     inplace_backward: bool = False,
     backend: str = "auto",
     weight_fn: Optional[Callable] = None,
+    dp_group=None,
 ):
     """The MemFT loss of docs/SPEC.md; with ``policy="none"`` exactly ``F.cross_entropy``.
 
@@ -164,12 +175,20 @@ def memft_loss(
     requires grad is refused). No second derivative: a double backward raises. DTensor ``logits``
     (tensor parallelism, classes sharded with ``Shard(-1)`` or replicated) are computed vocab-parallel
     and the loss is a ``Replicate()`` DTensor, as under torch's ``loss_parallel()`` (docs/DISTRIBUTED.md).
+
+    ``dp_group`` (data parallelism): with ``reduction="mean"``, ``normalize`` "active" or "valid" and no
+    ``denominator``, the denominator and the fallback decision are summed over this process group (one
+    all_reduce of two numbers; every rank of it must call), so each rank's loss is its share of the
+    global mean and its gradient is exact: the sum of the losses over ``dp_group`` is the mean over all
+    ranks' tokens (DDP then averages the gradients over the ranks: multiply the loss by the dp world
+    size to get the global mean's gradient). The statistics stay this rank's, except ``fell_back``.
+    No effect for "sum", "none" or an explicit ``denominator``.
     """
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
         denominator=denominator, fallback=fallback, ignore_index=ignore_index, label_smoothing=label_smoothing,
         z_loss=z_loss, softcap=softcap, return_stats=return_stats, validate=validate,
-        inplace_backward=inplace_backward, backend=backend, weight_fn=weight_fn,
+        inplace_backward=inplace_backward, backend=backend, weight_fn=weight_fn, dp_group=dp_group,
     )
     return memft_loss_with(logits, target, token_weight, options)
 
@@ -186,13 +205,18 @@ def memft_loss_with(logits: torch.Tensor, target: torch.Tensor, token_weight: Op
     # In-place only when the caller asked and the storage really is the logits' (no copy was made).
     # (logits.is_contiguous() <=> the flattening made no copy; a data_ptr is not traceable.)
     inplace = bool(options.inplace_backward) and logits.is_contiguous()
+    dp_group, denominator = None, call.denominator
+    if options.dp_group is not None:  # data parallelism: the "mean" denominator over the dp group
+        dp_group, denominator = dp_plan(options.dp_group, reduction=options.reduction, normalize=options.normalize,
+                                        denominator=denominator, valid=call.target != call.kernel.ignore_index,
+                                        where="memft_loss")
 
     want_grad = torch.is_grad_enabled() and call.logits.requires_grad
     if inplace and want_grad:
         check_inplace_target(logits)
     outputs = _MemFTLossFunction.apply(
         call.logits, call.target, call.token_weight, module, call.kernel, options.reduction, options.normalize,
-        options.fallback, call.denominator, inplace, options.weight_fn, target, options.validate, want_grad,
+        options.fallback, denominator, inplace, options.weight_fn, target, options.validate, want_grad, dp_group,
     )
     return call.finish(logits.dtype, *outputs[:7])
 

@@ -272,6 +272,10 @@ OPTION_DOCS = {
     "backend": '"auto", "torch" (reference), "triton", "cuda" or "cpu"',
     "weight_fn": "fn(target, stats) -> a float tensor broadcastable to target that multiplies the policy weight; "
                  "called once per forward with this forward's MemFTStats (docs/SPEC.md, weight_fn)",
+    "dp_group": "a data-parallel process group: with reduction=\"mean\", normalize \"active\" or \"valid\" and no "
+                "denominator, the denominator and the fallback decision are summed over it (one all_reduce; every "
+                "rank of it must call), so each rank's loss is its share of the global mean (their sum is the "
+                "mean over all ranks' tokens); no effect otherwise (docs/SPEC.md, dp_group)",
 }
 
 
@@ -298,6 +302,7 @@ class LossOptions:
     inplace_backward: bool = False
     backend: str = "auto"
     weight_fn: Optional[Callable] = None
+    dp_group: Any = None
 
     @classmethod
     def names(cls) -> tuple:
@@ -494,6 +499,20 @@ def once_differentiable_grads(*grads):
         *[g.detach().requires_grad_(True) for g in present])
     wrapped = iter(wrapped if isinstance(wrapped, tuple) else (wrapped,))
     return tuple(None if g is None else next(wrapped) for g in grads)
+
+
+NO_VMAP = ("{where} does not support torch.func.vmap (nor jacrev, jacfwd or hessian, which batch through it): its "
+           "kernels work on whole row batches and have no batching rule. torch.func.grad and torch.func.vjp work; for "
+           "a batch of losses put the batch into the rows (reduction=\"none\") or loop over it")
+
+
+def refuse_vmap(where: str) -> None:
+    """Raise NO_VMAP when a torch.func.vmap is active (the custom ops would otherwise fail with
+    "Batching rule not implemented", or an out= matmul with a vmap internals error)."""
+    if torch._C._are_functorch_transforms_active():
+        vmap = torch._C._functorch.TransformType.Vmap
+        if any(level.key() == vmap for level in torch._C._functorch.get_interpreter_stack() or ()):
+            raise RuntimeError(NO_VMAP.format(where=where))
 
 
 def check_inplace_target(logits: torch.Tensor) -> None:

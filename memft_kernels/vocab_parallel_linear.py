@@ -52,11 +52,13 @@ from .dtensor import refuse
 from .linear_loss import _check_linear_inputs, _chunk_logits, _gradient_sweep, _Grads, chunk_rows_for
 from .spec import (
     KernelOptions,
+    NO_VMAP,
     LossOptions,
     accumulate_dtype,
     check_target_range,
     once_differentiable_grads,
     prepare_call,
+    refuse_vmap,
     takes_loss_options,
 )
 
@@ -94,28 +96,42 @@ def _all_reduce_sum(t: torch.Tensor, group, scale: torch.Tensor) -> torch.Tensor
 
 
 class _VocabParallelLinearFunction(torch.autograd.Function):
+    """forward / setup_context / backward (the form torch.func.grad and vjp need: ``needs`` tells
+    which of hidden, weight, bias need a gradient, as the forward cannot ask ctx)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, token_weight, module, opts: KernelOptions, layout: Layout,
-                reduction, normalize, fallback, denominator, rows, group, dp_group, weight_fn, user_target, validate):
+    def forward(hidden, weight, bias, target, token_weight, module, opts: KernelOptions, layout: Layout,
+                reduction, normalize, fallback, denominator, rows, group, dp_group, weight_fn, user_target, validate,
+                needs):
         n = hidden.shape[0]
         local = _stats_sweep(hidden, weight, bias, target, layout.vocab_start, module, opts, rows) if n else None
         stats, reduced = global_rows(local, target, token_weight, opts, layout, group, accumulate_dtype(hidden.dtype),
                                      reduction=reduction, normalize=normalize, fallback=fallback,
                                      denominator=denominator, dp_group=dp_group, weight_fn=weight_fn,
                                      user_target=user_target, validate=validate)
-        ctx.module, ctx.opts, ctx.layout, ctx.rows, ctx.group = module, opts, layout, rows, group
-        ctx.needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        ctx.save_for_backward(hidden, weight, bias, target, stats.lse, reduced.row_scale)
-        ctx.mark_non_differentiable(stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back)
-        return reduced.loss, stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back
+        return (reduced.loss, stats.lse, stats.ce, stats.prob, stats.pred, stats.weight, reduced.fell_back,
+                reduced.row_scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, target, _, module, opts, layout, _, _, _, _, rows, group, *_, needs = inputs
+        _, lse, ce, prob, pred, wgt, fell_back, row_scale = output
+        ctx.module, ctx.opts, ctx.layout, ctx.rows, ctx.group, ctx.needs = module, opts, layout, rows, group, needs
+        ctx.save_for_backward(hidden, weight, bias, target, lse, row_scale)
+        ctx.mark_non_differentiable(lse, ce, prob, pred, wgt, fell_back, row_scale)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        refuse_vmap(_WHERE)  # jacrev / jacfwd: the backward under vmap
         # The sweep's out= matmuls refuse grad mode (on under create_graph=True): the gradients are
         # computed without it, and once_differentiable_grads then refuses the second derivative.
         with torch.no_grad():
-            gh, gw, gb = _VocabParallelLinearFunction._gradients(ctx, grad_loss)
-        return once_differentiable_grads(gh, gw, gb) + (None,) * 15
+            gh, gw, gb = _VocabParallelLinearFunction._gradients(ctx, grad_loss.detach())
+        return once_differentiable_grads(gh, gw, gb) + (None,) * 16
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(NO_VMAP.format(where=_WHERE))
 
     @staticmethod
     def _gradients(ctx, grad_loss):
@@ -225,10 +241,11 @@ def vocab_parallel_memft_linear_loss(
         needs_hidden = torch.is_grad_enabled() and hidden.requires_grad
         fill_record(record, call, v_local=v_local, vocab_start=vocab_start, target=target, token_weight=token_weight,
                     dp_group=dp_group, extra=(dim, str(hidden.dtype), needs_hidden, local_bias is not None))
-        return call, hidden2d, rows, module
+        return call, hidden2d, rows, module, needs_hidden
 
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    layout, (call, hidden2d, rows, module) = checked_layout(_WHERE, "memft_linear_loss", group, device, prepare)
+    layout, (call, hidden2d, rows, module, needs_hidden) = checked_layout(_WHERE, "memft_linear_loss", group, device,
+                                                                          prepare)
     if validate:
         # The target is the same on every rank (checked), so every rank raises here together.
         check_target_range(target, layout.vocab_size, ignore_index)
@@ -236,5 +253,7 @@ def vocab_parallel_memft_linear_loss(
     outputs = _VocabParallelLinearFunction.apply(
         hidden2d, local_weight, local_bias, call.target, call.token_weight, module, call.kernel, layout, reduction,
         normalize, fallback, call.denominator, rows, group, dp_group, weight_fn, target, validate,
+        (needs_hidden, torch.is_grad_enabled() and local_weight.requires_grad,
+         torch.is_grad_enabled() and local_bias is not None and local_bias.requires_grad),
     )
-    return call.finish(hidden.dtype, *outputs)
+    return call.finish(hidden.dtype, *outputs[:7])

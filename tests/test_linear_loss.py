@@ -290,3 +290,85 @@ def test_double_backward_refuses_with_reduction_none():
         assert got.requires_grad and float((got - ref).norm() / ref.norm()) < 1e-12
     with pytest.raises(RuntimeError, match="no second derivative"):
         (sum(t.pow(2).sum() for t in grads) + h.sum()).backward()
+
+
+# ------------------------------------------------------------------------------- torch.func
+# Regressions: torch.func.grad / vjp over memft_linear_loss raised "it must override the
+# setup_context staticmethod" (the autograd.Function had the old forward(ctx, ...) form); vmap and
+# jacrev raised torch's internal errors (now one message saying what works instead).
+FUNC_CASES = [
+    dict(policy="hard", threshold=0.05),
+    dict(policy="sigmoid", threshold=0.05, reduction="sum"),
+    dict(policy="sigmoid", threshold=0.05, normalize="valid", label_smoothing=0.1),
+    dict(policy="hard", threshold=1e-30, fallback_case=True),  # every p above the threshold: the fallback sweep
+    dict(policy="sigmoid", threshold=0.05, weight_fn=True),
+]
+
+
+def _func_inputs(case, seed=5):
+    hidden, weight, b, target = (t.detach().double() if t.is_floating_point() else t
+                                 for t in make(dtype=torch.float64, seed=seed))
+    kw = dict(case)
+    kw.pop("fallback_case", None)
+    if kw.pop("weight_fn", False):
+        kw["weight_fn"] = lambda t, s: 1.0 + s.prob
+    return hidden, weight, b, target, kw
+
+
+@pytest.mark.parametrize("case", FUNC_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_torch_func_grad_equals_autograd(case):
+    hidden, weight, b, target, kw = _func_inputs(case)
+    if case.get("fallback_case"):  # the case is what it claims: every weight 0, the fallback taken
+        _, stats = memft_linear_loss(hidden, weight, target, b, return_stats=True, **kw)
+        assert bool(stats.fell_back) and float(stats.n_active) == 0
+
+    def f(h, w, bias):
+        return memft_linear_loss(h, w, target, bias, chunk_size=6, validate=False, **kw)
+
+    got = torch.func.grad(f, argnums=(0, 1, 2))(hidden, weight, b)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+    want = torch.autograd.grad(f(*leaves), leaves)
+    ref_loss, tensors = materialized(*leaves, target, **kw)
+    ref = torch.autograd.grad(ref_loss, tensors)
+    for g, a, r in zip(got, want, ref):
+        assert not g.requires_grad
+        assert rel(g, a) < 1e-13 and rel(g, r) < 1e-12
+    # Only hidden differentiated (weight a constant): no weight gradient is formed.
+    (gh,) = torch.func.grad(f, argnums=(0,))(hidden, weight, b)
+    assert rel(gh, want[0]) < 1e-13
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_torch_func_vjp_equals_autograd(reduction):
+    hidden, weight, b, target, kw = _func_inputs(dict(policy="sigmoid", threshold=0.05))
+    f = lambda h, w: memft_linear_loss(h, w, target, b, chunk_size=4, reduction=reduction, **kw)  # noqa: E731
+    loss, vjp_fn = torch.func.vjp(f, hidden, weight)
+    cotangent = 0.5 + torch.rand(loss.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    got = vjp_fn(cotangent)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    ref_loss, tensors = materialized(*leaves, b, target, reduction=reduction, **kw)
+    want = torch.autograd.grad(ref_loss, tensors[:2], cotangent, retain_graph=True)
+    assert rel(loss, ref_loss) < 1e-13
+    for g, r in zip(got, want):
+        assert rel(g, r) < 1e-12
+    # With the statistics as an auxiliary output (MemFTStats is no pytree: its as_dict() is).
+    def with_stats(h):
+        loss, stats = memft_linear_loss(h, weight, target, b, reduction=reduction, return_stats=True, **kw)
+        return loss.sum(), stats.as_dict()
+
+    (gh,), stats = torch.func.grad(with_stats, argnums=(0,), has_aux=True)(hidden)
+    assert stats["ce"].shape == target.shape and rel(gh, torch.autograd.grad(ref_loss.sum(), tensors[0])[0]) < 1e-12
+
+
+def test_vmap_and_jacrev_refused_with_a_clear_error():
+    hidden, weight, b, target, _ = _func_inputs(dict())
+    batch = torch.stack([hidden, hidden + 1])
+    with pytest.raises(RuntimeError, match="memft_linear_loss does not support torch.func.vmap"):
+        torch.func.vmap(lambda h: memft_linear_loss(h, weight, target, b, validate=False))(batch)
+    with pytest.raises(RuntimeError, match="memft_linear_loss does not support torch.func.vmap"):
+        torch.func.jacrev(lambda h: memft_linear_loss(h, weight, target, b, validate=False))(hidden)
+    logits = (hidden @ weight.T).detach()
+    with pytest.raises(RuntimeError, match="memft_loss does not support torch.func.vmap"):
+        torch.func.vmap(lambda x: memft_loss(x, target, validate=False))(torch.stack([logits, logits]))
+    with pytest.raises(RuntimeError, match="memft_loss does not support torch.func.vmap"):
+        torch.func.jacrev(lambda x: memft_loss(x, target, validate=False))(logits)

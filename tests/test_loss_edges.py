@@ -1,7 +1,8 @@
 """memft_loss at its edges, on every available backend: torch.compile(fullgraph=True, dynamic=True),
-repeated backward through a retained graph, torch.func.grad, +inf logits, refused option types, and
+repeated backward through a retained graph, torch.func.grad, +inf logits, refused option types,
 a hypothesis fuzz over the whole option space with odd shapes, strides and dtypes against the
-float64 reference."""
+float64 reference, and dp_group (memft_loss, MemFTLoss, memft_linear_loss) in one spawn of 2 gloo
+ranks against the float64 reference over both ranks' rows."""
 from __future__ import annotations
 
 import math
@@ -397,3 +398,216 @@ def test_compiled_bad_weight_fn_is_named_in_the_error():
         f(logits, target, weight_fn=my_window)
     with pytest.raises(ValueError, match="token_weight must be finite"):
         f(logits, target, token_weight=torch.full((6,), -1.0))
+
+
+# --------------------------------------------------------------------------- dp_group (2 ranks)
+# memft_loss / MemFTLoss / memft_linear_loss with dp_group, in ONE spawn of 2 gloo ranks that runs
+# every case and saves its results: the sum of the ranks' losses and their gradients (concatenated
+# rows; the weight gradient summed over ranks) must equal the single-process float64 reference over
+# the concatenated rows. Regression: dp_group was vocab_parallel_memft_loss's only (memft_loss and
+# memft_linear_loss refused the keyword, and a rank's local "active" mean is not its share of the
+# global one). Each rank holds different rows, and a different number of them.
+DP_WORLD, DP_V, DP_D = 2, 11, 16
+DP_ROWS = (7, 5)
+DP_CASES = {
+    "hard": dict(opts=dict(policy="hard")),
+    "sigmoid": dict(opts=dict(policy="sigmoid", threshold=0.3, sharpness=5.0, label_smoothing=0.1), token_weight=True),
+    "valid": dict(opts=dict(policy="hard", normalize="valid")),  # the single-pass path (1/D before the rows)
+    "valid_inplace": dict(opts=dict(policy="sigmoid", normalize="valid", inplace_backward=True), loss_only=True),
+    "rank1_no_active": dict(opts=dict(policy="hard"), confident=(False, True)),
+    "rank1_no_active_soft": dict(opts=dict(policy="sigmoid", threshold=0.05, sharpness=50.0), confident=(False, True)),
+    "rank1_no_valid": dict(opts=dict(policy="hard"), ignore_all=(False, True)),
+    "fallback_mean": dict(opts=dict(policy="hard"), confident=(True, True)),
+    "fallback_zero": dict(opts=dict(policy="hard", fallback="zero"), confident=(True, True)),
+    "fallback_soft": dict(opts=dict(policy="sigmoid", threshold=0.05, sharpness=50.0, token_weight_zero=True),
+                          confident=(True, True)),
+    "weight_fn": dict(opts=dict(policy="sigmoid", threshold=0.3), weight_fn=True),
+    "sum_unaffected": dict(opts=dict(policy="hard", reduction="sum")),
+    "denominator_unaffected": dict(opts=dict(policy="sigmoid", denominator=9.0)),
+    "none_unaffected": dict(opts=dict(policy="hard", reduction="none")),
+    "module": dict(opts=dict(policy="hard"), module=True, loss_only=True),
+}
+DP_LINEAR_CASES = [name for name in DP_CASES if name not in ("valid_inplace", "module", "fallback_soft")]
+
+
+def _dp_inputs(name, part):
+    """Rank ``part``'s rows of case ``name``: logits (and hidden for the linear loss, whose weight is
+    the same on every rank), target, token_weight, upstream gradient. Built identically in every process."""
+    case = DP_CASES[name]
+    g = torch.Generator().manual_seed(1000 + 17 * list(DP_CASES).index(name) + part)
+    n = DP_ROWS[part]
+    # Orthonormal weight rows: hidden = c * weight[t] gives logit c at t and 0 elsewhere.
+    q, _ = torch.linalg.qr(torch.randn(DP_D, DP_D, generator=torch.Generator().manual_seed(77), dtype=torch.float64))
+    weight = q[:DP_V].contiguous()
+    bias = 0.1 * torch.randn(DP_V, generator=torch.Generator().manual_seed(78), dtype=torch.float64)
+    target = torch.randint(0, DP_V, (n,), generator=g)
+    hidden = torch.randn(n, DP_D, generator=g, dtype=torch.float64)
+    if case.get("confident", (False, False))[part]:
+        hidden = 9.0 * weight[target] + 0.01 * hidden  # p > 0.5 for every target: nothing active
+    target[n // 2] = -100
+    if case.get("ignore_all", (False, False))[part]:
+        target[:] = -100
+    tw = (0.2 + torch.rand(n, generator=g, dtype=torch.float64)) if case.get("token_weight") else None
+    if case["opts"].get("token_weight_zero"):
+        tw = torch.zeros(n, dtype=torch.float64)
+    reduction = case["opts"].get("reduction", "mean")
+    grad_out = (torch.rand(n, generator=g, dtype=torch.float64) + 0.5) if reduction == "none" else torch.tensor(
+        0.75, dtype=torch.float64)
+    return hidden, weight, bias, target, tw, grad_out
+
+
+def _dp_opts(name):
+    opts = {k: v for k, v in DP_CASES[name]["opts"].items() if k != "token_weight_zero"}
+    if DP_CASES[name].get("weight_fn"):
+        opts["weight_fn"] = lambda target, stats: 0.5 + stats.prob
+    return opts
+
+
+def _dp_case(name, linear, rank, dp_group):
+    from memft_kernels import MemFTLoss
+
+    hidden, weight, bias, target, tw, grad_out = _dp_inputs(name, rank)
+    opts = _dp_opts(name)
+    if linear:
+        h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+        loss, stats = memft_linear_loss(h, w, target, b, token_weight=tw, chunk_size=3, dp_group=dp_group,
+                                        return_stats=True, **opts)
+        loss.backward(grad_out)
+        return dict(loss=loss.detach(), fell_back=stats.fell_back, grads=(h.grad, w.grad, b.grad))
+    x = (hidden @ weight.T + bias).requires_grad_()
+    if DP_CASES[name].get("module"):
+        loss = MemFTLoss(dp_group=dp_group, **opts)(x, target, tw)
+        fell_back = None
+    else:
+        inp = x * 1.0 if opts.get("inplace_backward") else x  # a non-leaf: the in-place gradient is allowed
+        loss, stats = memft_loss(inp, target, token_weight=tw, dp_group=dp_group, return_stats=True, **opts)
+        fell_back = stats.fell_back
+    loss.backward(grad_out)
+    return dict(loss=loss.detach(), fell_back=fell_back, grads=(x.grad,))
+
+
+def _dp_worker(rank, world, port, outdir):
+    from helpers import init_gloo_rank
+    import torch.distributed as dist
+
+    from memft_kernels.distributed import vocab_parallel_memft_loss
+    from memft_kernels.vocab_parallel_linear import vocab_parallel_memft_linear_loss
+
+    init_gloo_rank(rank, world, port)
+    try:
+        dp_group = dist.new_group(list(range(world)))
+        only_rank0 = dist.new_group([0])
+        results = {}
+        for name in DP_CASES:
+            results[("loss", name)] = _dp_case(name, False, rank, dp_group)
+        for name in DP_LINEAR_CASES:
+            results[("linear", name)] = _dp_case(name, True, rank, dp_group)
+        if rank == 1:  # not a member: refused, never a silent no-op collective
+            try:
+                memft_loss(torch.randn(3, 4), torch.tensor([0, 1, 2]), dp_group=only_rank0)
+            except ValueError as exc:
+                results["not_member"] = str(exc)
+        # torch.func.grad over vocab_parallel_memft_linear_loss (the world splits V = 5 + 6).
+        hidden, weight, bias, target, _, _ = _dp_inputs("hard", 0)
+        rows = slice(0, 5) if rank == 0 else slice(5, DP_V)
+        f = lambda h, w, b: vocab_parallel_memft_linear_loss(h, w, target, b, policy="sigmoid", chunk_size=3,  # noqa: E731
+                                                               validate=False)
+        results["func_vocab_parallel"] = torch.func.grad(f, argnums=(0, 1, 2))(hidden, weight[rows], bias[rows])
+        logits = (hidden @ weight.T + bias)[:, rows].contiguous()
+        loss, vjp_fn = torch.func.vjp(lambda x: vocab_parallel_memft_loss(x, target, policy="sigmoid", validate=False),
+                                      logits)
+        results["func_vocab_parallel_logits"] = vjp_fn(torch.tensor(0.75, dtype=torch.float64))[0]
+        torch.save(results, f"{outdir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def dp_spawned(tmp_path_factory):
+    from helpers import free_port, rank_results, spawn_ranks
+
+    outdir = tmp_path_factory.mktemp("dp_group")
+    spawn_ranks(_dp_worker, DP_WORLD, (DP_WORLD, free_port(), str(outdir)), 240.0, "the dp_group run")
+    return rank_results(outdir, DP_WORLD)
+
+
+def _dp_reference(name, linear):
+    """Single process, float64 reference backend, over the concatenated rows of both ranks."""
+    parts = [_dp_inputs(name, p) for p in range(DP_WORLD)]
+    hidden = torch.cat([p[0] for p in parts])
+    _, weight, bias = parts[0][:3]
+    target = torch.cat([p[3] for p in parts])
+    tw = None if parts[0][4] is None else torch.cat([p[4] for p in parts])
+    opts = dict(_dp_opts(name), backend="torch")
+    opts.pop("inplace_backward", None)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    x = h @ w.T + b
+    if not linear:
+        x = x.detach().requires_grad_()
+    loss, stats = memft_loss(x, target, token_weight=tw, return_stats=True, **opts)
+    grad_out = torch.cat([p[5] for p in parts]) if loss.dim() else parts[0][5]
+    loss.backward(grad_out)
+    grads = (h.grad, w.grad, b.grad) if linear else (x.grad,)
+    return loss.detach(), stats.fell_back, grads
+
+
+@pytest.mark.parametrize("kind,name", [("loss", n) for n in DP_CASES] + [("linear", n) for n in DP_LINEAR_CASES])
+def test_dp_group_rank_shares_sum_to_the_global_mean(dp_spawned, kind, name):
+    linear = kind == "linear"
+    ranks = [r[(kind, name)] for r in dp_spawned]
+    ref_loss, ref_fell_back, ref_grads = _dp_reference(name, linear)
+    if ref_loss.dim():  # reduction="none": the rows of the ranks
+        total = torch.cat([r["loss"] for r in ranks])
+    else:
+        total = sum(r["loss"] for r in ranks)
+        assert float(ref_loss) != 0.0 or DP_CASES[name]["opts"].get("fallback") == "zero"
+    assert rel(total, ref_loss) < 1e-12, (total, ref_loss)
+    if linear:
+        got = (torch.cat([r["grads"][0] for r in ranks]), sum(r["grads"][1] for r in ranks),
+               sum(r["grads"][2] for r in ranks))
+    else:
+        got = (torch.cat([r["grads"][0] for r in ranks]),)
+    for g, want in zip(got, ref_grads):
+        assert rel(g, want) < 1e-12
+    if not DP_CASES[name].get("module"):
+        for r in ranks:  # the fallback decision is global: the same on every rank as in the reference
+            assert bool(r["fell_back"]) == bool(ref_fell_back)
+    if name.startswith("fallback"):
+        assert bool(ref_fell_back)
+    if name.startswith("rank1_no"):  # rank 1 holds no active token, but rank 0 does: its share is 0
+        # (the sigmoid gate is never exactly 0: there, negligible next to rank 0's)
+        tiny = 0.0 if DP_CASES[name]["opts"]["policy"] == "hard" else 1e-12
+        assert not bool(ref_fell_back)
+        assert abs(float(ranks[1]["loss"])) <= tiny * float(ranks[0]["loss"])
+        assert float(ranks[1]["grads"][0].abs().max()) <= tiny * float(ranks[0]["grads"][0].abs().max())
+
+
+def test_dp_group_not_a_member_and_vocab_parallel_torch_func(dp_spawned):
+    assert "not a member of dp_group" in dp_spawned[1]["not_member"]
+    hidden, weight, bias, target, _, _ = _dp_inputs("hard", 0)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    logits = (h @ w.T + b).detach().requires_grad_()
+    (want_logits,) = torch.autograd.grad(memft_loss(logits, target, policy="sigmoid"), logits,
+                                         torch.tensor(0.75, dtype=torch.float64))
+    got_logits = torch.cat([r["func_vocab_parallel_logits"] for r in dp_spawned], dim=-1)
+    assert rel(got_logits, want_logits) < 1e-12  # torch.func.vjp over vocab_parallel_memft_loss
+    want = torch.autograd.grad(memft_loss(h @ w.T + b, target, policy="sigmoid"), (h, w, b))
+    got = [r["func_vocab_parallel"] for r in dp_spawned]
+    for r in got:
+        assert rel(r[0], want[0]) < 1e-12  # every rank gets the whole hidden gradient
+    assert rel(torch.cat([r[1] for r in got]), want[1]) < 1e-12
+    assert rel(torch.cat([r[2] for r in got]), want[2]) < 1e-12
+
+
+def test_dp_group_without_a_process_group_says_so():
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    logits, target = make(n=4, v=5)
+    with pytest.raises(RuntimeError, match="dp_group needs an initialized"):
+        memft_loss(logits, target, dp_group=object())
+    with pytest.raises(RuntimeError, match="dp_group needs an initialized"):
+        memft_linear_loss(torch.randn(4, 3), torch.randn(5, 3), target, dp_group=object())
+    # dp_group has no effect on "sum" (nothing to sum over the group): no process group needed.
+    assert rel(memft_loss(logits, target, reduction="sum", dp_group=object()),
+               memft_loss(logits, target, reduction="sum")) == 0.0
