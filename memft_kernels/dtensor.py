@@ -31,6 +31,8 @@ the rows; the statistics' per-row fields are such DTensors, the 0-d ones global 
 ranks). A plain ``target`` / ``token_weight`` holds this rank's rows, a DTensor one must be sharded
 like the logits' rows. Local input errors and differing options are exchanged in one small
 all-reduce per sharding mesh dimension first, so they raise on every rank instead of hanging one.
+A ``weight_fn`` failing on some ranks only (they hold different rows) is carried by the loss's
+gather and raises on every rank too (``_CaughtWeightFn``).
 
 Anything else (``Partial``, ``_StridedShard``, the classes sharded by two mesh dimensions, a DTensor
 ``target`` / ``token_weight`` laid out otherwise than the logits' rows, a DTensor ``denominator``
@@ -327,6 +329,26 @@ def _sum_over(groups, values: torch.Tensor) -> torch.Tensor:
     return values.to(device)
 
 
+class _CaughtWeightFn:
+    """A ``weight_fn`` next to row-sharded logits. The ranks hold different rows, so the function (or
+    the check of its result) may fail on some ranks only, between the loss's collectives: the error
+    is kept and a neutral factor (ones) returned, so that every rank reaches the remaining
+    collectives; ``_route_rows`` then raises it on every rank after its gather."""
+
+    def __init__(self, weight_fn, validate: bool):
+        self.weight_fn, self.validate, self.error = weight_fn, validate, None
+        self.__qualname__ = getattr(weight_fn, "__qualname__", None) or type(weight_fn).__qualname__
+
+    def __call__(self, target, stats):
+        from .policy import weight_fn_factor
+
+        try:
+            return weight_fn_factor(self.weight_fn, target, stats, check_values=self.validate).reshape(target.shape)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank after the gather
+            self.error = exc
+            return torch.ones(target.shape, dtype=stats.prob.dtype, device=target.device)
+
+
 def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: Optional[int], row_dims, where: str):
     """``memft_loss`` of DTensor logits whose rows are sharded over the mesh dimensions ``row_dims``
     (data / context parallelism), and whose classes are sharded over ``class_dim`` or replicated.
@@ -373,6 +395,10 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
     _check_exchange(row_groups + ([class_group] if class_group is not None else []), record, own_error, where)
 
     dp_group = tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
+    caught = None
+    if options.weight_fn is not None:  # its failure on some ranks only is raised on all (below)
+        caught = _CaughtWeightFn(options.weight_fn, options.validate)
+        options = dataclasses.replace(options, weight_fn=caught)
     if class_group is not None:
         from .distributed import vocab_parallel_memft_loss
 
@@ -395,9 +421,16 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
     if options.return_stats:
         parts += [stats.n_valid, stats.n_active, stats.weight_sum, ((stats.prob > 0.5) & valid).sum(),
                   ((stats.pred == target.long()) & valid).sum()]
+    if caught is not None:  # the last entry: how many ranks' weight_fn failed
+        parts.append(torch.tensor(float(caught.error is not None), device=device))
     totals = None
     if len(parts) > 1 or options.reduction != "none":
         totals = _sum_over(row_groups, torch.stack([p.to(torch.float64) for p in parts]))
+    if caught is not None and float(totals[-1]) > 0:
+        if caught.error is not None:
+            raise caught.error
+        raise ValueError(f"{where}: weight_fn failed on another rank of the logits' row-sharding mesh dimensions "
+                         f"(that rank raises its error); no rank returns the loss")
     if options.reduction == "none":
         out = rows(loss)
     else:

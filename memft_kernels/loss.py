@@ -6,6 +6,7 @@ docs/ARCHITECTURE.md follows one call through these steps.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional
 
 import torch
@@ -238,6 +239,17 @@ class MemFTLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor] = None):
         return memft_loss_with(logits, target, token_weight, self.loss_options)
+
+    def __deepcopy__(self, memo):
+        # A dp_group is a handle on this process's communicator, not data: the copy shares it (a
+        # ProcessGroup cannot be copied, which made copy.deepcopy of a model holding this module fail).
+        group = self.loss_options.dp_group
+        if group is not None:
+            memo[id(group)] = group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -379,6 +379,30 @@ ROW_ERRORS_1D = [
          rank_options={0: dict(reduction="sum")}, raises=["options"] * 2),
 ]
 
+
+
+def _weight_fn_fails_on_rank1(target, stats):
+    if dist.get_rank() == 1:
+        raise ValueError("weight_fn failed here on rank 1")
+    return 1.0 + stats.prob
+
+
+def _weight_fn_nan_on_rank0(target, stats):
+    return 1.0 + stats.prob * (float("nan") if dist.get_rank() == 0 else 1.0)
+
+
+# Regression: a weight_fn failing on one rank only (the ranks hold different rows) raised there, while
+# the other rank waited in the global mean's all-reduce ("active") or the loss gather ("valid", "none"):
+# a hang. Now the error is carried by the loss gather and raised on every rank.
+ROW_ERRORS_1D += [
+    dict(name="rows_err_weight_fn_raises_rank1_active", seed=84, v=9, mesh=(2,), rows="b", target="local",
+         options=dict(policy="sigmoid", weight_fn=_weight_fn_fails_on_rank1),
+         raises=["weight_fn failed on another rank", "weight_fn failed here on rank 1"]),
+    dict(name="rows_err_weight_fn_nan_rank0_valid_none", seed=85, v=9, mesh=(2,), rows="t", target="dtensor",
+         options=dict(policy="hard", normalize="valid", reduction="none", weight_fn=_weight_fn_nan_on_rank0),
+         raises=["returned nan", "weight_fn failed on another rank"]),
+]
+
 ROW_AFTER_1D = dict(ROW_CASES_1D[0], name="rows_after_errors")
 ROW_PLAN_1D = ROW_CASES_1D + ROW_ERRORS_1D + [ROW_AFTER_1D]
 

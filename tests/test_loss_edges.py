@@ -5,6 +5,7 @@ float64 reference, and dp_group (memft_loss, MemFTLoss, memft_linear_loss) in on
 ranks against the float64 reference over both ranks' rows."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -476,7 +477,9 @@ def _dp_case(name, linear, rank, dp_group):
         return dict(loss=loss.detach(), fell_back=stats.fell_back, grads=(h.grad, w.grad, b.grad))
     x = (hidden @ weight.T + bias).requires_grad_()
     if DP_CASES[name].get("module"):
-        loss = MemFTLoss(dp_group=dp_group, **opts)(x, target, tw)
+        # A deep copy (a model holding the loss copied, e.g. for an EMA): it shares the process group.
+        # Regression: copy.deepcopy raised "cannot pickle ... ProcessGroup".
+        loss = copy.deepcopy(MemFTLoss(dp_group=dp_group, **opts))(x, target, tw)
         fell_back = None
     else:
         inp = x * 1.0 if opts.get("inplace_backward") else x  # a non-leaf: the in-place gradient is allowed
