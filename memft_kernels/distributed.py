@@ -389,12 +389,6 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
     return Reduced(r.loss, r.row_scale, fell_back)
 
 
-# ``group`` of global_rows (and _VocabParallelMemFTFunction) when this rank holds every class: its
-# one slice is the whole row, combined without a collective. dtensor.py's row-sharded path runs the
-# "mean" reductions that need a global denominator through it, with ``dp_group``.
-WHOLE_VOCAB = "whole-vocab"
-
-
 def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: KernelOptions, layout: Layout, group,
                 dtype: torch.dtype, *, reduction, normalize, fallback, denominator, dp_group, weight_fn, user_target,
                 validate):
@@ -403,9 +397,7 @@ def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: Kerne
     ``weight_fn``, and the reduction (one all_reduce over ``dp_group`` where ``_reduce`` needs it).
     ``dtype`` is the statistics' dtype (the accumulate dtype of the logits)."""
     device = target.device
-    if local is not None and group is WHOLE_VOCAB:  # this rank's slice is the whole vocabulary
-        parts = local[None]
-    elif local is not None:  # N is the same on every rank (checked), so every rank skips together
+    if local is not None:  # N is the same on every rank (checked), so every rank skips together
         comm = local.to(_comm_device(group, device))
         gathered = [torch.empty_like(comm) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, comm, group=group)

@@ -21,10 +21,10 @@ per-row fields are DTensors).
 Row dimensions sharded (``Shard(d)``, ``d`` < the class dimension, on any number of mesh
 dimensions: data / context parallelism, alone or with ``Shard(-1)`` on a TP dimension) go to
 ``_route_rows``: the row-sharding mesh dimensions act as one data-parallel group (their groups
-reduced one after the other). Each rank computes its rows (vocab-parallel with ``dp_group`` when the
-classes are sharded too); "sum" adds the ranks' shares; "mean" with normalize "active"/"valid" and
-no denominator divides by the global weight sum / valid count and decides the fallback on the global
-sums. The loss is a ``Replicate()`` DTensor whose local value is the global loss (bit-identical on
+reduced one after the other: ``dp_group`` is their tuple). Each rank computes its rows with
+``memft_loss``'s ``dp_group`` (vocab-parallel with it when the classes are sharded too); "sum" adds
+the ranks' shares; "mean" with normalize "active"/"valid" and no denominator divides by the global
+weight sum / valid count and decides the fallback on the global sums. The loss is a ``Replicate()`` DTensor whose local value is the global loss (bit-identical on
 every rank); its gradient on each rank's local logits is the global loss's for those rows
 (``_GlobalTotal``: no collective in the backward). ``reduction="none"`` gives a DTensor sharded like
 the rows; the statistics' per-row fields are such DTensors, the 0-d ones global (summed over the row
@@ -327,29 +327,6 @@ def _sum_over(groups, values: torch.Tensor) -> torch.Tensor:
     return values.to(device)
 
 
-def _whole_vocab_dp(local, target, token_weight, options: LossOptions, dp_group):
-    """memft_loss on this rank's rows with every class held here, the "mean" denominator (weight sum
-    or valid count) and the fallback decision summed over ``dp_group``: vocab_parallel_memft_loss's
-    autograd Function with a one-slice vocabulary (no class collective)."""
-    from . import dispatch
-    from .distributed import WHOLE_VOCAB, Layout, _VocabParallelMemFTFunction
-    from .spec import check_inplace_target, prepare_call
-
-    call = prepare_call(local, target, token_weight, options)
-    module = dispatch.resolve(options.backend, call.logits)
-    if options.inplace_backward and torch.is_grad_enabled() and local.requires_grad:
-        check_inplace_target(local)
-    inplace = (bool(options.inplace_backward) and call.logits.data_ptr() == local.data_ptr()
-               and call.logits.is_contiguous())
-    v = local.shape[-1]
-    outputs = _VocabParallelMemFTFunction.apply(
-        call.logits, call.target, call.token_weight, module, call.kernel, Layout(0, v, [0]), options.reduction,
-        options.normalize, options.fallback, call.denominator, WHOLE_VOCAB, dp_group, inplace, options.weight_fn,
-        target, options.validate,
-    )
-    return call.finish(local.dtype, *outputs[:7])  # loss, lse, ce, prob, pred, weight, fell_back
-
-
 def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: Optional[int], row_dims, where: str):
     """``memft_loss`` of DTensor logits whose rows are sharded over the mesh dimensions ``row_dims``
     (data / context parallelism), and whose classes are sharded over ``class_dim`` or replicated.
@@ -369,7 +346,7 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
 
     mesh = logits.device_mesh
     row_placements = _row_placements(logits, row_dims)
-    if getattr(options, "dp_group", None) is not None:
+    if options.dp_group is not None:
         raise ValueError(f"{where}: the logits' rows are sharded ({_describe(logits)}): their data-parallel group is "
                          f"the row-sharding mesh dimensions' (mesh dimensions {list(row_dims)}); pass dp_group=None")
     # Global metadata first (the same on every rank: they raise alike, before any collective).
@@ -396,17 +373,13 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
     _check_exchange(row_groups + ([class_group] if class_group is not None else []), record, own_error, where)
 
     dp_group = tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
-    global_mean = (options.reduction == "mean" and options.normalize in ("active", "valid")
-                   and options.denominator is None)
     if class_group is not None:
         from .distributed import vocab_parallel_memft_loss
 
         out = vocab_parallel_memft_loss(local, target, group=class_group, vocab_start=vocab_start,
                                         token_weight=token_weight, **_option_kwargs(options, dp_group=dp_group))
-    elif global_mean:
-        out = _whole_vocab_dp(local, target, token_weight, options, dp_group)
-    else:
-        out = memft_loss_with(local, target, token_weight, options)
+    else:  # memft_loss's dp_group (used by "mean" with normalize "active"/"valid" and no denominator only)
+        out = memft_loss_with(local, target, token_weight, dataclasses.replace(options, dp_group=dp_group))
     loss, stats = out if options.return_stats else (out, None)
 
     lead = tuple(logits.shape[:-1])

@@ -660,6 +660,8 @@ def test_one_rank_mesh_default_backend(one_rank_mesh):
             assert torch.equal(stats.n_active, ref_stats.n_active) and torch.equal(stats.fell_back, ref_stats.fell_back)
             loss.backward()
             assert dx.grad.placements == (placement,) and rel_err(dx.grad.full_tensor(), ref_x.grad) < 2e-5
+    with pytest.raises(ValueError, match=r"rows are sharded.*pass dp_group=None"):  # the mesh gives the group
+        memft_loss(distribute_tensor(x, one_rank_mesh, [Shard(0)]), y, dp_group=dist.group.WORLD)
     with pytest.raises(ValueError, match="Partial"):
         from torch.distributed.tensor import Partial
 
