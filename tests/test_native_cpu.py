@@ -486,3 +486,23 @@ def test_soft_capped_target_logit_is_the_one_the_scan_saw():
     zero = torch.zeros(n, dtype=torch.long)
     stats = native_cpu.row_forward(one, zero, None, KernelOptions(policy="none", softcap=30.0))
     assert torch.equal(stats.ce, torch.zeros(n)) and torch.equal(stats.prob, torch.ones(n))
+
+
+@pytest.mark.parametrize("v", [17, 33, 2063])
+def test_soft_capped_max_tied_between_lanes_and_tail_gives_the_first_index(v):
+    """The tail (the last V mod W logits) was capped with libm's tanh and the vector lanes with the
+    vector one: a maximum tied between a lane and the tail came out one ulp higher in the tail, so
+    pred named the tail's index (V = 17: 16 instead of 0), not torch.argmax's lowest one."""
+    g = torch.Generator().manual_seed(v)
+    x = torch.randint(-3, 3, (48, v), generator=g).float() / 2
+    x[:, -1] = x.max(dim=1).values  # every row's maximum is also in the tail
+    target = torch.randint(0, v, (48,), generator=g)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for softcap in (1.0, 3.0):
+            opts = KernelOptions(policy="none", softcap=softcap)
+            xd = x.to(dtype)
+            want = torch.argmax(softcap * torch.tanh(xd.float() / softcap), dim=-1)
+            assert torch.equal(native_cpu.row_forward(xd, target, None, opts).pred, want), (dtype, softcap)
+            grad = torch.empty_like(xd)
+            fused = native_cpu.row_forward_backward(xd, target, None, opts, torch.tensor(1.0), grad)
+            assert torch.equal(fused.pred, want), (dtype, softcap)

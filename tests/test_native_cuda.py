@@ -207,3 +207,41 @@ def test_deterministic_and_traceable_by_torch_compile():
     x = logits.clone().requires_grad_(True)
     compiled(x, target).backward()
     assert rel(x.grad, run(logits, target, "cuda", normalize="valid")[1]) == 0
+
+
+@gpu
+def test_soft_cap_consistency_ties_and_long_rows(poisoned):
+    """The CUDA side of three CPU bugs (tests/test_native_cpu.py, which run on every CPU path; the
+    CPU emulation of this kernel passes the same checks): with a soft cap, ce >= 0 and p <= 1 for
+    confident rows, ce = 0 exactly for V = 1 (the target logit is the value the max came from), a
+    maximum tied across threads and packs gives torch.argmax's lowest index; and a 2^20 + 5 row's
+    lse and loss stay within float32 rounding of float64."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    n, v = 2000, 37
+    x = torch.randn(n, v, generator=g, device="cuda")
+    t = torch.randint(0, v, (n,), generator=g, device="cuda")
+    x[torch.arange(n, device="cuda"), t] = 25 + 5 * torch.rand(n, generator=g, device="cuda")
+    opts = KernelOptions(policy="hard", softcap=30.0)
+    grad = torch.empty_like(x)
+    for stats in (native_cuda.row_forward(x, t, None, opts),
+                  native_cuda.row_forward_backward(x, t, None, opts, torch.tensor(1.0, device="cuda"), grad)):
+        assert float(stats.ce.min()) >= 0.0 and float(stats.prob.max()) <= 1.0
+    one = torch.randn(n, 1, generator=g, device="cuda") * 10
+    zero = torch.zeros(n, dtype=torch.long, device="cuda")
+    stats = native_cuda.row_forward(one, zero, None, KernelOptions(policy="none", softcap=30.0))
+    assert torch.equal(stats.ce, torch.zeros_like(stats.ce))
+
+    ties = torch.randint(-3, 3, (48, 4133), generator=g, device="cuda").float() / 2
+    ties[:, -1] = ties.max(dim=1).values
+    target = torch.randint(0, 4133, (48,), generator=g, device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = ties.to(dtype)
+        want = torch.argmax(torch.tanh(xd.float()), dim=-1)
+        assert torch.equal(native_cuda.row_forward(xd, target, None, KernelOptions(policy="none", softcap=1.0)).pred, want)
+
+    long_rows = torch.randn(2, (1 << 20) + 5, generator=g, device="cuda") * 2
+    target = torch.randint(0, long_rows.shape[1], (2,), generator=g, device="cuda")
+    opts = KernelOptions(policy="none", label_smoothing=0.1)
+    got = native_cuda.row_forward(long_rows, target, None, opts)
+    want = reference.row_forward(long_rows.double(), target, None, opts)
+    assert rel(got.lse, want.lse) < 2e-7 and rel(got.loss, want.loss) < 2e-7

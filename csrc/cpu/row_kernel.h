@@ -39,14 +39,23 @@ struct RowKernel {
     return v;
   }
 
-  template <bool kCap, class T>
-  static float load_capped_scalar(const T* p, float softcap) {
-    return kCap ? softcap * std::tanh(to_float(*p) / softcap) : to_float(*p);
+  // The tail x[nv, n) (fewer than W elements) into tv, capped by the very code the vector lanes use
+  // (lane-wise, on a buffer padded with zeros): a logit gets the same capped value wherever it lies in
+  // the row. (libm's tanh here put a maximum tied between a lane and the tail one ulp higher in the
+  // tail, and argmax then named the later index.)
+  template <class T, bool kCap>
+  static void tail_values(const T* x, int64_t nv, int64_t n, float softcap, float* tv) {
+    alignas(64) float buf[Vec::W];
+    for (int k = 0; k < Vec::W; ++k) buf[k] = nv + k < n ? to_float(x[nv + k]) : 0.0f;
+    if constexpr (kCap)
+      Vec::to_array(load_capped<kCap>(buf, Vec::set1(softcap), Vec::set1(1.0f / softcap)), buf);
+    else
+      (void)softcap;
+    for (int64_t k = 0; k < n - nv; ++k) tv[k] = buf[k];
   }
 
-  // x[j] as scan_row saw it: with a soft cap, the vector lanes and the tail compute tanh with different
-  // code, and the target logit must be the very value the row's max and lse came from (else
-  // ce = lse - x_target could come out below 0, p above 1, and V = 1 would not give ce = 0).
+  // x[j] as scan_row saw it: the target logit must be the very value the row's max and lse came from
+  // (else ce = lse - x_target could come out below 0, p above 1, and V = 1 would not give ce = 0).
   template <class T, bool kCap>
   static float scanned_value(const T* x, int64_t n, int64_t j, float softcap) {
     if constexpr (!kCap) {
@@ -55,8 +64,11 @@ struct RowKernel {
       return to_float(x[j]);
     } else {
       const int64_t nv = n / Vec::W * Vec::W;
-      if (j >= nv) return load_capped_scalar<kCap>(x + j, softcap);
       float lanes[Vec::W];
+      if (j >= nv) {
+        tail_values<T, kCap>(x, nv, n, softcap, lanes);
+        return lanes[j - nv];
+      }
       Vec::to_array(load_capped<kCap>(x + j / Vec::W * Vec::W, Vec::set1(softcap), Vec::set1(1.0f / softcap)), lanes);
       return lanes[j % Vec::W];
     }
@@ -148,8 +160,10 @@ struct RowKernel {
     Vec::to_array(run_block, lane_block);
     float tail_max = -kInf, tail_x = 0.0f, tail_sum = 0.0f;
     int64_t tail_idx = nv;
+    float tail_v[W];
+    tail_values<T, kCap>(x, nv, n, softcap, tail_v);
     for (int64_t j = nv; j < n; ++j) {
-      const float v = load_capped_scalar<kCap>(x + j, softcap);
+      const float v = tail_v[j - nv];
       if (v > tail_max) {
         tail_max = v;
         tail_idx = j;
@@ -157,7 +171,7 @@ struct RowKernel {
       tail_x += v;
     }
     for (int64_t j = nv; j < n; ++j) {
-      tail_sum += std::exp(load_capped_scalar<kCap>(x + j, softcap) - (tail_max == -kInf ? 0.0f : tail_max));
+      tail_sum += std::exp(tail_v[j - nv] - (tail_max == -kInf ? 0.0f : tail_max));
     }
 
     Scan s{-kInf, 0.0f, 0.0f, 0, false};
@@ -217,8 +231,10 @@ struct RowKernel {
       Vec::store(out + j, g, nt);
     }
     if (nt) Vec::fence();
+    float tail_v[W];
+    tail_values<T, kCap>(x, nv, n, softcap, tail_v);
     for (int64_t j = nv; j < n; ++j) {
-      const float v = kCap ? softcap * std::tanh(to_float(x[j]) / softcap) : to_float(x[j]);
+      const float v = tail_v[j - nv];
       float g = a * std::exp(v - lse) + b;
       if (kCap) g *= 1.0f - (v / softcap) * (v / softcap);
       from_float(g, out + j);
