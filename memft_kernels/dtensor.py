@@ -272,7 +272,7 @@ def _options_record(options: LossOptions, has_weight: bool, device) -> torch.Ten
     return record.to(device)
 
 
-def _check_exchange(groups, record: torch.Tensor, own_error, where: str) -> None:
+def _check_exchange(groups, record: torch.Tensor, own_error, where: str, tensor: str = "logits") -> None:
     """One MAX all-reduce of ``record`` over each group in turn (the row groups, then the class
     group): afterwards every rank of the mesh slice knows whether any rank failed its local checks or
     holds other options, and raises alike (the failed rank its own error)."""
@@ -288,11 +288,12 @@ def _check_exchange(groups, record: torch.Tensor, own_error, where: str) -> None
     if err:
         if own_error is not None:
             raise own_error
-        raise ValueError(f"{where}: another rank of the logits' mesh failed its input checks (it raises its own "
+        owner = "the logits'" if tensor == "logits" else tensor + "'s"
+        raise ValueError(f"{where}: another rank of {owner} mesh failed its input checks (it raises its own "
                          f"error); no rank computed the loss")
     if crc_max != -crc_neg or den_max != -den_neg:
         raise ValueError(f"{where}: the options (or a tensor denominator's value) differ between the ranks that "
-                         f"share these row-sharded DTensor logits; every rank must pass the same options")
+                         f"share these row-sharded DTensor {tensor}; every rank must pass the same options")
 
 
 class _GlobalTotal(torch.autograd.Function):
@@ -362,8 +363,6 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
     loss's gradient for those rows (``_GlobalTotal``). "none": the per-row losses, a DTensor sharded
     like the logits' rows. Statistics: per-row fields are DTensors sharded like the rows, the 0-d
     ones global (counts summed over the row ranks)."""
-    from torch.distributed.tensor import DTensor, Replicate
-
     from .loss import memft_loss_with
 
     mesh = logits.device_mesh
@@ -408,10 +407,24 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
         out = memft_loss_with(local, target, token_weight, dataclasses.replace(options, dp_group=dp_group))
     loss, stats = out if options.return_stats else (out, None)
 
-    lead = tuple(logits.shape[:-1])
+    return _rows_result(loss, stats, target, options, caught, mesh, row_placements, tuple(logits.shape[:-1]),
+                        row_groups, device, where, "the logits'")
+
+
+def _rows_result(loss, stats, target, options: LossOptions, caught, mesh, row_placements: tuple, lead: tuple,
+                 row_groups, device, where: str, whose: str):
+    """The end of a row-sharded call (``_route_rows``, ``_route_linear_rows``): this rank's ``loss``
+    (its share of the global loss, or per-row values for "none") and ``stats`` over its own rows
+    (``target``: those rows' targets) become the global result. One gather over ``row_groups`` of
+    the share, the 0-d counts and whether ``caught`` (a ``_CaughtWeightFn`` or None) failed; the
+    loss a Replicate() DTensor whose local gradient is exact (``_GlobalTotal``), "none" a DTensor
+    with ``row_placements`` of global shape ``lead``; statistics: per-row DTensors like the rows,
+    0-d fields global. ``whose`` names the sharded tensor in the weight_fn message."""
+    from torch.distributed.tensor import DTensor, Replicate
+
     stride = tuple(torch.empty(lead, device="meta").stride())
 
-    def rows(t):  # this rank's per-row tensor -> a DTensor sharded like the logits' rows
+    def rows(t):  # this rank's per-row tensor -> a DTensor sharded like the rows
         return DTensor.from_local(t, mesh, row_placements, run_check=False, shape=lead, stride=stride)
 
     # One gather of the loss share and the summary counts over the row groups (none for "none"
@@ -429,7 +442,7 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
     if caught is not None and float(totals[-1]) > 0:
         if caught.error is not None:
             raise caught.error
-        raise ValueError(f"{where}: weight_fn failed on another rank of the logits' row-sharding mesh dimensions "
+        raise ValueError(f"{where}: weight_fn failed on another rank of {whose} row-sharding mesh dimensions "
                          f"(that rank raises its error); no rank returns the loss")
     if options.reduction == "none":
         out = rows(loss)
@@ -453,13 +466,19 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
 def route_linear(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict):
     """``memft_linear_loss`` when any of its tensors is a DTensor. The lm_head of tensor parallelism
     (``ColwiseParallel``): ``weight`` ``[V, D]`` a DTensor sharded ``Shard(0)`` on one mesh dimension
-    and replicated on the others (``bias``, if any, the same), or replicated everywhere; ``hidden``,
-    ``target``, ``token_weight``, ``denominator`` replicated DTensors or plain tensors. Runs
-    ``vocab_parallel_memft_linear_loss`` over that mesh dimension's group (plain
-    ``memft_linear_loss`` on the local tensors when the weight is replicated, or the mesh dimension
-    has one rank). The loss comes back as a ``Replicate()`` DTensor on the weight's mesh, the
-    statistics as plain tensors; gradients reach DTensor inputs as DTensors with their placements.
-    Any other layout raises a ValueError on every rank (placements are global metadata)."""
+    (the TP dimension) and replicated on the others (``bias``, if any, the same), or replicated
+    everywhere. Runs ``vocab_parallel_memft_linear_loss`` over the TP dimension's group (plain
+    ``memft_linear_loss`` on the local tensors when the weight is replicated, or the TP dimension
+    has one rank). The loss comes back as a ``Replicate()`` DTensor on the weight's mesh; gradients
+    reach DTensor inputs as DTensors.
+
+    ``hidden``: a plain tensor or a replicated DTensor (the whole rows on every rank; ``target``,
+    ``token_weight``, ``denominator`` then replicated DTensors or plain tensors, statistics plain
+    tensors), or a DTensor on the weight's mesh whose rows (a dimension before the last) are
+    sharded, ``_route_linear_rows``: on the TP dimension (sequence parallelism) the rows are
+    gathered first, on any other mesh dimension (data / context parallelism) they act as
+    ``dp_group`` and the loss is the global one with an exact local gradient. Any other layout
+    raises a ValueError on every rank (placements are global metadata)."""
     where = "memft_linear_loss"
     if not is_dtensor(weight):
         raise ValueError(
@@ -491,13 +510,16 @@ def route_linear(hidden, weight, target, bias, token_weight, options: LossOption
             got = _describe(bias) if is_dtensor(bias) else "a plain tensor"
             raise ValueError(f"{where}: with a DTensor weight ({_describe(weight)}), bias must be a DTensor with the "
                              f"same mesh and placements (nn.Linear's under ColwiseParallel); got {got}")
+    if is_dtensor(hidden) and not all(isinstance(p, mod.Replicate) for p in hidden.placements):
+        return _route_linear_rows(hidden, weight, target, bias, token_weight, options, chunking, mesh_dim, where)
     hidden = _replicated_local("hidden", hidden, where)
     target = _replicated_local("target", target, where)
     token_weight = _replicated_local("token_weight", token_weight, where)
     denominator = _replicated_local("denominator", options.denominator, where)
     if denominator is not options.denominator:
         options = dataclasses.replace(options, denominator=denominator)
-    kwargs = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "inplace_backward"}
+    kwargs = _option_kwargs(options)
+    del kwargs["inplace_backward"]
     local_w = weight.to_local()  # differentiable: the gradient returns as a DTensor with the weight's placements
     local_b = None if bias is None else bias.to_local()
     if mesh_dim is None or mesh.size(mesh_dim) == 1:
@@ -515,6 +537,172 @@ def route_linear(hidden, weight, target, bias, token_weight, options: LossOption
 
     loss = DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return (loss, stats) if options.return_stats else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-sharded hidden states (sequence / data / context parallelism) for memft_linear_loss
+# ---------------------------------------------------------------------------------------------
+
+
+def _hidden_row_dims(hidden, mesh, where: str) -> Tuple[int, ...]:
+    """The mesh dimensions whose placement shards a row dimension of DTensor ``hidden`` ``[..., D]``
+    (Shard(d), d < hidden.ndim - 1). ValueError (global metadata: on every rank alike) for another
+    mesh than the weight's or any other placement."""
+    mod = _dtensor_module()
+    fix = ("Pass hidden with Shard(d) on row dimensions d < hidden.ndim - 1 and Replicate() elsewhere, on the "
+           "weight's mesh, or the whole hidden (hidden.full_tensor())")
+    if hidden.device_mesh != mesh:
+        raise ValueError(f"{where}: DTensor hidden lives on a mesh of shape {tuple(hidden.device_mesh.shape)}, the "
+                         f"weight on another ({tuple(mesh.shape)}); both must be on the same DeviceMesh. {fix}")
+    rows = []
+    for i, p in enumerate(hidden.placements):
+        if isinstance(p, mod.Replicate):
+            continue
+        if _is_plain_shard(p, mod) and hidden.ndim >= 2 and p.dim % hidden.ndim < hidden.ndim - 1:
+            rows.append(i)
+            continue
+        what = ("the hidden features (the last dimension)" if _is_plain_shard(p, mod) else
+                "a pending reduction" if isinstance(p, mod.Partial) else "neither Replicate() nor a plain Shard(d)")
+        raise ValueError(f"{where}: DTensor hidden of shape {tuple(hidden.shape)} with {_describe(hidden)} is not "
+                         f"supported: mesh dimension {i} has {p}, {what}. {fix}")
+    return tuple(rows)
+
+
+def _check_hidden_rows_arg(name: str, t, hidden, where: str) -> None:
+    """A DTensor ``target`` / ``token_weight`` next to row-sharded ``hidden`` must have its leading
+    shape, its mesh and its placements (global metadata: raises on every rank alike)."""
+    if not is_dtensor(t):
+        return
+    mod = _dtensor_module()
+    lead = tuple(hidden.shape[:-1])
+
+    def same(a, b):
+        if isinstance(a, mod.Replicate) or isinstance(b, mod.Replicate):
+            return isinstance(a, mod.Replicate) and isinstance(b, mod.Replicate)
+        return (_is_plain_shard(a, mod) and _is_plain_shard(b, mod)
+                and a.dim % max(len(lead), 1) == b.dim % hidden.ndim)
+    want = tuple(hidden.placements)
+    if not (t.device_mesh == hidden.device_mesh and tuple(t.shape) == lead and len(t.placements) == len(want)
+            and all(same(a, b) for a, b in zip(t.placements, want))):
+        raise ValueError(
+            f"{where}: hidden is sharded on its rows ({_describe(hidden)}), so a DTensor {name} must be laid out like "
+            f"it: shape {lead} on hidden's mesh with hidden's placements {want}; got shape {tuple(t.shape)} with "
+            f"{_describe(t)}. Pass {name}.redistribute(hidden.device_mesh, {list(want)}), or a plain tensor holding "
+            f"the rows this rank computes (see memft_linear_loss's DTensor documentation)"
+        )
+
+
+def _linear_local_checks(local_h, local_w, local_b, target, token_weight, options: LossOptions, vocab: int,
+                         where: str) -> None:
+    """This rank's input checks (memft_linear_loss's, the target range against the global V), run
+    before the check exchange, which carries a failure to every rank."""
+    from .linear_loss import _check_linear_inputs
+    from .spec import check_target_range, validate_tensors
+
+    lead = tuple(local_h.shape[:-1])
+    for name, t in (("target", target), ("token_weight", token_weight)):
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != lead:
+            raise ValueError(
+                f"{where}: with row-sharded DTensor hidden a plain {name} holds the rows this rank computes: those "
+                f"of hidden after the sequence-parallel gather (the whole rows of the tensor-parallel mesh "
+                f"dimension, this rank's rows of the others), shape {lead} on this rank; got {tuple(t.shape)}. Pass "
+                f"those rows, or a DTensor laid out like hidden"
+            )
+    _check_linear_inputs(local_h, local_w, local_b)
+    checked = options.checked()
+    validate_tensors(local_h.new_empty(()).expand(*lead, vocab), target, token_weight, check_values=options.validate)
+    if options.validate:
+        check_target_range(target, vocab, checked.kernel.ignore_index)
+
+
+def _route_linear_rows(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict,
+                       tp_dim: Optional[int], where: str):
+    """``memft_linear_loss`` with DTensor ``hidden`` whose rows are sharded (``route_linear`` checked
+    the weight: vocabulary-sharded on ``tp_dim`` or replicated, and the bias).
+
+    * Rows sharded on ``tp_dim`` (sequence parallelism, torchtitan's ``Shard(1)`` norm output): gathered
+      with ``hidden.redistribute`` (Replicate() there; differentiable: the backward keeps this rank's
+      rows of the full gradient, which the vocab-parallel loss's backward has already summed over
+      the TP group), then the vocab-parallel loss over the TP group.
+    * Rows sharded on other mesh dimensions (data / context parallelism): each rank computes its
+      rows with their groups as ``dp_group`` (a tuple: summed over their product); the global loss
+      and statistics come from ``_rows_result`` (the loss a Replicate() DTensor whose local gradient
+      is exact). The weight's (and bias's) gradient is ``Partial()`` on those mesh dimensions (this
+      rank's rows' part; ``.full_tensor()`` sums it), as DTensor's own matmul gives it.
+
+    ``target`` / ``token_weight``: a plain tensor holds the rows this rank computes (hidden's rows
+    after the gather: the whole rows over ``tp_dim``, this rank's over the others), a DTensor has
+    hidden's shape[:-1], mesh and placements (it is gathered like hidden). Global metadata is checked
+    first (raises on every rank alike), then the local inputs, whose failure is carried to every rank
+    by one small all-reduce per group (``_check_exchange``)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = weight.device_mesh
+    rows = _hidden_row_dims(hidden, mesh, where)
+    sp = tp_dim if tp_dim in rows else None
+    row_dims = tuple(i for i in rows if i != sp)
+    if options.dp_group is not None:
+        raise ValueError(f"{where}: hidden's rows are sharded ({_describe(hidden)}): the data-parallel group is "
+                         f"given by the mesh (its row-sharding mesh dimensions); pass dp_group=None")
+    for name, t in (("target", target), ("token_weight", token_weight)):
+        _check_hidden_rows_arg(name, t, hidden, where)
+    denominator = _replicated_local("denominator", options.denominator, where)
+    if denominator is not options.denominator:
+        options = dataclasses.replace(options, denominator=denominator)
+    vocab = weight.shape[0]
+    tp_group = mesh.get_group(tp_dim) if tp_dim is not None and mesh.size(tp_dim) > 1 else None
+    vocab_start = _vocab_start(weight, tp_dim, dim=0, what="weight", where=where) if tp_group is not None else 0
+
+    # The sequence-parallel gather (a collective every rank reaches: the placements are global).
+    gathered = tuple(Replicate() if i == sp else p for i, p in enumerate(hidden.placements))
+    if sp is not None:
+        hidden = hidden.redistribute(mesh, gathered)
+        target, token_weight = (t.redistribute(mesh, gathered) if is_dtensor(t) else t for t in (target, token_weight))
+    target, token_weight = (t.to_local() if is_dtensor(t) else t for t in (target, token_weight))
+    local_h = hidden.to_local()  # its gradient returns as a DTensor with the gathered placements
+    # This rank's rows contribute a part of the weight's gradient: Partial() on the row-sharding dims.
+    grad_placements = [Partial() if i in row_dims else p for i, p in enumerate(weight.placements)]
+    local_w = weight.to_local(grad_placements=grad_placements)
+    local_b = None if bias is None else bias.to_local(grad_placements=grad_placements)
+    row_groups = [mesh.get_group(i) for i in row_dims]
+    device = local_h.device
+
+    groups = row_groups + ([tp_group] if tp_group is not None else [])
+    own_error = None
+    try:
+        record = _options_record(options, token_weight is not None, device)
+        _linear_local_checks(local_h, local_w, local_b, target, token_weight, options, vocab, where)
+    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
+        own_error = exc
+        record = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int64, device=device)
+    if groups:
+        _check_exchange(groups, record, own_error, where, tensor="hidden")
+    elif own_error is not None:  # every rank holds the same rows: each raises alike
+        raise own_error
+
+    dp_group = None if not row_groups else tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
+    caught = None
+    if options.weight_fn is not None and row_groups:  # its failure on some ranks only is raised on all
+        caught = _CaughtWeightFn(options.weight_fn, options.validate)
+        options = dataclasses.replace(options, weight_fn=caught)
+    kwargs = _option_kwargs(options, dp_group=dp_group)
+    del kwargs["inplace_backward"]
+    if tp_group is not None:
+        from .vocab_parallel_linear import vocab_parallel_memft_linear_loss
+
+        out = vocab_parallel_memft_linear_loss(local_h, local_w, target, local_b, group=tp_group,
+                                               vocab_start=vocab_start, token_weight=token_weight, **chunking,
+                                               **kwargs)
+    else:
+        from .linear_loss import memft_linear_loss
+
+        out = memft_linear_loss(local_h, local_w, target, local_b, token_weight=token_weight, **chunking, **kwargs)
+    loss, stats = out if options.return_stats else (out, None)
+    if not row_groups:  # the whole rows on every rank, as with a replicated hidden
+        loss = DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        return (loss, stats) if options.return_stats else loss
+    return _rows_result(loss, stats, target, options, caught, mesh, gathered, tuple(hidden.shape[:-1]), row_groups,
+                        device, where, "hidden's")
 
 
 def refuse(where: str, alternative: str, **tensors) -> None:

@@ -1,0 +1,329 @@
+"""memft_linear_loss with a row-sharded DTensor ``hidden`` (route_linear -> _route_linear_rows)
+against single-process memft_linear_loss on the full float64 tensors.
+
+Layouts (a letter per mesh dimension): hidden "b" Shard(0) (batch), "t" Shard(1) (sequence),
+"r" Replicate(); weight "v" Shard(0) (the vocabulary, ColwiseParallel), "r" Replicate().
+  * sequence parallelism: hidden sharded on the mesh dimension that shards the weight (torchtitan's
+    Shard(1) norm output into the lm_head): gathered, then the vocab-parallel loss;
+  * data / context parallelism: hidden sharded on a mesh dimension where the weight is replicated:
+    each rank its rows, the global mean denominator and fallback, an exact local gradient;
+  * both on a 2 x 2 (dp, tp) mesh.
+ONE spawn of 2 gloo ranks (1-D mesh) and ONE of 4 (2 x 2 mesh) run every case and save the results;
+the tests compare them: loss (the same bits on every rank), every statistic (per-row ones gathered),
+hidden's and the weight's / bias's gradients gathered with full_tensor(). Before this change a
+row-sharded hidden raised ("hidden ... must be the whole tensor on every rank").
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from memft_kernels import memft_linear_loss
+
+from helpers import free_port, init_gloo_rank, rank_results, rel_err, spawn_ranks
+
+F64 = torch.float64
+D, V = 8, 13  # V = 13 over 2 ranks: 7 + 6 (torch.chunk), uneven
+TOL = 1e-10
+STAT_FIELDS = ("ce", "prob", "lse", "weight", "pred", "n_valid", "n_active", "weight_sum", "fell_back",
+               "recalled_frac", "token_accuracy")
+REDUCTIONS = {"sum": dict(reduction="sum"), "mean_active": dict(reduction="mean"),
+              "mean_valid": dict(reduction="mean", normalize="valid")}
+
+
+def _gate(target, stats):
+    """A weight_fn of the statistics (this rank's rows)."""
+    return torch.where(stats.pred == target, 0.5, 2.0) * (1.5 - stats.prob)
+
+
+def _gate_fails_on_rank_1(target, stats):
+    if dist.get_rank() == 1:
+        raise RuntimeError("weight_fn broke on rank 1")
+    return torch.ones_like(stats.prob)
+
+
+def make_inputs(case):
+    """hidden [*shape, D], weight [V, D], bias [V] (or None), target, token_weight (or None), grad_out."""
+    g = torch.Generator().manual_seed(case["seed"])
+    shape = case.get("shape", (3, 5))
+    weight = torch.randn(V, D, generator=g, dtype=F64) * 0.5
+    bias = torch.randn(V, generator=g, dtype=F64) * 0.3 if case.get("bias", True) else None
+    target = torch.randint(0, V, shape, generator=g)
+    hidden = torch.randn(*shape, D, generator=g, dtype=F64)
+    sure = case.get("confident_batches")  # those batch rows far ahead: "hard" weighs them 0
+    if sure is not None:
+        idx = slice(None) if sure == "all" else list(sure)
+        hidden[idx] = hidden[idx] * 0.1 + 10.0 * weight[target[idx]]
+        target[idx] = (hidden[idx] @ weight.T).argmax(-1)  # far ahead of every other class
+    target.view(-1)[::4] = -100
+    token_weight = None
+    if case.get("token_weight"):
+        token_weight = torch.rand(shape, generator=g, dtype=F64) * 2.0
+        token_weight.view(-1)[1] = 0.0
+    none = case.get("options", {}).get("reduction") == "none"
+    grad_out = torch.randn(shape, generator=g, dtype=F64) if none else torch.tensor(0.75, dtype=F64)
+    return hidden, weight, bias, target, token_weight, grad_out
+
+
+def _options(case):
+    return dict(case.get("options", {}), backend="torch", chunk_size=4)
+
+
+def single_process(case):
+    """memft_linear_loss on the full float64 tensors: loss, statistics, gradients."""
+    h, w, b, y, tw, grad_out = make_inputs(case)
+    h, w = h.requires_grad_(True), w.requires_grad_(True)
+    b = None if b is None else b.requires_grad_(True)
+    opts = _options(case)
+    if opts.get("weight_fn") is _gate_fails_on_rank_1:
+        opts["weight_fn"] = None
+    loss, stats = memft_linear_loss(h, w, y, b, token_weight=tw, return_stats=True, **opts)
+    loss.backward(grad_out)
+    return dict(loss=loss.detach(), stats=stats.as_dict(), grad_h=h.grad, grad_w=w.grad,
+                grad_b=None if b is None else b.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plans
+# ---------------------------------------------------------------------------------------------
+
+
+def _with_reductions(base: dict, policy="hard"):
+    return [dict(base, name=f"{base['name']}_{r}", options=dict(opts, policy=policy, **base.get("options", {})))
+            for r, opts in REDUCTIONS.items()]
+
+
+PLAN_1D = (
+    # sequence parallel: the weight's vocabulary and hidden's sequence on the same mesh dimension
+    _with_reductions(dict(name="sp_seq", seed=1, hidden="t", weight="v", target="rows"))
+    + [
+        dict(name="sp_seq_dtensor_target_none", seed=2, hidden="t", weight="v", target="dtensor", token_weight=True,
+             options=dict(policy="sigmoid", reduction="none", label_smoothing=0.1)),
+        dict(name="sp_batch_no_bias_weight_fn", seed=3, hidden="b", weight="v", target="rows", bias=False,
+             token_weight=True, options=dict(policy="sigmoid", normalize="valid", weight_fn=_gate, z_loss=1e-3)),
+        dict(name="sp_seq_fallback", seed=4, hidden="t", weight="v", target="rows", confident_batches="all",
+             options=dict(policy="hard")),
+    ]
+    # data parallel: a replicated weight, hidden's batch sharded (3 rows over 2 ranks: 2 + 1)
+    + _with_reductions(dict(name="dp_batch", seed=5, hidden="b", weight="r", target="rows"))
+    + [
+        dict(name="dp_seq_dtensor_target_smooth", seed=6, hidden="t", weight="r", target="dtensor",
+             token_weight=True, options=dict(policy="sigmoid", label_smoothing=0.1, softcap=4.0)),
+        dict(name="dp_batch_none", seed=7, hidden="b", weight="r", target="rows", options=dict(policy="hard",
+                                                                                              reduction="none")),
+        dict(name="dp_batch_weight_fn_denominator", seed=8, hidden="b", weight="r", target="rows",
+             options=dict(policy="sigmoid", weight_fn=_gate, denominator=11.0)),
+        # rank 0's rows (batches 0, 1) all sure: a local decision would fall back there; the global one not
+        dict(name="dp_fallback_local_only", seed=9, hidden="b", weight="r", target="rows", confident_batches=(0, 1),
+             options=dict(policy="hard")),
+        dict(name="dp_fallback_global", seed=10, hidden="b", weight="r", target="rows", confident_batches="all",
+             options=dict(policy="hard")),
+        dict(name="dp_empty_shard", seed=11, hidden="b", weight="r", target="rows", shape=(1, 4),
+             options=dict(policy="hard")),
+    ]
+)
+ERRORS_1D = [
+    # a plain target must hold the gathered rows (here: the whole sequence), not this rank's shard
+    dict(name="err_sp_local_target", seed=20, hidden="t", weight="v", target="shard_plain",
+         raises=("plain target holds the rows this rank computes",) * 2),
+    dict(name="err_replicated_dtensor_target", seed=21, hidden="t", weight="v", target="replicated",
+         raises=("must be laid out like it",) * 2),
+    dict(name="err_feature_shard", seed=22, hidden="d", weight="v", target="rows",
+         raises=("the hidden features",) * 2),
+    dict(name="err_dp_group_given", seed=23, hidden="b", weight="r", target="rows", dp_group=True,
+         raises=("pass dp_group=None",) * 2),
+    dict(name="err_target_range_one_rank", seed=24, hidden="b", weight="r", target="rows", bad_rank=1,
+         raises=("another rank of hidden's mesh failed its input checks", "outside [0, V)")),
+    dict(name="err_options_differ", seed=25, hidden="t", weight="v", target="rows",
+         rank_options={1: dict(threshold=0.25)}, raises=("options",) * 2),
+    dict(name="err_weight_fn_one_rank", seed=26, hidden="b", weight="r", target="rows",
+         options=dict(policy="hard", weight_fn=_gate_fails_on_rank_1),
+         raises=("weight_fn failed on another rank of hidden's", "weight_fn broke on rank 1")),
+]
+AFTER_1D = dict(PLAN_1D[1], name="after_errors")  # the groups still work
+
+# 2 x 2 mesh ("dp", "tp"): the weight Shard(0) on "tp" (or replicated)
+PLAN_2D = (
+    _with_reductions(dict(name="dp_sp", seed=30, hidden="bt", weight="rv", target="rows", token_weight=True))
+    + [
+        dict(name="dp_sp_none_dtensor_target", seed=31, hidden="bt", weight="rv", target="dtensor",
+             options=dict(policy="sigmoid", reduction="none")),
+        dict(name="cp_tp_replicated_hidden_on_tp", seed=32, hidden="tr", weight="rv", target="rows",
+             options=dict(policy="hard", label_smoothing=0.1)),
+        dict(name="nested_rows_weight_fn", seed=33, hidden="bb", weight="rv", target="rows", shape=(3, 2),
+             options=dict(policy="sigmoid", weight_fn=_gate)),
+        dict(name="dp_x_dp_replicated_weight", seed=34, hidden="bt", weight="rr", target="dtensor",
+             options=dict(policy="hard", normalize="valid")),
+        dict(name="dp_sp_fallback_local_only", seed=35, hidden="bt", weight="rv", target="rows",
+             confident_batches=(0, 1), options=dict(policy="hard")),
+    ]
+)
+
+
+def _placements(codes: str, ndim: int):
+    from torch.distributed.tensor import Replicate, Shard
+
+    table = {"b": Shard(0), "t": Shard(1), "d": Shard(ndim - 1), "r": Replicate(), "v": Shard(0)}
+    return [table[c] for c in codes]
+
+
+def _gathered(case, ndim):
+    """hidden's placements after the sequence-parallel gather: Replicate() where both shard."""
+    from torch.distributed.tensor import Replicate
+
+    return [Replicate() if (w == "v" and h in "bt") or h == "d" else p
+            for h, w, p in zip(case["hidden"], case["weight"], _placements(case["hidden"], ndim))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_case(case, mesh):
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    h, w, b, y, tw, grad_out = make_inputs(case)
+    rank, rep = dist.get_rank(), [Replicate()] * mesh.ndim
+    hp, wp = _placements(case["hidden"], h.ndim), _placements(case["weight"], 2)
+    dh = distribute_tensor(h, mesh, hp).requires_grad_(True)
+    dw = distribute_tensor(w, mesh, wp).requires_grad_(True)
+    db = None if b is None else distribute_tensor(b, mesh, wp).requires_grad_(True)
+
+    def arg(t):
+        if t is None:
+            return None
+        how = case["target"]
+        if how == "rows":  # the rows this rank computes: hidden's after the gather
+            return distribute_tensor(t, mesh, _gathered(case, h.ndim)).to_local().clone()
+        if how == "shard_plain":
+            return distribute_tensor(t, mesh, hp).to_local().clone()
+        if how == "replicated":
+            return distribute_tensor(t, mesh, rep)
+        return distribute_tensor(t, mesh, hp)  # "dtensor"
+
+    y_arg, tw_arg = arg(y), arg(tw)
+    if case.get("bad_rank") == rank:
+        y_arg.view(-1)[-1] = V + 3
+    opts = dict(_options(case), **case.get("rank_options", {}).get(rank, {}))
+    if case.get("dp_group"):
+        opts["dp_group"] = dist.group.WORLD
+    try:
+        loss, stats = memft_linear_loss(dh, dw, y_arg, db, token_weight=tw_arg, return_stats=True, **opts)
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message per rank
+        return dict(error=(type(exc).__name__, str(exc)))
+    if case.get("options", {}).get("reduction") == "none":
+        loss.backward(distribute_tensor(grad_out, mesh, list(loss.placements)))
+    else:
+        loss.backward(DTensor.from_local(grad_out, mesh, rep, run_check=False))
+    return dict(loss_type=type(loss).__name__, loss_placements=tuple(loss.placements),
+                loss_local=loss.to_local().detach(), loss=loss.full_tensor().detach(),
+                stats={k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in stats.as_dict().items()},
+                grad_h_placements=tuple(dh.grad.placements), grad_h=dh.grad.full_tensor(),
+                grad_w_placements=tuple(dw.grad.placements), grad_w=dw.grad.full_tensor(),
+                grad_b=None if db is None else db.grad.full_tensor())
+
+
+def _worker(rank, world, port, outdir, shape):
+    init_gloo_rank(rank, world, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", shape)
+        plan = PLAN_1D + ERRORS_1D + [AFTER_1D] if len(shape) == 1 else PLAN_2D
+        results = {c["name"]: _run_case(c, mesh) for c in plan}
+        torch.save(results, f"{outdir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned_1d(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("dtensor_linear_1d")
+    spawn_ranks(_worker, 2, (2, free_port(), str(outdir), (2,)), 180.0, "the 2-rank DTensor linear run")
+    return rank_results(outdir, 2)
+
+
+@pytest.fixture(scope="module")
+def spawned_2d(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("dtensor_linear_2d")
+    spawn_ranks(_worker, 4, (4, free_port(), str(outdir), (2, 2)), 180.0, "the 4-rank DTensor linear run")
+    return rank_results(outdir, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(results, case):
+    ref = single_process(case)
+    first = results[0][case["name"]]
+    dp_rows = any(h in "bt" and w != "v" for h, w in zip(case["hidden"], case["weight"]))
+    for rank, res in enumerate(results):
+        res = res[case["name"]]
+        assert "error" not in res, (rank, res.get("error"))
+        assert res["loss_type"] == "DTensor"
+        if case.get("options", {}).get("reduction") != "none":
+            assert all(type(p).__name__ == "Replicate" for p in res["loss_placements"])
+            assert torch.equal(res["loss_local"], first["loss_local"]), "ranks disagree on the loss"
+        assert rel_err(res["loss"], ref["loss"]) < TOL, (rank, res["loss"], ref["loss"])
+        for name in STAT_FIELDS:
+            got, want = res["stats"][name], ref["stats"][name]
+            if want.dtype in (torch.int64, torch.bool):
+                assert torch.equal(got, want), (rank, name, got, want)
+            else:
+                assert got.dtype == want.dtype and rel_err(got, want) < TOL, (rank, name)
+        # hidden's gradient comes back with hidden's own placements
+        assert tuple(type(p).__name__ for p in res["grad_h_placements"]) == tuple(
+            "Replicate" if c == "r" else "Shard" for c in case["hidden"])
+        assert rel_err(res["grad_h"], ref["grad_h"]) < TOL, rank
+        # the weight's: Partial() on the mesh dimensions where this rank's rows give a part of it
+        want_w = tuple("Partial" if h in "bt" and w == "r" else "Shard" if w == "v" else "Replicate"
+                       for h, w in zip(case["hidden"], case["weight"]))
+        assert tuple(type(p).__name__ for p in res["grad_w_placements"]) == want_w, res["grad_w_placements"]
+        assert rel_err(res["grad_w"], ref["grad_w"]) < TOL, rank
+        if ref["grad_b"] is not None:
+            assert rel_err(res["grad_b"], ref["grad_b"]) < TOL, rank
+    return dp_rows
+
+
+def _check_error(results, case):
+    for rank, res in enumerate(results):
+        res = res[case["name"]]
+        assert res.get("error"), f"rank {rank} did not raise"
+        kind, message = res["error"]
+        assert case["raises"][rank] in message, f"rank {rank}: {kind}: {message}"
+        assert kind in ("ValueError", "RuntimeError"), (rank, kind, message)
+
+
+@pytest.mark.parametrize("case", PLAN_1D + [AFTER_1D], ids=lambda c: c["name"])
+def test_row_sharded_hidden_1d_mesh(spawned_1d, case):
+    """2 ranks: sequence parallel (hidden sharded on the weight's vocabulary mesh dimension) and data
+    parallel (weight replicated) equal memft_linear_loss on the full tensors; was a ValueError."""
+    _check(spawned_1d, case)
+
+
+@pytest.mark.parametrize("case", PLAN_2D, ids=lambda c: c["name"])
+def test_row_sharded_hidden_2d_mesh(spawned_2d, case):
+    """4 ranks, a (dp, tp) mesh: data x sequence parallel, context parallel with a replicated hidden on
+    tp, nested batch sharding, a replicated weight on both dimensions."""
+    _check(spawned_2d, case)
+
+
+@pytest.mark.parametrize("case", ERRORS_1D, ids=lambda c: c["name"])
+def test_row_sharded_hidden_bad_inputs_raise_on_every_rank(spawned_1d, case):
+    _check_error(spawned_1d, case)
+
+
+def test_fallback_cases_mean_what_they_say():
+    """The "local only" cases: rank 0's rows hold no active token while the batch has some (a local
+    decision would fall back); the "global" ones: nothing active anywhere."""
+    for case in PLAN_1D + PLAN_2D:
+        if "fallback" not in case["name"]:
+            continue
+        stats = single_process(case)["stats"]
+        fell = case["confident_batches"] == "all"
+        assert bool(stats["fell_back"]) is fell and (int(stats["n_active"]) > 0) is not fell, case["name"]
+        assert float(stats["weight"][:2].sum()) == 0.0, case["name"]
