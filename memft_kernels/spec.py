@@ -186,10 +186,16 @@ def _number(value, name: str) -> float:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
 def _integer(value, name: str) -> int:
-    """An int, or anything that is one exactly (numpy integers, a one-element integer tensor), as
-    F.cross_entropy takes them; never a bool or a float."""
+    """An int in int64's range (the kernels' and the targets' type), or anything that is one exactly
+    (numpy integers, a one-element integer tensor), as F.cross_entropy takes them; never a bool or a
+    float."""
     if isinstance(value, int) and not isinstance(value, bool):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"{name}={value} is outside int64's range [{_INT64[0]}, {_INT64[1]}]")
         return value
     if torch.compiler.is_compiling():
         # Dynamo traces a numpy integer or a tensor as a symbolic value, which the compiled kernels'
@@ -200,9 +206,11 @@ def _integer(value, name: str) -> int:
             return int(value.item())
     elif not isinstance(value, bool):
         try:
-            return operator.index(value)
+            index = operator.index(value)
         except TypeError:
             pass
+        else:
+            return _integer(index, name)
     raise ValueError(f"{name}={value!r} must be an int")
 
 

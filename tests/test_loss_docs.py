@@ -113,10 +113,13 @@ CASES = {
         (dict(denominator=torch.tensor(math.inf)), ValueError, "denominator"),
     ],
     "a bool or a string where a number is expected (`threshold=True`, `threshold=\"0.5\"`, `denominator=\"3\"`), "
-    "or not an int where an int is (`ignore_index=1.5`)": [
+    "or not an int where an int is (`ignore_index=1.5`), or an int outside int64's range (`ignore_index=2**63`)": [
         (dict(threshold=True), ValueError, "threshold"), (dict(threshold="0.5"), ValueError, "threshold"),
         (dict(denominator="3"), ValueError, "denominator"), (dict(ignore_index=1.5), ValueError, "ignore_index"),
         (dict(ignore_index=True), ValueError, "ignore_index"),
+        # the native backends' int64 argument cannot hold it (a RuntimeError from pybind11 before)
+        (dict(ignore_index=2 ** 63), ValueError, "ignore_index"),
+        (dict(ignore_index=-(2 ** 63) - 1), ValueError, "ignore_index"),
     ],
     "`weight_fn` not callable, or its result of the wrong type, dtype, device or shape (see `weight_fn`)": [
         (dict(weight_fn=3), TypeError, "weight_fn"),
