@@ -47,6 +47,7 @@ from .spec import (
     accumulate_dtype,
     check_inplace_target,
     check_target_range,
+    keep_outer_inputs,
     once_differentiable_grads,
     prepare_call,
     refuse_vmap,
@@ -446,6 +447,7 @@ class _VocabParallelMemFTFunction(torch.autograd.Function):
         logits, target, _, module, opts, layout, _, _, _, _, _, _, inplace, *_ = inputs
         _, lse, ce, prob, pred, wgt, fell_back, row_scale = output
         ctx.module, ctx.opts, ctx.inplace, ctx.layout = module, opts, inplace, layout
+        keep_outer_inputs(ctx, logits)
         ctx.save_for_backward(logits, target, lse, row_scale)
         ctx.mark_non_differentiable(lse, ce, prob, pred, wgt, fell_back, row_scale)
 
@@ -468,7 +470,7 @@ class _VocabParallelMemFTFunction(torch.autograd.Function):
             grad = ctx.module.row_backward_(logits, local_target, lse, coef, local_opts)
         else:
             grad = ctx.module.row_backward(logits, local_target, lse, coef, local_opts)
-        return once_differentiable_grads(grad) + (None,) * 15
+        return once_differentiable_grads(grad, ctx=ctx) + (None,) * 15
 
 
 # ---------------------------------------------------------------------------------------------

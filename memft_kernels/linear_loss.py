@@ -42,6 +42,7 @@ from .spec import (
     accumulate_dtype,
     has_values,
     NO_VMAP,
+    keep_outer_inputs,
     once_differentiable_grads,
     prepare_call,
     refuse_vmap,
@@ -280,6 +281,7 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
         _, lse, ce, prob, pred, wgt, fell_back, gh, gw, gb = output
         needs = cfg.needs
         ctx.module, ctx.opts, ctx.rows, ctx.reduction, ctx.needs = cfg.module, cfg.opts, cfg.rows, cfg.reduction, needs
+        keep_outer_inputs(ctx, hidden, weight, bias)
         if cfg.reduction == "none":
             if any(needs):
                 ctx.save_for_backward(hidden, weight, bias, target, lse, wgt)
@@ -305,11 +307,11 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
                 _gradient_sweep(hidden, weight, bias, target, lse, coef, ctx.module, ctx.opts, ctx.rows, grads)
                 one = torch.ones((), dtype=wgt.dtype, device=wgt.device)
                 out = _finish(grads, one, weight, ctx.rows)
-            return once_differentiable_grads(*out) + none
+            return once_differentiable_grads(*out, ctx=ctx) + none
         out = list(ctx.saved_tensors)  # (hidden, weight, bias) gradients, None where not needed
         # Always multiplied (a pass over the small N x D / V x D results), never compared on the host.
         out = [None if g is None else _scaled(g, grad_loss, torch.empty_like(g), ctx.rows) for g in out]
-        return once_differentiable_grads(*out) + none
+        return once_differentiable_grads(*out, ctx=ctx) + none
 
     @staticmethod
     def vmap(info, in_dims, *args):

@@ -24,6 +24,7 @@ from .spec import (
     accumulate_dtype,
     check_inplace_target,
     NO_VMAP,
+    keep_outer_inputs,
     once_differentiable_grads,
     prepare_call,
     refuse_vmap,
@@ -89,6 +90,7 @@ class _MemFTLossFunction(torch.autograd.Function):
          want_grad, _) = inputs
         _, lse, ce, prob, pred, weight, fell_back, row_scale, grad = output
         ctx.backend, ctx.opts, ctx.inplace = backend, opts, inplace
+        keep_outer_inputs(ctx, logits)
         ctx.fused = _single_pass(want_grad, weight_fn, reduction, normalize, denominator)
         if not ctx.fused:
             grad = None
@@ -109,7 +111,7 @@ class _MemFTLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused):
         refuse_vmap("memft_loss")  # jacrev / jacfwd: the backward under vmap
-        (grad,) = once_differentiable_grads(_MemFTLossFunction._backward(ctx, grad_loss))
+        (grad,) = once_differentiable_grads(_MemFTLossFunction._backward(ctx, grad_loss), ctx=ctx)
         return (grad,) + (None,) * 14
 
     @staticmethod

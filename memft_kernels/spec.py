@@ -483,20 +483,61 @@ DOUBLE_BACKWARD = ("the MemFT loss has no second derivative (its kernels are dif
                    "transforms) is not supported; use F.cross_entropy for a term that needs one")
 
 
-def once_differentiable_grads(*grads):
+def keep_outer_inputs(ctx, *inputs) -> None:
+    """In a ``setup_context`` under a torch.func transform: remember the differentiable ``inputs``
+    whose tensors outside the transform require grad (e.g. an ``nn.Parameter`` the transformed
+    function closes over), for ``once_differentiable_grads`` to attach the gradient to them. A
+    plain call stores nothing."""
+    if torch._C._are_functorch_transforms_active():
+        ctx.memft_outer_inputs = tuple(t for t in inputs if isinstance(t, torch.Tensor) and _outer_requires_grad(t))
+
+
+def _outer_requires_grad(t: torch.Tensor) -> bool:
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.requires_grad
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """``grad`` (a copy), attached to ``anchor`` (an exact 0 with the history of the inputs outside a
+    torch.func transform), through a node that raises DOUBLE_BACKWARD when differentiated. An
+    autograd.Function, unlike DelayedError (a node outside the dispatcher, which stays on the
+    transform's own level), is recorded on the levels below the transform too."""
+
+    @staticmethod
+    def forward(grad, anchor):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(DOUBLE_BACKWARD)
+
+
+def once_differentiable_grads(*grads, ctx=None):
     """The gradients a MemFT autograd.Function returns, made to refuse a second derivative.
 
     Under ``create_graph=True`` a gradient returned as a plain tensor would have no history, so a
     gradient penalty through it would silently lose this term; here it is the output of a node that
     raises DOUBLE_BACKWARD when differentiated (what ``once_differentiable`` does, also when the
     upstream gradient needs no grad). Nested torch.func transforms (grad of grad) raise at once:
-    their outer level would otherwise see a zero derivative. torch.compile refuses double backward
-    itself."""
+    their outer level would otherwise see a zero derivative. Under one torch.func transform, the
+    gradient depends on tensors outside it that require grad (``ctx`` from a ``setup_context`` that
+    called ``keep_outer_inputs``): it gets such a node there (a backward through torch.func.grad's
+    result otherwise silently lost this term). torch.compile refuses double backward itself."""
     if torch._C._are_functorch_transforms_active():
         stack = torch._C._functorch.get_interpreter_stack()
         if stack is not None and len(stack) > 1:
             raise RuntimeError(DOUBLE_BACKWARD)
-        return grads
+        outer = getattr(ctx, "memft_outer_inputs", ())
+        if not outer or not torch.is_grad_enabled():
+            return grads
+        # An exact 0 (a sum over an empty slice: no pass over the tensor, never NaN) with their history.
+        anchor = sum((t.narrow(0, 0, 0) if t.dim() else t.reshape(1)[:0]).sum() for t in outer)
+        return tuple(None if g is None else _NoSecondDerivative.apply(g, anchor) for g in grads)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
     present = [g for g in grads if g is not None]

@@ -56,6 +56,7 @@ from .spec import (
     LossOptions,
     accumulate_dtype,
     check_target_range,
+    keep_outer_inputs,
     once_differentiable_grads,
     prepare_call,
     refuse_vmap,
@@ -117,6 +118,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         hidden, weight, bias, target, _, module, opts, layout, _, _, _, _, rows, group, *_, needs = inputs
         _, lse, ce, prob, pred, wgt, fell_back, row_scale = output
         ctx.module, ctx.opts, ctx.layout, ctx.rows, ctx.group, ctx.needs = module, opts, layout, rows, group, needs
+        keep_outer_inputs(ctx, hidden, weight, bias)
         ctx.save_for_backward(hidden, weight, bias, target, lse, row_scale)
         ctx.mark_non_differentiable(lse, ce, prob, pred, wgt, fell_back, row_scale)
 
@@ -127,7 +129,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         # computed without it, and once_differentiable_grads then refuses the second derivative.
         with torch.no_grad():
             gh, gw, gb = _VocabParallelLinearFunction._gradients(ctx, grad_loss.detach())
-        return once_differentiable_grads(gh, gw, gb) + (None,) * 16
+        return once_differentiable_grads(gh, gw, gb, ctx=ctx) + (None,) * 16
 
     @staticmethod
     def vmap(info, in_dims, *args):

@@ -372,3 +372,32 @@ def test_vmap_and_jacrev_refused_with_a_clear_error():
         torch.func.vmap(lambda x: memft_loss(x, target, validate=False))(torch.stack([logits, logits]))
     with pytest.raises(RuntimeError, match="memft_loss does not support torch.func.vmap"):
         torch.func.jacrev(lambda x: memft_loss(x, target, validate=False))(logits)
+
+
+@pytest.mark.parametrize("kind", ["memft_loss", "memft_loss_inplace", "linear_mean", "linear_none"])
+def test_torch_func_gradient_refuses_a_backward_toward_outer_tensors(kind):
+    """torch.func.grad / vjp's gradient depends on a tensor outside the transform that requires grad
+    (an nn.Parameter the function closes over): a backward through that gradient needs the loss's
+    second derivative. Regression: memft_loss's and memft_linear_loss's gradient came back without
+    that history, so the backward silently missed the term (here: P.grad only from the other term);
+    now it raises "no second derivative", as create_graph=True does. First-order results unchanged."""
+    hidden, weight, b, target, _ = _func_inputs(dict())
+    p = torch.nn.Parameter(torch.tensor(1.25, dtype=torch.float64))
+    w = torch.nn.Parameter(weight.clone())
+    logits = (hidden @ weight.T).detach()
+    if kind.startswith("memft_loss"):
+        inplace = kind.endswith("inplace")
+        f = lambda x: memft_loss(x * p, target, policy="sigmoid", threshold=0.05, inplace_backward=inplace)  # noqa: E731
+        got = torch.func.grad(f)(logits)
+        x = logits.clone().requires_grad_()
+        (want,) = torch.autograd.grad(memft_loss(x * 1.25, target, policy="sigmoid", threshold=0.05), x)
+    else:
+        reduction = kind.split("_")[1]
+        f = lambda h: memft_linear_loss(h, w, target, b, chunk_size=4, reduction=reduction, policy="sigmoid",  # noqa: E731
+                                        threshold=0.05).sum()
+        got = torch.func.grad(f)(hidden)
+        h = hidden.clone().requires_grad_()
+        (want,) = torch.autograd.grad(f(h), h)
+    assert rel(got.detach(), want) < 1e-13
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (got.pow(2).sum() + 0.5 * p * w.sum()).backward()

@@ -520,6 +520,22 @@ def _dp_worker(rank, world, port, outdir):
         loss, vjp_fn = torch.func.vjp(lambda x: vocab_parallel_memft_loss(x, target, policy="sigmoid", validate=False),
                                       logits)
         results["func_vocab_parallel_logits"] = vjp_fn(torch.tensor(0.75, dtype=torch.float64))[0]
+        # The gradient's dependence on an nn.Parameter outside the transform: a backward through it
+        # must raise (regression: it silently missed the loss's second-order term).
+        p = torch.nn.Parameter(torch.tensor(1.25, dtype=torch.float64))
+        w = torch.nn.Parameter(weight[rows].clone())
+        outer = {}
+        for what, grad_of in (
+                ("logits", lambda: torch.func.grad(lambda x: vocab_parallel_memft_loss(
+                    x * p, target, policy="sigmoid", validate=False))(logits)),
+                ("linear", lambda: torch.func.grad(lambda h: vocab_parallel_memft_linear_loss(
+                    h, w, target, bias[rows], policy="sigmoid", chunk_size=3, validate=False))(hidden))):
+            try:
+                (grad_of().pow(2).sum() + p * w.sum()).backward()
+                outer[what] = "no error"
+            except RuntimeError as exc:
+                outer[what] = str(exc)
+        results["func_outer"] = outer
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -587,6 +603,8 @@ def test_dp_group_rank_shares_sum_to_the_global_mean(dp_spawned, kind, name):
 
 def test_dp_group_not_a_member_and_vocab_parallel_torch_func(dp_spawned):
     assert "not a member of dp_group" in dp_spawned[1]["not_member"]
+    for r in dp_spawned:
+        assert all("no second derivative" in message for message in r["func_outer"].values()), r["func_outer"]
     hidden, weight, bias, target, _, _ = _dp_inputs("hard", 0)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
     logits = (h @ w.T + b).detach().requires_grad_()
