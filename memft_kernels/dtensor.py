@@ -44,7 +44,10 @@ tested and not promised.
 
 ``memft_linear_loss`` hands a DTensor lm_head weight here (``route_linear``): ``Shard(0)`` on one
 mesh dimension (``ColwiseParallel``) runs ``vocab_parallel_memft_linear_loss`` over that dimension's
-group on the local rows; a replicated weight, plain ``memft_linear_loss`` on every rank.
+group on the local rows; a replicated weight, plain ``memft_linear_loss`` on every rank. A DTensor
+``hidden`` with row-sharded placements (``_route_linear_rows``) is gathered on the weight's
+vocabulary-sharding mesh dimension (sequence parallelism) and is data parallel on the others, as
+row-sharded logits are (``_rows_result``, shared with ``_route_rows``).
 """
 from __future__ import annotations
 

@@ -387,7 +387,9 @@ def memft_linear_loss(
     ``hidden`` and ``weight`` to bfloat16 yourself for bfloat16 logits).
     A DTensor ``weight`` sharded ``Shard(0)`` (a ``ColwiseParallel`` lm_head) runs
     ``vocab_parallel_linear.vocab_parallel_memft_linear_loss`` over the sharding mesh dimension's
-    group; the loss is then a ``Replicate()`` DTensor (docs/DISTRIBUTED.md).
+    group; the loss is then a ``Replicate()`` DTensor (docs/DISTRIBUTED.md). ``hidden`` may then be a
+    DTensor with its rows sharded: gathered on the weight's vocabulary mesh dimension (sequence
+    parallelism), data parallel on the others (the global loss, exact gradients).
     ``dp_group``: as ``memft_loss``'s (the "mean" denominator summed over a data-parallel group: each
     rank's loss is its share of the global mean, the gradients exact).
     ``torch.func.grad`` and ``torch.func.vjp`` work; ``torch.func.vmap`` (and jacrev, which uses it)

@@ -102,6 +102,8 @@ PLAN_1D = (
              options=dict(policy="sigmoid", reduction="none", label_smoothing=0.1)),
         dict(name="sp_batch_no_bias_weight_fn", seed=3, hidden="b", weight="v", target="rows", bias=False,
              token_weight=True, options=dict(policy="sigmoid", normalize="valid", weight_fn=_gate, z_loss=1e-3)),
+        dict(name="sp_colwise_lm_head", seed=12, hidden="t", weight="v", target="rows", colwise=True,
+             options=dict(policy="hard")),
         dict(name="sp_seq_fallback", seed=4, hidden="t", weight="v", target="rows", confident_batches="all",
              options=dict(policy="hard")),
     ]
@@ -149,6 +151,8 @@ PLAN_2D = (
     + [
         dict(name="dp_sp_none_dtensor_target", seed=31, hidden="bt", weight="rv", target="dtensor",
              options=dict(policy="sigmoid", reduction="none")),
+        dict(name="sp_only_on_2d_mesh", seed=36, hidden="rt", weight="rv", target="dtensor", token_weight=True,
+             options=dict(policy="hard", normalize="valid")),
         dict(name="cp_tp_replicated_hidden_on_tp", seed=32, hidden="tr", weight="rv", target="rows",
              options=dict(policy="hard", label_smoothing=0.1)),
         dict(name="nested_rows_weight_fn", seed=33, hidden="bb", weight="rv", target="rows", shape=(3, 2),
@@ -190,6 +194,15 @@ def _run_case(case, mesh):
     dh = distribute_tensor(h, mesh, hp).requires_grad_(True)
     dw = distribute_tensor(w, mesh, wp).requires_grad_(True)
     db = None if b is None else distribute_tensor(b, mesh, wp).requires_grad_(True)
+    if case.get("colwise"):  # docs/DISTRIBUTED.md's example: an nn.Linear lm_head under ColwiseParallel
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        head = torch.nn.Linear(D, V, dtype=F64)
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+        parallelize_module(head, mesh, ColwiseParallel())
+        dw, db = head.weight, head.bias
 
     def arg(t):
         if t is None:
