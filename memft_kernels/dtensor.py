@@ -275,7 +275,7 @@ def _options_record(options: LossOptions, has_weight: bool, device) -> torch.Ten
     return record.to(device)
 
 
-def _check_exchange(groups, record: torch.Tensor, own_error, where: str, tensor: str = "logits") -> None:
+def _check_exchange(groups, record: torch.Tensor, own_error, where: str) -> None:
     """One MAX all-reduce of ``record`` over each group in turn (the row groups, then the class
     group): afterwards every rank of the mesh slice knows whether any rank failed its local checks or
     holds other options, and raises alike (the failed rank its own error)."""
@@ -291,12 +291,11 @@ def _check_exchange(groups, record: torch.Tensor, own_error, where: str, tensor:
     if err:
         if own_error is not None:
             raise own_error
-        owner = "the logits'" if tensor == "logits" else tensor + "'s"
-        raise ValueError(f"{where}: another rank of {owner} mesh failed its input checks (it raises its own "
+        raise ValueError(f"{where}: another rank of the logits' mesh failed its input checks (it raises its own "
                          f"error); no rank computed the loss")
     if crc_max != -crc_neg or den_max != -den_neg:
         raise ValueError(f"{where}: the options (or a tensor denominator's value) differ between the ranks that "
-                         f"share these row-sharded DTensor {tensor}; every rank must pass the same options")
+                         f"share these row-sharded DTensor logits; every rank must pass the same options")
 
 
 class _GlobalTotal(torch.autograd.Function):
@@ -618,6 +617,41 @@ def _linear_local_checks(local_h, local_w, local_b, target, token_weight, option
         check_target_range(target, vocab, checked.kernel.ignore_index)
 
 
+def _linear_check_exchange(row_groups, tp_group, record: torch.Tensor, own_error, where: str) -> None:
+    """``_check_exchange`` for ``_route_linear_rows``: ``record`` is ``_options_record``'s five int64
+    and a checksum of this rank's target / token_weight and minus it. A MAX all-reduce over the TP
+    group first, whose ranks compute the same rows: there the checksums must agree (a rank of one TP
+    group whose target differs would otherwise raise inside the vocab-parallel loss while its data-
+    parallel peers wait); then over each row group (where the rows differ: the checksum is cleared
+    first). Every rank reads the same result and raises alike (a failed rank its own error)."""
+    import torch.distributed as dist
+
+    from .distributed import _comm_device
+
+    device = record.device
+    record = record.to(_comm_device((row_groups + [tp_group])[0] if row_groups else tp_group, device))
+    if tp_group is not None:
+        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=tp_group)
+        differs = ((record[0] == 0) & (record[5] != -record[6])).to(torch.int64) * 2  # a failed rank has none
+        record[0] = torch.maximum(record[0], differs)
+        record[5:] = 0
+    for g in row_groups:
+        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=g)
+    err, crc_max, crc_neg, den_max, den_neg = record[:5].tolist()
+    if err and own_error is not None:
+        raise own_error
+    if err == 1:
+        raise ValueError(f"{where}: another rank of hidden's mesh failed its input checks (it raises its own "
+                         f"error); no rank computed the loss")
+    if err:
+        raise ValueError(f"{where}: target (or token_weight) differs between ranks of the weight's vocabulary-sharding "
+                         f"mesh dimension (on this rank's group or another's); those ranks compute the same rows "
+                         f"(hidden's, gathered), so each must pass the same values")
+    if crc_max != -crc_neg or den_max != -den_neg:
+        raise ValueError(f"{where}: the options (or a tensor denominator's value) differ between the ranks that "
+                         f"share this row-sharded DTensor hidden; every rank must pass the same options")
+
+
 def _route_linear_rows(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict,
                        tp_dim: Optional[int], where: str):
     """``memft_linear_loss`` with DTensor ``hidden`` whose rows are sharded (``route_linear`` checked
@@ -670,16 +704,24 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
     row_groups = [mesh.get_group(i) for i in row_dims]
     device = local_h.device
 
-    groups = row_groups + ([tp_group] if tp_group is not None else [])
     own_error = None
     try:
-        record = _options_record(options, token_weight is not None, device)
         _linear_local_checks(local_h, local_w, local_b, target, token_weight, options, vocab, where)
+        record = torch.cat([_options_record(options, token_weight is not None, device), torch.zeros(2, dtype=torch.int64,
+                                                                                                 device=device)])
+        if tp_group is not None:  # the rows' values, compared over the TP group
+            from .distributed import _PRIME, _checksum
+
+            crc = _checksum(target)
+            if token_weight is not None:
+                crc = (crc * 31 + _checksum(token_weight.detach().to(torch.float32).contiguous().view(torch.int32)))
+            record[5] = crc % _PRIME
+            record[6] = -record[5]
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
         own_error = exc
-        record = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int64, device=device)
-    if groups:
-        _check_exchange(groups, record, own_error, where, tensor="hidden")
+        record = torch.tensor([1, 0, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
+    if row_groups or tp_group is not None:
+        _linear_check_exchange(row_groups, tp_group, record, own_error, where)
     elif own_error is not None:  # every rank holds the same rows: each raises alike
         raise own_error
 

@@ -164,6 +164,16 @@ PLAN_2D = (
     ]
 )
 
+ERRORS_2D = [
+    # one TP group's ranks pass different targets: the vocab-parallel loss would raise in that group only,
+    # leaving the other group's ranks in the data-parallel all-reduce; now every rank raises at once
+    dict(name="err_target_differs_on_tp", seed=40, hidden="bt", weight="rv", target="rows", perturb_rank=1,
+         options=dict(policy="hard"), raises=("target (or token_weight) differs",) * 4),
+    dict(name="err_target_range_rank_3", seed=41, hidden="bt", weight="rv", target="rows", bad_rank=3,
+         options=dict(policy="hard"), raises=("another rank of hidden's mesh failed",) * 3 + ("outside [0, V)",)),
+]
+AFTER_2D = dict(PLAN_2D[1], name="after_errors_2d")
+
 
 def _placements(codes: str, ndim: int):
     from torch.distributed.tensor import Replicate, Shard
@@ -219,6 +229,8 @@ def _run_case(case, mesh):
     y_arg, tw_arg = arg(y), arg(tw)
     if case.get("bad_rank") == rank:
         y_arg.view(-1)[-1] = V + 3
+    if case.get("perturb_rank") == rank:
+        y_arg.view(-1)[1] = (y_arg.view(-1)[1] + 1) % V
     opts = dict(_options(case), **case.get("rank_options", {}).get(rank, {}))
     if case.get("dp_group"):
         opts["dp_group"] = dist.group.WORLD
@@ -244,7 +256,7 @@ def _worker(rank, world, port, outdir, shape):
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", shape)
-        plan = PLAN_1D + ERRORS_1D + [AFTER_1D] if len(shape) == 1 else PLAN_2D
+        plan = PLAN_1D + ERRORS_1D + [AFTER_1D] if len(shape) == 1 else PLAN_2D + ERRORS_2D + [AFTER_2D]
         results = {c["name"]: _run_case(c, mesh) for c in plan}
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
@@ -318,7 +330,7 @@ def test_row_sharded_hidden_1d_mesh(spawned_1d, case):
     _check(spawned_1d, case)
 
 
-@pytest.mark.parametrize("case", PLAN_2D, ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", PLAN_2D + [AFTER_2D], ids=lambda c: c["name"])
 def test_row_sharded_hidden_2d_mesh(spawned_2d, case):
     """4 ranks, a (dp, tp) mesh: data x sequence parallel, context parallel with a replicated hidden on
     tp, nested batch sharding, a replicated weight on both dimensions."""
@@ -328,6 +340,11 @@ def test_row_sharded_hidden_2d_mesh(spawned_2d, case):
 @pytest.mark.parametrize("case", ERRORS_1D, ids=lambda c: c["name"])
 def test_row_sharded_hidden_bad_inputs_raise_on_every_rank(spawned_1d, case):
     _check_error(spawned_1d, case)
+
+
+@pytest.mark.parametrize("case", ERRORS_2D, ids=lambda c: c["name"])
+def test_row_sharded_hidden_bad_inputs_raise_on_every_rank_2d(spawned_2d, case):
+    _check_error(spawned_2d, case)
 
 
 def test_fallback_cases_mean_what_they_say():
