@@ -678,9 +678,10 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
     rows = _hidden_row_dims(hidden, mesh, where)
     sp = tp_dim if tp_dim in rows else None
     row_dims = tuple(i for i in rows if i != sp)
-    if options.dp_group is not None:
-        raise ValueError(f"{where}: hidden's rows are sharded ({_describe(hidden)}): the data-parallel group is "
-                         f"given by the mesh (its row-sharding mesh dimensions); pass dp_group=None")
+    if options.dp_group is not None and row_dims:  # (with sequence parallelism alone it is passed on)
+        raise ValueError(f"{where}: hidden's rows are sharded on mesh dimensions {list(row_dims)} where the weight is "
+                         f"replicated ({_describe(hidden)}): the data-parallel group is given by the mesh (those "
+                         f"dimensions); pass dp_group=None")
     for name, t in (("target", target), ("token_weight", token_weight)):
         _check_hidden_rows_arg(name, t, hidden, where)
     denominator = _replicated_local("denominator", options.denominator, where)
@@ -725,7 +726,7 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
     elif own_error is not None:  # every rank holds the same rows: each raises alike
         raise own_error
 
-    dp_group = None if not row_groups else tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
+    dp_group = options.dp_group if not row_groups else tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
     caught = None
     if options.weight_fn is not None and row_groups:  # its failure on some ranks only is raised on all
         caught = _CaughtWeightFn(options.weight_fn, options.validate)

@@ -179,6 +179,8 @@ ERRORS_2D = [
 ]
 AFTER_2D = dict(PLAN_2D[1], name="after_errors_2d")
 
+EXTERNAL_DP = dict(name="external_dp_sp", seed=42, shape=(4, 5), options=dict(policy="hard"))
+
 
 def _placements(codes: str, ndim: int):
     from torch.distributed.tensor import Replicate, Shard
@@ -257,14 +259,34 @@ def _run_case(case, mesh):
                 grad_b=None if db is None else db.grad.full_tensor())
 
 
+def _run_external_dp(case, mesh):
+    """Sequence parallelism on the 1-D "tp" mesh, data parallelism outside it (each "dp" rank its own
+    batch rows as plain data, dp_group given): the loss is this dp rank's share of the global mean."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    h, w, b, y, tw, grad_out = make_inputs(case)
+    part = mesh.get_local_rank("dp")
+    h, y = h.chunk(2)[part].contiguous(), y.chunk(2)[part].contiguous()
+    tp = mesh["tp"]
+    dh = distribute_tensor(h, tp, [Shard(1)]).requires_grad_(True)
+    dw = distribute_tensor(w, tp, [Shard(0)]).requires_grad_(True)
+    db = distribute_tensor(b, tp, [Shard(0)]).requires_grad_(True)
+    loss = memft_linear_loss(dh, dw, y, db, dp_group=mesh.get_group("dp"), **_options(case))
+    loss.backward(DTensor.from_local(grad_out.to(loss.dtype), tp, [Replicate()], run_check=False))
+    return dict(loss=loss.to_local().detach(), grad_h=dh.grad.full_tensor(), grad_w=dw.grad.full_tensor(),
+                grad_b=db.grad.full_tensor())
+
+
 def _worker(rank, world, port, outdir, shape):
     init_gloo_rank(rank, world, port)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", shape)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp")[-len(shape):])
         plan = PLAN_1D + ERRORS_1D + [AFTER_1D] if len(shape) == 1 else PLAN_2D + ERRORS_2D + [AFTER_2D]
         results = {c["name"]: _run_case(c, mesh) for c in plan}
+        if len(shape) == 2:
+            results[EXTERNAL_DP["name"]] = _run_external_dp(EXTERNAL_DP, mesh)
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -354,6 +376,22 @@ def test_row_sharded_hidden_bad_inputs_raise_on_every_rank(spawned_1d, case):
 @pytest.mark.parametrize("case", ERRORS_2D, ids=lambda c: c["name"])
 def test_row_sharded_hidden_bad_inputs_raise_on_every_rank_2d(spawned_2d, case):
     _check_error(spawned_2d, case)
+
+
+def test_sequence_parallel_with_a_data_parallel_group_outside_the_mesh(spawned_2d):
+    """hidden Shard(1) on a 1-D TP mesh, dp_group given (the data parallel ranks outside the DTensors'
+    mesh; torchtitan's FSDP layout): passed on, each dp rank's loss its share of the global mean
+    (their sum the global loss), hidden's gradient exact, the weight's summed over dp the full one.
+    (A dp_group next to hidden sharded on a data-parallel mesh dimension is refused: the mesh gives it.)"""
+    ref = single_process(EXTERNAL_DP)
+    res = [r[EXTERNAL_DP["name"]] for r in spawned_2d]  # ranks 0, 1: dp part 0; ranks 2, 3: dp part 1
+    for r in range(4):
+        assert torch.equal(res[r]["loss"], res[r ^ 1]["loss"]), "TP ranks disagree on the loss"
+    assert rel_err(res[0]["loss"] + res[2]["loss"], ref["loss"]) < TOL
+    assert rel_err(torch.cat([res[0]["grad_h"], res[2]["grad_h"]]), ref["grad_h"]) < TOL
+    assert rel_err(torch.cat([res[1]["grad_h"], res[3]["grad_h"]]), ref["grad_h"]) < TOL
+    assert rel_err(res[0]["grad_w"] + res[2]["grad_w"], ref["grad_w"]) < TOL
+    assert rel_err(res[1]["grad_b"] + res[3]["grad_b"], ref["grad_b"]) < TOL
 
 
 def test_fallback_cases_mean_what_they_say():
