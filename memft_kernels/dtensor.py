@@ -671,7 +671,8 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
     after the gather: the whole rows over ``tp_dim``, this rank's over the others), a DTensor has
     hidden's shape[:-1], mesh and placements (it is gathered like hidden). Global metadata is checked
     first (raises on every rank alike), then the local inputs, whose failure is carried to every rank
-    by one small all-reduce per group (``_check_exchange``)."""
+    by one small all-reduce per group (``_linear_check_exchange``, which also compares the targets
+    over the TP group)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     mesh = weight.device_mesh
@@ -708,8 +709,8 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
     own_error = None
     try:
         _linear_local_checks(local_h, local_w, local_b, target, token_weight, options, vocab, where)
-        record = torch.cat([_options_record(options, token_weight is not None, device), torch.zeros(2, dtype=torch.int64,
-                                                                                                 device=device)])
+        record = torch.cat([_options_record(options, token_weight is not None, device),
+                            torch.zeros(2, dtype=torch.int64, device=device)])
         if tp_group is not None:  # the rows' values, compared over the TP group
             from .distributed import _PRIME, _checksum
 
