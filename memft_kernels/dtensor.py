@@ -275,29 +275,6 @@ def _options_record(options: LossOptions, has_weight: bool, device) -> torch.Ten
     return record.to(device)
 
 
-def _check_exchange(groups, record: torch.Tensor, own_error, where: str) -> None:
-    """One MAX all-reduce of ``record`` over each group in turn (the row groups, then the class
-    group): afterwards every rank of the mesh slice knows whether any rank failed its local checks or
-    holds other options, and raises alike (the failed rank its own error)."""
-    import torch.distributed as dist
-
-    from .distributed import _comm_device
-
-    device = record.device
-    record = record.to(_comm_device(groups[0], device))
-    for g in groups:
-        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=g)
-    err, crc_max, crc_neg, den_max, den_neg = record.tolist()
-    if err:
-        if own_error is not None:
-            raise own_error
-        raise ValueError(f"{where}: another rank of the logits' mesh failed its input checks (it raises its own "
-                         f"error); no rank computed the loss")
-    if crc_max != -crc_neg or den_max != -den_neg:
-        raise ValueError(f"{where}: the options (or a tensor denominator's value) differ between the ranks that "
-                         f"share these row-sharded DTensor logits; every rank must pass the same options")
-
-
 class _GlobalTotal(torch.autograd.Function):
     """Forward: ``total``, the sum of every row rank's share (the same bits on every rank). Backward:
     the upstream gradient to this rank's own ``share``, the one term of the total that depends on
@@ -388,12 +365,12 @@ def _route_rows(logits, target, token_weight, options: LossOptions, class_dim: O
     # raises on all of them before a collective whose peers could be missing.
     own_error = None
     try:
-        record = _options_record(options, token_weight is not None, device)
         _local_checks(local, target, token_weight, options, logits.shape[-1], where)
+        record = _rows_record(options, target, token_weight, class_group, device)
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
         own_error = exc
-        record = torch.tensor([1, 0, 0, 0, 0], dtype=torch.int64, device=device)
-    _check_exchange(row_groups + ([class_group] if class_group is not None else []), record, own_error, where)
+        record = torch.tensor([1, 0, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
+    _rows_check_exchange(row_groups, class_group, record, own_error, where, "the logits'")
 
     dp_group = tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
     caught = None
@@ -617,21 +594,39 @@ def _linear_local_checks(local_h, local_w, local_b, target, token_weight, option
         check_target_range(target, vocab, checked.kernel.ignore_index)
 
 
-def _linear_check_exchange(row_groups, tp_group, record: torch.Tensor, own_error, where: str) -> None:
-    """``_check_exchange`` for ``_route_linear_rows``: ``record`` is ``_options_record``'s five int64
-    and a checksum of this rank's target / token_weight and minus it. A MAX all-reduce over the TP
-    group first, whose ranks compute the same rows: there the checksums must agree (a rank of one TP
-    group whose target differs would otherwise raise inside the vocab-parallel loss while its data-
-    parallel peers wait); then over each row group (where the rows differ: the checksum is cleared
-    first). Every rank reads the same result and raises alike (a failed rank its own error)."""
+def _rows_record(options: LossOptions, target, token_weight, same_rows_group, device) -> torch.Tensor:
+    """int64 [7]: ``_options_record``'s five, then (when ``same_rows_group`` is given: ranks that
+    compute the same rows, e.g. the class- or vocabulary-sharding mesh dimension) a checksum of this
+    rank's target / token_weight and minus it; zeros otherwise."""
+    record = torch.cat([_options_record(options, token_weight is not None, device),
+                        torch.zeros(2, dtype=torch.int64, device=device)])
+    if same_rows_group is not None:
+        from .distributed import _PRIME, _checksum
+
+        crc = _checksum(target)
+        if token_weight is not None:
+            crc = (crc * 31 + _checksum(token_weight.detach().to(torch.float32).contiguous().view(torch.int32)))
+        record[5] = crc % _PRIME
+        record[6] = -record[5]
+    return record
+
+
+def _rows_check_exchange(row_groups, same_rows_group, record: torch.Tensor, own_error, where: str, whose: str) -> None:
+    """The check exchange of the row-sharded routes (``_route_rows``, ``_route_linear_rows``):
+    ``record`` from ``_rows_record`` (or ``[1, 0, ...]`` on a rank whose local checks failed). A MAX
+    all-reduce over ``same_rows_group`` first, whose ranks compute the same rows: there the target
+    checksums must agree (a rank of one such group whose target differs would otherwise raise inside
+    the vocab-parallel loss while its data-parallel peers wait); then over each row group (where the
+    rows differ: the checksum is cleared first). Every rank reads the same result and raises alike
+    (a failed rank its own error). ``whose``: the sharded tensor, for the messages."""
     import torch.distributed as dist
 
     from .distributed import _comm_device
 
     device = record.device
-    record = record.to(_comm_device((row_groups + [tp_group])[0] if row_groups else tp_group, device))
-    if tp_group is not None:
-        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=tp_group)
+    record = record.to(_comm_device((row_groups + [same_rows_group])[0] if row_groups else same_rows_group, device))
+    if same_rows_group is not None:
+        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=same_rows_group)
         differs = ((record[0] == 0) & (record[5] != -record[6])).to(torch.int64) * 2  # a failed rank has none
         record[0] = torch.maximum(record[0], differs)
         record[5:] = 0
@@ -641,15 +636,15 @@ def _linear_check_exchange(row_groups, tp_group, record: torch.Tensor, own_error
     if err and own_error is not None:
         raise own_error
     if err == 1:
-        raise ValueError(f"{where}: another rank of hidden's mesh failed its input checks (it raises its own "
+        raise ValueError(f"{where}: another rank of {whose} mesh failed its input checks (it raises its own "
                          f"error); no rank computed the loss")
     if err:
-        raise ValueError(f"{where}: target (or token_weight) differs between ranks of the weight's vocabulary-sharding "
-                         f"mesh dimension (on this rank's group or another's); those ranks compute the same rows "
-                         f"(hidden's, gathered), so each must pass the same values")
+        raise ValueError(f"{where}: target (or token_weight) differs between ranks of the mesh dimension that shards "
+                         f"the classes (on this rank's group or another's); those ranks compute the same rows, so "
+                         f"each must pass the same values")
     if crc_max != -crc_neg or den_max != -den_neg:
-        raise ValueError(f"{where}: the options (or a tensor denominator's value) differ between the ranks that "
-                         f"share this row-sharded DTensor hidden; every rank must pass the same options")
+        raise ValueError(f"{where}: the options (or a tensor denominator's value) differ between the ranks of "
+                         f"{whose} mesh; every rank must pass the same options")
 
 
 def _route_linear_rows(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict,
@@ -671,7 +666,7 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
     after the gather: the whole rows over ``tp_dim``, this rank's over the others), a DTensor has
     hidden's shape[:-1], mesh and placements (it is gathered like hidden). Global metadata is checked
     first (raises on every rank alike), then the local inputs, whose failure is carried to every rank
-    by one small all-reduce per group (``_linear_check_exchange``, which also compares the targets
+    by one small all-reduce per group (``_rows_check_exchange``, which also compares the targets
     over the TP group)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
@@ -709,21 +704,12 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
     own_error = None
     try:
         _linear_local_checks(local_h, local_w, local_b, target, token_weight, options, vocab, where)
-        record = torch.cat([_options_record(options, token_weight is not None, device),
-                            torch.zeros(2, dtype=torch.int64, device=device)])
-        if tp_group is not None:  # the rows' values, compared over the TP group
-            from .distributed import _PRIME, _checksum
-
-            crc = _checksum(target)
-            if token_weight is not None:
-                crc = (crc * 31 + _checksum(token_weight.detach().to(torch.float32).contiguous().view(torch.int32)))
-            record[5] = crc % _PRIME
-            record[6] = -record[5]
+        record = _rows_record(options, target, token_weight, tp_group, device)  # targets compared over the TP group
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
         own_error = exc
         record = torch.tensor([1, 0, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
     if row_groups or tp_group is not None:
-        _linear_check_exchange(row_groups, tp_group, record, own_error, where)
+        _rows_check_exchange(row_groups, tp_group, record, own_error, where, "hidden's")
     elif own_error is not None:  # every rank holds the same rows: each raises alike
         raise own_error
 

@@ -432,6 +432,11 @@ ROW_CASES_2D = [
 ROW_ERRORS_2D = [
     dict(name="rows2d_err_bad_target_rank3", seed=99, v=13, mesh=(2, 2), rows="bc", target="local", bad_rank=3,
          raises=["another rank"] * 3 + ["outside [0, V)"]),
+    # Regression: rank 1's (in-range) target differs from rank 0's, which shares its rows (the classes are
+    # sharded over ranks 0 and 1): the vocab-parallel loss raised on ranks 0 and 1 only, while ranks 2 and
+    # 3 waited for them in the data-parallel collective (a hang until the process group's timeout).
+    dict(name="rows2d_err_target_differs_in_class_group", seed=101, v=13, mesh=(2, 2), rows="bc", target="local",
+         differ_rank=1, raises=["target (or token_weight) differs"] * 4),
 ]
 ROW_AFTER_2D = dict(ROW_CASES_2D[0], name="rows2d_after_errors")
 ROW_PLAN_2D = ROW_CASES_2D + ROW_ERRORS_2D + [ROW_AFTER_2D]
@@ -470,6 +475,8 @@ def _run_row_case(case, mesh):
     y_arg = arg(y, case["target"])
     if case.get("bad_rank") == rank:
         y_arg.view(-1)[-1] = case["v"] + 3
+    if case.get("differ_rank") == rank:
+        y_arg.view(-1)[0] = (y_arg.view(-1)[0] + 1) % case["v"]
     tw_arg = arg(None if tw is None else tw.to(dtype), case.get("token_weight"))
     opts = dict(case.get("options", {}), backend=case.get("backend", "torch"))
     opts.update(case.get("rank_options", {}).get(rank, {}))
