@@ -275,6 +275,59 @@ def _options_record(options: LossOptions, has_weight: bool, device) -> torch.Ten
     return record.to(device)
 
 
+def _rows_record(options: LossOptions, target, token_weight, same_rows_group, device) -> torch.Tensor:
+    """int64 [7]: ``_options_record``'s five, then (when ``same_rows_group`` is given: ranks that
+    compute the same rows, e.g. the class- or vocabulary-sharding mesh dimension) a checksum of this
+    rank's target / token_weight and minus it; zeros otherwise."""
+    record = torch.cat([_options_record(options, token_weight is not None, device),
+                        torch.zeros(2, dtype=torch.int64, device=device)])
+    if same_rows_group is not None:
+        from .distributed import _PRIME, _checksum
+
+        crc = _checksum(target)
+        if token_weight is not None:
+            crc = (crc * 31 + _checksum(token_weight.detach().to(torch.float32).contiguous().view(torch.int32)))
+        record[5] = crc % _PRIME
+        record[6] = -record[5]
+    return record
+
+
+def _rows_check_exchange(row_groups, same_rows_group, record: torch.Tensor, own_error, where: str, whose: str) -> None:
+    """The check exchange of the row-sharded routes (``_route_rows``, ``_route_linear_rows``):
+    ``record`` from ``_rows_record`` (or ``[1, 0, ...]`` on a rank whose local checks failed). A MAX
+    all-reduce over ``same_rows_group`` first, whose ranks compute the same rows: there the target
+    checksums must agree (a rank of one such group whose target differs would otherwise raise inside
+    the vocab-parallel loss while its data-parallel peers wait); then over each row group (where the
+    rows differ: the checksum is cleared first). Every rank reads the same result and raises alike
+    (a failed rank its own error). ``whose``: the sharded tensor, for the messages."""
+    import torch.distributed as dist
+
+    from .distributed import _comm_device
+
+    device = record.device
+    record = record.to(_comm_device((row_groups + [same_rows_group])[0] if row_groups else same_rows_group, device))
+    if same_rows_group is not None:
+        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=same_rows_group)
+        differs = ((record[0] == 0) & (record[5] != -record[6])).to(torch.int64) * 2  # a failed rank has none
+        record[0] = torch.maximum(record[0], differs)
+        record[5:] = 0
+    for g in row_groups:
+        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=g)
+    err, crc_max, crc_neg, den_max, den_neg = record[:5].tolist()
+    if err and own_error is not None:
+        raise own_error
+    if err == 1:
+        raise ValueError(f"{where}: another rank of {whose} mesh failed its input checks (it raises its own "
+                         f"error); no rank computed the loss")
+    if err:
+        raise ValueError(f"{where}: target (or token_weight) differs between ranks of the mesh dimension that shards "
+                         f"the classes (on this rank's group or another's); those ranks compute the same rows, so "
+                         f"each must pass the same values")
+    if crc_max != -crc_neg or den_max != -den_neg:
+        raise ValueError(f"{where}: the options (or a tensor denominator's value) differ between the ranks of "
+                         f"{whose} mesh; every rank must pass the same options")
+
+
 class _GlobalTotal(torch.autograd.Function):
     """Forward: ``total``, the sum of every row rank's share (the same bits on every rank). Backward:
     the upstream gradient to this rank's own ``share``, the one term of the total that depends on
@@ -592,59 +645,6 @@ def _linear_local_checks(local_h, local_w, local_b, target, token_weight, option
     validate_tensors(local_h.new_empty(()).expand(*lead, vocab), target, token_weight, check_values=options.validate)
     if options.validate:
         check_target_range(target, vocab, checked.kernel.ignore_index)
-
-
-def _rows_record(options: LossOptions, target, token_weight, same_rows_group, device) -> torch.Tensor:
-    """int64 [7]: ``_options_record``'s five, then (when ``same_rows_group`` is given: ranks that
-    compute the same rows, e.g. the class- or vocabulary-sharding mesh dimension) a checksum of this
-    rank's target / token_weight and minus it; zeros otherwise."""
-    record = torch.cat([_options_record(options, token_weight is not None, device),
-                        torch.zeros(2, dtype=torch.int64, device=device)])
-    if same_rows_group is not None:
-        from .distributed import _PRIME, _checksum
-
-        crc = _checksum(target)
-        if token_weight is not None:
-            crc = (crc * 31 + _checksum(token_weight.detach().to(torch.float32).contiguous().view(torch.int32)))
-        record[5] = crc % _PRIME
-        record[6] = -record[5]
-    return record
-
-
-def _rows_check_exchange(row_groups, same_rows_group, record: torch.Tensor, own_error, where: str, whose: str) -> None:
-    """The check exchange of the row-sharded routes (``_route_rows``, ``_route_linear_rows``):
-    ``record`` from ``_rows_record`` (or ``[1, 0, ...]`` on a rank whose local checks failed). A MAX
-    all-reduce over ``same_rows_group`` first, whose ranks compute the same rows: there the target
-    checksums must agree (a rank of one such group whose target differs would otherwise raise inside
-    the vocab-parallel loss while its data-parallel peers wait); then over each row group (where the
-    rows differ: the checksum is cleared first). Every rank reads the same result and raises alike
-    (a failed rank its own error). ``whose``: the sharded tensor, for the messages."""
-    import torch.distributed as dist
-
-    from .distributed import _comm_device
-
-    device = record.device
-    record = record.to(_comm_device((row_groups + [same_rows_group])[0] if row_groups else same_rows_group, device))
-    if same_rows_group is not None:
-        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=same_rows_group)
-        differs = ((record[0] == 0) & (record[5] != -record[6])).to(torch.int64) * 2  # a failed rank has none
-        record[0] = torch.maximum(record[0], differs)
-        record[5:] = 0
-    for g in row_groups:
-        dist.all_reduce(record, op=dist.ReduceOp.MAX, group=g)
-    err, crc_max, crc_neg, den_max, den_neg = record[:5].tolist()
-    if err and own_error is not None:
-        raise own_error
-    if err == 1:
-        raise ValueError(f"{where}: another rank of {whose} mesh failed its input checks (it raises its own "
-                         f"error); no rank computed the loss")
-    if err:
-        raise ValueError(f"{where}: target (or token_weight) differs between ranks of the mesh dimension that shards "
-                         f"the classes (on this rank's group or another's); those ranks compute the same rows, so "
-                         f"each must pass the same values")
-    if crc_max != -crc_neg or den_max != -den_neg:
-        raise ValueError(f"{where}: the options (or a tensor denominator's value) differ between the ranks of "
-                         f"{whose} mesh; every rank must pass the same options")
 
 
 def _route_linear_rows(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict,
