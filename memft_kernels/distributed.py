@@ -41,6 +41,7 @@ from .policy import Reduced, reduce_rows, weight_fn_factor
 from .spec import (
     KernelOptions,
     NO_VMAP,
+    READS_VALUES,
     LossOptions,
     MemFTStats,
     RowStats,
@@ -338,12 +339,52 @@ def dp_sum(values: torch.Tensor, dp_group) -> torch.Tensor:
     return wire.to(device)
 
 
-def dp_mean_terms(weight, valid, *, normalize, fallback, dp_group):
+@torch.compiler.disable(reason=READS_VALUES)
+def _raise_if_failed_elsewhere(failed: torch.Tensor, where: str) -> None:
+    n = int(failed.item())
+    if n > 0:
+        raise ValueError(
+            f"{where}: {n} other rank(s) of dp_group failed before the loss's all_reduce (each raises its own "
+            f"error there): check that rank's inputs (target in [0, V), token_weight finite and >= 0, the tensors' "
+            f"shapes, dtypes and devices) and its weight_fn; no rank returned a loss")
+
+
+def dp_sum_checked(values: torch.Tensor, dp_group, *, own_error: Optional[BaseException], validate: bool,
+                   where: str) -> torch.Tensor:
+    """``dp_sum`` of ``values`` with one more number riding in the same all_reduce: 1 on a rank whose
+    checks or ``weight_fn`` failed (``own_error``; its ``values`` are zeros of the same length), so
+    that a failure on some ranks raises on every rank instead of leaving the others waiting in the
+    collective. After the all_reduce a failed rank raises its own error; the others, with
+    ``validate``, read the count of failed ranks (a host read) and raise ValueError naming it; with
+    ``validate=False`` (no host sync) their sums become NaN instead (a NaN loss and gradient)."""
+    flag = torch.full((1,), 0.0 if own_error is None else 1.0, dtype=torch.float64, device=values.device)
+    total = dp_sum(torch.cat([values.reshape(-1).to(torch.float64), flag]), dp_group)
+    if own_error is not None:
+        raise own_error
+    sums, failed = total[:-1], total[-1]
+    if validate:
+        _raise_if_failed_elsewhere(failed, where)
+        return sums
+    return torch.where(failed > 0, torch.full_like(sums, math.nan), sums)
+
+
+# How many numbers dp_mean_terms sums (the weight sum, the valid count), before the failure flag.
+_MEAN_TERMS = 2
+
+
+def dp_mean_terms(weight, valid, *, normalize, fallback, dp_group, own_error=None, validate=False,
+                  where="the MemFT loss"):
     """(w_eff, D, fell_back) of the "mean" reduction whose denominator is summed over ``dp_group``
-    (one all_reduce of the weight sum and the valid count): ``loss = sum w_eff_i l_i / D``. The
-    fallback is decided on the global sums, the same on every dp rank; D == 0 (nothing active
-    anywhere, or no valid row anywhere) gives loss 0 and zero gradient in ``reduce_rows``."""
-    global_wsum, global_valid = dp_sum(torch.stack([weight.sum(), valid.sum()]), dp_group)
+    (one all_reduce of the weight sum, the valid count and the failure flag, ``dp_sum_checked``):
+    ``loss = sum w_eff_i l_i / D``. The fallback is decided on the global sums, the same on every dp
+    rank; D == 0 (nothing active anywhere, or no valid row anywhere) gives loss 0 and zero gradient
+    in ``reduce_rows``. ``own_error``: this rank's weight_fn failed (``weight`` may be anything of
+    the right device): it takes part in the all_reduce, then raises it."""
+    if own_error is not None:
+        terms = torch.zeros(_MEAN_TERMS, dtype=torch.float64, device=valid.device)
+    else:
+        terms = torch.stack([weight.sum().to(torch.float64), valid.sum().to(torch.float64)])
+    global_wsum, global_valid = dp_sum_checked(terms, dp_group, own_error=own_error, validate=validate, where=where)
     no = torch.zeros((), dtype=torch.bool, device=weight.device)
     if normalize == "valid":
         return weight, global_valid, no
@@ -354,35 +395,53 @@ def dp_mean_terms(weight, valid, *, normalize, fallback, dp_group):
     return weight, global_wsum, fell_back
 
 
-def dp_plan(dp_group, *, reduction, normalize, denominator, valid, where: str):
-    """How ``memft_loss`` / ``memft_linear_loss`` use ``dp_group``: ``(dp_group for the "active"
-    reduction or None, the denominator)``. Only ``"mean"`` without an explicit denominator uses it;
-    ``"valid"`` becomes a denominator at once (the valid count summed over ``dp_group``: one
-    all_reduce, before the row pass, which the single-pass gradient needs), ``"active"`` keeps
-    ``dp_group`` for ``dp_mean_terms`` after the row pass."""
+def dp_used(dp_group, *, reduction, denominator, where: str) -> bool:
+    """Whether ``memft_loss`` / ``memft_linear_loss`` sum over ``dp_group``: only ``"mean"`` without
+    an explicit denominator does. Raises (locally: the same on every rank) without an initialized
+    process group, or on a process that is not a member of ``dp_group``."""
     if dp_group is None or reduction != "mean" or denominator is not None:
-        return None, denominator
+        return False
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{where}: dp_group needs an initialized torch.distributed process group "
                            "(torch.distributed.init_process_group); pass dp_group=None for one process")
     if any(dist.get_rank(g) < 0 for g in _dp_groups(dp_group)):
         raise ValueError(f"{where}: this process is not a member of dp_group")
-    if normalize == "valid":
-        return None, dp_sum(valid.sum().reshape(1), dp_group)[0]
+    return True
+
+
+def dp_plan(dp_group, *, normalize, valid, before: bool, own_error, validate: bool, device, where: str):
+    """How ``memft_loss`` / ``memft_linear_loss`` use ``dp_group`` once ``dp_used``: ``(dp_group for the
+    reduction after the row pass or None, the denominator or None)``. ``before`` (``normalize="valid"``
+    with no weight_fn, in ``memft_loss``: the single-pass gradient needs D before the row pass): the
+    valid count summed over ``dp_group`` becomes the denominator at once (one all_reduce); otherwise
+    ``dp_group`` is kept for ``dp_mean_terms`` after the row pass. ``own_error``: this rank's input
+    checks failed (``valid`` is then unused): it takes part in the all_reduce the others make
+    first (the same length), then raises its error; the others raise too (``dp_sum_checked``)."""
+    if before:
+        count = torch.zeros(1, device=device) if own_error is not None else valid.sum().reshape(1)
+        return None, dp_sum_checked(count, dp_group, own_error=own_error, validate=validate, where=where)[0]
+    if own_error is not None:
+        dp_sum_checked(torch.zeros(_MEAN_TERMS, device=device), dp_group, own_error=own_error, validate=validate,
+                       where=where)
     return dp_group, None
 
 
-def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denominator, dp_group) -> Reduced:
+def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denominator, dp_group, own_error=None,
+            validate=False, where="the MemFT loss") -> Reduced:
     """reduce_rows, with the "active"/"valid" denominator summed over ``dp_group`` when given (a
     tuple of groups: summed over each in turn, i.e. over their product, as the row-sharding mesh
-    dimensions of DTensor logits are)."""
+    dimensions of DTensor logits are). ``own_error``, ``validate``, ``where``: ``dp_mean_terms``'s
+    (a failure on some ranks raises on every rank)."""
     if dp_group is None or reduction != "mean" or denominator is not None:
+        if own_error is not None:
+            raise own_error
         return reduce_rows(
             row_loss, weight, valid,
             reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
         )
     acc = accumulate_dtype(row_loss.dtype)
-    w_eff, d, fell_back = dp_mean_terms(weight, valid, normalize=normalize, fallback=fallback, dp_group=dp_group)
+    w_eff, d, fell_back = dp_mean_terms(weight, valid, normalize=normalize, fallback=fallback, dp_group=dp_group,
+                                        own_error=own_error, validate=validate, where=where)
     r = reduce_rows(
         row_loss, w_eff, valid,
         reduction="mean", normalize="valid", fallback=fallback, denominator=d.to(acc),
@@ -392,10 +451,11 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
 
 def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: KernelOptions, layout: Layout, group,
                 dtype: torch.dtype, *, reduction, normalize, fallback, denominator, dp_group, weight_fn, user_target,
-                validate):
+                validate, where: str = "the vocab-parallel MemFT loss"):
     """(global RowStats, Reduced) from this rank's ``[5, N]`` slice statistics ``local`` (None when
     N == 0, the same on every rank): one all_gather over ``group``, the rank-order combination,
-    ``weight_fn``, and the reduction (one all_reduce over ``dp_group`` where ``_reduce`` needs it).
+    ``weight_fn``, and the reduction (one all_reduce over ``dp_group`` where ``_reduce`` needs it;
+    ``weight_fn`` failing on some dp ranks raises on all of them: ``dp_sum_checked``).
     ``dtype`` is the statistics' dtype (the accumulate dtype of the logits)."""
     device = target.device
     if local is not None:  # N is the same on every rank (checked), so every rank skips together
@@ -407,6 +467,7 @@ def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: Kerne
         parts = torch.zeros(1, _N_SLICE_STATS, 0, dtype=torch.float64, device=device)
     stats = combine_slices(parts, target, token_weight, opts, layout.vocab_size, dtype)
     valid = target != opts.ignore_index
+    own_error = None
     if weight_fn is not None:
         # The global statistics (the same on every rank); fell_back here is this rank's own
         # (the dp-group decision comes with the reduction below).
@@ -414,11 +475,18 @@ def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: Kerne
                           fallback=fallback, denominator=denominator)
         seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
                                     stats.pred, stats.weight, own.fell_back)
-        factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
-        stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
+        try:
+            factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
+        except Exception as exc:  # noqa: BLE001 - with dp_group: raised after its all_reduce, on every rank
+            if dp_group is None:
+                raise
+            own_error = exc
+        else:
+            stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
     reduced = _reduce(
         stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
-        fallback=fallback, denominator=denominator, dp_group=dp_group,
+        fallback=fallback, denominator=denominator, dp_group=dp_group, own_error=own_error, validate=validate,
+        where=where,
     )
     return stats, reduced
 

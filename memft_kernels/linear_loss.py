@@ -31,7 +31,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 
 from . import dispatch
-from .distributed import dp_mean_terms, dp_plan
+from .distributed import dp_mean_terms, dp_plan, dp_used
 from .dtensor import is_dtensor, route_linear
 from .ops.base import Backend
 from .policy import reduce_rows, weight_fn_factor
@@ -211,7 +211,7 @@ class _Config(NamedTuple):
     weight_fn: Optional[Callable]
     validate: bool
     needs: tuple  # (hidden, weight, bias) need a gradient: the forward cannot ask ctx
-    dp_group: Any  # only for the "active" mean (distributed.dp_plan): its denominator summed over it
+    dp_group: Any  # only for the "mean" (distributed.dp_plan): its denominator summed over it
 
 
 class _MemFTLinearLossFunction(torch.autograd.Function):
@@ -230,22 +230,29 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
         lse, ce, prob, pred, wgt, row_loss = _forward_sweep(hidden, weight, bias, target, token_weight, module, opts,
                                                             rows, grads if weight_fn is None else None)
         valid = target != opts.ignore_index
+        own_error = None
         if weight_fn is not None:
             # weight_fn sees this rank's own fell_back (with dp_group the decision comes below).
             own = reduce_rows(row_loss, wgt, valid, reduction=reduction, normalize=normalize, fallback=fallback,
                               denominator=denominator)
             seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, lse, ce, prob, pred, wgt,
                                         own.fell_back)
-            wgt = wgt * weight_fn_factor(weight_fn, user_target, seen, check_values=validate).to(wgt.dtype)
-            if grads is not None:
+            try:
+                wgt = wgt * weight_fn_factor(weight_fn, user_target, seen, check_values=validate).to(wgt.dtype)
+            except Exception as exc:  # noqa: BLE001 - with dp_group: raised after the all_reduce, on every rank
+                if dp_group is None:
+                    raise
+                own_error = exc  # no gradient sweep: dp_mean_terms raises it after the all_reduce
+            if grads is not None and own_error is None:
                 _gradient_sweep(hidden, weight, bias, target, lse, wgt, module, opts, rows, grads)
         global_d = None
         if dp_group is None:
             reduced = reduce_rows(row_loss, wgt, valid, reduction=reduction, normalize=normalize, fallback=fallback,
                                   denominator=denominator)
-        else:  # the "active" mean over the data-parallel group: one all_reduce of two numbers
+        else:  # the mean over the data-parallel group: one all_reduce of three numbers (dp_mean_terms)
             w_eff, global_d, fell_back = dp_mean_terms(wgt, valid, normalize=normalize, fallback=fallback,
-                                                       dp_group=dp_group)
+                                                       dp_group=dp_group, own_error=own_error, validate=validate,
+                                                       where="memft_linear_loss")
             acc = accumulate_dtype(row_loss.dtype)
             reduced = reduce_rows(row_loss, w_eff, valid, reduction="mean", normalize="valid", fallback=fallback,
                                   denominator=global_d.to(acc))._replace(fell_back=fell_back)
@@ -256,6 +263,8 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
                 scale = torch.ones((), dtype=acc, device=hidden.device)
             elif denominator is not None:
                 scale = _inverse(torch.as_tensor(denominator, dtype=acc, device=hidden.device))
+            elif global_d is not None and normalize == "valid":  # the global valid count (dp_group)
+                scale = _inverse(global_d.to(acc))
             elif normalize == "valid":
                 scale = _inverse(valid.sum().to(acc))
             else:
@@ -346,6 +355,25 @@ def _check_linear_inputs(hidden, weight, bias) -> None:
             raise ValueError(f"bias ({bias.dtype}, {bias.device}) must match weight ({weight.dtype}, {weight.device})")
 
 
+def _prepared(hidden, weight, bias, target, token_weight, options: LossOptions, chunking: dict):
+    """The checks of the call's tensors (types, shapes, devices; with validate, the target range and
+    token_weight values), ``prepare_call`` on the logits' shape, the rows and rows per chunk, the
+    backend: ``(call, hidden2d, rows, module)``."""
+    _check_linear_inputs(hidden, weight, bias)
+    if isinstance(target, torch.Tensor) and tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target.shape={tuple(target.shape)} must equal hidden.shape[:-1]={tuple(hidden.shape[:-1])}")
+    vocab, dim = weight.shape
+    # The logits as a shape only (a 0-stride view, no memory) so that the shared checks apply.
+    virtual_logits = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
+    call = prepare_call(virtual_logits, target, token_weight, options, flatten_logits=False)
+    hidden2d = hidden.reshape(-1, dim)
+    if not hidden2d.is_contiguous():
+        hidden2d = hidden2d.contiguous()
+    rows = chunk_rows_for(hidden2d.shape[0], vocab, dim, hidden.dtype, **chunking)
+    module = dispatch.resolve(options.backend, hidden2d.new_empty((0, vocab)))
+    return call, hidden2d, rows, module
+
+
 @takes_loss_options(exclude=("inplace_backward",))
 def memft_linear_loss(
     hidden: torch.Tensor,
@@ -391,7 +419,8 @@ def memft_linear_loss(
     DTensor with its rows sharded: gathered on the weight's vocabulary mesh dimension (sequence
     parallelism), data parallel on the others (the global loss, exact gradients).
     ``dp_group``: as ``memft_loss``'s (the "mean" denominator summed over a data-parallel group: each
-    rank's loss is its share of the global mean, the gradients exact).
+    rank's loss is its share of the global mean, the gradients exact; a bad input or a failing
+    ``weight_fn`` on some ranks only raises on every rank).
     ``torch.func.grad`` and ``torch.func.vjp`` work; ``torch.func.vmap`` (and jacrev, which uses it)
     is refused with a RuntimeError.
     """
@@ -402,26 +431,23 @@ def memft_linear_loss(
         weight_fn=weight_fn, dp_group=dp_group,
     )
     options.checked()  # option errors first, as memft_loss reports them
+    chunking = dict(chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes)
     if any(is_dtensor(t) for t in (hidden, weight, bias, target, token_weight)):  # a tensor-parallel lm_head
-        return route_linear(hidden, weight, target, bias, token_weight, options,
-                            dict(chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes))
-    _check_linear_inputs(hidden, weight, bias)
-    if isinstance(target, torch.Tensor) and tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"target.shape={tuple(target.shape)} must equal hidden.shape[:-1]={tuple(hidden.shape[:-1])}")
-    vocab, dim = weight.shape
-    # The logits as a shape only (a 0-stride view, no memory) so that the shared checks apply.
-    virtual_logits = hidden.new_empty(()).expand(*hidden.shape[:-1], vocab)
-    call = prepare_call(virtual_logits, target, token_weight, options, flatten_logits=False)
-    hidden2d = hidden.reshape(-1, dim)
-    if not hidden2d.is_contiguous():
-        hidden2d = hidden2d.contiguous()
-    n_rows = hidden2d.shape[0]
-    rows = chunk_rows_for(n_rows, vocab, dim, hidden.dtype, chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes)
-    module = dispatch.resolve(backend, hidden2d.new_empty((0, vocab)))
-    dp, denominator = None, call.denominator
-    if dp_group is not None:  # data parallelism: the "mean" denominator over the dp group
-        dp, denominator = dp_plan(dp_group, reduction=reduction, normalize=normalize, denominator=denominator,
-                                  valid=call.target != call.kernel.ignore_index, where="memft_linear_loss")
+        return route_linear(hidden, weight, target, bias, token_weight, options, chunking)
+    if dp_group is None or not dp_used(dp_group, reduction=reduction, denominator=denominator,
+                                       where="memft_linear_loss"):
+        call, hidden2d, rows, module = _prepared(hidden, weight, bias, target, token_weight, options, chunking)
+        dp, denominator = None, call.denominator
+    else:  # data parallelism: the "mean" denominator over the dp group, after the chunk sweep
+        # A failure of this rank's checks is carried by the dp all_reduce and raised on every rank.
+        own_error = None
+        try:
+            call, hidden2d, rows, module = _prepared(hidden, weight, bias, target, token_weight, options, chunking)
+        except Exception as exc:  # noqa: BLE001 - raised by dp_plan after the all_reduce
+            own_error = exc
+        dp, denominator = dp_plan(dp_group, normalize=normalize, before=False, valid=None, own_error=own_error,
+                                  validate=validate, where="memft_linear_loss",
+                                  device=hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu"))
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden2d.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .distributed import _reduce, dp_plan
+from .distributed import _reduce, dp_plan, dp_used
 from .dtensor import is_dtensor
 from .ops.base import Backend
 from .policy import reduce_rows, unit_scale, weight_fn_factor
@@ -43,8 +43,9 @@ def _single_pass(want_grad: bool, weight_fn, reduction: str, normalize: str, den
 class _MemFTLossFunction(torch.autograd.Function):
     """Row kernels of a backend, then the reduction; forward / setup_context / backward (the form
     torch.func transforms need). ``want_grad`` tells the forward whether the logits need a gradient
-    (it cannot ask ctx). ``dp_group`` (only for the "active" mean, see ``distributed.dp_plan``): the
-    reduction's denominator is summed over it."""
+    (it cannot ask ctx). ``dp_group`` (only for the "mean" whose denominator is not known before the
+    row pass, see ``distributed.dp_plan``): the reduction's denominator is summed over it, and a
+    ``weight_fn`` failing on this rank is raised after that all_reduce (on every rank)."""
 
     @staticmethod
     def forward(logits, target, token_weight, backend: Backend, opts: KernelOptions, reduction, normalize,
@@ -63,6 +64,7 @@ class _MemFTLossFunction(torch.autograd.Function):
             row_scale = stats.weight.to(scale.dtype) * scale
         else:
             stats = backend.row_forward(logits, target, token_weight, opts)
+        own_error = None
         if weight_fn is not None:
             # weight_fn sees this rank's own fell_back (with dp_group the decision comes below).
             own = reduce_rows(
@@ -71,11 +73,17 @@ class _MemFTLossFunction(torch.autograd.Function):
             )
             seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
                                         stats.pred, stats.weight, own.fell_back)
-            factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
-            stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
+            try:
+                factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
+            except Exception as exc:  # noqa: BLE001 - with dp_group: raised after the all_reduce, on every rank
+                if dp_group is None:
+                    raise
+                own_error = exc
+            else:
+                stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
         reduced = _reduce(
             stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize, fallback=fallback,
-            denominator=denominator, dp_group=dp_group,
+            denominator=denominator, dp_group=dp_group, own_error=own_error, validate=validate, where="memft_loss",
         )
         if not fused:
             row_scale = reduced.row_scale
@@ -181,11 +189,13 @@ def memft_loss(
 
     ``dp_group`` (data parallelism): with ``reduction="mean"``, ``normalize`` "active" or "valid" and no
     ``denominator``, the denominator and the fallback decision are summed over this process group (one
-    all_reduce of two numbers; every rank of it must call), so each rank's loss is its share of the
-    global mean and its gradient is exact: the sum of the losses over ``dp_group`` is the mean over all
-    ranks' tokens (DDP then averages the gradients over the ranks: multiply the loss by the dp world
+    all_reduce of two or three numbers; every rank of it must call), so each rank's loss is its share of
+    the global mean and its gradient is exact: the sum of the losses over ``dp_group`` is the mean over
+    all ranks' tokens (DDP then averages the gradients over the ranks: multiply the loss by the dp world
     size to get the global mean's gradient). The statistics stay this rank's, except ``fell_back``.
-    No effect for "sum", "none" or an explicit ``denominator``.
+    No effect for "sum", "none" or an explicit ``denominator``. A bad input or a failing ``weight_fn``
+    on some ranks only raises on every rank (the failure rides in that all_reduce; with
+    ``validate=False`` the other ranks get a NaN loss instead: docs/SPEC.md).
     """
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
@@ -196,6 +206,20 @@ def memft_loss(
     return memft_loss_with(logits, target, token_weight, options)
 
 
+def _prepared(logits, target, token_weight, options: LossOptions):
+    """The call's checks and choices: (``prepare_call``'s call, the backend module, in-place or not,
+    whether the logits want a gradient)."""
+    call = prepare_call(logits, target, token_weight, options)
+    module = dispatch.resolve(options.backend, call.logits)
+    # In-place only when the caller asked and the storage really is the logits' (no copy was made).
+    # (logits.is_contiguous() <=> the flattening made no copy; a data_ptr is not traceable.)
+    inplace = bool(options.inplace_backward) and logits.is_contiguous()
+    want_grad = torch.is_grad_enabled() and call.logits.requires_grad
+    if inplace and want_grad:
+        check_inplace_target(logits)
+    return call, module, inplace, want_grad
+
+
 def memft_loss_with(logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor],
                     options: LossOptions):
     """``memft_loss`` taking its options as one ``LossOptions`` (what ``MemFTLoss`` calls)."""
@@ -203,20 +227,24 @@ def memft_loss_with(logits: torch.Tensor, target: torch.Tensor, token_weight: Op
         from .dtensor import route
 
         return route(logits, target, token_weight, options)
-    call = prepare_call(logits, target, token_weight, options)
-    module = dispatch.resolve(options.backend, call.logits)
-    # In-place only when the caller asked and the storage really is the logits' (no copy was made).
-    # (logits.is_contiguous() <=> the flattening made no copy; a data_ptr is not traceable.)
-    inplace = bool(options.inplace_backward) and logits.is_contiguous()
-    dp_group, denominator = None, call.denominator
-    if options.dp_group is not None:  # data parallelism: the "mean" denominator over the dp group
-        dp_group, denominator = dp_plan(options.dp_group, reduction=options.reduction, normalize=options.normalize,
-                                        denominator=denominator, valid=call.target != call.kernel.ignore_index,
-                                        where="memft_loss")
-
-    want_grad = torch.is_grad_enabled() and call.logits.requires_grad
-    if inplace and want_grad:
-        check_inplace_target(logits)
+    dp_group = None
+    if options.dp_group is None or not dp_used(options.dp_group, reduction=options.reduction,
+                                               denominator=options.denominator, where="memft_loss"):
+        call, module, inplace, want_grad = _prepared(logits, target, token_weight, options)
+        denominator = call.denominator
+    else:  # data parallelism: the "mean" denominator over the dp group
+        options.checked()  # option errors: the same on every rank, raised alike before any collective
+        # A failure of this rank's checks is carried by the dp all_reduce and raised on every rank.
+        call = own_error = None
+        try:
+            call, module, inplace, want_grad = _prepared(logits, target, token_weight, options)
+        except Exception as exc:  # noqa: BLE001 - raised by dp_plan after the all_reduce
+            own_error = exc
+        dp_group, denominator = dp_plan(
+            options.dp_group, normalize=options.normalize, before=options.normalize == "valid" and options.weight_fn is None,
+            valid=None if call is None else call.target != call.kernel.ignore_index, own_error=own_error,
+            validate=options.validate, where="memft_loss",
+            device=logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu"))
     outputs = _MemFTLossFunction.apply(
         call.logits, call.target, call.token_weight, module, call.kernel, options.reduction, options.normalize,
         options.fallback, denominator, inplace, options.weight_fn, target, options.validate, want_grad, dp_group,

@@ -90,7 +90,7 @@ def unit_scale(valid: torch.Tensor, reduction: str, denominator, dtype: torch.dt
         d = valid.sum().to(dtype)
     else:
         d = torch.ones((), dtype=dtype, device=valid.device)
-    positive = d > 0
+    positive = ~(d <= 0)  # a NaN D (a failed dp_group rank with validate=False) stays NaN, as in reduce_rows
     return torch.where(positive, 1.0 / torch.where(positive, d, torch.ones_like(d)), torch.zeros_like(d))
 
 

@@ -489,6 +489,86 @@ def _dp_case(name, linear, rank, dp_group):
     return dict(loss=loss.detach(), fell_back=fell_back, grads=(x.grad,))
 
 
+# A failure on ONE rank before the dp all_reduce (its input checks, its weight_fn) raises on EVERY rank:
+# the failure rides in the all_reduce the call makes anyway (regression: the failed rank raised, the
+# others waited in the collective until the process group's timeout). Each case: (function, normalize,
+# failing rank, what breaks there, validate). On the old code the first case left rank 0 in the
+# all_reduce and the next collectives mismatched; the cases run on a group whose collectives give up
+# after DP_FAIL_TIMEOUT_S, so such a regression fails fast instead of hanging.
+DP_FAIL_TIMEOUT_S = 15
+DP_FAIL_CASES = {
+    "target_range_active": ("loss", "active", 1, "target", True),
+    "target_range_valid": ("loss", "valid", 1, "target", True),  # the all_reduce before the row pass
+    "token_weight_nan_active": ("loss", "active", 0, "token_weight", True),
+    "weight_fn_raises_active": ("loss", "active", 1, "weight_fn_raises", True),
+    "weight_fn_nan_valid": ("loss", "valid", 0, "weight_fn_nan", True),  # the all_reduce after weight_fn
+    "module_target_range": ("module", "active", 1, "target", True),
+    "shape_valid_no_validate": ("loss", "valid", 1, "token_weight_shape", False),  # the others: NaN, no sync
+    "linear_target_range_active": ("linear", "active", 1, "target", True),
+    "linear_token_weight_nan_valid": ("linear", "valid", 0, "token_weight", True),
+    "linear_weight_fn_raises_active": ("linear", "active", 1, "weight_fn_raises", True),
+    "linear_weight_fn_nan_valid": ("linear", "valid", 1, "weight_fn_nan", True),
+    "linear_weight_fn_raises_no_validate": ("linear", "active", 0, "weight_fn_raises", False),
+    # vocab-parallel (each rank its own one-rank tensor-parallel group): weight_fn after the all_gather
+    "vocab_parallel_weight_fn_raises_active": ("vocab_parallel", "active", 1, "weight_fn_raises", True),
+    "vocab_parallel_linear_weight_fn_nan_valid": ("vocab_parallel_linear", "valid", 0, "weight_fn_nan", True),
+}
+DP_FAIL_OWN = {  # what the failing rank raises: its own error
+    "target": (ValueError, "target contains 11, outside"),
+    "token_weight": (ValueError, "token_weight must be finite and >= 0; found nan"),
+    "weight_fn_raises": (RuntimeError, "weight_fn broke on this rank"),
+    "weight_fn_nan": (ValueError, "returned nan; weights must be finite"),
+    "token_weight_shape": (ValueError, "token_weight.shape=(3,) must equal target.shape"),
+}
+
+
+def _dp_fail_case(name, rank, dp_group, tp_group):
+    """One DP_FAIL_CASES case on this rank: ("ok", loss, grads) or ("error", type, message)."""
+    from memft_kernels import MemFTLoss
+    from memft_kernels.distributed import vocab_parallel_memft_loss
+    from memft_kernels.vocab_parallel_linear import vocab_parallel_memft_linear_loss
+
+    kind, normalize, failing, what, validate = DP_FAIL_CASES[name]
+    hidden, weight, bias, target, _, _ = _dp_inputs("hard", rank)
+    tw = torch.rand(target.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
+    bad = rank == failing
+
+    def weight_fn(target, stats):
+        if bad and what == "weight_fn_raises":
+            raise RuntimeError("weight_fn broke on this rank")
+        return torch.full_like(stats.prob, math.nan) if bad and what == "weight_fn_nan" else 0.5 + stats.prob
+
+    if bad and what == "target":
+        target[1] = DP_V
+    if bad and what == "token_weight":
+        tw[2] = math.nan
+    if bad and what == "token_weight_shape":
+        tw = tw[:3]
+    opts = dict(policy="sigmoid", threshold=0.4, normalize=normalize, validate=validate, dp_group=dp_group,
+                weight_fn=weight_fn if what.startswith("weight_fn") else None)
+    try:
+        if kind in ("linear", "vocab_parallel_linear"):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            if kind == "linear":
+                loss = memft_linear_loss(h, w, target, bias, token_weight=tw, chunk_size=3, **opts)
+            else:
+                loss = vocab_parallel_memft_linear_loss(h, w, target, bias, group=tp_group, token_weight=tw,
+                                                        chunk_size=3, **opts)
+            loss.backward()
+            return ("ok", loss.detach(), (h.grad, w.grad))
+        x = (hidden @ weight.T + bias).requires_grad_()
+        if kind == "module":
+            loss = MemFTLoss(**opts)(x, target, tw)
+        elif kind == "vocab_parallel":
+            loss = vocab_parallel_memft_loss(x, target, group=tp_group, token_weight=tw, **opts)
+        else:
+            loss = memft_loss(x, target, token_weight=tw, **opts)
+        loss.backward()
+        return ("ok", loss.detach(), (x.grad,))
+    except Exception as exc:  # noqa: BLE001 - recorded for the test to check, per rank
+        return ("error", type(exc), str(exc))
+
+
 def _dp_worker(rank, world, port, outdir):
     from helpers import init_gloo_rank
     import torch.distributed as dist
@@ -536,6 +616,18 @@ def _dp_worker(rank, world, port, outdir):
             except RuntimeError as exc:
                 outer[what] = str(exc)
         results["func_outer"] = outer
+        # One rank fails: every rank raises (and then the group still works).
+        from datetime import timedelta
+
+        fail_group = dist.new_group(list(range(world)), timeout=timedelta(seconds=DP_FAIL_TIMEOUT_S))
+        own_group = [dist.new_group([r]) for r in range(world)][rank]  # every rank creates every group
+        for name in DP_FAIL_CASES:
+            results[("fail", name)] = _dp_fail_case(name, rank, fail_group, own_group)
+        for name, linear in (("sigmoid", False), ("valid", True)):
+            try:
+                results[("after_fail", name)] = _dp_case(name, linear, rank, fail_group)
+            except Exception as exc:  # noqa: BLE001 - e.g. the group broken by a timeout (the old code)
+                results[("after_fail", name)] = repr(exc)
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -546,7 +638,7 @@ def dp_spawned(tmp_path_factory):
     from helpers import free_port, rank_results, spawn_ranks
 
     outdir = tmp_path_factory.mktemp("dp_group")
-    spawn_ranks(_dp_worker, DP_WORLD, (DP_WORLD, free_port(), str(outdir)), 240.0, "the dp_group run")
+    spawn_ranks(_dp_worker, DP_WORLD, (DP_WORLD, free_port(), str(outdir)), 60.0, "the dp_group run")
     return rank_results(outdir, DP_WORLD)
 
 
@@ -599,6 +691,35 @@ def test_dp_group_rank_shares_sum_to_the_global_mean(dp_spawned, kind, name):
         assert not bool(ref_fell_back)
         assert abs(float(ranks[1]["loss"])) <= tiny * float(ranks[0]["loss"])
         assert float(ranks[1]["grads"][0].abs().max()) <= tiny * float(ranks[0]["grads"][0].abs().max())
+
+
+@pytest.mark.parametrize("name", list(DP_FAIL_CASES))
+def test_dp_group_failure_on_one_rank_raises_on_every_rank(dp_spawned, name):
+    kind, normalize, failing, what, validate = DP_FAIL_CASES[name]
+    own_type, own_message = DP_FAIL_OWN[what]
+    got = [r[("fail", name)] for r in dp_spawned]
+    assert got[failing][0] == "error", got[failing]
+    assert got[failing][1] is own_type and own_message in got[failing][2], got[failing]
+    other = got[1 - failing]
+    if validate:
+        assert other[0] == "error", other
+        where = {"linear": "memft_linear_loss", "loss": "memft_loss", "module": "memft_loss"}.get(
+            kind, "the vocab-parallel MemFT loss")
+        assert other[1] is ValueError and other[2].startswith(f"{where}: 1 other rank(s) of dp_group failed"), other
+        assert "target in [0, V), token_weight finite" in other[2] and "weight_fn" in other[2]
+    else:  # validate=False reads no value on the host: the other rank's loss and gradients are NaN instead
+        assert other[0] == "ok", other
+        assert math.isnan(float(other[1]))
+        assert all(bool(torch.isnan(g).all()) for g in other[2])
+
+
+def test_dp_group_works_after_failures_on_one_rank(dp_spawned):
+    for name, linear in (("sigmoid", False), ("valid", True)):
+        ranks = [r[("after_fail", name)] for r in dp_spawned]
+        assert all(isinstance(r, dict) for r in ranks), ranks
+        ref_loss, _, ref_grads = _dp_reference(name, linear)
+        assert rel(sum(r["loss"] for r in ranks), ref_loss) < 1e-12
+        assert rel(torch.cat([r["grads"][0] for r in ranks]), ref_grads[0]) < 1e-12
 
 
 def test_dp_group_not_a_member_and_vocab_parallel_torch_func(dp_spawned):
