@@ -11,7 +11,10 @@ Layouts (a letter per mesh dimension): hidden "b" Shard(0) (batch), "t" Shard(1)
 ONE spawn of 2 gloo ranks (1-D mesh) and ONE of 4 (2 x 2 mesh) run every case and save the results;
 the tests compare them: loss (the same bits on every rank), every statistic (per-row ones gathered),
 hidden's and the weight's / bias's gradients gathered with full_tensor(). Before this change a
-row-sharded hidden raised ("hidden ... must be the whole tensor on every rank").
+row-sharded hidden raised ("hidden ... must be the whole tensor on every rank"). The 4-rank run also
+runs sequence parallelism over a 1-D mesh of all 4 ranks; every case records the all_reduce /
+reduce_scatter calls of its backward: the sequence-parallel ones send ONE reduce-scatter of hidden's
+gradient (before: an all-reduce of the gathered [N, D] gradient, twice the bytes).
 """
 from __future__ import annotations
 
@@ -191,6 +194,15 @@ AFTER_2D = dict(PLAN_2D[1], name="after_errors_2d")
 
 EXTERNAL_DP = dict(name="external_dp_sp", seed=42, shape=(4, 5), options=dict(policy="hard"))
 
+# a 1-D mesh of all 4 ranks (in the 4-rank run): sequence parallel over 4 TP ranks, V = 13 split 4 + 4 + 4 + 1,
+# 5 positions split 2 + 2 + 1 + 0 (the reduce-scatter pads chunks 3 and 4), 3 batch rows 1 + 1 + 1 + 0
+PLAN_4 = [
+    dict(name="sp4_seq", seed=50, hidden="t", weight="v", target="rows", token_weight=True,
+         options=dict(policy="sigmoid", label_smoothing=0.1)),
+    dict(name="sp4_batch_none", seed=51, hidden="b", weight="v", target="dtensor",
+         options=dict(policy="hard", reduction="none")),
+]
+
 
 def _placements(codes: str, ndim: int):
     from torch.distributed.tensor import Replicate, Shard
@@ -331,6 +343,8 @@ def _worker(rank, world, port, outdir, shape):
         results = {c["name"]: _run_case(c, mesh) for c in plan}
         if len(shape) == 2:
             results[EXTERNAL_DP["name"]] = _run_external_dp(EXTERNAL_DP, mesh)
+            mesh4 = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+            results.update({c["name"]: _run_case(c, mesh4) for c in PLAN_4})
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -412,6 +426,12 @@ def test_row_sharded_hidden_2d_mesh(spawned_2d, case):
     _check(spawned_2d, case)
 
 
+@pytest.mark.parametrize("case", PLAN_4, ids=lambda c: c["name"])
+def test_sequence_parallel_over_4_tp_ranks(spawned_2d, case):
+    """4 TP ranks on a 1-D mesh: uneven vocabulary and row splits with empty row shards."""
+    _check(spawned_2d, case)
+
+
 @pytest.mark.parametrize("case", ERRORS_1D, ids=lambda c: c["name"])
 def test_row_sharded_hidden_bad_inputs_raise_on_every_rank(spawned_1d, case):
     _check_error(spawned_1d, case)
@@ -473,15 +493,15 @@ def _sp_backward_expected(case, rank: int, mesh_shape):
     return [("reduce_scatter", k * -(-length // k) * (n // length) * D)]
 
 
-@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)], ids=["1d", "2d"])
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2), (4,)], ids=["1d", "2d", "1d_4_ranks"])
 def test_sequence_parallel_backward_reduce_scatters(spawned_1d, spawned_2d, mesh_shape):
     """The sequence-parallel gather's backward: one reduce-scatter of hidden's gradient over the TP group
     (each rank receives the sum for its own rows only), no all-reduce of the gathered [N, D] gradient
     (what the old path sent: twice the bytes). Shard(1) (uneven 3 + 2) and Shard(0) (2 + 1) of hidden,
     dp x sp on the 2 x 2 mesh, nested Shard(0); the values are checked by the tests above. A TP
     dimension whose rows a later mesh dimension re-splits keeps the all-reduce (documented)."""
-    results = spawned_1d if len(mesh_shape) == 1 else spawned_2d
-    plan = PLAN_1D if len(mesh_shape) == 1 else PLAN_2D
+    results = spawned_1d if mesh_shape == (2,) else spawned_2d
+    plan = {(2,): PLAN_1D, (2, 2): PLAN_2D, (4,): PLAN_4}[mesh_shape]
     seen = 0
     for case in plan:
         for rank, res in enumerate(results):
@@ -492,4 +512,4 @@ def test_sequence_parallel_backward_reduce_scatters(spawned_1d, spawned_2d, mesh
                    for name, numel in res[case["name"]]["backward_collectives"]]
             assert got == want, (case["name"], rank, got, want)
             seen += want[0][0] == "reduce_scatter"
-    assert seen == (20 if len(mesh_shape) == 1 else 32), seen  # 10 / 8 sequence-parallel cases, every rank
+    assert seen == {(2,): 20, (2, 2): 32, (4,): 8}[mesh_shape], seen  # the sequence-parallel cases x ranks
