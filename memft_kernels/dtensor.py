@@ -647,15 +647,53 @@ def _linear_local_checks(local_h, local_w, local_b, target, token_weight, option
         check_target_range(target, vocab, checked.kernel.ignore_index)
 
 
+def _scatter_dim(hidden, sp: int, tp_group) -> Optional[int]:
+    """The tensor dimension of ``hidden`` that mesh dimension ``sp`` shards when the sequence-parallel
+    gather there can pair with a reduce-scatter backward (``_SequenceRows``), else None: the TP group
+    has more than one rank and no later mesh dimension shards the same tensor dimension (DTensor
+    shards in mesh order, so this rank's rows are then chunk ``get_local_rank(sp)``, by torch.chunk's
+    rule, of its rows after the gather; a later one would re-split them: the redistribute's own
+    backward is kept)."""
+    if tp_group is None:
+        return None
+    mod = _dtensor_module()
+    dim = hidden.placements[sp].dim % hidden.ndim
+    if any(_is_plain_shard(p, mod) and p.dim % hidden.ndim == dim for p in hidden.placements[sp + 1:]):
+        return None
+    return dim
+
+
+class _SequenceRows(torch.autograd.Function):
+    """The sequence-parallel gather paired with a reduce-scatter: ``forward(local_rows, whole,
+    own_rows)`` returns ``whole`` (this rank's ``local_rows`` gathered over the TP group, computed
+    by the caller without autograd); ``backward`` keeps ``own_rows``'s chunk (this rank's rows) of
+    ``whole``'s gradient as ``local_rows``'s. The vocab-parallel loss, called with ``_own_rows``,
+    has already summed exactly those rows over the TP group (one reduce-scatter; its other rows are
+    zero), so the pair is ``ColwiseParallel``'s input redistribution: all-gather forward,
+    reduce-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, local_rows, whole, own_rows):
+        ctx.own_rows = own_rows
+        return whole.view_as(whole)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.own_rows.span()
+        return grad.narrow(ctx.own_rows.dim, a, b - a).contiguous(), None, None
+
+
 def _route_linear_rows(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict,
                        tp_dim: Optional[int], where: str):
     """``memft_linear_loss`` with DTensor ``hidden`` whose rows are sharded (``route_linear`` checked
     the weight: vocabulary-sharded on ``tp_dim`` or replicated, and the bias).
 
     * Rows sharded on ``tp_dim`` (sequence parallelism, torchtitan's ``Shard(1)`` norm output): gathered
-      with ``hidden.redistribute`` (Replicate() there; differentiable: the backward keeps this rank's
-      rows of the full gradient, which the vocab-parallel loss's backward has already summed over
-      the TP group), then the vocab-parallel loss over the TP group.
+      with ``hidden.redistribute`` (Replicate() there), then the vocab-parallel loss over the TP group.
+      Backward: one reduce-scatter of hidden's gradient over the TP group (``_SequenceRows`` and the
+      loss's ``_own_rows``: each rank receives the sum for its own rows only); where a later mesh
+      dimension re-splits those rows (``_scatter_dim`` None), the differentiable redistribute keeps
+      this rank's rows of the gradient the loss's backward all-reduced.
     * Rows sharded on other mesh dimensions (data / context parallelism): each rank computes its
       rows with their groups as ``dp_group`` (a tuple: summed over their product); the global loss
       and statistics come from ``_rows_result`` (the loss a Replicate() DTensor whose local gradient
@@ -689,11 +727,21 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
 
     # The sequence-parallel gather (a collective every rank reaches: the placements are global).
     gathered = tuple(Replicate() if i == sp else p for i, p in enumerate(hidden.placements))
+    own_rows = None
     if sp is not None:
-        hidden = hidden.redistribute(mesh, gathered)
         target, token_weight = (t.redistribute(mesh, gathered) if is_dtensor(t) else t for t in (target, token_weight))
+        dim = _scatter_dim(hidden, sp, tp_group)
+        if dim is not None:  # backward: one reduce-scatter over the TP group (_SequenceRows)
+            from .vocab_parallel_linear import OwnRows
+
+            whole = hidden.detach().redistribute(mesh, gathered).to_local()
+            own_rows = OwnRows(tuple(whole.shape[:-1]), dim, mesh.size(sp), mesh.get_local_rank(sp))
+            local_h = _SequenceRows.apply(hidden.to_local(), whole, own_rows)
+        else:  # backward: the vocab-parallel all-reduce, then the redistribute keeps this rank's rows
+            local_h = hidden.redistribute(mesh, gathered).to_local()
+    else:
+        local_h = hidden.to_local()  # its gradient returns as a DTensor with hidden's placements
     target, token_weight = (t.to_local() if is_dtensor(t) else t for t in (target, token_weight))
-    local_h = hidden.to_local()  # its gradient returns as a DTensor with the gathered placements
     # This rank's rows contribute a part of the weight's gradient: Partial() on the row-sharding dims.
     grad_placements = [Partial() if i in row_dims else p for i, p in enumerate(weight.placements)]
     local_w = weight.to_local(grad_placements=grad_placements)
@@ -725,7 +773,7 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
 
         out = vocab_parallel_memft_linear_loss(local_h, local_w, target, local_b, group=tp_group,
                                                vocab_start=vocab_start, token_weight=token_weight, **chunking,
-                                               **kwargs)
+                                               _own_rows=own_rows, **kwargs)
     else:
         from .linear_loss import memft_linear_loss
 

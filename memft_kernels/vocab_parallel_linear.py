@@ -22,8 +22,9 @@ It is composed of the existing pieces:
   target term only on the owning rank, ``eps / V`` with the global V: ``distributed.slice_target``
   and ``slice_options``), accumulating ``g @ W_local`` into the hidden gradient and
   ``g.T @ hidden`` into the local weight gradient. The hidden gradient is a sum over ranks: ONE
-  all_reduce of ``[N, D]`` (float32 for half-precision inputs) over ``group``. The weight and bias
-  gradients are local.
+  all_reduce of ``[N, D]`` (float32 for half-precision inputs) over ``group`` -- or, for
+  ``memft_linear_loss``'s sequence-parallel DTensor route (internal ``_own_rows``), ONE
+  reduce-scatter delivering each rank only its own rows' sum. The weight and bias gradients are local.
 
 Unlike ``memft_linear_loss`` (whose row statistics are local, so it forms the gradients during
 the forward), the gradient here needs the global lse, which exists only after the all_gather: the
@@ -31,7 +32,7 @@ chunk logits are computed twice per step (forward and backward), never kept.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,64 @@ def _all_reduce_sum(t: torch.Tensor, group, scale: torch.Tensor) -> torch.Tensor
     return wire.to(dtype=t.dtype)
 
 
+class OwnRows(NamedTuple):
+    """Internal (``dtensor.py``'s sequence-parallel route; not for users): ``hidden``'s leading shape
+    ``lead`` (its rows flattened are the N rows of the call) is split over the group on ``lead[dim]``
+    by ``torch.chunk``'s rule (DTensor's ``Shard``: chunks of ``ceil(L / parts)``, the last ones
+    shorter or empty), and only chunk ``index`` (this rank's position in the group) of ``hidden``'s
+    gradient is used by the caller. The backward then REDUCE-SCATTERs the gradient instead of
+    all-reducing it (see ``_reduce_scatter_rows``)."""
+
+    lead: Tuple[int, ...]
+    dim: int
+    parts: int
+    index: int
+
+    def span(self, index: Optional[int] = None) -> Tuple[int, int]:
+        """Rows ``[a, b)`` of ``lead[dim]`` in chunk ``index`` (default: this rank's)."""
+        length = self.lead[self.dim]
+        size = -(-length // self.parts)
+        a = min(length, size * (self.index if index is None else index))
+        return a, min(length, a + size)
+
+
+def _reduce_scatter_rows(t: torch.Tensor, group, scale: torch.Tensor, rows: OwnRows) -> torch.Tensor:
+    """``t`` ``[N, D]`` (this rank's part of a sum over ``group``) -> ``[N, D]`` of ``t``'s dtype whose
+    rows in ``rows``'s chunk of this rank hold the sum over ``group`` times ``scale`` (the same
+    values as ``_all_reduce_sum``'s rows: float32 or wider on the wire, scaled there, rounded once)
+    and whose other rows are zero (the caller discards them). ONE reduce-scatter: chunk j of the
+    wire (every rank's rows of chunk j, padded to the ceil(L / parts) rows of the first chunk, zeros
+    in the padding) is summed onto rank j, so each rank receives ``1 / parts`` of the padded tensor
+    where the all-reduce delivers all of it. ``t`` is overwritten and returned when its dtype is the
+    wire's."""
+    length, k = rows.lead[rows.dim], rows.parts
+    size = -(-length // k)
+    outer = inner = 1
+    for n in rows.lead[: rows.dim]:
+        outer *= n
+    for n in rows.lead[rows.dim + 1:]:
+        inner *= n
+    src = t.view(outer, length, inner * t.shape[-1])  # the chunks are along dimension 1
+    wire_dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+    device = _comm_device(group, t.device)
+    padded = size * k != length
+    send = (torch.zeros if padded else torch.empty)(k, outer, size, src.shape[2], dtype=wire_dtype, device=device)
+    for j in range(k):
+        a, b = rows.span(j)
+        if b > a:
+            send[j, :, : b - a].copy_(src[:, a:b])
+    recv = torch.empty(send.shape[1:], dtype=wire_dtype, device=device)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(recv.view(-1), send.view(-1), op=dist.ReduceOp.SUM, group=group)  # flat: [k * M] -> [M]
+    a, b = rows.span()
+    src[:, :a].zero_()
+    src[:, b:].zero_()
+    if b > a:
+        own = recv[:, : b - a].to(t.device).mul_(scale.to(wire_dtype))
+        src[:, a:b].copy_(own)  # rounded once to t's dtype
+    return t
+
+
 class _VocabParallelLinearFunction(torch.autograd.Function):
     """forward / setup_context / backward (the form torch.func.grad and vjp need: ``needs`` tells
     which of hidden, weight, bias need a gradient, as the forward cannot ask ctx)."""
@@ -103,7 +162,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(hidden, weight, bias, target, token_weight, module, opts: KernelOptions, layout: Layout,
                 reduction, normalize, fallback, denominator, rows, group, dp_group, weight_fn, user_target, validate,
-                needs):
+                needs, own_rows):
         n = hidden.shape[0]
         local = _stats_sweep(hidden, weight, bias, target, layout.vocab_start, module, opts, rows) if n else None
         stats, reduced = global_rows(local, target, token_weight, opts, layout, group, accumulate_dtype(hidden.dtype),
@@ -115,9 +174,10 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, target, _, module, opts, layout, _, _, _, _, rows, group, *_, needs = inputs
+        hidden, weight, bias, target, _, module, opts, layout, _, _, _, _, rows, group, *_, needs, own_rows = inputs
         _, lse, ce, prob, pred, wgt, fell_back, row_scale = output
         ctx.module, ctx.opts, ctx.layout, ctx.rows, ctx.group, ctx.needs = module, opts, layout, rows, group, needs
+        ctx.own_rows = own_rows
         keep_outer_inputs(ctx, hidden, weight, bias)
         ctx.save_for_backward(hidden, weight, bias, target, lse, row_scale)
         ctx.mark_non_differentiable(lse, ce, prob, pred, wgt, fell_back, row_scale)
@@ -129,7 +189,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         # computed without it, and once_differentiable_grads then refuses the second derivative.
         with torch.no_grad():
             gh, gw, gb = _VocabParallelLinearFunction._gradients(ctx, grad_loss.detach())
-        return once_differentiable_grads(gh, gw, gb, ctx=ctx) + (None,) * 16
+        return once_differentiable_grads(gh, gw, gb, ctx=ctx) + (None,) * 17
 
     @staticmethod
     def vmap(info, in_dims, *args):
@@ -153,7 +213,9 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
             _gradient_sweep(hidden, weight, bias, local_target, lse, coef, ctx.module,
                             slice_options(opts, layout.vocab_size), ctx.rows, grads)
         gh = grads.hidden
-        if gh is not None:  # every rank of the group needs it (checked in the layout exchange)
+        if gh is not None and ctx.own_rows is not None:  # the caller keeps this rank's rows only
+            gh = _reduce_scatter_rows(gh, ctx.group, scale, ctx.own_rows)
+        elif gh is not None:  # every rank of the group needs it (checked in the layout exchange)
             gh = _all_reduce_sum(gh, ctx.group, scale)
         gw = None if grads.weight is None else grads.weight.mul_(scale).to(weight.dtype)
         gb = None if grads.bias is None else grads.bias.mul_(scale).to(weight.dtype)
@@ -188,6 +250,7 @@ def vocab_parallel_memft_linear_loss(
     validate: bool = True,
     backend: str = "auto",
     weight_fn: Optional[Callable] = None,
+    _own_rows: Optional[OwnRows] = None,
 ):
     """``memft_linear_loss(hidden, full_weight, target, full_bias, ...)`` computed from this rank's
     rows of the lm_head: ``local_weight`` ``[V_local, D]`` (and ``local_bias`` ``[V_local]`` or None)
@@ -207,6 +270,11 @@ def vocab_parallel_memft_linear_loss(
     Collective: every rank of ``group`` (and ``dp_group``) must call it in the same order, and, when
     ``hidden`` needs a gradient, run the backward. Bad input on any rank raises on every rank
     (ValueError, or the local error on the rank that had it) instead of hanging.
+
+    ``_own_rows`` is internal (``memft_linear_loss``'s sequence-parallel DTensor route): an ``OwnRows``
+    saying which rows of ``hidden``'s gradient this rank's caller keeps; the backward then
+    reduce-scatters instead of all-reducing, and ``hidden``'s gradient holds only those rows (the
+    others zero). Leave it None.
     """
     options = LossOptions(
         policy=policy, threshold=threshold, sharpness=sharpness, reduction=reduction, normalize=normalize,
@@ -230,6 +298,12 @@ def vocab_parallel_memft_linear_loss(
         v_local, dim = local_weight.shape
         if v_local == 0:
             raise ValueError(f"{_WHERE}: local_weight has no rows; every rank must hold at least one row of the head")
+        if _own_rows is not None:  # internal: dtensor.py's description of this rank's rows
+            lead = tuple(hidden.shape[:-1])
+            if (tuple(_own_rows.lead) != lead or not 0 <= _own_rows.dim < len(lead)
+                    or _own_rows.parts != dist.get_world_size(group) or _own_rows.index != dist.get_rank(group)):
+                raise ValueError(f"{_WHERE}: _own_rows={_own_rows} does not describe hidden's rows {lead} over a group "
+                                 f"of {dist.get_world_size(group)} ranks (this rank {dist.get_rank(group)})")
         virtual_logits = hidden.new_empty(()).expand(*hidden.shape[:-1], v_local)
         call = prepare_call(virtual_logits, target, token_weight, options, check_range=False, flatten_logits=False)
         hidden2d = hidden.reshape(-1, dim)
@@ -257,5 +331,6 @@ def vocab_parallel_memft_linear_loss(
         normalize, fallback, call.denominator, rows, group, dp_group, weight_fn, target, validate,
         (needs_hidden, torch.is_grad_enabled() and local_weight.requires_grad,
          torch.is_grad_enabled() and local_bias is not None and local_bias.requires_grad),
+        _own_rows,
     )
     return call.finish(hidden.dtype, *outputs[:7])

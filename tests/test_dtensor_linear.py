@@ -11,7 +11,10 @@ Layouts (a letter per mesh dimension): hidden "b" Shard(0) (batch), "t" Shard(1)
 ONE spawn of 2 gloo ranks (1-D mesh) and ONE of 4 (2 x 2 mesh) run every case and save the results;
 the tests compare them: loss (the same bits on every rank), every statistic (per-row ones gathered),
 hidden's and the weight's / bias's gradients gathered with full_tensor(). Before this change a
-row-sharded hidden raised ("hidden ... must be the whole tensor on every rank").
+row-sharded hidden raised ("hidden ... must be the whole tensor on every rank"). The 4-rank run also
+runs sequence parallelism over a 1-D mesh of all 4 ranks; every case records the all_reduce /
+reduce_scatter calls of its backward: the sequence-parallel ones send ONE reduce-scatter of hidden's
+gradient (before: an all-reduce of the gathered [N, D] gradient, twice the bytes).
 """
 from __future__ import annotations
 
@@ -109,6 +112,12 @@ PLAN_1D = (
              backend="auto", token_weight=True, options=dict(policy="sigmoid", label_smoothing=0.1)),
         dict(name="sp_seq_fallback", seed=4, hidden="t", weight="v", target="rows", confident_batches="all",
              options=dict(policy="hard")),
+        # one position over 2 ranks: rank 1's shard is empty (its reduce-scatter chunk all padding)
+        dict(name="sp_seq_empty_shard", seed=14, hidden="t", weight="v", target="rows", shape=(3, 1),
+             token_weight=True, options=dict(policy="sigmoid")),
+        # bfloat16: float32 on the reduce-scatter's wire, rounded once (as the all-reduce did)
+        dict(name="sp_seq_bfloat16", seed=15, hidden="t", weight="v", target="rows", dtype=torch.bfloat16,
+             options=dict(policy="sigmoid", reduction="sum")),
     ]
     # data parallel: a replicated weight, hidden's batch sharded (3 rows over 2 ranks: 2 + 1)
     + _with_reductions(dict(name="dp_batch", seed=5, hidden="b", weight="r", target="rows"))
@@ -166,6 +175,10 @@ PLAN_2D = (
              options=dict(policy="hard", normalize="valid")),
         dict(name="dp_sp_fallback_local_only", seed=35, hidden="bt", weight="rv", target="rows",
              confident_batches=(0, 1), options=dict(policy="hard")),
+        # the TP dimension (0) shards the rows BEFORE the dp one re-splits them: the gather's backward is
+        # the redistribute's (all-reduce path), not the reduce-scatter pair
+        dict(name="nested_rows_tp_first", seed=38, hidden="bb", weight="vr", target="rows", shape=(5, 2),
+             options=dict(policy="sigmoid")),
     ]
 )
 
@@ -180,6 +193,15 @@ ERRORS_2D = [
 AFTER_2D = dict(PLAN_2D[1], name="after_errors_2d")
 
 EXTERNAL_DP = dict(name="external_dp_sp", seed=42, shape=(4, 5), options=dict(policy="hard"))
+
+# a 1-D mesh of all 4 ranks (in the 4-rank run): sequence parallel over 4 TP ranks, V = 13 split 4 + 4 + 4 + 1,
+# 5 positions split 2 + 2 + 1 + 0 (the reduce-scatter pads chunks 3 and 4), 3 batch rows 1 + 1 + 1 + 0
+PLAN_4 = [
+    dict(name="sp4_seq", seed=50, hidden="t", weight="v", target="rows", token_weight=True,
+         options=dict(policy="sigmoid", label_smoothing=0.1)),
+    dict(name="sp4_batch_none", seed=51, hidden="b", weight="v", target="dtensor",
+         options=dict(policy="hard", reduction="none")),
+]
 
 
 def _placements(codes: str, ndim: int):
@@ -202,7 +224,40 @@ def _gathered(case, ndim):
 # ---------------------------------------------------------------------------------------------
 
 
+_COUNTED = ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "reduce_scatter")
+
+
+def _counting_collectives(log):
+    """Wrap torch.distributed's all_reduce / reduce_scatter functions (what the library calls; DTensor's
+    own redistributions use functional collectives, not these): each call appends (name, numel of the
+    tensor sent). Returns the function that undoes it."""
+    saved = {name: getattr(dist, name) for name in _COUNTED if hasattr(dist, name)}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            sent = args[0] if name == "all_reduce" else args[1]
+            log.append((name, sum(t.numel() for t in sent) if isinstance(sent, (list, tuple)) else sent.numel()))
+            return fn(*args, **kwargs)
+        return counted
+
+    for name, fn in saved.items():
+        setattr(dist, name, wrap(name, fn))
+    return lambda: [setattr(dist, name, fn) for name, fn in saved.items()]
+
+
 def _run_case(case, mesh):
+    """The case's results, with "backward_collectives": the all_reduce / reduce_scatter calls of its
+    backward, (name, numel sent)."""
+    log = []
+    undo = _counting_collectives(log)
+    try:
+        res = _run_case_counted(case, mesh, log)
+    finally:
+        undo()
+    return res
+
+
+def _run_case_counted(case, mesh, log):
     from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
     h, w, b, y, tw, grad_out = make_inputs(case)
@@ -247,11 +302,12 @@ def _run_case(case, mesh):
         loss, stats = memft_linear_loss(dh, dw, y_arg, db, token_weight=tw_arg, return_stats=True, **opts)
     except Exception as exc:  # noqa: BLE001 - the test checks type and message per rank
         return dict(error=(type(exc).__name__, str(exc)))
-    if case.get("options", {}).get("reduction") == "none":
-        loss.backward(distribute_tensor(grad_out.to(loss.dtype), mesh, list(loss.placements)))
-    else:
-        loss.backward(DTensor.from_local(grad_out.to(loss.dtype), mesh, rep, run_check=False))
-    return dict(loss_type=type(loss).__name__, loss_placements=tuple(loss.placements),
+    up = (distribute_tensor(grad_out.to(loss.dtype), mesh, list(loss.placements))
+          if case.get("options", {}).get("reduction") == "none" else
+          DTensor.from_local(grad_out.to(loss.dtype), mesh, rep, run_check=False))
+    del log[:]
+    loss.backward(up)
+    return dict(backward_collectives=list(log), loss_type=type(loss).__name__, loss_placements=tuple(loss.placements),
                 loss_local=loss.to_local().detach(), loss=loss.full_tensor().detach(),
                 stats={k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in stats.as_dict().items()},
                 grad_h_placements=tuple(dh.grad.placements), grad_h=dh.grad.full_tensor(),
@@ -287,6 +343,8 @@ def _worker(rank, world, port, outdir, shape):
         results = {c["name"]: _run_case(c, mesh) for c in plan}
         if len(shape) == 2:
             results[EXTERNAL_DP["name"]] = _run_external_dp(EXTERNAL_DP, mesh)
+            mesh4 = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
+            results.update({c["name"]: _run_case(c, mesh4) for c in PLAN_4})
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -313,7 +371,7 @@ def spawned_2d(tmp_path_factory):
 
 def _check(results, case):
     ref = single_process(case)
-    tol = TOL if case.get("dtype", F64) == F64 else 2e-5
+    tol = {F64: TOL, torch.float32: 2e-5, torch.bfloat16: 2e-2}[case.get("dtype", F64)]
     first = results[0][case["name"]]
     dp_rows = any(h in "bt" and w != "v" for h, w in zip(case["hidden"], case["weight"]))
     for rank, res in enumerate(results):
@@ -368,6 +426,12 @@ def test_row_sharded_hidden_2d_mesh(spawned_2d, case):
     _check(spawned_2d, case)
 
 
+@pytest.mark.parametrize("case", PLAN_4, ids=lambda c: c["name"])
+def test_sequence_parallel_over_4_tp_ranks(spawned_2d, case):
+    """4 TP ranks on a 1-D mesh: uneven vocabulary and row splits with empty row shards."""
+    _check(spawned_2d, case)
+
+
 @pytest.mark.parametrize("case", ERRORS_1D, ids=lambda c: c["name"])
 def test_row_sharded_hidden_bad_inputs_raise_on_every_rank(spawned_1d, case):
     _check_error(spawned_1d, case)
@@ -404,3 +468,48 @@ def test_fallback_cases_mean_what_they_say():
         fell = case["confident_batches"] == "all"
         assert bool(stats["fell_back"]) is fell and (int(stats["n_active"]) > 0) is not fell, case["name"]
         assert float(stats["weight"][:2].sum()) == 0.0, case["name"]
+
+
+def _sp_backward_expected(case, rank: int, mesh_shape):
+    """What the backward of a sequence-parallel case sends through torch.distributed on ``rank``: ONE
+    reduce-scatter of the [N, D] hidden gradient (N this rank's rows after the gather), padded to
+    parts * ceil(L / parts) rows of the gathered dimension (L long) -- or, when a later mesh dimension
+    re-splits the gathered dimension, the all-reduce of [N, D]. None for a case without sequence parallelism."""
+    sp = [i for i, (h, w) in enumerate(zip(case["hidden"], case["weight"])) if h in "bt" and w == "v"]
+    if not sp:
+        return None
+    sp, shape = sp[0], list(case.get("shape", (3, 5)))
+    coords = [int(c) for c in torch.unravel_index(torch.tensor(rank), mesh_shape)]  # this rank's mesh position
+    for i, h in enumerate(case["hidden"]):  # this rank's rows on the other (data-parallel) row dimensions
+        if i != sp and h in "bt":
+            d = "bt".index(h)
+            chunks = torch.arange(shape[d]).chunk(mesh_shape[i])
+            shape[d] = len(chunks[coords[i]]) if coords[i] < len(chunks) else 0
+    n, dim = shape[0] * shape[1], "bt".index(case["hidden"][sp])
+    later = any("bt".index(h) == dim for h in case["hidden"][sp + 1:] if h in "bt")
+    if later:
+        return [("all_reduce", n * D)]
+    k, length = mesh_shape[sp], shape[dim]
+    return [("reduce_scatter", k * -(-length // k) * (n // length) * D)]
+
+
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2), (4,)], ids=["1d", "2d", "1d_4_ranks"])
+def test_sequence_parallel_backward_reduce_scatters(spawned_1d, spawned_2d, mesh_shape):
+    """The sequence-parallel gather's backward: one reduce-scatter of hidden's gradient over the TP group
+    (each rank receives the sum for its own rows only), no all-reduce of the gathered [N, D] gradient
+    (what the old path sent: twice the bytes). Shard(1) (uneven 3 + 2) and Shard(0) (2 + 1) of hidden,
+    dp x sp on the 2 x 2 mesh, nested Shard(0); the values are checked by the tests above. A TP
+    dimension whose rows a later mesh dimension re-splits keeps the all-reduce (documented)."""
+    results = spawned_1d if mesh_shape == (2,) else spawned_2d
+    plan = {(2,): PLAN_1D, (2, 2): PLAN_2D, (4,): PLAN_4}[mesh_shape]
+    seen = 0
+    for case in plan:
+        for rank, res in enumerate(results):
+            want = _sp_backward_expected(case, rank, mesh_shape)
+            if want is None:
+                continue
+            got = [(name[:14] if name.startswith("reduce_scatter") else name, numel)
+                   for name, numel in res[case["name"]]["backward_collectives"]]
+            assert got == want, (case["name"], rank, got, want)
+            seen += want[0][0] == "reduce_scatter"
+    assert seen == {(2,): 20, (2, 2): 32, (4,): 8}[mesh_shape], seen  # the sequence-parallel cases x ranks
