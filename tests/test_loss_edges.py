@@ -492,7 +492,7 @@ def _dp_case(name, linear, rank, dp_group):
 # A failure on ONE rank before the dp all_reduce (its input checks, its weight_fn) raises on EVERY rank:
 # the failure rides in the all_reduce the call makes anyway (regression: the failed rank raised, the
 # others waited in the collective until the process group's timeout). Each case: (function, normalize,
-# failing rank, what breaks there, validate). On the old code the first case left rank 0 in the
+# failing rank (None: both, each raising its own error), what breaks there, validate). On the old code the first case left rank 0 in the
 # all_reduce and the next collectives mismatched; the cases run on a group whose collectives give up
 # after DP_FAIL_TIMEOUT_S, so such a regression fails fast instead of hanging.
 DP_FAIL_TIMEOUT_S = 15
@@ -512,6 +512,7 @@ DP_FAIL_CASES = {
     # vocab-parallel (each rank its own one-rank tensor-parallel group): weight_fn after the all_gather
     "vocab_parallel_weight_fn_raises_active": ("vocab_parallel", "active", 1, "weight_fn_raises", True),
     "vocab_parallel_linear_weight_fn_nan_valid": ("vocab_parallel_linear", "valid", 0, "weight_fn_nan", True),
+    "both_ranks_weight_fn_raises": ("loss", "active", None, "weight_fn_raises", True),  # each its own error
 }
 DP_FAIL_OWN = {  # what the failing rank raises: its own error
     "target": (ValueError, "target contains 11, outside"),
@@ -531,7 +532,7 @@ def _dp_fail_case(name, rank, dp_group, tp_group):
     kind, normalize, failing, what, validate = DP_FAIL_CASES[name]
     hidden, weight, bias, target, _, _ = _dp_inputs("hard", rank)
     tw = torch.rand(target.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) + 0.5
-    bad = rank == failing
+    bad = failing is None or rank == failing
 
     def weight_fn(target, stats):
         if bad and what == "weight_fn_raises":
@@ -623,11 +624,24 @@ def _dp_worker(rank, world, port, outdir):
         own_group = [dist.new_group([r]) for r in range(world)][rank]  # every rank creates every group
         for name in DP_FAIL_CASES:
             results[("fail", name)] = _dp_fail_case(name, rank, fail_group, own_group)
-        for name, linear in (("sigmoid", False), ("valid", True)):
-            try:
-                results[("after_fail", name)] = _dp_case(name, linear, rank, fail_group)
-            except Exception as exc:  # noqa: BLE001 - e.g. the group broken by a timeout (the old code)
-                results[("after_fail", name)] = repr(exc)
+        # The group still works, with one all_reduce per call: the failure flag costs no collective.
+        all_reduce, counted = dist.all_reduce, []
+
+        def counting_all_reduce(*args, **kwargs):
+            counted.append(1)
+            return all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        try:
+            for name, linear in (("sigmoid", False), ("valid", True), ("valid", False), ("weight_fn", True)):
+                del counted[:]
+                try:
+                    results[("after_fail", name, linear)] = _dp_case(name, linear, rank, fail_group)
+                except Exception as exc:  # noqa: BLE001 - e.g. the group broken by a timeout (the old code)
+                    results[("after_fail", name, linear)] = repr(exc)
+                results[("all_reduces", name, linear)] = len(counted)
+        finally:
+            dist.all_reduce = all_reduce
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -698,8 +712,11 @@ def test_dp_group_failure_on_one_rank_raises_on_every_rank(dp_spawned, name):
     kind, normalize, failing, what, validate = DP_FAIL_CASES[name]
     own_type, own_message = DP_FAIL_OWN[what]
     got = [r[("fail", name)] for r in dp_spawned]
-    assert got[failing][0] == "error", got[failing]
-    assert got[failing][1] is own_type and own_message in got[failing][2], got[failing]
+    for r in range(DP_WORLD) if failing is None else (failing,):
+        assert got[r][0] == "error", got[r]
+        assert got[r][1] is own_type and own_message in got[r][2], got[r]
+    if failing is None:
+        return
     other = got[1 - failing]
     if validate:
         assert other[0] == "error", other
@@ -713,10 +730,11 @@ def test_dp_group_failure_on_one_rank_raises_on_every_rank(dp_spawned, name):
         assert all(bool(torch.isnan(g).all()) for g in other[2])
 
 
-def test_dp_group_works_after_failures_on_one_rank(dp_spawned):
-    for name, linear in (("sigmoid", False), ("valid", True)):
-        ranks = [r[("after_fail", name)] for r in dp_spawned]
+def test_dp_group_works_after_failures_on_one_rank_with_one_all_reduce_per_call(dp_spawned):
+    for name, linear in (("sigmoid", False), ("valid", True), ("valid", False), ("weight_fn", True)):
+        ranks = [r[("after_fail", name, linear)] for r in dp_spawned]
         assert all(isinstance(r, dict) for r in ranks), ranks
+        assert [r[("all_reduces", name, linear)] for r in dp_spawned] == [1] * DP_WORLD
         ref_loss, _, ref_grads = _dp_reference(name, linear)
         assert rel(sum(r["loss"] for r in ranks), ref_loss) < 1e-12
         assert rel(torch.cat([r["grads"][0] for r in ranks]), ref_grads[0]) < 1e-12
