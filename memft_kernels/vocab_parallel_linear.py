@@ -16,7 +16,8 @@ It is composed of the existing pieces:
   slice statistics (``distributed.slice_row_stats``, the backend's row kernel) into a ``[5, N]``
   float64 tensor; then ``distributed.global_rows``: ONE all_gather of those statistics for the
   whole call, their combination in rank order (bit-identical on every rank), ``weight_fn`` and
-  the reduction (one all_reduce of two numbers over ``dp_group`` when it is given);
+  the reduction (one all_reduce of three numbers over ``dp_group`` when it is given: two sums and
+  the count of ranks that failed);
 * backward: a second sweep (``linear_loss._gradient_sweep``) recomputing each chunk's logits and
   writing its gradient over them in place with the backend's ``row_backward_`` (global lse, the
   target term only on the owning rank, ``eps / V`` with the global V: ``distributed.slice_target``
