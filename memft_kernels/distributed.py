@@ -449,6 +449,31 @@ def _reduce(row_loss, weight, valid, *, reduction, normalize, fallback, denomina
     return Reduced(r.loss, r.row_scale, fell_back)
 
 
+def weigh_and_reduce(stats: RowStats, valid, target, opts: KernelOptions, *, weight_fn, user_target, validate,
+                     reduction, normalize, fallback, denominator, dp_group, where: str):
+    """``(stats, Reduced)``: ``weight_fn``'s factor applied to the rows' weights (when given), then
+    ``_reduce``. ``weight_fn`` sees this rank's own ``fell_back`` (with ``dp_group`` the decision
+    comes with the reduction); with ``dp_group`` its failure is raised after the all_reduce, on
+    every rank (``own_error``). Shared by ``memft_loss`` and the vocab-parallel losses."""
+    own_error = None
+    if weight_fn is not None:
+        own = reduce_rows(stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
+                          fallback=fallback, denominator=denominator)
+        seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
+                                    stats.pred, stats.weight, own.fell_back)
+        try:
+            factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
+        except Exception as exc:  # noqa: BLE001 - with dp_group: raised after its all_reduce, on every rank
+            if dp_group is None:
+                raise
+            own_error = exc
+        else:
+            stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
+    reduced = _reduce(stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize, fallback=fallback,
+                      denominator=denominator, dp_group=dp_group, own_error=own_error, validate=validate, where=where)
+    return stats, reduced
+
+
 def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: KernelOptions, layout: Layout, group,
                 dtype: torch.dtype, *, reduction, normalize, fallback, denominator, dp_group, weight_fn, user_target,
                 validate, where: str = "the vocab-parallel MemFT loss"):
@@ -467,27 +492,10 @@ def global_rows(local: Optional[torch.Tensor], target, token_weight, opts: Kerne
         parts = torch.zeros(1, _N_SLICE_STATS, 0, dtype=torch.float64, device=device)
     stats = combine_slices(parts, target, token_weight, opts, layout.vocab_size, dtype)
     valid = target != opts.ignore_index
-    own_error = None
-    if weight_fn is not None:
-        # The global statistics (the same on every rank); fell_back here is this rank's own
-        # (the dp-group decision comes with the reduction below).
-        own = reduce_rows(stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
-                          fallback=fallback, denominator=denominator)
-        seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
-                                    stats.pred, stats.weight, own.fell_back)
-        try:
-            factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
-        except Exception as exc:  # noqa: BLE001 - with dp_group: raised after its all_reduce, on every rank
-            if dp_group is None:
-                raise
-            own_error = exc
-        else:
-            stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
-    reduced = _reduce(
-        stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize,
-        fallback=fallback, denominator=denominator, dp_group=dp_group, own_error=own_error, validate=validate,
-        where=where,
-    )
+    # weight_fn sees the global statistics (the same on every rank)
+    stats, reduced = weigh_and_reduce(stats, valid, target, opts, weight_fn=weight_fn, user_target=user_target,
+                                      validate=validate, reduction=reduction, normalize=normalize, fallback=fallback,
+                                      denominator=denominator, dp_group=dp_group, where=where)
     return stats, reduced
 
 

@@ -13,14 +13,13 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .distributed import _reduce, dp_plan, dp_used
+from .distributed import dp_plan, dp_used, weigh_and_reduce
 from .dtensor import is_dtensor
 from .ops.base import Backend
-from .policy import reduce_rows, unit_scale, weight_fn_factor
+from .policy import unit_scale
 from .spec import (
     KernelOptions,
     LossOptions,
-    MemFTStats,
     accumulate_dtype,
     check_inplace_target,
     NO_VMAP,
@@ -64,26 +63,10 @@ class _MemFTLossFunction(torch.autograd.Function):
             row_scale = stats.weight.to(scale.dtype) * scale
         else:
             stats = backend.row_forward(logits, target, token_weight, opts)
-        own_error = None
-        if weight_fn is not None:
-            # weight_fn sees this rank's own fell_back (with dp_group the decision comes below).
-            own = reduce_rows(
-                stats.loss, stats.weight, valid,
-                reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator,
-            )
-            seen = MemFTStats.from_rows(user_target.shape, target, opts.ignore_index, stats.lse, stats.ce, stats.prob,
-                                        stats.pred, stats.weight, own.fell_back)
-            try:
-                factor = weight_fn_factor(weight_fn, user_target, seen, check_values=validate)
-            except Exception as exc:  # noqa: BLE001 - with dp_group: raised after the all_reduce, on every rank
-                if dp_group is None:
-                    raise
-                own_error = exc
-            else:
-                stats = stats._replace(weight=stats.weight * factor.to(stats.weight.dtype))
-        reduced = _reduce(
-            stats.loss, stats.weight, valid, reduction=reduction, normalize=normalize, fallback=fallback,
-            denominator=denominator, dp_group=dp_group, own_error=own_error, validate=validate, where="memft_loss",
+        stats, reduced = weigh_and_reduce(
+            stats, valid, target, opts, weight_fn=weight_fn, user_target=user_target, validate=validate,
+            reduction=reduction, normalize=normalize, fallback=fallback, denominator=denominator, dp_group=dp_group,
+            where="memft_loss",
         )
         if not fused:
             row_scale = reduced.row_scale
