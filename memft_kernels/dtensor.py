@@ -756,10 +756,15 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
         own_error = exc
         record = torch.tensor([1, 0, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
-    if row_groups or tp_group is not None:
-        _rows_check_exchange(row_groups, tp_group, record, own_error, where, "hidden's")
-    elif own_error is not None:  # every rank holds the same rows: each raises alike
-        raise own_error
+    try:
+        if row_groups or tp_group is not None:
+            _rows_check_exchange(row_groups, tp_group, record, own_error, where, "hidden's")
+        elif own_error is not None:  # every rank holds the same rows: each raises alike
+            raise own_error
+    except Exception as exc:  # noqa: BLE001 - a dp_group of one's own (no row_groups): carried by its all_reduce
+        from .distributed import raise_over_dp
+
+        raise_over_dp(exc, options.dp_group, options, where, device)
 
     dp_group = options.dp_group if not row_groups else tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
     caught = None
