@@ -348,21 +348,27 @@ def _run_case_counted(case, mesh, log):
     opts = dict(_options(case), **case.get("rank_options", {}).get(rank, {}))
     if case.get("dp_group"):
         opts["dp_group"] = dist.group.WORLD
+    from torch.distributed.tensor.debug import CommDebugMode  # every collective, DTensor's functional ones too
+
     try:
-        loss, stats = memft_linear_loss(dh, dw, y_arg, db, token_weight=tw_arg, return_stats=True, **opts)
+        with CommDebugMode() as comm_fwd:
+            loss, stats = memft_linear_loss(dh, dw, y_arg, db, token_weight=tw_arg, return_stats=True, **opts)
     except Exception as exc:  # noqa: BLE001 - the test checks type and message per rank
         return dict(error=(type(exc).__name__, str(exc)))
     up = (distribute_tensor(grad_out.to(loss.dtype), mesh, list(loss.placements))
           if case.get("options", {}).get("reduction") == "none" else
           DTensor.from_local(grad_out.to(loss.dtype), mesh, rep, run_check=False))
     del log[:]
-    loss.backward(up)
+    with CommDebugMode() as comm_bwd:
+        loss.backward(up)
     return dict(backward_collectives=list(log), loss_type=type(loss).__name__, loss_placements=tuple(loss.placements),
                 loss_local=loss.to_local().detach(), loss=loss.full_tensor().detach(),
                 stats={k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in stats.as_dict().items()},
                 grad_h_placements=tuple(dh.grad.placements), grad_h=dh.grad.full_tensor(),
                 grad_w_placements=tuple(dw.grad.placements), grad_w=dw.grad.full_tensor(),
-                grad_b=None if db is None else db.grad.full_tensor())
+                grad_b=None if db is None else db.grad.full_tensor(),
+                comm={"forward": {str(k): n for k, n in comm_fwd.get_comm_counts().items()},
+                      "backward": {str(k): n for k, n in comm_bwd.get_comm_counts().items()}})
 
 
 def _run_external_dp(case, mesh):
@@ -494,6 +500,19 @@ def test_row_sharded_hidden_bad_inputs_raise_on_every_rank(spawned_1d, case):
 @pytest.mark.parametrize("case", ERRORS_2D, ids=lambda c: c["name"])
 def test_row_sharded_hidden_bad_inputs_raise_on_every_rank_2d(spawned_2d, case):
     _check_error(spawned_2d, case)
+
+
+@pytest.mark.parametrize("case", [c for c in PLAN_1D if c["hidden"] in "pd"], ids=lambda c: c["name"])
+def test_partial_or_feature_sharded_hidden_collectives(spawned_1d, case):
+    """What docs/DISTRIBUTED.md says the redistribution costs (CommDebugMode, DTensor's functional collectives
+    included): the forward adds ONE all-reduce (Partial) or all-gather (Shard(-1)) of hidden; the backward adds
+    none (the vocab-parallel loss's own all-reduce of hidden's gradient, where the weight is sharded, is all)."""
+    extra = "all_reduce" if case["hidden"] == "p" else "all_gather_into_tensor"
+    for rank, res in enumerate(spawned_1d):
+        comm = res[case["name"]]["comm"]
+        functional = {k: n for k, n in comm["forward"].items() if "functional" in k}
+        assert list(functional.values()) == [1] and next(iter(functional)).endswith(extra), (rank, comm)
+        assert comm["backward"] == ({"c10d.allreduce_": 1} if case["weight"] == "v" else {}), (rank, comm)
 
 
 def test_sequence_parallel_with_a_data_parallel_group_outside_the_mesh(spawned_2d):
