@@ -605,6 +605,7 @@ DPF_CASES = {
     "dtensor_sequence_parallel_range": ("dtensor_sp", "range", True),
     "dtensor_sequence_parallel_local_no_validate": ("dtensor_sp", "local", False),
 }
+DPF_BOTH = ("linear_local",)  # run again with both replicas bad: each rank raises its own error
 DPF_GOOD = ("loss", "linear")  # then a good call of each function with the same dp groups
 
 
@@ -684,7 +685,8 @@ def _dpf_groups(rank: int, world: int) -> dict:
         tp_rank = tps[replica].index(rank)
         assert mesh.get_local_rank("tp") == tp_rank and mesh.get_local_rank("dp") == replica
         mine = next(i for i, r in enumerate(dps) if rank in r)
-        dp = {name: [dist.new_group(r, timeout=short) for r in dps][mine] for name in list(DPF_CASES) + ["good"]}
+        names = list(DPF_CASES) + [name + "_both_replicas" for name in DPF_BOTH] + ["good"]
+        dp = {name: [dist.new_group(r, timeout=short) for r in dps][mine] for name in names}
         made[layout] = dict(mesh=mesh, group=tp_groups[replica], replica=replica, tp_rank=tp_rank, dp=dp)
     made["own"] = [dist.new_group([r]) for r in range(world)][rank]
     made["only01"] = dist.new_group([0, 1], timeout=short)
@@ -692,14 +694,31 @@ def _dpf_groups(rank: int, world: int) -> dict:
 
 
 def _dpf_phase(rank: int, made: dict) -> dict:
-    """The dp-failure cases on this rank, then a good call of each function with collectives counted."""
-    results = {}
+    """The dp-failure cases on this rank, then a good call of each function with collectives counted.
+    A collective that timed out (a RuntimeError: what the old code gave, its replica 1 waiting in the
+    dp all_reduce) stops the phase on this rank; the others then stop at their next collective with
+    it, so the old code fails these tests within about two dp timeouts instead of hanging the run."""
+    results, stopped = {}, []
+
+    def record(key, call):
+        if stopped:
+            results[key] = ("error", "Stopped", stopped[0])
+            return
+        results[key] = got = call()
+        if got[0] == "error" and got[1] == "RuntimeError":
+            stopped.append(f"the phase stopped on this rank after {key}: {got[2][:300]}")
+
     for layout in DPF_LAYOUTS:
         m = made[layout]
         replica, tp_rank, group, mesh = m["replica"], m["tp_rank"], m["group"], m["mesh"]
+        results[(layout, "where")] = (replica, tp_rank)
         for name, (kind, bad, validate) in DPF_CASES.items():
-            results[(layout, name)] = _dpf_call(kind, bad if replica == 0 else None, validate, tp_rank, group,
-                                                m["dp"][name], mesh, replica)
+            record((layout, name), lambda: _dpf_call(kind, bad if replica == 0 else None, validate, tp_rank, group,
+                                                     m["dp"][name], mesh, replica))
+        for name in DPF_BOTH:
+            kind, bad, validate = DPF_CASES[name]
+            record((layout, name + "_both_replicas"), lambda: _dpf_call(
+                kind, bad, validate, tp_rank, group, m["dp"][name + "_both_replicas"], mesh, replica))
         # The groups afterwards: a good call; collectives counted (nothing added by the fix).
         counted = {"all_reduce": 0, "all_gather": 0}
         real = {op: getattr(dist, op) for op in counted}
@@ -715,17 +734,17 @@ def _dpf_phase(rank: int, made: dict) -> dict:
                 counted[op] = 0
                 setattr(dist, op, counting(op))
             try:
-                results[(layout, "good_" + kind)] = _dpf_call(kind, None, True, tp_rank, group, m["dp"]["good"], mesh,
-                                                              replica)
+                record((layout, "good_" + kind), lambda: _dpf_call(kind, None, True, tp_rank, group, m["dp"]["good"],
+                                                                   mesh, replica))
             finally:
                 for op in counted:
                     setattr(dist, op, real[op])
             results[(layout, "collectives_" + kind)] = dict(counted)
-        results[(layout, "where")] = (replica, tp_rank)
     # A dp_group this process is not a member of: refused by name, as memft_loss refuses it (was:
     # torch's bare "Invalid process group specified" from inside the all_reduce). One-rank TP groups
     # (the whole V); dp_group {0, 1}.
-    results["not_member"] = _dpf_call("loss", None, True, 0, made["own"], made["only01"], None, rank, widths=[DPF_V])
+    record("not_member", lambda: _dpf_call("loss", None, True, 0, made["own"], made["only01"], None, rank,
+                                           widths=[DPF_V]))
     return results
 
 
@@ -766,6 +785,17 @@ def test_failure_in_one_dp_replicas_tp_group_raises_on_every_rank(dp_failures, l
         else:  # validate=False reads nothing on the host: a NaN loss and NaN gradients
             assert got[0] == "ok", (rank, got)
             assert math.isnan(float(got[1])) and all(bool(torch.isnan(g).all()) for g in got[2]), (rank, got)
+
+
+@pytest.mark.parametrize("layout", list(DPF_LAYOUTS))
+@pytest.mark.parametrize("name", DPF_BOTH)
+def test_failure_in_both_dp_replicas_raises_each_ranks_own_error(dp_failures, layout, name):
+    kind, bad, _ = DPF_CASES[name]
+    for rank, res in enumerate(dp_failures):
+        _, tp_rank = res[(layout, "where")]
+        got = res[(layout, name + "_both_replicas")]
+        want_type, want_part = _dpf_own_error(kind, bad, tp_rank)
+        assert got[0] == "error" and got[1] == want_type and want_part in got[2], (rank, got)
 
 
 def _dpf_reference(kind):
