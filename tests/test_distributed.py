@@ -905,15 +905,15 @@ def check_gpu_results(results, cases, device="cuda:0"):
         ref_loss, ref_stats, ref_grad = single_process(case, device=device)
         runs = {"split": [results[0][("split", case["name"])], results[1][("split", case["name"])]],
                 "single": [results[0][("single", case["name"])]]}
-        for kind, rank_results in runs.items():
+        for kind, per_rank in runs.items():
             where = f"{case['name']} ({kind})"
-            for res in rank_results:
+            for res in per_rank:
                 assert rel_err(res["loss"], ref_loss) < 1e-5, where
                 for name in ("ce", "prob", "lse", "weight"):
                     assert rel_err(res["stats"][name], ref_stats[name]) < 1e-5, f"{where}: {name}"
                 for name in ("pred", "n_valid", "n_active", "fell_back"):
                     assert torch.equal(res["stats"][name], ref_stats[name]), f"{where}: {name}"
-            grad = torch.cat([r["grad"] for r in rank_results], dim=-1)
+            grad = torch.cat([r["grad"] for r in per_rank], dim=-1)
             assert grad.dtype == ref_grad.dtype
             assert rel_err(grad, ref_grad) < GRAD_REL[dtype], where
 
