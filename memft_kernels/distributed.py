@@ -13,7 +13,9 @@ the statistics and each rank's gradient slice equal ``memft_loss`` on the gather
 3. one all_gather of those ``[5, N]`` statistics; every rank combines them in rank order, so the
    global lse, ce, pred and policy weights are bit-identical on every rank;
 4. only for ``reduction="mean"`` with ``dp_group`` and no explicit denominator: one all_reduce of
-   the weight sum / valid count over the data-parallel group.
+   the weight sum / valid count over the data-parallel group, and the count of ranks that failed:
+   a failure in 1. (on any rank of the group) or of ``weight_fn`` takes part in it, then raises,
+   so it raises on every rank of ``dp_group`` too (``raise_over_dp``, ``dp_sum_checked``).
 
 The backward is local to the slice: softmax from the global lse, target term only on the owning
 rank, no communication: the backend's own row_backward, given the global V (``KernelOptions.vocab_size``)
@@ -27,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Any, Callable, List, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -264,29 +266,43 @@ def _exchange_layout(group, device, record: torch.Tensor, own_error, where: str)
     return check_layout(records, dist.get_rank(group), own_error, where)
 
 
-def checked_layout(where: str, single: str, group, device: torch.device, prepare: Callable[[torch.Tensor], Any]):
+def checked_layout(where: str, single: str, group, device: torch.device, prepare: Callable[[torch.Tensor], Any], *,
+                   options: LossOptions, target, dp_group=None):
     """The opening of every vocab-parallel call: ``prepare(record)`` validates this rank's inputs and
     fills its layout ``record`` (``fill_record``); then one exchange of the records, after which a
     bad split, differing inputs, or a local error on any rank raise on every rank of ``group``
-    together. Local validation never raises before the exchange: the other ranks would wait in it
-    forever. ``single``: the one-process function named when no process group exists. Returns
-    ``(layout, what prepare returned)``."""
+    together; then, with ``options.validate``, the range of ``target`` (the same on every rank of
+    ``group``: checked) against the global V. Local validation never raises before the exchange:
+    the other ranks would wait in it forever. With ``dp_group``, a failure of any of this takes
+    part in the call's ``dp_group`` all_reduce before it raises (``raise_over_dp``): the dp peers,
+    whose own groups may have passed their checks, raise too (NaN with validate=False) instead of
+    waiting in it. ``single``: the one-process function named when no process group exists.
+    Returns ``(layout, what prepare returned)``."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"{where} needs an initialized torch.distributed process group "
             f"(torch.distributed.init_process_group); for one process use {single}"
         )
-    if dist.get_rank(group) < 0:
-        raise ValueError(f"{where}: this process is not a member of `group`")
-    record = torch.zeros(_N_FIELDS, dtype=torch.int64, device=device)
-    own_error = prepared = None
     try:
-        prepared = prepare(record)
-    except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
-        own_error = exc
-        record.zero_()
-        record[_F_ERROR] = 1
-    return _exchange_layout(group, device, record, own_error, where), prepared
+        if dist.get_rank(group) < 0:
+            raise ValueError(f"{where}: this process is not a member of `group`")
+        record = torch.zeros(_N_FIELDS, dtype=torch.int64, device=device)
+        own_error = prepared = None
+        try:
+            # a dp_group this process is not a member of: refused by name, as memft_loss refuses it
+            dp_used(dp_group, reduction=options.reduction, denominator=options.denominator, where=where)
+            prepared = prepare(record)
+        except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
+            own_error = exc
+            record.zero_()
+            record[_F_ERROR] = 1
+        layout = _exchange_layout(group, device, record, own_error, where)
+        if options.validate:
+            # The target is the same on every rank of the group (checked): they raise here together.
+            check_target_range(target, layout.vocab_size, options.ignore_index)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank of group and, through its all_reduce, of dp_group
+        raise_over_dp(exc, dp_group, options, where, device)
+    return layout, prepared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +423,26 @@ def dp_used(dp_group, *, reduction, denominator, where: str) -> bool:
     if any(dist.get_rank(g) < 0 for g in _dp_groups(dp_group)):
         raise ValueError(f"{where}: this process is not a member of dp_group")
     return True
+
+
+def _dp_reduces(dp_group, options: LossOptions) -> bool:
+    """Whether a call with these options makes its ``dp_group`` all_reduce (``_reduce``: "mean" with no
+    denominator) and this process can take part in it (a member of every group; no raising)."""
+    return (dp_group is not None and options.reduction == "mean" and options.denominator is None
+            and dist.is_available() and dist.is_initialized()
+            and all(dist.get_rank(g) >= 0 for g in _dp_groups(dp_group)))
+
+
+def raise_over_dp(exc: BaseException, dp_group, options: LossOptions, where: str, device) -> NoReturn:
+    """Raise ``exc``, a failure of this rank's call before its ``dp_group`` all_reduce (its own input
+    checks or those of its tensor-parallel group), after taking part in that all_reduce when the call
+    makes one (``_dp_reduces``): zeros and the failure flag (``dp_sum_checked``, the same length as
+    ``dp_mean_terms``'s), so the dp peers raise too (``validate=False``: their loss is NaN) instead
+    of waiting in it. The collective the call makes anyway: nothing is added on the success path."""
+    if _dp_reduces(dp_group, options):
+        dp_sum_checked(torch.zeros(_MEAN_TERMS, dtype=torch.float64, device=device), dp_group, own_error=exc,
+                       validate=bool(options.validate), where=where)
+    raise exc
 
 
 def dp_plan(dp_group, *, normalize, valid, before: bool, own_error, validate: bool, device, where: str):
@@ -597,7 +633,11 @@ def vocab_parallel_memft_loss(
 
     Collective: every rank of ``group`` (and of ``dp_group``) must call it, in the same order. A
     bad split, differing targets or options, or a local input error on one rank raise on every
-    rank of ``group`` (ValueError, or the local error on the rank that had it) instead of hanging.
+    rank of ``group`` (ValueError, or the local error on the rank that had it) instead of hanging;
+    where ``dp_group`` is used, also on every rank of ``dp_group`` (the other replicas' groups):
+    ValueError ("... other rank(s) of dp_group failed ..."), or with ``validate=False`` a NaN loss
+    and gradient there (no host read), carried by the dp all_reduce the call makes anyway. A
+    ``dp_group`` this process is not a member of raises ValueError.
     The layout check reads one small gathered tensor on the host each call, also with validate=False.
 
     ``weight_fn`` sees the global statistics of its rows (identical on every rank) and must return
@@ -618,20 +658,16 @@ def vocab_parallel_memft_loss(
         call = prepare_call(local_logits, target, token_weight, options, check_range=False)
         if inplace_backward and torch.is_grad_enabled() and local_logits.requires_grad:
             check_inplace_target(local_logits)
+        module = dispatch.resolve(backend, call.logits)
         fill_record(record, call, v_local=local_logits.shape[-1], vocab_start=vocab_start, target=target,
                     token_weight=token_weight, dp_group=dp_group)
-        return call
+        return call, module
 
     device = local_logits.device if isinstance(local_logits, torch.Tensor) else torch.device("cpu")
-    layout, call = checked_layout("vocab_parallel_memft_loss", "memft_loss", group, device, prepare)
+    layout, (call, module) = checked_layout("vocab_parallel_memft_loss", "memft_loss", group, device, prepare,
+                                            options=options, target=target, dp_group=dp_group)
     opts = call.kernel
-
-    if validate:
-        # The target is the same on every rank (checked), so every rank raises here together.
-        check_target_range(target, layout.vocab_size, ignore_index)
-
     logits2d = call.logits
-    module = dispatch.resolve(backend, logits2d)
     inplace = bool(inplace_backward) and logits2d.data_ptr() == local_logits.data_ptr() and logits2d.is_contiguous()
 
     outputs = _VocabParallelMemFTFunction.apply(

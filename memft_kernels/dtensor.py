@@ -37,17 +37,24 @@ gather and raises on every rank too (``_CaughtWeightFn``).
 Anything else (``Partial``, ``_StridedShard``, the classes sharded by two mesh dimensions, a DTensor
 ``target`` / ``token_weight`` laid out otherwise than the logits' rows, a DTensor ``denominator``
 that is not replicated) raises a ValueError at the call, on every rank alike (placements are global
-metadata: no rank reaches a collective that another skips). ``torch.distributed`` may be unavailable
-on some builds: nothing here imports it until a DTensor is seen (a DTensor exists only once
-``torch.distributed.tensor`` is imported). ``torch.compile`` of a call with DTensor logits is not
-tested and not promised.
+metadata: no rank reaches a collective that another skips). ``Partial`` logits are refused rather
+than reduced here: reducing them is a collective over the whole N x V logits, which the caller must
+choose explicitly (the message names the ``redistribute`` to pass). ``torch.distributed`` may be
+unavailable on some builds: nothing here imports it until a DTensor is seen (a DTensor exists only
+once ``torch.distributed.tensor`` is imported). ``torch.compile``: a call that communicates (any
+sharded or Partial DTensor, a one-rank class / vocabulary shard excepted) runs eagerly
+(``torch.compiler.disable``: one graph break, the eager result); under ``fullgraph=True`` the error
+is ``DTENSOR_EAGER``, which names the alternatives. Replicated DTensors trace as plain tensors do.
 
 ``memft_linear_loss`` hands a DTensor lm_head weight here (``route_linear``): ``Shard(0)`` on one
 mesh dimension (``ColwiseParallel``) runs ``vocab_parallel_memft_linear_loss`` over that dimension's
 group on the local rows; a replicated weight, plain ``memft_linear_loss`` on every rank. A DTensor
 ``hidden`` with row-sharded placements (``_route_linear_rows``) is gathered on the weight's
 vocabulary-sharding mesh dimension (sequence parallelism) and is data parallel on the others, as
-row-sharded logits are (``_rows_result``, shared with ``_route_rows``).
+row-sharded logits are (``_rows_result``, shared with ``_route_rows``). A ``Partial()`` hidden (a
+RowwiseParallel output) or one sharded on its features (``Shard(-1)``: a ColwiseParallel output) is
+first redistributed to ``Replicate()`` on those mesh dimensions only (``_hidden_values``: an
+all-reduce / all-gather of [N, D], small next to the N x V logits), then takes the routes above.
 """
 from __future__ import annotations
 
@@ -118,8 +125,7 @@ def logits_sharding(logits, where: str = "memft_loss") -> Tuple[Optional[int], T
             (shard_dims if p.dim % max(logits.ndim, 1) == class_dim else row_dims).append(i)
             continue
         if isinstance(p, mod.Partial):
-            why = (f"mesh dimension {i} is {p}: the logits are a pending reduction (e.g. a RowwiseParallel output "
-                   f"with use_local_output=False), not values")
+            raise ValueError(_partial_logits_message(logits, i, p, class_dim, where))
         else:
             why = (f"mesh dimension {i} has placement {p}, which is neither Replicate() nor a plain Shard(d) "
                    f"(the classes d = {class_dim}, or a row dimension)")
@@ -131,6 +137,24 @@ def logits_sharding(logits, where: str = "memft_loss") -> Tuple[Optional[int], T
             f"dimension over {len(shard_dims)} mesh dimensions {shard_dims}; at most one may. {fix}"
         )
     return (shard_dims[0] if shard_dims else None), tuple(row_dims)
+
+
+def _partial_logits_message(logits, mesh_dim: int, p, class_dim: int, where: str) -> str:
+    """Why ``Partial`` logits are refused, and the explicit redistribution to pass instead (the
+    classes sharded on ``mesh_dim``, or replicated there when another mesh dimension shards them)."""
+    mod = _dtensor_module()
+    taken = any(_is_plain_shard(q, mod) and q.dim % logits.ndim == class_dim
+                for j, q in enumerate(logits.placements) if j != mesh_dim)
+    want = [(("Replicate()" if taken else f"Shard({class_dim})") if j == mesh_dim else
+             "Replicate()" if isinstance(q, mod.Partial) else repr(q)) for j, q in enumerate(logits.placements)]
+    return (f"{where}: DTensor logits of shape {tuple(logits.shape)} with {_describe(logits)} are not supported: "
+            f"mesh dimension {mesh_dim} is {p}, a pending reduction (e.g. a RowwiseParallel lm_head's output with "
+            f"use_local_output=False), not values. {where} does not reduce them itself: that is a collective over "
+            f"the whole N x V logits (a reduce-scatter, or an all-reduce), the traffic a vocab-parallel loss exists "
+            f"to avoid. Produce class-sharded logits instead (a ColwiseParallel lm_head with use_local_output=False: "
+            f"Shard(-1), no reduction), or reduce them explicitly if that cost is acceptable: "
+            f"logits.redistribute(logits.device_mesh, [{', '.join(want)}])"
+            + (" (a reduce-scatter of N x V)" if not taken else " (an all-reduce of N x V)"))
 
 
 def _vocab_start(logits, mesh_dim: int, dim: int = -1, what: str = "logits", where: str = "memft_loss") -> int:
@@ -159,7 +183,42 @@ def _vocab_start(logits, mesh_dim: int, dim: int = -1, what: str = "logits", whe
     return start
 
 
+# torch.compile: a DTensor call that communicates runs eagerly, at one graph break (the eager result);
+# under fullgraph=True that is an error, and this reason is its message.
+DTENSOR_EAGER = ("memft_loss / MemFTLoss / memft_linear_loss with sharded (or Partial) DTensor inputs run eagerly: "
+                 "their layout and input checks are exchanged between the mesh's ranks and read on the host each "
+                 "call, which torch.compile(fullgraph=True) cannot trace. Compile without fullgraph=True (the DTensor "
+                 "call then runs eagerly at one graph break, with the same result; the rest of the function is "
+                 "compiled), or call the loss outside the fullgraph-compiled function")
+
+
+def _local_only(t, free_dim: Optional[int] = None) -> bool:
+    """Whether ``t`` (a DTensor, a plain tensor, a number or None) is used without any collective:
+    not a DTensor, or Replicate() on every mesh dimension, or Shard(free_dim) on a mesh dimension of
+    one rank (the local tensor is then the whole)."""
+    if not is_dtensor(t):
+        return True
+    mod = _dtensor_module()
+    for i, p in enumerate(t.placements):
+        if isinstance(p, mod.Replicate):
+            continue
+        if (free_dim is not None and _is_plain_shard(p, mod) and p.dim % t.ndim == free_dim % t.ndim
+                and t.device_mesh.size(i) == 1):
+            continue
+        return False
+    return True
+
+
 def route(logits, target, token_weight, options: LossOptions):
+    """``_route``; eagerly (``_route_eager``: one graph break under torch.compile, an error naming the
+    alternatives under fullgraph=True) when the call communicates. Replicated DTensors and class
+    shards on a one-rank mesh dimension stay traceable (plain ``memft_loss`` on the local tensor)."""
+    if _local_only(logits, -1) and all(_local_only(t) for t in (target, token_weight, options.denominator)):
+        return _route(logits, target, token_weight, options)
+    return _route_eager(logits, target, token_weight, options)
+
+
+def _route(logits, target, token_weight, options: LossOptions):
     """``memft_loss`` of DTensor ``logits`` (see the module docstring): checks the layout, unwraps,
     computes on the local tensor (vocab-parallel over the class-sharding mesh dimension's group
     when there is one; with row-sharding mesh dimensions, ``_route_rows``), and returns the loss as
@@ -495,7 +554,31 @@ def _rows_result(loss, stats, target, options: LossOptions, caught, mesh, row_pl
     return out, stats
 
 
+def _hidden_values(hidden):
+    """DTensor ``hidden`` [..., D] with ``Partial()`` (a pending reduction: a RowwiseParallel output) or its
+    features sharded (``Shard(hidden.ndim - 1)``: a ColwiseParallel output) on some mesh dimensions:
+    redistributed to ``Replicate()`` on exactly those, every other placement kept (DTensor's own
+    redistribute, differentiable: an all-reduce / all-gather of this rank's [N, D] rows, small next to
+    the N x V logits; in the backward hidden's gradient comes back Replicate() where hidden was Partial,
+    this rank's feature slice where it was Shard(-1)). Returned unchanged when there is none."""
+    mod = _dtensor_module()
+    feat = hidden.ndim - 1
+    placements = [mod.Replicate() if isinstance(p, mod.Partial) or (_is_plain_shard(p, mod) and p.dim % hidden.ndim == feat)
+                  else p for p in hidden.placements]
+    if placements == list(hidden.placements):
+        return hidden
+    return hidden.redistribute(hidden.device_mesh, placements)
+
+
 def route_linear(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict):
+    """``_route_linear``; eagerly (``_route_linear_eager``, as ``route``) when the call communicates."""
+    if (_local_only(weight, 0) and _local_only(bias, 0)
+            and all(_local_only(t) for t in (hidden, target, token_weight, options.denominator))):
+        return _route_linear(hidden, weight, target, bias, token_weight, options, chunking)
+    return _route_linear_eager(hidden, weight, target, bias, token_weight, options, chunking)
+
+
+def _route_linear(hidden, weight, target, bias, token_weight, options: LossOptions, chunking: dict):
     """``memft_linear_loss`` when any of its tensors is a DTensor. The lm_head of tensor parallelism
     (``ColwiseParallel``): ``weight`` ``[V, D]`` a DTensor sharded ``Shard(0)`` on one mesh dimension
     (the TP dimension) and replicated on the others (``bias``, if any, the same), or replicated
@@ -509,8 +592,11 @@ def route_linear(hidden, weight, target, bias, token_weight, options: LossOption
     tensors), or a DTensor on the weight's mesh whose rows (a dimension before the last) are
     sharded, ``_route_linear_rows``: on the TP dimension (sequence parallelism) the rows are
     gathered first, on any other mesh dimension (data / context parallelism) they act as
-    ``dp_group`` and the loss is the global one with an exact local gradient. Any other layout
-    raises a ValueError on every rank (placements are global metadata)."""
+    ``dp_group`` and the loss is the global one with an exact local gradient. ``Partial()`` or
+    ``Shard(hidden.ndim - 1)`` (the features) on a mesh dimension: redistributed to ``Replicate()``
+    there first (``_hidden_values``; costs an all-reduce / all-gather of hidden's [N, D] local rows
+    over that dimension's group in the forward). Any other layout raises a ValueError on every rank
+    (placements are global metadata)."""
     where = "memft_linear_loss"
     if not is_dtensor(weight):
         raise ValueError(
@@ -542,6 +628,8 @@ def route_linear(hidden, weight, target, bias, token_weight, options: LossOption
             got = _describe(bias) if is_dtensor(bias) else "a plain tensor"
             raise ValueError(f"{where}: with a DTensor weight ({_describe(weight)}), bias must be a DTensor with the "
                              f"same mesh and placements (nn.Linear's under ColwiseParallel); got {got}")
+    if is_dtensor(hidden):  # Partial / feature-sharded mesh dimensions -> Replicate() (a collective of [N, D])
+        hidden = _hidden_values(hidden)
     if is_dtensor(hidden) and not all(isinstance(p, mod.Replicate) for p in hidden.placements):
         return _route_linear_rows(hidden, weight, target, bias, token_weight, options, chunking, mesh_dim, where)
     hidden = _replicated_local("hidden", hidden, where)
@@ -581,8 +669,9 @@ def _hidden_row_dims(hidden, mesh, where: str) -> Tuple[int, ...]:
     (Shard(d), d < hidden.ndim - 1). ValueError (global metadata: on every rank alike) for another
     mesh than the weight's or any other placement."""
     mod = _dtensor_module()
-    fix = ("Pass hidden with Shard(d) on row dimensions d < hidden.ndim - 1 and Replicate() elsewhere, on the "
-           "weight's mesh, or the whole hidden (hidden.full_tensor())")
+    fix = ("Pass hidden with Shard(d) on row dimensions d < hidden.ndim - 1 and Replicate() elsewhere (Partial() and "
+           "Shard(hidden.ndim - 1) are redistributed to Replicate()), on the weight's mesh, or the whole hidden "
+           "(hidden.full_tensor())")
     if hidden.device_mesh != mesh:
         raise ValueError(f"{where}: DTensor hidden lives on a mesh of shape {tuple(hidden.device_mesh.shape)}, the "
                          f"weight on another ({tuple(mesh.shape)}); both must be on the same DeviceMesh. {fix}")
@@ -593,8 +682,7 @@ def _hidden_row_dims(hidden, mesh, where: str) -> Tuple[int, ...]:
         if _is_plain_shard(p, mod) and hidden.ndim >= 2 and p.dim % hidden.ndim < hidden.ndim - 1:
             rows.append(i)
             continue
-        what = ("the hidden features (the last dimension)" if _is_plain_shard(p, mod) else
-                "a pending reduction" if isinstance(p, mod.Partial) else "neither Replicate() nor a plain Shard(d)")
+        what = "neither Replicate(), Partial() nor a plain Shard(d)"  # (Partial / features: _hidden_values)
         raise ValueError(f"{where}: DTensor hidden of shape {tuple(hidden.shape)} with {_describe(hidden)} is not "
                          f"supported: mesh dimension {i} has {p}, {what}. {fix}")
     return tuple(rows)
@@ -756,10 +844,15 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
     except Exception as exc:  # noqa: BLE001 - any local failure must reach the other ranks
         own_error = exc
         record = torch.tensor([1, 0, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
-    if row_groups or tp_group is not None:
-        _rows_check_exchange(row_groups, tp_group, record, own_error, where, "hidden's")
-    elif own_error is not None:  # every rank holds the same rows: each raises alike
-        raise own_error
+    try:
+        if row_groups or tp_group is not None:
+            _rows_check_exchange(row_groups, tp_group, record, own_error, where, "hidden's")
+        elif own_error is not None:  # every rank holds the same rows: each raises alike
+            raise own_error
+    except Exception as exc:  # noqa: BLE001 - a dp_group of one's own (no row_groups): carried by its all_reduce
+        from .distributed import raise_over_dp
+
+        raise_over_dp(exc, options.dp_group, options, where, device)
 
     dp_group = options.dp_group if not row_groups else tuple(row_groups) if len(row_groups) > 1 else row_groups[0]
     caught = None
@@ -784,6 +877,10 @@ def _route_linear_rows(hidden, weight, target, bias, token_weight, options: Loss
         return (loss, stats) if options.return_stats else loss
     return _rows_result(loss, stats, target, options, caught, mesh, gathered, tuple(hidden.shape[:-1]), row_groups,
                         device, where, "hidden's")
+
+
+_route_eager = torch.compiler.disable(_route, reason=DTENSOR_EAGER)
+_route_linear_eager = torch.compiler.disable(_route_linear, reason=DTENSOR_EAGER)
 
 
 def refuse(where: str, alternative: str, **tensors) -> None:

@@ -52,6 +52,19 @@ from .spec import (
 # Default budget for the chunk's logits buffer (the caller may set its own).
 DEFAULT_MEMORY_BUDGET_BYTES = 256 << 20
 
+# torch.compile(fullgraph=True) cannot trace the host read of the "active" fallback decision; this is its message.
+FALLBACK_READ = ("memft_linear_loss with reduction='mean', normalize='active', fallback='mean' and a gradient reads on "
+                 "the host whether every weight is 0 (the fallback's gradient needs a second sweep over the chunks), "
+                 "which torch.compile(fullgraph=True) cannot trace: pass fallback='zero', normalize='valid' or a "
+                 "denominator inside a fullgraph-compiled function, or compile without fullgraph=True (a graph break "
+                 "there, the same result)")
+
+
+@torch.compiler.disable(reason=FALLBACK_READ)
+def _fell_back(fell_back: torch.Tensor) -> bool:
+    """The fallback decision on the host (a meta or fake tensor has no value: False, shapes only)."""
+    return has_values(fell_back) and bool(fell_back)
+
 
 # --------------------------------------------------------------------------------------------
 # Chunk sizing
@@ -273,7 +286,7 @@ class _MemFTLinearLossFunction(torch.autograd.Function):
                 # The rare "active" fallback: weights were all 0, the gradient needs w_i = 1 on
                 # valid rows instead. One host read decides; a second sweep computes it (a meta
                 # tensor has no value to read: shapes are all it computes).
-                if fallback == "mean" and has_values(reduced.fell_back) and bool(reduced.fell_back):
+                if fallback == "mean" and _fell_back(reduced.fell_back):
                     grads.zero_()
                     coef = valid.to(acc)
                     _gradient_sweep(hidden, weight, bias, target, lse, coef, module, opts, rows, grads)

@@ -7,6 +7,7 @@ docs/ARCHITECTURE.md follows one call through these steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -240,6 +241,12 @@ class MemFTLoss(nn.Module):
 
     Takes every option of ``memft_loss`` (``spec.LossOptions``) at construction;
     ``forward(logits, target, token_weight=None)``. Options are validated here, at construction.
+
+    A ``dp_group`` is a handle on this process's communicator, not data: ``copy.copy`` and
+    ``copy.deepcopy`` share it; pickling (``torch.save(model)``, multiprocessing) leaves it out, and
+    the unpickled module raises at its first call until ``set_dp_group(group)`` re-attaches one
+    (``set_dp_group(None)``: the plain, local mean), so it never silently computes a local mean
+    where a global one was asked for (docs/DISTRIBUTED.md).
     """
 
     def __init__(self, **options):
@@ -251,7 +258,37 @@ class MemFTLoss(nn.Module):
         self.options = options
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, token_weight: Optional[torch.Tensor] = None):
+        if self.__dict__.get("_dp_group_detached"):
+            raise RuntimeError(
+                "MemFTLoss was unpickled (torch.load / pickle) without its dp_group: a torch.distributed process "
+                "group cannot be saved. Re-attach one before use: loss_module.set_dp_group(group) in this process "
+                "(or set_dp_group(None) for the local mean)")
         return memft_loss_with(logits, target, token_weight, self.loss_options)
+
+    def set_dp_group(self, group) -> None:
+        """Set (or, with None, remove) this module's ``dp_group``, e.g. after unpickling."""
+        options = {k: v for k, v in self.options.items() if k != "dp_group"}
+        if group is not None:
+            options["dp_group"] = group
+        loss_options = LossOptions.from_kwargs("MemFTLoss", **options)
+        loss_options.checked()
+        self.loss_options, self.options = loss_options, options
+        self.__dict__.pop("_dp_group_detached", None)
+
+    def __getstate__(self):
+        # Pickling leaves a dp_group out (a ProcessGroup cannot be pickled; pickle's own TypeError named no
+        # fix): the unpickled module refuses to run until set_dp_group re-attaches one (see the docstring).
+        state = super().__getstate__()
+        if self.loss_options.dp_group is not None:
+            state["loss_options"] = dataclasses.replace(self.loss_options, dp_group=None)
+            state["options"] = {k: v for k, v in self.options.items() if k != "dp_group"}
+            state["_dp_group_detached"] = True
+        return state
+
+    def __copy__(self):
+        copied = type(self).__new__(type(self))
+        copied.__setstate__(nn.Module.__getstate__(self))  # copy.copy's default, the dp_group kept
+        return copied
 
     def __deepcopy__(self, memo):
         # A dp_group is a handle on this process's communicator, not data: the copy shares it (a
@@ -265,4 +302,5 @@ class MemFTLoss(nn.Module):
         return copied
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        detached = ["dp_group=<detached by pickling: call set_dp_group>"] if self.__dict__.get("_dp_group_detached") else []
+        return ", ".join([f"{k}={v!r}" for k, v in self.options.items()] + detached)

@@ -57,7 +57,6 @@ from .spec import (
     NO_VMAP,
     LossOptions,
     accumulate_dtype,
-    check_target_range,
     keep_outer_inputs,
     once_differentiable_grads,
     prepare_call,
@@ -270,7 +269,8 @@ def vocab_parallel_memft_linear_loss(
 
     Collective: every rank of ``group`` (and ``dp_group``) must call it in the same order, and, when
     ``hidden`` needs a gradient, run the backward. Bad input on any rank raises on every rank
-    (ValueError, or the local error on the rank that had it) instead of hanging.
+    (ValueError, or the local error on the rank that had it) instead of hanging, on every rank of
+    ``dp_group`` too where it is used (as ``vocab_parallel_memft_loss``'s: NaN with validate=False).
 
     ``_own_rows`` is internal (``memft_linear_loss``'s sequence-parallel DTensor route): an ``OwnRows``
     saying which rows of ``hidden``'s gradient this rank's caller keeps; the backward then
@@ -321,12 +321,8 @@ def vocab_parallel_memft_linear_loss(
         return call, hidden2d, rows, module, needs_hidden
 
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    layout, (call, hidden2d, rows, module, needs_hidden) = checked_layout(_WHERE, "memft_linear_loss", group, device,
-                                                                          prepare)
-    if validate:
-        # The target is the same on every rank (checked), so every rank raises here together.
-        check_target_range(target, layout.vocab_size, ignore_index)
-
+    layout, (call, hidden2d, rows, module, needs_hidden) = checked_layout(
+        _WHERE, "memft_linear_loss", group, device, prepare, options=options, target=target, dp_group=dp_group)
     outputs = _VocabParallelLinearFunction.apply(
         hidden2d, local_weight, local_bias, call.target, call.token_weight, module, call.kernel, layout, reduction,
         normalize, fallback, call.denominator, rows, group, dp_group, weight_fn, target, validate,

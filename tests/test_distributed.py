@@ -8,7 +8,9 @@ Two layers:
   start-up dominates their cost, so each world size is ONE spawn that runs every case of its plan in
   a row (normal cases, then cases that must raise on every rank, then a normal case again to show the
   group still works) and saves its results; the tests below read those results. The join has a
-  timeout, so a hang fails the test instead of hanging CI.
+  timeout, so a hang fails the test instead of hanging CI. The 4-rank run ends with a failure in
+  one data-parallel replica's tensor-parallel group (both nestings, both vocab-parallel functions,
+  the DTensor routes with a dp_group), which must raise on every rank of both groups.
 
 Inputs are fresh random numbers from fixed seeds; float64 cases compare tightly (the reference is
 float64 there too), float32 and bfloat16 cases within their dtype's tolerance.
@@ -474,7 +476,9 @@ def _worker(rank, world, port, outdir):
             trio=dist.new_group([0, 1, 2]),
             dp=[dist.new_group([0, 2]), dist.new_group([1, 3])],
         )
+        made = _dpf_groups(rank, world)
         results = {(c["layout"], c["name"]): _run_case(c, rank, groups) for c in _plan()}
+        results["dp_failures"] = _dpf_phase(rank, made)
         torch.save(results, f"{outdir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -573,6 +577,275 @@ def test_spawned_tensor_and_data_parallel_mesh(spawned, case_name):
 
 
 # ---------------------------------------------------------------------------------------------
+# The spawned run's last phase: a failure inside ONE data-parallel replica's tensor-parallel group.
+# 4 ranks = 2 dp replicas x 2 TP ranks, both nestings ("dp_outer": TP {0, 1}, {2, 3}, dp {0, 2}, {1, 3}; "tp_outer":
+# TP {0, 2}, {1, 3}, dp {0, 1}, {2, 3}); replica 0's inputs are bad, replica 1's fine. Called
+# directly with group and dp_group (both functions), and through the DTensor routes with a dp_group
+# of one's own (logits / weight sharded on the "tp" mesh dimension; sequence-parallel hidden). Every
+# case has fresh dp groups with a short timeout: on the old code replica 1 waited in the dp
+# all_reduce until that timeout (a gloo error there; the run then overran its join timeout).
+# ---------------------------------------------------------------------------------------------
+
+DPF_TIMEOUT_S = 20.0
+DPF_V, DPF_WIDTHS, DPF_D = 11, [5, 6], 8
+DPF_LAYOUTS = {"dp_outer": ([[0, 1], [2, 3]], [[0, 2], [1, 3]]), "tp_outer": ([[0, 2], [1, 3]], [[0, 1], [2, 3]])}
+# (function, what is bad on replica 0, validate); "range": an out-of-range target (both TP ranks);
+# "local": a bad tensor on TP rank 0 only (integer logits / hidden; next to a sequence-parallel
+# DTensor hidden a token_weight of the wrong shape); "layout": the target differs on TP rank 1 only.
+DPF_CASES = {
+    "loss_range": ("loss", "range", True),
+    "loss_local": ("loss", "local", True),
+    "loss_layout": ("loss", "layout", True),
+    "loss_local_no_validate": ("loss", "local", False),
+    "linear_range": ("linear", "range", True),
+    "linear_local": ("linear", "local", True),
+    "linear_layout_no_validate": ("linear", "layout", False),
+    "dtensor_logits_range": ("dtensor_logits", "range", True),
+    "dtensor_weight_range": ("dtensor_weight", "range", True),
+    "dtensor_sequence_parallel_range": ("dtensor_sp", "range", True),
+    "dtensor_sequence_parallel_local_no_validate": ("dtensor_sp", "local", False),
+}
+DPF_BOTH = ("linear_local",)  # run again with both replicas bad: each rank raises its own error
+DPF_GOOD = ("loss", "linear")  # then a good call of each function with the same dp groups
+
+
+def _dpf_inputs(replica: int):
+    """hidden [2, 3, D], weight [V, D], target [2, 3] of one replica (the head is shared)."""
+    g = torch.Generator().manual_seed(61)
+    weight = torch.randn(DPF_V, DPF_D, generator=g, dtype=torch.float64) * 0.7
+    g = torch.Generator().manual_seed(62 + replica)
+    hidden = torch.randn(2, 3, DPF_D, generator=g, dtype=torch.float64)
+    target = torch.randint(0, DPF_V, (2, 3), generator=g)
+    return hidden, weight, target
+
+
+def _dpf_call(kind, bad, validate, tp_rank, group, dp_group, mesh, replica, widths=DPF_WIDTHS):
+    """One call on this rank: ("ok", loss, (gradients)) or ("error", type name, message)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from memft_kernels import memft_linear_loss
+    from memft_kernels.vocab_parallel_linear import vocab_parallel_memft_linear_loss
+
+    hidden, weight, target = _dpf_inputs(replica)
+    lo = sum(widths[:tp_rank])
+    rows = slice(lo, lo + widths[tp_rank])
+    if bad == "range":
+        target[0, 1] = DPF_V
+    elif bad == "layout" and tp_rank == 1:
+        target[1, 2] = (target[1, 2] + 1) % DPF_V
+    local_bad = bad == "local" and tp_rank == 0
+    opts = dict(policy="sigmoid", threshold=0.4, validate=validate, dp_group=dp_group, backend="torch")
+    try:
+        if kind in ("loss", "linear"):
+            h = (hidden.long() if local_bad and kind == "linear" else hidden).clone()
+            h.requires_grad_(h.is_floating_point())
+            w = weight[rows].clone().requires_grad_()
+            if kind == "loss":
+                x = (hidden @ weight[rows].T).detach()
+                x = (x.long() if local_bad else x).requires_grad_(not local_bad)
+                loss = vocab_parallel_memft_loss(x, target, group=group, **opts)
+                loss.backward()
+                return ("ok", loss.detach(), (x.grad,))
+            loss = vocab_parallel_memft_linear_loss(h, w, target, group=group, chunk_size=4, **opts)
+            loss.backward()
+            return ("ok", loss.detach(), (h.grad, w.grad))
+        tp = mesh["tp"]
+        dw = distribute_tensor(weight, tp, [Shard(0)]).requires_grad_()
+        if kind == "dtensor_logits":
+            dx = distribute_tensor((hidden @ weight.T).detach(), tp, [Shard(-1)]).requires_grad_()
+            loss = memft_loss(dx, target, **opts)
+            loss.backward(DTensor.from_local(torch.tensor(1.0, dtype=torch.float64), tp, [Replicate()],
+                                             run_check=False))
+            return ("ok", loss.to_local().detach(), (dx.grad.to_local(),))
+        dh = distribute_tensor(hidden, tp, [Shard(1)]) if kind == "dtensor_sp" else hidden.clone()
+        dh = dh.requires_grad_()
+        tw = None
+        if local_bad:  # a token_weight of the wrong shape on TP rank 0 only (the TP checks carry it)
+            tw = torch.ones(5, dtype=torch.float64)
+        loss = memft_linear_loss(dh, dw, target, token_weight=tw, chunk_size=4, **opts)
+        loss.backward(DTensor.from_local(torch.tensor(1.0, dtype=torch.float64), tp, [Replicate()], run_check=False))
+        gh = dh.grad.to_local() if kind == "dtensor_sp" else dh.grad
+        return ("ok", loss.to_local().detach(), (gh, dw.grad.to_local()))
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message per rank
+        return ("error", type(exc).__name__, str(exc))
+
+
+def _dpf_groups(rank: int, world: int) -> dict:
+    """Every mesh and group of the dp-failure phase, made at the start of the run, while the ranks are
+    together (a group with a short timeout also gives up its creation after it); every rank makes
+    every group, in the same order. Fresh dp groups per case: on the old code a timed-out case left
+    its group broken."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    made, short = {}, timedelta(seconds=DPF_TIMEOUT_S)
+    for layout, (tps, dps) in DPF_LAYOUTS.items():
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp") if layout == "dp_outer" else ("tp", "dp"))
+        tp_groups = [dist.new_group(r) for r in tps]
+        replica = next(i for i, r in enumerate(tps) if rank in r)
+        tp_rank = tps[replica].index(rank)
+        assert mesh.get_local_rank("tp") == tp_rank and mesh.get_local_rank("dp") == replica
+        mine = next(i for i, r in enumerate(dps) if rank in r)
+        names = list(DPF_CASES) + [name + "_both_replicas" for name in DPF_BOTH] + ["good"]
+        dp = {name: [dist.new_group(r, timeout=short) for r in dps][mine] for name in names}
+        made[layout] = dict(mesh=mesh, group=tp_groups[replica], replica=replica, tp_rank=tp_rank, dp=dp)
+    made["own"] = [dist.new_group([r]) for r in range(world)][rank]
+    made["only01"] = dist.new_group([0, 1], timeout=short)
+    return made
+
+
+def _dpf_phase(rank: int, made: dict) -> dict:
+    """The dp-failure cases on this rank, then a good call of each function with collectives counted.
+    A collective that timed out (a RuntimeError: what the old code gave, its replica 1 waiting in the
+    dp all_reduce) stops the phase on this rank; the others then stop at their next collective with
+    it, so the old code fails these tests within about two dp timeouts instead of hanging the run."""
+    results, stopped = {}, []
+
+    def record(key, call):
+        if stopped:
+            results[key] = ("error", "Stopped", stopped[0])
+            return
+        results[key] = got = call()
+        if got[0] == "error" and got[1] == "RuntimeError":
+            stopped.append(f"the phase stopped on this rank after {key}: {got[2][:300]}")
+
+    for layout in DPF_LAYOUTS:
+        m = made[layout]
+        replica, tp_rank, group, mesh = m["replica"], m["tp_rank"], m["group"], m["mesh"]
+        results[(layout, "where")] = (replica, tp_rank)
+        for name, (kind, bad, validate) in DPF_CASES.items():
+            record((layout, name), lambda: _dpf_call(kind, bad if replica == 0 else None, validate, tp_rank, group,
+                                                     m["dp"][name], mesh, replica))
+        for name in DPF_BOTH:
+            kind, bad, validate = DPF_CASES[name]
+            record((layout, name + "_both_replicas"), lambda: _dpf_call(
+                kind, bad, validate, tp_rank, group, m["dp"][name + "_both_replicas"], mesh, replica))
+        # The groups afterwards: a good call; collectives counted (nothing added by the fix).
+        counted = {"all_reduce": 0, "all_gather": 0}
+        real = {op: getattr(dist, op) for op in counted}
+
+        def counting(op):
+            def call(*args, **kwargs):
+                counted[op] += 1
+                return real[op](*args, **kwargs)
+            return call
+
+        for kind in DPF_GOOD:
+            for op in counted:
+                counted[op] = 0
+                setattr(dist, op, counting(op))
+            try:
+                record((layout, "good_" + kind), lambda: _dpf_call(kind, None, True, tp_rank, group, m["dp"]["good"],
+                                                                   mesh, replica))
+            finally:
+                for op in counted:
+                    setattr(dist, op, real[op])
+            results[(layout, "collectives_" + kind)] = dict(counted)
+    # A dp_group this process is not a member of: refused by name, as memft_loss refuses it (was:
+    # torch's bare "Invalid process group specified" from inside the all_reduce). One-rank TP groups
+    # (the whole V); dp_group {0, 1}.
+    record("not_member", lambda: _dpf_call("loss", None, True, 0, made["own"], made["only01"], None, rank,
+                                           widths=[DPF_V]))
+    return results
+
+
+@pytest.fixture(scope="module")
+def dp_failures(spawned):
+    """Every rank's results of the dp-failure phase (run at the end of the one spawned run)."""
+    return [r["dp_failures"] for r in spawned]
+
+
+def _dpf_own_error(kind, bad, tp_rank):
+    """(type, message part) the failing replica's rank raises."""
+    if bad == "range":
+        return "ValueError", f"target contains {DPF_V}, outside [0, V)"
+    if bad == "layout":
+        return "ValueError", "target differs across ranks of the group"
+    if tp_rank == 0:  # the bad tensor is this rank's own
+        if kind == "dtensor_sp":
+            return "ValueError", "token_weight"
+        return "TypeError", "must be floating point"
+    if kind == "dtensor_sp":
+        return "ValueError", "another rank of hidden's mesh failed its input checks"
+    return "ValueError", "rank(s) [0] of the group rejected their inputs"
+
+
+@pytest.mark.parametrize("layout", list(DPF_LAYOUTS))
+@pytest.mark.parametrize("name", list(DPF_CASES))
+def test_failure_in_one_dp_replicas_tp_group_raises_on_every_rank(dp_failures, layout, name):
+    kind, bad, validate = DPF_CASES[name]
+    for rank, res in enumerate(dp_failures):
+        replica, tp_rank = res[(layout, "where")]
+        got = res[(layout, name)]
+        if replica == 0:  # its own error (or its TP group's), never a result
+            want_type, want_part = _dpf_own_error(kind, bad, tp_rank)
+            assert got[0] == "error" and got[1] == want_type and want_part in got[2], (rank, got)
+        elif validate:  # the failure came through the dp all_reduce: never a hang, never a number
+            assert got[0] == "error" and got[1] == "ValueError", (rank, got)
+            assert "1 other rank(s) of dp_group failed before the loss's all_reduce" in got[2], (rank, got)
+        else:  # validate=False reads nothing on the host: a NaN loss and NaN gradients
+            assert got[0] == "ok", (rank, got)
+            assert math.isnan(float(got[1])) and all(bool(torch.isnan(g).all()) for g in got[2]), (rank, got)
+
+
+@pytest.mark.parametrize("layout", list(DPF_LAYOUTS))
+@pytest.mark.parametrize("name", DPF_BOTH)
+def test_failure_in_both_dp_replicas_raises_each_ranks_own_error(dp_failures, layout, name):
+    kind, bad, _ = DPF_CASES[name]
+    for rank, res in enumerate(dp_failures):
+        _, tp_rank = res[(layout, "where")]
+        got = res[(layout, name + "_both_replicas")]
+        want_type, want_part = _dpf_own_error(kind, bad, tp_rank)
+        assert got[0] == "error" and got[1] == want_type and want_part in got[2], (rank, got)
+
+
+def _dpf_reference(kind):
+    """memft_loss over both replicas' rows on the full float64 logits: loss and gradients."""
+    parts = [_dpf_inputs(p) for p in range(2)]
+    hidden = torch.cat([p[0] for p in parts]).requires_grad_()
+    weight = parts[0][1].clone().requires_grad_()
+    x = hidden @ weight.T
+    if kind == "loss":
+        x = x.detach().requires_grad_()
+    loss = memft_loss(x, torch.cat([p[2] for p in parts]), policy="sigmoid", threshold=0.4, backend="torch")
+    loss.backward()
+    return loss.detach(), (x.grad,) if kind == "loss" else (hidden.grad, weight.grad)
+
+
+@pytest.mark.parametrize("layout", list(DPF_LAYOUTS))
+@pytest.mark.parametrize("kind", DPF_GOOD)
+def test_groups_work_after_the_failures_with_no_added_collective(dp_failures, layout, kind):
+    ref_loss, ref_grads = _dpf_reference(kind)
+    by = {res[(layout, "where")]: res[(layout, "good_" + kind)] for res in dp_failures}
+    assert all(r[0] == "ok" for r in by.values()), by
+    for rep in range(2):
+        assert torch.equal(by[(rep, 0)][1], by[(rep, 1)][1])  # the TP ranks agree exactly
+    assert rel_err(by[(0, 0)][1] + by[(1, 0)][1], ref_loss) < 1e-12  # the dp shares sum to the global mean
+    if kind == "loss":  # logits gradient: slices over TP, rows over dp
+        got = torch.cat([torch.cat([by[(rep, t)][2][0] for t in range(2)], dim=-1) for rep in range(2)])
+        assert rel_err(got, ref_grads[0]) < GRAD_REL[torch.float64]
+    else:  # hidden's gradient whole on each TP rank; the weight's: slices over TP, summed over dp
+        assert rel_err(torch.cat([by[(rep, 1)][2][0] for rep in range(2)]), ref_grads[0]) < 1e-10
+        got_w = torch.cat([by[(0, t)][2][1] + by[(1, t)][2][1] for t in range(2)])
+        assert rel_err(got_w, ref_grads[1]) < 1e-10
+    for res in dp_failures:  # layout exchange + statistics over TP, ONE all_reduce over dp (+ hidden's in backward)
+        assert res[(layout, "collectives_" + kind)] == {"all_reduce": 1 if kind == "loss" else 2, "all_gather": 2}
+
+
+def test_dp_group_this_process_is_not_a_member_of_is_refused(dp_failures):
+    for rank, res in enumerate(dp_failures):
+        got = res["not_member"]
+        if rank < 2:
+            assert got[0] == "ok" and math.isfinite(float(got[1])), got
+        else:
+            assert got[0] == "error" and "not a member of dp_group" in got[2], got
+    # ranks 0 and 1 summed their denominator over {0, 1}: their losses add up to the mean over both
+    ref = memft_loss(torch.cat([_dpf_inputs(p)[0] @ _dpf_inputs(p)[1].T for p in range(2)]),
+                     torch.cat([_dpf_inputs(p)[2] for p in range(2)]), policy="sigmoid", threshold=0.4,
+                     backend="torch")
+    assert rel_err(dp_failures[0]["not_member"][1] + dp_failures[1]["not_member"][1], ref) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU (benchmarks/gpu_check.sh): CUDA tensors, the Triton kernels on the slices, an nccl group.
 # One spawn of 2 ranks sharing the GPU: a 2-rank gloo split (CUDA tensors, communicated through
 # the CPU) and, on rank 0, a 1-rank nccl group holding the whole vocabulary.
@@ -632,15 +905,15 @@ def check_gpu_results(results, cases, device="cuda:0"):
         ref_loss, ref_stats, ref_grad = single_process(case, device=device)
         runs = {"split": [results[0][("split", case["name"])], results[1][("split", case["name"])]],
                 "single": [results[0][("single", case["name"])]]}
-        for kind, rank_results in runs.items():
+        for kind, per_rank in runs.items():
             where = f"{case['name']} ({kind})"
-            for res in rank_results:
+            for res in per_rank:
                 assert rel_err(res["loss"], ref_loss) < 1e-5, where
                 for name in ("ce", "prob", "lse", "weight"):
                     assert rel_err(res["stats"][name], ref_stats[name]) < 1e-5, f"{where}: {name}"
                 for name in ("pred", "n_valid", "n_active", "fell_back"):
                     assert torch.equal(res["stats"][name], ref_stats[name]), f"{where}: {name}"
-            grad = torch.cat([r["grad"] for r in rank_results], dim=-1)
+            grad = torch.cat([r["grad"] for r in per_rank], dim=-1)
             assert grad.dtype == ref_grad.dtype
             assert rel_err(grad, ref_grad) < GRAD_REL[dtype], where
 

@@ -2,7 +2,10 @@
 against single-process memft_linear_loss on the full float64 tensors.
 
 Layouts (a letter per mesh dimension): hidden "b" Shard(0) (batch), "t" Shard(1) (sequence),
-"r" Replicate(); weight "v" Shard(0) (the vocabulary, ColwiseParallel), "r" Replicate().
+"r" Replicate(), "p" Partial() (a RowwiseParallel output), "d" Shard(-1) (the features: a
+ColwiseParallel output); weight "v" Shard(0) (the vocabulary, ColwiseParallel), "r" Replicate().
+  * Partial / feature-sharded hidden: redistributed to Replicate() on those mesh dimensions, then the
+    routes below (before this change: a ValueError, "a pending reduction" / "the hidden features");
   * sequence parallelism: hidden sharded on the mesh dimension that shards the weight (torchtitan's
     Shard(1) norm output into the lm_head): gathered, then the vocab-parallel loss;
   * data / context parallelism: hidden sharded on a mesh dimension where the weight is replicated:
@@ -143,8 +146,6 @@ ERRORS_1D = [
          raises=("plain target holds the rows this rank computes",) * 2),
     dict(name="err_replicated_dtensor_target", seed=21, hidden="t", weight="v", target="replicated",
          raises=("must be laid out like it",) * 2),
-    dict(name="err_feature_shard", seed=22, hidden="d", weight="v", target="rows",
-         raises=("the hidden features",) * 2),
     dict(name="err_dp_group_given", seed=23, hidden="b", weight="r", target="rows", dp_group=True,
          raises=("pass dp_group=None",) * 2),
     dict(name="err_target_range_one_rank", seed=24, hidden="b", weight="r", target="rows", bad_rank=1,
@@ -156,6 +157,22 @@ ERRORS_1D = [
          raises=("weight_fn failed on another rank of hidden's", "weight_fn broke on rank 1")),
 ]
 AFTER_1D = dict(PLAN_1D[1], name="after_errors")  # the groups still work
+
+# hidden Partial() ("p": a RowwiseParallel output; each rank a random part, the parts summing to hidden) or
+# sharded on its features ("d", Shard(-1): a ColwiseParallel output): redistributed to Replicate() on those mesh
+# dimensions, then the routes above. Before this change each raised ("a pending reduction" / "the hidden features").
+PLAN_1D += [
+    dict(name="partial_hidden_vocab_parallel", seed=16, hidden="p", weight="v", target="rows", token_weight=True,
+         options=dict(policy="sigmoid")),
+    dict(name="partial_hidden_replicated_weight_sum", seed=17, hidden="p", weight="r", target="dtensor",
+         options=dict(policy="hard", reduction="sum", label_smoothing=0.1)),
+    dict(name="feature_shard_vocab_parallel_valid", seed=18, hidden="d", weight="v", target="dtensor",
+         token_weight=True, options=dict(policy="hard", normalize="valid")),
+    dict(name="feature_shard_replicated_weight_none", seed=19, hidden="d", weight="r", target="rows",
+         options=dict(policy="sigmoid", reduction="none")),
+    dict(name="feature_shard_float32_auto", seed=22, hidden="d", weight="v", target="rows", dtype=torch.float32,
+         backend="auto", options=dict(policy="hard", z_loss=1e-3)),
+]
 
 # 2 x 2 mesh ("dp", "tp"): the weight Shard(0) on "tp" (or replicated)
 PLAN_2D = (
@@ -179,6 +196,13 @@ PLAN_2D = (
         # the redistribute's (all-reduce path), not the reduce-scatter pair
         dict(name="nested_rows_tp_first", seed=38, hidden="bb", weight="vr", target="rows", shape=(5, 2),
              options=dict(policy="sigmoid")),
+        # Partial / feature-sharded hidden next to data or sequence parallel mesh dimensions
+        dict(name="dp_rows_partial_on_tp", seed=39, hidden="bp", weight="rv", target="rows", token_weight=True,
+             options=dict(policy="hard")),
+        dict(name="features_on_dp_sequence_on_tp", seed=43, hidden="dt", weight="rv", target="dtensor",
+             options=dict(policy="sigmoid", reduction="sum")),
+        dict(name="partial_on_dp_features_on_tp", seed=44, hidden="pd", weight="rv", target="rows",
+             options=dict(policy="hard", normalize="valid")),
     ]
 )
 
@@ -205,18 +229,43 @@ PLAN_4 = [
 
 
 def _placements(codes: str, ndim: int):
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Partial, Replicate, Shard
 
     table = {"b": Shard(0), "t": Shard(1), "d": Shard(ndim - 1), "r": Replicate(), "v": Shard(0)}
-    return [table[c] for c in codes]
+    return [Partial() if c == "p" else table[c] for c in codes]
+
+
+def _rows_codes(case):
+    """hidden's codes with Partial / the features ("p", "d") replicated: the layout the rows have."""
+    return case["hidden"].replace("p", "r").replace("d", "r")
 
 
 def _gathered(case, ndim):
     """hidden's placements after the sequence-parallel gather: Replicate() where both shard."""
     from torch.distributed.tensor import Replicate
 
-    return [Replicate() if (w == "v" and h in "bt") or h == "d" else p
-            for h, w, p in zip(case["hidden"], case["weight"], _placements(case["hidden"], ndim))]
+    return [Replicate() if w == "v" and h in "bt" else p
+            for h, w, p in zip(case["hidden"], case["weight"], _placements(_rows_codes(case), ndim))]
+
+
+def _distribute_hidden(h, mesh, codes):
+    """hidden as a DTensor with the placements ``codes``; on a "p" (Partial()) mesh dimension each rank holds a
+    part (fresh random numbers on all but the first, the first the rest), the parts summing to hidden's values."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+
+    placements = _placements(codes, h.ndim)
+    if "p" not in codes:
+        return distribute_tensor(h, mesh, placements)
+    values = [Replicate() if c == "p" else p for c, p in zip(codes, placements)]
+    local = distribute_tensor(h, mesh, values).to_local()
+    g = torch.Generator().manual_seed(4321)
+    for i, c in enumerate(codes):
+        if c == "p":  # every rank draws the same parts; rank k > 0 of this dimension keeps part k
+            parts = [distribute_tensor(torch.randn(h.shape, generator=g, dtype=h.dtype), mesh, values).to_local()
+                     for _ in range(mesh.size(i) - 1)]
+            k = mesh.get_local_rank(i)
+            local = parts[k - 1] if k > 0 else local - sum(parts)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=h.shape, stride=h.stride())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +313,8 @@ def _run_case_counted(case, mesh, log):
     dtype = case.get("dtype", F64)
     h, w, b, tw = (None if t is None else t.to(dtype) for t in (h, w, b, tw))
     rank, rep = dist.get_rank(), [Replicate()] * mesh.ndim
-    hp, wp = _placements(case["hidden"], h.ndim), _placements(case["weight"], 2)
-    dh = distribute_tensor(h, mesh, hp).requires_grad_(True)
+    wp = _placements(case["weight"], 2)
+    dh = _distribute_hidden(h, mesh, case["hidden"]).requires_grad_(True)
     dw = distribute_tensor(w, mesh, wp).requires_grad_(True)
     db = None if b is None else distribute_tensor(b, mesh, wp).requires_grad_(True)
     if case.get("colwise"):  # docs/DISTRIBUTED.md's example: an nn.Linear lm_head under ColwiseParallel
@@ -284,11 +333,12 @@ def _run_case_counted(case, mesh, log):
         how = case["target"]
         if how == "rows":  # the rows this rank computes: hidden's after the gather
             return distribute_tensor(t, mesh, _gathered(case, h.ndim)).to_local().clone()
+        rows = _placements(_rows_codes(case), h.ndim)  # hidden's layout, Replicate() where Partial / features
         if how == "shard_plain":
-            return distribute_tensor(t, mesh, hp).to_local().clone()
+            return distribute_tensor(t, mesh, rows).to_local().clone()
         if how == "replicated":
             return distribute_tensor(t, mesh, rep)
-        return distribute_tensor(t, mesh, hp)  # "dtensor"
+        return distribute_tensor(t, mesh, rows)  # "dtensor"
 
     y_arg, tw_arg = arg(y), arg(tw)
     if case.get("bad_rank") == rank:
@@ -298,21 +348,27 @@ def _run_case_counted(case, mesh, log):
     opts = dict(_options(case), **case.get("rank_options", {}).get(rank, {}))
     if case.get("dp_group"):
         opts["dp_group"] = dist.group.WORLD
+    from torch.distributed.tensor.debug import CommDebugMode  # every collective, DTensor's functional ones too
+
     try:
-        loss, stats = memft_linear_loss(dh, dw, y_arg, db, token_weight=tw_arg, return_stats=True, **opts)
+        with CommDebugMode() as comm_fwd:
+            loss, stats = memft_linear_loss(dh, dw, y_arg, db, token_weight=tw_arg, return_stats=True, **opts)
     except Exception as exc:  # noqa: BLE001 - the test checks type and message per rank
         return dict(error=(type(exc).__name__, str(exc)))
     up = (distribute_tensor(grad_out.to(loss.dtype), mesh, list(loss.placements))
           if case.get("options", {}).get("reduction") == "none" else
           DTensor.from_local(grad_out.to(loss.dtype), mesh, rep, run_check=False))
     del log[:]
-    loss.backward(up)
+    with CommDebugMode() as comm_bwd:
+        loss.backward(up)
     return dict(backward_collectives=list(log), loss_type=type(loss).__name__, loss_placements=tuple(loss.placements),
                 loss_local=loss.to_local().detach(), loss=loss.full_tensor().detach(),
                 stats={k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in stats.as_dict().items()},
                 grad_h_placements=tuple(dh.grad.placements), grad_h=dh.grad.full_tensor(),
                 grad_w_placements=tuple(dw.grad.placements), grad_w=dw.grad.full_tensor(),
-                grad_b=None if db is None else db.grad.full_tensor())
+                grad_b=None if db is None else db.grad.full_tensor(),
+                comm={"forward": {str(k): n for k, n in comm_fwd.get_comm_counts().items()},
+                      "backward": {str(k): n for k, n in comm_bwd.get_comm_counts().items()}})
 
 
 def _run_external_dp(case, mesh):
@@ -388,9 +444,13 @@ def _check(results, case):
                 assert torch.equal(got, want), (rank, name, got, want)
             else:
                 assert (tol != TOL or got.dtype == want.dtype) and rel_err(got, want) < tol, (rank, name)
-        # hidden's gradient comes back with hidden's own placements
-        assert tuple(type(p).__name__ for p in res["grad_h_placements"]) == tuple(
-            "Replicate" if c == "r" else "Shard" for c in case["hidden"])
+        # hidden's gradient comes back with hidden's own placements; Replicate() where hidden was Partial()
+        # (DTensor's redistribute backward: each part's gradient is the whole gradient)
+        from torch.distributed.tensor import Replicate
+
+        ndim = len(case.get("shape", (3, 5))) + 1
+        assert list(res["grad_h_placements"]) == [Replicate() if c == "p" else p for c, p in
+                                                  zip(case["hidden"], _placements(case["hidden"], ndim))]
         assert res["grad_h"].dtype == res["grad_w"].dtype == case.get("dtype", F64)
         assert rel_err(res["grad_h"], ref["grad_h"]) < tol, rank
         # the weight's: Partial() on the mesh dimensions where this rank's rows give a part of it
@@ -440,6 +500,19 @@ def test_row_sharded_hidden_bad_inputs_raise_on_every_rank(spawned_1d, case):
 @pytest.mark.parametrize("case", ERRORS_2D, ids=lambda c: c["name"])
 def test_row_sharded_hidden_bad_inputs_raise_on_every_rank_2d(spawned_2d, case):
     _check_error(spawned_2d, case)
+
+
+@pytest.mark.parametrize("case", [c for c in PLAN_1D if c["hidden"] in "pd"], ids=lambda c: c["name"])
+def test_partial_or_feature_sharded_hidden_collectives(spawned_1d, case):
+    """What docs/DISTRIBUTED.md says the redistribution costs (CommDebugMode, DTensor's functional collectives
+    included): the forward adds ONE all-reduce (Partial) or all-gather (Shard(-1)) of hidden; the backward adds
+    none (the vocab-parallel loss's own all-reduce of hidden's gradient, where the weight is sharded, is all)."""
+    extra = "all_reduce" if case["hidden"] == "p" else "all_gather_into_tensor"
+    for rank, res in enumerate(spawned_1d):
+        comm = res[case["name"]]["comm"]
+        functional = {k: n for k, n in comm["forward"].items() if "functional" in k}
+        assert list(functional.values()) == [1] and next(iter(functional)).endswith(extra), (rank, comm)
+        assert comm["backward"] == ({"c10d.allreduce_": 1} if case["weight"] == "v" else {}), (rank, comm)
 
 
 def test_sequence_parallel_with_a_data_parallel_group_outside_the_mesh(spawned_2d):
@@ -512,4 +585,4 @@ def test_sequence_parallel_backward_reduce_scatters(spawned_1d, spawned_2d, mesh
                    for name, numel in res[case["name"]]["backward_collectives"]]
             assert got == want, (case["name"], rank, got, want)
             seen += want[0][0] == "reduce_scatter"
-    assert seen == {(2,): 20, (2, 2): 32, (4,): 8}[mesh_shape], seen  # the sequence-parallel cases x ranks
+    assert seen == {(2,): 20, (2, 2): 36, (4,): 8}[mesh_shape], seen  # the sequence-parallel cases x ranks

@@ -153,7 +153,7 @@ def measure(provider: Provider, mode: str, sets: List[Tuple[torch.Tensor, torch.
         prepare(0)
         peak = timing.peak_memory_bytes(lambda: call(0), device_type)
         result["peak_mem_bytes"] = peak if peak is not None else ""
-    del inputs, pristine
+    inputs = pristine = None  # free this provider's copies before the next one is measured
     return result
 
 

@@ -233,7 +233,7 @@ def _measure(provider: TrainProvider, args, dtype, device, ids, labels) -> Dict[
 
     t = timing.time_calls(step, device_type=device.type, warmup=args.warmup, reps=args.reps, budget_s=args.budget_s)
     peak = timing.peak_memory_bytes(lambda: step(0), device.type)
-    del model, opt
+    model = opt = None  # free this provider's model and optimizer state before the next one
     return dict(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps, peak_mem_bytes=peak if peak is not None else "",
                 loss=first_loss[0], plan_peak_bytes=plan_peak)
 
