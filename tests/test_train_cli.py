@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -403,7 +404,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_one_line(tmp_path):
     stopped = _memft(SIGINT_RUN + ["--run-dir", run_dir], tmp_path)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + 240
-    while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3):  # base row + 2 steps
+    while not (os.path.exists(metrics) and len(Path(metrics).read_text().splitlines()) >= 3):  # base + 2 steps
         assert stopped.poll() is None, stopped.communicate()
         assert time.time() < deadline
         time.sleep(0.01)
@@ -419,23 +420,24 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_one_line(tmp_path):
 def test_plan_with_resume_is_refused_instead_of_training(checkpointed, tmp_path, capsys):
     """`--resume RUN --plan` used to ignore --plan and train the run on."""
     run = _copy(checkpointed[0], tmp_path)
-    before = open(os.path.join(run, "metrics.jsonl")).read()
+    metrics = Path(run) / "metrics.jsonl"
+    before = metrics.read_text()
     err = _one_line_exit_2(["train", "--resume", run, "--plan"], capsys)
     assert "--plan" in err and "--resume" in err and "plan.json" in err
-    assert open(os.path.join(run, "metrics.jsonl")).read() == before
+    assert metrics.read_text() == before
     assert not os.path.exists(os.path.join(run, "report.json"))
 
 
 def test_a_warning_of_memft_train_is_one_line_on_stderr(checkpointed, tmp_path):
     """The fallback to the older checkpoint used to print Python's file:line form and the source line."""
     run = _copy(checkpointed[0], tmp_path)
-    open(os.path.join(run, ckpt.CHECKPOINT), "wb").write(b"")
+    (Path(run) / ckpt.CHECKPOINT).write_bytes(b"")
     proc = _memft(["train", "--resume", run], tmp_path)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     lines = [ln for ln in err.splitlines() if "checkpoint.pt" in ln or "warn" in ln.lower()]
-    assert lines == ["memft train: warning: checkpoint.pt: empty file; resuming from the older checkpoint.prev.pt "
-                     "(step 2)"], err
+    expected = "memft train: warning: checkpoint.pt: empty file; resuming from the older checkpoint.prev.pt (step 2)"
+    assert lines == [expected], err
 
 
 @pytest.mark.parametrize("every, says", [(100, "stopped before its first checkpoint (--checkpoint-every 100)"),

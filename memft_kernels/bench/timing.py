@@ -21,6 +21,7 @@ import csv
 import ctypes
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -362,7 +363,7 @@ def check_ranges(args, *, positive: Iterable[str] = (), nonnegative: Iterable[st
         for name in names:
             value = getattr(args, name, None)
             for x in value if isinstance(value, (list, tuple)) else [value]:
-                if x is not None and not (x == x and abs(x) != float("inf") and ok(x)):
+                if x is not None and not (math.isfinite(x) and ok(x)):
                     raise SystemExit(f"--{name.replace('_', '-')} must be {what}, got {x}")
 
 

@@ -665,7 +665,7 @@ class _StopOnInterrupt:
             signal.signal(signum, previous)
         return False
 
-    def interrupted(self, run: Run) -> "RunInterrupted":
+    def interrupted(self, run: Run) -> RunInterrupted:
         import signal
 
         name, code = ("terminated (SIGTERM)", 143) if self.signum == signal.SIGTERM else ("interrupted", 130)
