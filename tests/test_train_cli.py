@@ -180,6 +180,27 @@ def test_train_bad_value_is_one_line_exit_2_and_leaves_no_run_folder(case, capsy
     assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
 
 
+@pytest.mark.parametrize("weights, says", [
+    (None, "cannot load its weights (OSError: "),  # config.json alone: a transformers traceback
+    (b"garbage", "cannot load its weights (SafetensorError: "),  # a cut or foreign weights file
+    ("unknown-type", "cannot read its config (ValueError: "),  # transformers' message ran over 2 lines
+])
+def test_a_model_folder_that_cannot_load_is_one_line_exit_2(weights, says, tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "model"
+    LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(folder)
+    if weights == "unknown-type":
+        (folder / "config.json").write_text('{"model_type": "no-such-model"}')
+    elif weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    err = _one_line_exit_2(["train", "--model", str(folder), "--tokenizer", "byte", "--task", "text", "--length", "8",
+                            "--steps", "1", "--no-progress", "--no-plots", "--out-dir", str(tmp_path / "runs")], capsys)
+    assert says in err, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 @pytest.mark.parametrize("argv", [["info", "--bogus"], ["info", "extra"], ["info", "--version=1"]])
 def test_info_bad_values(argv, capsys):
     _one_line_exit_2(argv, capsys)
@@ -245,6 +266,8 @@ BENCH_RANGES = [
     (["train-step", "--smoke", "--device", "cpu", "--threads", "-1", "--csv", "OUT"], "--threads must be >= 0"),
     (["tune-triton", "--smoke", "--device", "cpu", "--v", "37", "-5", "--csv", "OUT"], "--v must be > 0"),
     (["train-step", "--smoke", "--device", "cpu", "--providers", "memft", "--csv", "OTHER"], "has other columns"),
+    (["report", "OTHER", "--no-png"], "no benchmark rows in"),  # printed nothing, exit 0
+    (["report", "BINARY", "--no-png"], "not a CSV of benchmark results"),  # UnicodeDecodeError traceback
 ]
 
 
@@ -252,7 +275,9 @@ BENCH_RANGES = [
 def test_bench_out_of_range_values_are_one_line(argv, says, tmp_path, capsys):
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")
-    argv = [str(tmp_path / "out.csv") if a == "OUT" else str(other) if a == "OTHER" else a for a in argv]
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe,a\n")
+    subs = {"OUT": str(tmp_path / "out.csv"), "OTHER": str(other), "BINARY": str(tmp_path / "binary.csv")}
+    argv = [subs.get(a, a) for a in argv]
     err = _one_line_exit_2(["bench", *argv], capsys)
     assert says in err, err
     assert other.read_text() == "a,b\n1,2\n"
