@@ -81,17 +81,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(command: str):
+    """warnings.formatwarning for the command: a warning raised by this package (a corrupt checkpoint
+    fell back to the older one, ...) as one line "memft CMD: warning: ...", not Python's two lines of
+    file:line and source; warnings of other libraries keep their usual form."""
+    import os
+    import warnings
+
+    original = warnings.formatwarning
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package):
+            return f"memft {command}: warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    return formatwarning
+
+
 def main(argv=None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    original_format = warnings.formatwarning
+    warnings.formatwarning = _one_line_warnings(args.command)
     try:
         return int(args.func(args) or 0)
     except CLIError as exc:
         print(f"memft {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C: one line, no traceback (a run says how to resume)
+    except KeyboardInterrupt as exc:  # Ctrl-C (or a run's SIGTERM): one line, no traceback (a run says how to resume)
         print(f"memft {args.command}: {exc or 'interrupted'}", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_code", 130)
     except BrokenPipeError:
         # `memft info | head`: the reader left; stop quietly, with stdout pointed at nothing so the
         # interpreter's final flush does not raise again.
@@ -99,3 +121,5 @@ def main(argv=None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        warnings.formatwarning = original_format

@@ -31,6 +31,7 @@ def files(tmp_path_factory):
     stats = d / "stats.jsonl"
     stats.write_text("".join(json.dumps({"prob": float(p), "correct": bool(p > 0.4)}) + "\n" for p in np.linspace(0, 1, 11)))
     (d / "a_file").write_text("x")
+    (d / "bad_correct.csv").write_text("prob,correct\n0.7,1\n0.2,x\n")
     return {"dir": str(d), "results": str(results), "fit": str(fit), "stats": str(stats), "file": str(d / "a_file")}
 
 
@@ -61,6 +62,9 @@ BAD = [
     (SWEEP + ["--set", "backend=bogus"], "backend='bogus' is not supported"),
     (SWEEP + ["--set", "rank=4"], "'rank' is a grid parameter"),
     (SWEEP + ["--set", "target_modules=[1]"], "expected List[str]"),
+    (SWEEP + ["--set", "vocab_size=2"], "vocab_size=2 must be >= 3"),  # every cell failed in random
+    (SWEEP + ["--set", "model=tiny"], "--model nano and --set model=tiny contradict"),  # --model won silently
+    (SWEEP + ["--steps", "3", "--set", "steps=5"], "--steps 3 and --set steps=5 contradict"),
     (SWEEP + ["--threads-per-worker", "-1"], "--threads-per-worker must be >= 0"),
     (SWEEP + ["--run-root", "{file}"], "cannot make the run folder root"),
     (SWEEP + ["--retries", "-1"], "--retries must be an integer >= 0"),
@@ -113,6 +117,7 @@ BAD = [
     (["phase", "{stats}", "--bins", "0.2,0.1"], "bin edges must rise"),
     (["phase", "{stats}", "--png", "{file}/p.png"], "cannot write the plot"),
     (["phase", "{stats}", "--png", "none", "--json", "{file}/p.json"], "cannot write the table"),
+    (["phase", "{dir}/bad_correct.csv", "--png", "none"], "line 3: a value is not a number"),  # read as False
     # memft law
     (["law"], "required: law_command"),
     (["law", "bogus"], "invalid choice: 'bogus'"),
@@ -141,3 +146,13 @@ def test_engine_ray_without_ray_says_how_to_install_it(files, capsys, monkeypatc
     assert memft_main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and 'pip install "memft_kernels[cluster]"' in err[0], err
+
+
+def test_phase_csv_reads_correct_written_as_float_or_words(tmp_path, capsys):
+    """A float 'correct' column ("1.0", as pandas writes one) used to read as False: a token with
+    p > 0.5 predicted right was reported as a violation (exit 1)."""
+    path = tmp_path / "stats.csv"
+    path.write_text("prob,correct\n0.9,1.0\n0.7,True\n0.6,yes\n0.3,0.0\n0.2,false\n0.45,1\n")
+    assert memft_main(["phase", str(path), "--png", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "all 3 tokens with p > 0.5 are predicted correctly" in out and "1 of 3 tokens with p <= 0.5" in out, out

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ SEMANTIC = {
     "--replace-rate": ["1.5", "-0.1"],
     "--tokenizer": ["bogus"],
     "--trained-vocab": ["10"],
-    "--vocab-size": ["1", "0"],
+    "--vocab-size": ["1", "0", "2"],  # 2: no id left after <bos> and <pad> (was a traceback from random)
     "--curriculum-epochs": ["0"],
     "--loss": ["bogus"],
     "--threshold": ["0", "1.5"],
@@ -150,7 +151,8 @@ def _train_cases():
     cases += [["--backend", name] for name in ("cuda", "triton") if dispatch.availability(name) is not None]
     # (--backend cpu --dtype float16 was refused until the CPU kernels took float16 logits.)
     cases += [["--autocast", "bf16", "--dtype", "bfloat16"], ["--fsdp"], ["--curriculum"], ["--device", "cuda"],
-              ["--task", "text", "--data", "DIR"]]
+              ["--task", "text", "--data", "DIR"],
+              ["--loss", "ce", "--compare", "ce,memft-ot"]]  # --loss used to be ignored silently
     return cases
 
 
@@ -229,6 +231,31 @@ def _bench_cases():
 @pytest.mark.parametrize("argv", _bench_cases(), ids=lambda c: " ".join(c))
 def test_bench_bad_values(argv, capsys):
     _one_line_exit_2(argv, capsys)
+
+
+# Values of the right type out of their range: each used to be a traceback from torch (or, for
+# linear-loss --n 0, the default size run silently); the CSV of other columns a ValueError traceback.
+BENCH_RANGES = [
+    (["loss", "--smoke", "--device", "cpu", "--threads", "-2", "--csv", "OUT"], "--threads must be >= 0"),
+    (["loss", "--smoke", "--device", "cpu", "--budget-s", "nan", "--csv", "OUT"], "--budget-s must be > 0"),
+    (["linear-loss", "--smoke", "--device", "cpu", "--d", "-1", "--out", "OUT"], "--d must be > 0"),
+    (["linear-loss", "--smoke", "--device", "cpu", "--n", "0", "--out", "OUT"], "--n must be > 0"),
+    (["train-step", "--smoke", "--device", "cpu", "--vocab", "0", "--csv", "OUT"], "--vocab must be > 0"),
+    (["train-step", "--smoke", "--device", "cpu", "--hidden", "0", "--csv", "OUT"], "--hidden must be > 0"),
+    (["train-step", "--smoke", "--device", "cpu", "--threads", "-1", "--csv", "OUT"], "--threads must be >= 0"),
+    (["tune-triton", "--smoke", "--device", "cpu", "--v", "37", "-5", "--csv", "OUT"], "--v must be > 0"),
+    (["train-step", "--smoke", "--device", "cpu", "--providers", "memft", "--csv", "OTHER"], "has other columns"),
+]
+
+
+@pytest.mark.parametrize("argv, says", BENCH_RANGES, ids=lambda c: " ".join(c) if isinstance(c, list) else None)
+def test_bench_out_of_range_values_are_one_line(argv, says, tmp_path, capsys):
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    argv = [str(tmp_path / "out.csv") if a == "OUT" else str(other) if a == "OTHER" else a for a in argv]
+    err = _one_line_exit_2(["bench", *argv], capsys)
+    assert says in err, err
+    assert other.read_text() == "a,b\n1,2\n"
 
 
 def test_top_level_bad_values(capsys):
@@ -367,6 +394,50 @@ def test_sigint_prints_one_line_and_leaves_a_resumable_run(tmp_path):
     b = json.load(open(os.path.join(stopped_dir, "report.json")))
     for key in ("base_loss", "final_loss", "token_accuracy", "recalled_frac", "exact_recall", "first_wrong"):
         assert a[key] == b[key], key
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_one_line(tmp_path):
+    """SIGTERM (`kill`, a scheduler's stop or preemption) is handled as the first Ctrl-C: it used to end
+    the process at once, losing every step since the last checkpoint (all of them without
+    --checkpoint-every), with no word on stderr."""
+    run_dir = str(tmp_path / "run")
+    stopped = _memft(SIGINT_RUN + ["--run-dir", run_dir], tmp_path)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and len(Path(metrics).read_text().splitlines()) >= 3):  # base + 2 steps
+        assert stopped.poll() is None, stopped.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=120)
+    assert stopped.returncode == 143, (stopped.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and f"memft train --resume {run_dir}" in lines[0], err
+    assert not os.path.exists(os.path.join(run_dir, "report.json")), "finished before the signal"
+    assert ckpt.load_checkpoint(run_dir)["step"] >= 2  # what --resume loads (the resume itself: the SIGINT test)
+
+
+def test_plan_with_resume_is_refused_instead_of_training(checkpointed, tmp_path, capsys):
+    """`--resume RUN --plan` used to ignore --plan and train the run on."""
+    run = _copy(checkpointed[0], tmp_path)
+    metrics = Path(run) / "metrics.jsonl"
+    before = metrics.read_text()
+    err = _one_line_exit_2(["train", "--resume", run, "--plan"], capsys)
+    assert "--plan" in err and "--resume" in err and "plan.json" in err
+    assert metrics.read_text() == before
+    assert not os.path.exists(os.path.join(run, "report.json"))
+
+
+def test_a_warning_of_memft_train_is_one_line_on_stderr(checkpointed, tmp_path):
+    """The fallback to the older checkpoint used to print Python's file:line form and the source line."""
+    run = _copy(checkpointed[0], tmp_path)
+    (Path(run) / ckpt.CHECKPOINT).write_bytes(b"")
+    proc = _memft(["train", "--resume", run], tmp_path)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    lines = [ln for ln in err.splitlines() if "checkpoint.pt" in ln or "warn" in ln.lower()]
+    expected = "memft train: warning: checkpoint.pt: empty file; resuming from the older checkpoint.prev.pt (step 2)"
+    assert lines == [expected], err
 
 
 @pytest.mark.parametrize("every, says", [(100, "stopped before its first checkpoint (--checkpoint-every 100)"),

@@ -83,15 +83,18 @@ def run(name: str, extra: List[str]) -> int:
     a provider failed (its rows are written all the same), 2 for bad arguments."""
     if name in CHECKOUT_ONLY:
         return subprocess.call(command_for(name, extra))
+    from ..cli import CLIError
+    from .timing import ResultFileError
+
     try:
         with _one_line_usage_errors():
             result = entry_point(name)(extra, prog=f"memft bench {name}")
     except SystemExit as exc:  # argparse (--help, bad arguments) and the benchmarks' own refusals
         if exc.code is None or isinstance(exc.code, int):
             return int(exc.code or 0)
-        from ..cli import CLIError
-
         raise CLIError(str(exc.code)) from None
+    except ResultFileError as exc:  # --csv naming a file of other columns: one line, not a traceback
+        raise CLIError(str(exc)) from None
     if isinstance(result, int):
         return result
     if name in _FAIL_ON_ERROR_ROWS and isinstance(result, list):

@@ -193,6 +193,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
     args = build_parser(prog).parse_args(argv)
+    timing.check_ranges(args, positive=("n", "v", "d", "reps"), nonnegative=("warmup",))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda"):

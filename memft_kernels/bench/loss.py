@@ -296,6 +296,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
     args = build_parser(prog).parse_args(argv)
+    timing.check_ranges(args, positive=("n", "v", "reps", "budget_s", "copy_mib"),
+                        nonnegative=("threads", "warmup", "time_cap"))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -21,6 +21,7 @@ import csv
 import ctypes
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -353,6 +354,23 @@ def default_results_path(script: str, info: Dict[str, object]) -> Path:
 # Result files
 
 
+def check_ranges(args, *, positive: Iterable[str] = (), nonnegative: Iterable[str] = ()) -> None:
+    """Refuse a numeric option out of its range before anything runs (a benchmark's SystemExit, which
+    `memft bench` prints as its one-line error), instead of a traceback from deep inside torch or a
+    value silently replaced by the default. ``None`` (the option not given) passes; a list option is
+    checked item by item."""
+    for names, ok, what in ((positive, lambda x: x > 0, "> 0"), (nonnegative, lambda x: x >= 0, ">= 0")):
+        for name in names:
+            value = getattr(args, name, None)
+            for x in value if isinstance(value, (list, tuple)) else [value]:
+                if x is not None and not (math.isfinite(x) and ok(x)):
+                    raise SystemExit(f"--{name.replace('_', '-')} must be {what}, got {x}")
+
+
+class ResultFileError(ValueError):
+    """A results file that cannot take this benchmark's rows (`memft bench` prints it in one line)."""
+
+
 class ResultWriter:
     """Appends rows to ``path`` (CSV) and ``path.with_suffix('.jsonl')`` (one JSON object a row).
 
@@ -372,13 +390,15 @@ class ResultWriter:
                 header = next(csv.reader(fh), [])
             if header != self.fields:
                 if not _is_ordered_subset(header, self.fields):
-                    raise ValueError(f"{self.path} has other columns ({len(header)} vs {len(self.fields)}); "
+                    raise ResultFileError(f"{self.path} has other columns ({len(header)} vs {len(self.fields)}); "
                                      "write to a new file with --csv")
                 old = read_rows(self.path)
-                with open(self.path, "w", newline="", encoding="utf-8") as fh:
+                tmp = self.path.with_name(self.path.name + ".tmp")  # renamed over it: never half a file
+                with open(tmp, "w", newline="", encoding="utf-8") as fh:
                     out = csv.DictWriter(fh, self.fields, restval="")
                     out.writeheader()
                     out.writerows(old)
+                os.replace(tmp, self.path)
         else:
             with open(self.path, "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow(self.fields)

@@ -263,6 +263,8 @@ def parse_args(argv=None, prog: Optional[str] = None) -> argparse.Namespace:
     p.add_argument("--note", default="")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    timing.check_ranges(args, positive=("vocab", "hidden", "layers", "lora_r", "batch", "seq", "reps", "budget_s"),
+                        nonnegative=("threads", "warmup"))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():

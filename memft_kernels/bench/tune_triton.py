@@ -240,6 +240,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 
 def main(argv=None, prog: Optional[str] = None) -> List[Dict[str, object]]:
     args = build_parser(prog).parse_args(argv)
+    timing.check_ranges(args, positive=("n", "v", "reps", "budget_s", "copy_mib"), nonnegative=("warmup", "time_cap"))
     if args.smoke:
         args.n = args.n or 8
         args.v = args.v or [37]

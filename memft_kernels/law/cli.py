@@ -99,10 +99,12 @@ def _sweep(args) -> int:
 
     try:
         base = _parse_settings(args.set, "--set")
-        if args.steps is not None:
-            base["steps"] = args.steps
-        if args.model is not None:
-            base["model"] = args.model
+        for key, flag in (("steps", args.steps), ("model", args.model)):
+            if flag is None:
+                continue
+            if key in base and base[key] != flag:  # the flag used to win silently
+                raise LawInputError(f"--{key} {flag} and --set {key}={base[key]} contradict each other; give one")
+            base[key] = flag
         if args.threads_per_worker < 0:
             raise LawInputError(f"--threads-per-worker must be >= 0, got {args.threads_per_worker}")
         base.setdefault("threads", args.threads_per_worker)

@@ -133,6 +133,21 @@ def _correct_from(record: dict, where: str):
     raise LawInputError(f"{where}: needs 'correct', or 'pred' and 'target', next to 'prob'")
 
 
+def _csv_bool(text: str) -> bool:
+    """A CSV 'correct' cell: true/false, yes/no, or a number equal to 1 or 0 ("1.0" as pandas writes a
+    float column). Anything else raises ValueError (it used to read as False: "1.0" became a wrong
+    prediction, a violation of p > 0.5 => correct that was not there)."""
+    word = text.strip().lower()
+    if word in ("true", "yes"):
+        return True
+    if word in ("false", "no"):
+        return False
+    value = float(word)
+    if value not in (0.0, 1.0):
+        raise ValueError(word)
+    return value == 1.0
+
+
 def _from_records(records, where_of) -> tuple[np.ndarray, np.ndarray]:
     probs, corrects = [], []
     for i, rec in enumerate(records):
@@ -208,9 +223,10 @@ def load_token_stats(path) -> tuple[np.ndarray, np.ndarray, str]:
             try:
                 rec = {k: float(v) for k, v in row.items() if k in ("prob", "pred", "target")}
                 if "correct" in row:
-                    rec["correct"] = row["correct"].strip().lower() in ("1", "true", "yes")
+                    rec["correct"] = _csv_bool(row["correct"])
             except (TypeError, ValueError, AttributeError):
-                raise LawInputError(f"{path} line {i + 2}: a value is not a number") from None
+                raise LawInputError(f"{path} line {i + 2}: a value is not a number (or, for 'correct', "
+                                    f"true/false or 1/0)") from None
             records.append(rec)
         prob, correct = _from_records(records, lambda i: f"{path} line {i + 2}")
     elif suffix in (".safetensors", ".pt", ".npz"):

@@ -52,8 +52,8 @@ def resume(run_dir: str) -> dict:
         if stored is None:
             raise TrainInputError(f"{path!r} is unusable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}) "
                                   "and the checkpoint holds no copy of the config") from None
-        warnings.warn(f"{path!r} is unusable ({type(exc).__name__}); using the copy of the config stored in "
-                      "the checkpoint", stacklevel=2)
+        warnings.warn(f"{path!r} is unusable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                      "using the copy of the config stored in the checkpoint", stacklevel=2)
         config = TrainConfig.from_dict(stored)
         ckpt.atomic_write_json(path, dict(config.to_dict(), run_dir=config.run_dir or run_dir))
     if config.run_dir is None or os.path.abspath(config.run_dir) != os.path.abspath(run_dir):

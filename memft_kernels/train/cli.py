@@ -123,7 +123,7 @@ class _Bool(argparse.BooleanOptionalAction):
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="LoRA memorization training with MemFT or CE (embedded default: ~3 min on 2 CPU cores)",
+        "train", help="LoRA memorization training with MemFT or CE (embedded default: about 1 min on a CPU core)",
         description="Fine-tune a LoRA adapter to memorize text exactly; see docs/TRAINING.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -168,6 +168,9 @@ def _run(args) -> int:
 
     try:
         if args.resume:
+            if args.plan:  # --plan used to be ignored here: the run went on training
+                raise TrainInputError(f"--plan prints a new run's memory plan and exits, --resume trains: give one "
+                                      f"of them (the plan of {args.resume!r} is in its plan.json)")
             if not os.path.isdir(args.resume):
                 raise TrainInputError(f"--resume {args.resume!r}: no such run folder")
             # the run continues exactly as its config.json says: a changed option would be ignored silently
@@ -181,6 +184,8 @@ def _run(args) -> int:
                                       f"changed (start a new run to change it)")
             reports = [resume(args.resume)]
         else:
+            if args.compare and "loss" in (getattr(args, "given_options", None) or ()):  # used to be ignored
+                raise TrainInputError(f"--loss {args.loss} and --compare: --compare names the losses it runs; give one")
             options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
             if args.recipe:
                 from .recipes import describe, recipe_config
@@ -243,7 +248,8 @@ def _compare(config: TrainConfig, losses) -> list:
                    for sub in (config.replace(loss=loss, run_dir=os.path.join(base, loss)) for loss in losses)]
     except RunInterrupted as exc:  # Ctrl-C: the run's checkpoint is saved; the table needs every run
         given = "" if config.run_dir else f" and --run-dir {base}"
-        raise RunInterrupted(f"{exc}; or finish the whole comparison: the same --compare command{given}") from None
+        raise RunInterrupted(f"{exc}; or finish the whole comparison: the same --compare command{given}",
+                             exit_code=getattr(exc, "exit_code", 130)) from None
     import torch.distributed as dist
 
     if not (dist.is_initialized() and dist.get_rank() != 0):

@@ -59,7 +59,7 @@ class TrainConfig:
     replace_rate: float = 0.0  # text task: share of tokens swapped for random ones
     tokenizer: str = "auto"  # auto (model's own for --model, else byte) | byte | trained | model
     trained_vocab: int = 512  # vocabulary of the tokenizer trained in-process
-    vocab_size: int = 4096  # random task on a built-in model: ids drawn from [0, vocab_size)
+    vocab_size: int = 4096  # random task on a built-in model: ids drawn from [0, vocab_size - 2) (then <pad>, <bos>)
     curriculum: bool = False  # train on a growing prefix of one seeded order of the samples
     curriculum_style: str = "paper"  # paper: the authors' rule (below); stages: 20/40/.../100% every curriculum_epochs
     curriculum_ratios: Optional[List[float]] = None  # paper: share of the samples per period; None = 0.2,0.4,0.6,0.8,1.0
@@ -131,7 +131,7 @@ class TrainConfig:
         need(self.samples > 0, f"samples={self.samples!r} must be > 0")
         need(0.0 <= self.replace_rate <= 1.0, f"replace_rate={self.replace_rate!r} must be in [0, 1]")
         need(self.trained_vocab >= 260, f"trained_vocab={self.trained_vocab!r} must be >= 260 (256 bytes + specials)")
-        need(self.vocab_size >= 2, f"vocab_size={self.vocab_size!r} must be >= 2")
+        need(self.vocab_size >= 3, f"vocab_size={self.vocab_size!r} must be >= 3 (the last two ids are <bos> and <pad>)")
         need(0.0 < self.threshold <= 1.0, f"threshold={self.threshold!r} must be in (0, 1]")
         need(self.sharpness > 0, f"sharpness={self.sharpness!r} must be > 0")
         need(self.window_span > 0 and self.window_decay > 0, "window_span and window_decay must be > 0")

@@ -626,35 +626,51 @@ def _restore(run: Run, state: dict) -> None:
 # The run
 # ---------------------------------------------------------------------------------------------
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: the run stopped after a whole step and saved a checkpoint."""
+    """Ctrl-C (or SIGTERM) during training: the run stopped after a whole step and saved a checkpoint.
+    ``exit_code``: what `memft train` exits with (130 for SIGINT, 143 for SIGTERM, as the shell's)."""
+
+    def __init__(self, message: str = "", exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _StopOnInterrupt:
-    """The first SIGINT asks the loop to stop after the current step (which then checkpoints);
-    a second one interrupts at once. Installed only in the main thread over Python's default handler."""
+    """The first SIGINT (Ctrl-C) or SIGTERM (``kill``, a scheduler's stop or preemption: SLURM,
+    Kubernetes) asks the loop to stop after the current step (which then checkpoints); a second one
+    interrupts at once. Each is installed only in the main thread over Python's default handler of
+    that signal (a handler of the embedding program's own is left alone)."""
 
     def __init__(self):
-        self.requested, self._previous = False, None
+        self.requested, self.signum, self._previous = False, None, {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def __enter__(self):
         import signal
         import threading
 
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc):
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
+
+    def interrupted(self, run: Run) -> RunInterrupted:
+        import signal
+
+        name, code = ("terminated (SIGTERM)", 143) if self.signum == signal.SIGTERM else ("interrupted", 130)
+        return RunInterrupted(f"{name} after step {run.step} of {run.config.steps}; checkpoint saved, "
+                              f"continue with: memft train --resume {run.run_dir}", exit_code=code)
 
     def stop(self, run: Run) -> bool:
         """Whether to stop now (agreed over ranks: one rank's Ctrl-C stops all at the same step)."""
@@ -809,8 +825,7 @@ def _train_and_finish(run: Run, start: float) -> dict:
                     _save(run)
                 if bar is not None:
                     bar.close()
-                raise RunInterrupted(f"interrupted after step {run.step} of {config.steps}; checkpoint saved, "
-                                     f"continue with: memft train --resume {run.run_dir}")
+                raise interrupt.interrupted(run)
     if bar is not None:
         bar.close()
 
