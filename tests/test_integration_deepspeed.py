@@ -16,10 +16,15 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed): its Trainer runs are skipped")
 
-from memft_kernels.integrations.trainer import add_memft_to_trainer  # noqa: E402
-from test_integration_trainer import (  # noqa: E402
-    _ddp_lora_model, _fsdp_rows, rel, sgd_args, snapshot,
+from test_integration_trainer import (
+    _ddp_lora_model,
+    _fsdp_rows,
+    rel,
+    sgd_args,
+    snapshot,
 )
+
+from memft_kernels.integrations.trainer import add_memft_to_trainer
 
 THRESHOLD = 1.0 / 97
 
