@@ -275,6 +275,18 @@ def _run_compiled(mesh):
             out[name] = tuple(runs)
         except Exception as exc:  # noqa: BLE001 - the test checks the message
             out[name] = dict(error=(type(exc).__name__, str(exc)))
+    # A check failing on rank 1 only while the call is traced (a float target: seen at trace time), without
+    # fullgraph: the call runs eagerly there, so the failure still reaches rank 0 through the dp all_reduce.
+    torch._dynamo.reset()
+    bad = y[rows].float() if rank == 1 else y[rows]
+    a = x[rows].clone().requires_grad_(True)
+    try:
+        loss = torch.compile(lambda t: memft_loss(t, bad, dp_group=world, validate=False, backend="torch"),
+                             backend="aot_eager")(a)
+        loss.backward()
+        out["dp_group_failure_carried"] = dict(loss=loss.detach(), grad=a.grad)
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message
+        out["dp_group_failure_carried"] = dict(error=(type(exc).__name__, str(exc)))
     torch._dynamo.reset()
     return out
 
@@ -393,6 +405,18 @@ def test_torch_compile_fullgraph_with_dtensor_names_the_alternative(spawned):
         kind, message = spawned[rank]["compiled"]["dtensor_fullgraph"]["error"]
         assert "with sharded (or Partial) DTensor inputs run eagerly" in message, message
         assert "Compile without fullgraph=True" in message and "crc32" not in message
+
+
+def test_torch_compile_carries_a_trace_time_failure_over_dp_group(spawned):
+    """torch.compile (no fullgraph) of memft_loss with dp_group, rank 1's target a float tensor (a check that fails
+    while tracing): as eagerly, rank 1 raises its TypeError and rank 0, which passed its checks, gets a NaN loss and
+    gradient (validate=False) from the dp all_reduce instead of waiting in it (docs/SPEC.md, dp_group; under
+    fullgraph=True that rank stops before its graph runs: not run here, it would leave rank 0 waiting)."""
+    kind, message = spawned[1]["compiled"]["dp_group_failure_carried"]["error"]
+    assert kind == "TypeError" and "target must be an integer tensor" in message, message
+    got = spawned[0]["compiled"]["dp_group_failure_carried"]
+    assert "error" not in got, got
+    assert torch.isnan(got["loss"]) and bool(torch.isnan(got["grad"]).all())
 
 
 def test_docs_example_colwise_lm_head(spawned):

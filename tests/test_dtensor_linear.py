@@ -172,6 +172,10 @@ PLAN_1D += [
          options=dict(policy="sigmoid", reduction="none")),
     dict(name="feature_shard_float32_auto", seed=22, hidden="d", weight="v", target="rows", dtype=torch.float32,
          backend="auto", options=dict(policy="hard", z_loss=1e-3)),
+    # the caller reduce-scatters the Partial hidden to the sequence-parallel layout first ("first": hidden.redistribute
+    # to those placements before the call), the detour docs/DISTRIBUTED.md said was cheaper in the backward
+    dict(name="partial_hidden_reduce_scattered_first", seed=45, hidden="p", weight="v", target="rows", first="t",
+         token_weight=True, options=dict(policy="sigmoid")),
 ]
 
 # 2 x 2 mesh ("dp", "tp"): the weight Shard(0) on "tp" (or replicated)
@@ -352,7 +356,8 @@ def _run_case_counted(case, mesh, log):
 
     try:
         with CommDebugMode() as comm_fwd:
-            loss, stats = memft_linear_loss(dh, dw, y_arg, db, token_weight=tw_arg, return_stats=True, **opts)
+            x = dh.redistribute(mesh, _placements(case["first"], h.ndim)) if case.get("first") else dh
+            loss, stats = memft_linear_loss(x, dw, y_arg, db, token_weight=tw_arg, return_stats=True, **opts)
     except Exception as exc:  # noqa: BLE001 - the test checks type and message per rank
         return dict(error=(type(exc).__name__, str(exc)))
     up = (distribute_tensor(grad_out.to(loss.dtype), mesh, list(loss.placements))
@@ -502,7 +507,8 @@ def test_row_sharded_hidden_bad_inputs_raise_on_every_rank_2d(spawned_2d, case):
     _check_error(spawned_2d, case)
 
 
-@pytest.mark.parametrize("case", [c for c in PLAN_1D if c["hidden"] in "pd"], ids=lambda c: c["name"])
+@pytest.mark.parametrize("case", [c for c in PLAN_1D if c["hidden"] in "pd" and not c.get("first")],
+                         ids=lambda c: c["name"])
 def test_partial_or_feature_sharded_hidden_collectives(spawned_1d, case):
     """What docs/DISTRIBUTED.md says the redistribution costs (CommDebugMode, DTensor's functional collectives
     included): the forward adds ONE all-reduce (Partial) or all-gather (Shard(-1)) of hidden; the backward adds
@@ -513,6 +519,20 @@ def test_partial_or_feature_sharded_hidden_collectives(spawned_1d, case):
         functional = {k: n for k, n in comm["forward"].items() if "functional" in k}
         assert list(functional.values()) == [1] and next(iter(functional)).endswith(extra), (rank, comm)
         assert comm["backward"] == ({"c10d.allreduce_": 1} if case["weight"] == "v" else {}), (rank, comm)
+
+
+def test_partial_hidden_reduce_scattered_first_moves_the_same_bytes(spawned_1d):
+    """docs/DISTRIBUTED.md said reduce-scattering a Partial hidden to Shard(1) before the call made the backward ONE
+    reduce-scatter instead of the all-reduce of [N, D]; DTensor's backward of that redistribute (Partial() ->
+    Shard(1)) all-gathers the gradient back to Replicate(), so the backward moves the bytes of the all-reduce too
+    (as the forward does: reduce-scatter, then the loss's all-gather), plus the route's small check."""
+    for rank, res in enumerate(spawned_1d):
+        comm = res["partial_hidden_reduce_scattered_first"]["comm"]
+        functional = {k.rsplit(".", 1)[-1]: n for k, n in comm["forward"].items() if "functional" in k}
+        assert functional == {"reduce_scatter_tensor": 1, "all_gather_into_tensor": 1}, (rank, comm)
+        assert comm["backward"] == {"c10d._reduce_scatter_base_": 1, "c10d_functional.all_gather_into_tensor": 1}, (
+            rank, comm)
+        assert comm["forward"].get("c10d.allreduce_") == 1, (rank, comm)  # the sequence-parallel route's check
 
 
 def test_sequence_parallel_with_a_data_parallel_group_outside_the_mesh(spawned_2d):

@@ -1,0 +1,165 @@
+"""add_memft_to_trainer under DeepSpeed (transformers' Trainer with TrainingArguments(deepspeed={...})),
+2 CPU processes on gloo: DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) falls back to gloo when
+oneccl_bindings_for_pytorch is not installed, so its engine (ZeRO stages 0, 1 and 2, its own
+gradient averaging, clipping and optimizer step inside accelerate's backward) runs here.
+
+With gradient_accumulation_steps=1 every run equals the same Trainer run in one process without
+DeepSpeed (2 rows per micro-batch there, 1 per rank here): every parameter's update after each
+step, the logged loss, grad_norm and recall metrics. gradient_accumulation_steps > 1 is refused at
+add time, on a real DeepSpeed Trainer."""
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install deepspeed): its Trainer runs are skipped")
+
+from test_integration_trainer import (
+    _ddp_lora_model,
+    _fsdp_rows,
+    rel,
+    sgd_args,
+    snapshot,
+)
+
+from memft_kernels.integrations.trainer import add_memft_to_trainer
+
+THRESHOLD = 1.0 / 97
+
+
+def _ds_config(stage):
+    # "auto": the Trainer fills batch size, accumulation and clipping from its TrainingArguments. The
+    # Trainer's own torch SGD goes to DeepSpeed as a client optimizer (ZeRO then wants the flag).
+    return {
+        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto", "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+    }
+
+
+# name: (ZeRO stage, add_memft_to_trainer options, TrainingArguments overrides)
+DS_CASES = {
+    "z0-logits-clip": (0, dict(policy="hard", threshold=THRESHOLD), dict(max_steps=3, max_grad_norm=0.5)),
+    "z1-fused": (1, dict(policy="hard", threshold=THRESHOLD, fused=True), dict(max_steps=3)),
+    "z2-logits-clip": (2, dict(policy="sigmoid", threshold=THRESHOLD), dict(max_steps=3, max_grad_norm=0.5)),
+    "z2-fused": (2, dict(policy="hard", threshold=THRESHOLD, fused=True), dict(max_steps=3)),
+}
+
+
+def _ds_case(name, outdir, deepspeed):
+    """One Trainer run of DS_CASES[name]: under DeepSpeed on this process's rank (1 row per device), or
+    in one process without it (2 rows per device, the same rows per step). Returns what is compared."""
+    from torch.utils.data import SequentialSampler
+
+    class InOrder(transformers.Trainer):  # the same rows in every step, in both runs
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    stage, options, overrides = DS_CASES[name]
+    ids, labels = _fsdp_rows()
+    model = _ddp_lora_model()
+    dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
+    # max_grad_norm 1e6: never clips, but both runs log the step's gradient norm
+    settings = dict(dict(learning_rate=0.5, gradient_accumulation_steps=1, max_grad_norm=1e6), **overrides)
+    if deepspeed:
+        settings.update(deepspeed=_ds_config(stage))
+    else:
+        settings.update(per_device_train_batch_size=2)
+    before = snapshot(model)
+    trainer = InOrder(model=model, args=sgd_args(outdir, **settings), train_dataset=dataset)
+    add_memft_to_trainer(trainer, **options)
+    trainer.train()
+    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return dict(update={n: before[n] - after[n] for n in before}, logs=logs, steps=trainer.state.global_step,
+                is_deepspeed=bool(trainer.is_deepspeed_enabled), world=trainer.args.world_size,
+                engine=type(trainer.model_wrapped).__name__)
+
+
+def _ds_refusals(outdir):
+    """add_memft_to_trainer on real DeepSpeed Trainers (built, not trained)."""
+    from memft_kernels.integrations.trainer import _is_deepspeed
+
+    model = _ddp_lora_model()
+    out = {}
+    for stage in (0, 1, 2):
+        args = sgd_args(outdir, gradient_accumulation_steps=2, deepspeed=_ds_config(stage))
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=[])
+        out[f"detected{stage}"] = _is_deepspeed(trainer) and trainer.is_deepspeed_enabled
+        try:
+            add_memft_to_trainer(trainer, policy="hard")
+            out[f"ga2-{stage}"] = "accepted"
+        except NotImplementedError as error:
+            out[f"ga2-{stage}"] = str(error)
+        add_memft_to_trainer(trainer, policy="hard", exact_active_mean=False)  # num_items_in_batch: allowed
+    return out
+
+
+def _no_shm_op():
+    """DeepSpeed's TorchBackend JIT-compiles a shared-memory C++ op (ninja, ~2 min on 2 cores) at init,
+    used only by its inference_all_reduce; training collectives go through torch.distributed (gloo)."""
+    import sys
+
+    import deepspeed.comm.torch  # noqa: F401 (deepspeed.comm's attribute "torch" is pytorch itself)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _ds_worker(rank, port, outdir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    _no_shm_op()
+    results = {name: _ds_case(name, f"{outdir}/{name}-r{rank}", deepspeed=True) for name in DS_CASES}
+    results["refusals"] = _ds_refusals(f"{outdir}/refusals-r{rank}")
+    torch.save(results, f"{outdir}/ds-rank{rank}.pt")
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def ds_results(tmp_path_factory):
+    from helpers import free_port, rank_results, spawn_ranks
+
+    outdir = tmp_path_factory.mktemp("trainer-deepspeed")
+    spawn_ranks(_ds_worker, 2, (free_port(), str(outdir)), 300.0, "the 2-rank DeepSpeed Trainer runs")
+    return rank_results(outdir, 2, "ds-rank{}.pt")
+
+
+@pytest.mark.parametrize("name", list(DS_CASES))
+def test_trainer_deepspeed_two_gloo_ranks_equal_one_process(name, ds_results, tmp_path):
+    single = _ds_case(name, tmp_path / "single", deepspeed=False)
+    assert not single["is_deepspeed"]
+    for rank, results in enumerate(ds_results):
+        result = results[name]
+        assert result["is_deepspeed"] and result["world"] == 2 and result["engine"] == "DeepSpeedEngine"
+        assert result["steps"] == single["steps"]
+        assert result["update"].keys() == single["update"].keys()
+        for n, ref in single["update"].items():
+            assert rel(result["update"][n], ref) < 1e-5, (rank, n, rel(result["update"][n], ref))
+        assert len(result["logs"]) == len(single["logs"]) == single["steps"]
+        for got, want in zip(result["logs"], single["logs"]):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+            if DS_CASES[name][0] > 0:  # stage 0 in float32 clips without recording the norm: none logged
+                assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+            for key in ("recalled_frac", "token_accuracy", "n_active"):
+                assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_deepspeed_with_gradient_accumulation_is_refused_at_add_time(ds_results):
+    """A real DeepSpeed Trainer (TrainingArguments(deepspeed=...), 2 ranks) is detected, and
+    gradient_accumulation_steps=2 with the exact active mean is refused when add_memft_to_trainer is
+    called (not at the first step); exact_active_mean=False is allowed."""
+    for results in ds_results:
+        refusals = results["refusals"]
+        for stage in (0, 1, 2):
+            assert refusals[f"detected{stage}"]
+            assert "DeepSpeed" in refusals[f"ga2-{stage}"] and "own buffers" in refusals[f"ga2-{stage}"]
