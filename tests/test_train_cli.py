@@ -152,7 +152,9 @@ def _train_cases():
     # (--backend cpu --dtype float16 was refused until the CPU kernels took float16 logits.)
     cases += [["--autocast", "bf16", "--dtype", "bfloat16"], ["--fsdp"], ["--curriculum"], ["--device", "cuda"],
               ["--task", "text", "--data", "DIR"],
-              ["--loss", "ce", "--compare", "ce,memft-ot"]]  # --loss used to be ignored silently
+              ["--loss", "ce", "--compare", "ce,memft-ot"],  # --loss used to be ignored silently
+              ["--epochs", "2", "--samples", "2", "--batch-size", "1"],  # with the base's --steps: was ignored
+              ["--recipe", "paper-longcontext", "--epochs", "2"]]
     return cases
 
 
@@ -419,6 +421,18 @@ def test_sigint_prints_one_line_and_leaves_a_resumable_run(tmp_path):
     b = json.load(open(os.path.join(stopped_dir, "report.json")))
     for key in ("base_loss", "final_loss", "token_accuracy", "recalled_frac", "exact_recall", "first_wrong"):
         assert a[key] == b[key], key
+
+
+def test_a_recipe_with_steps_runs_that_many_steps():
+    """`--recipe NAME --steps N` used to keep the recipe's epochs, which decide the steps: N was ignored
+    (paper-phonebook ran its 2600 steps)."""
+    from memft_kernels.train import recipe_config
+    from memft_kernels.train.recipes import describe
+
+    config = recipe_config("paper-phonebook", steps=3, model="nano")
+    assert (config.steps, config.epochs) == (3, 0)
+    assert "flag --steps" in describe(config, {"steps", "model"}).split("epochs", 1)[1].splitlines()[0]
+    assert recipe_config("paper-phonebook", steps=3, epochs=2, model="nano").epochs == 2  # API: epochs decide
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_one_line(tmp_path):
