@@ -266,6 +266,15 @@ def _exchange_layout(group, device, record: torch.Tensor, own_error, where: str)
     return check_layout(records, dist.get_rank(group), own_error, where)
 
 
+# torch.compile(fullgraph=True) cannot trace the layout check (a host read each call); this is its error.
+LAYOUT_CHECK_EAGER = ("vocab_parallel_memft_loss / vocab_parallel_memft_linear_loss exchange a layout check between "
+                      "the group's ranks and read it on the host each call (also with validate=False), which "
+                      "torch.compile(fullgraph=True) cannot trace. Compile without fullgraph=True (the check then runs "
+                      "eagerly at a graph break, with the same result), or call the loss outside the "
+                      "fullgraph-compiled function")
+
+
+@torch.compiler.disable(reason=LAYOUT_CHECK_EAGER)
 def checked_layout(where: str, single: str, group, device: torch.device, prepare: Callable[[torch.Tensor], Any], *,
                    options: LossOptions, target, dp_group=None):
     """The opening of every vocab-parallel call: ``prepare(record)`` validates this rank's inputs and
@@ -277,7 +286,8 @@ def checked_layout(where: str, single: str, group, device: torch.device, prepare
     part in the call's ``dp_group`` all_reduce before it raises (``raise_over_dp``): the dp peers,
     whose own groups may have passed their checks, raise too (NaN with validate=False) instead of
     waiting in it. ``single``: the one-process function named when no process group exists.
-    Returns ``(layout, what prepare returned)``."""
+    Returns ``(layout, what prepare returned)``. Runs eagerly under torch.compile (one graph break;
+    ``fullgraph=True``: an error naming the alternatives, ``LAYOUT_CHECK_EAGER``)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"{where} needs an initialized torch.distributed process group "

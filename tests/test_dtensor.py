@@ -275,6 +275,18 @@ def _run_compiled(mesh):
             out[name] = tuple(runs)
         except Exception as exc:  # noqa: BLE001 - the test checks the message
             out[name] = dict(error=(type(exc).__name__, str(exc)))
+    # A check failing on rank 1 only while the call is traced (a float target: seen at trace time), without
+    # fullgraph: the call runs eagerly there, so the failure still reaches rank 0 through the dp all_reduce.
+    torch._dynamo.reset()
+    bad = y[rows].float() if rank == 1 else y[rows]
+    a = x[rows].clone().requires_grad_(True)
+    try:
+        loss = torch.compile(lambda t: memft_loss(t, bad, dp_group=world, validate=False, backend="torch"),
+                             backend="aot_eager")(a)
+        loss.backward()
+        out["dp_group_failure_carried"] = dict(loss=loss.detach(), grad=a.grad)
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message
+        out["dp_group_failure_carried"] = dict(error=(type(exc).__name__, str(exc)))
     torch._dynamo.reset()
     return out
 
@@ -393,6 +405,18 @@ def test_torch_compile_fullgraph_with_dtensor_names_the_alternative(spawned):
         kind, message = spawned[rank]["compiled"]["dtensor_fullgraph"]["error"]
         assert "with sharded (or Partial) DTensor inputs run eagerly" in message, message
         assert "Compile without fullgraph=True" in message and "crc32" not in message
+
+
+def test_torch_compile_carries_a_trace_time_failure_over_dp_group(spawned):
+    """torch.compile (no fullgraph) of memft_loss with dp_group, rank 1's target a float tensor (a check that fails
+    while tracing): as eagerly, rank 1 raises its TypeError and rank 0, which passed its checks, gets a NaN loss and
+    gradient (validate=False) from the dp all_reduce instead of waiting in it (docs/SPEC.md, dp_group; under
+    fullgraph=True that rank stops before its graph runs: not run here, it would leave rank 0 waiting)."""
+    kind, message = spawned[1]["compiled"]["dp_group_failure_carried"]["error"]
+    assert kind == "TypeError" and "target must be an integer tensor" in message, message
+    got = spawned[0]["compiled"]["dp_group_failure_carried"]
+    assert "error" not in got, got
+    assert torch.isnan(got["loss"]) and bool(torch.isnan(got["grad"]).all())
 
 
 def test_docs_example_colwise_lm_head(spawned):
@@ -832,6 +856,41 @@ def test_torch_compile_fullgraph_one_rank_mesh(one_rank_mesh):
         compiled(linear("active"), hh, w)
     assert torch.equal(compiled(linear("valid"), hh, w), linear("valid")(hh, w))
     torch._dynamo.reset()
+
+
+def test_vocab_parallel_torch_compile_one_rank_group(one_rank_mesh):
+    """The vocab-parallel functions called directly (plain local tensors, a group) under torch.compile: with
+    fullgraph=True one error naming the alternatives, as the DTensor calls give (before: Dynamo's "Attempted to
+    call function marked as skipped ... zlib.crc32" from the layout check's option checksum, naming nothing to
+    do); without fullgraph the layout check runs eagerly at a graph break (was 7 breaks) and the loss and
+    gradients equal the eager call's."""
+    import torch._dynamo
+    from torch._dynamo.exc import Unsupported
+
+    from memft_kernels.distributed import vocab_parallel_memft_loss
+    from memft_kernels.vocab_parallel_linear import vocab_parallel_memft_linear_loss
+
+    x, y, _, _ = make_inputs(dict(seed=64, v=9, shape=(4, 3)))
+    g = torch.Generator().manual_seed(65)
+    h, w = torch.randn(4, 3, 5, generator=g, dtype=F64), torch.randn(9, 5, generator=g, dtype=F64)
+    calls = {"loss": (lambda a: vocab_parallel_memft_loss(a[0] * 2, y, policy="sigmoid", validate=False,
+                                                          backend="torch"), [x]),
+             "linear": (lambda a: vocab_parallel_memft_linear_loss(a[0], a[1], y, policy="sigmoid", validate=False,
+                                                                   backend="torch"), [h, w])}
+    for fn, inputs in calls.values():
+        torch._dynamo.reset()
+        with pytest.raises(Unsupported, match=r"exchange a layout check.*Compile without fullgraph=True"):
+            torch.compile(fn, backend="aot_eager", fullgraph=True)([t.clone() for t in inputs])
+    fn, inputs = calls["loss"]
+    runs = []
+    for f in (torch.compile(fn, backend="aot_eager"), fn):
+        torch._dynamo.reset()
+        args = [t.clone().requires_grad_(True) for t in inputs]
+        loss = f(args)
+        loss.backward()
+        runs.append([loss.detach()] + [t.grad for t in args])
+    torch._dynamo.reset()
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), runs
 
 
 class _ModelWithLoss(torch.nn.Module):

@@ -152,7 +152,9 @@ def _train_cases():
     # (--backend cpu --dtype float16 was refused until the CPU kernels took float16 logits.)
     cases += [["--autocast", "bf16", "--dtype", "bfloat16"], ["--fsdp"], ["--curriculum"], ["--device", "cuda"],
               ["--task", "text", "--data", "DIR"],
-              ["--loss", "ce", "--compare", "ce,memft-ot"]]  # --loss used to be ignored silently
+              ["--loss", "ce", "--compare", "ce,memft-ot"],  # --loss used to be ignored silently
+              ["--epochs", "2", "--samples", "2", "--batch-size", "1"],  # with the base's --steps: was ignored
+              ["--recipe", "paper-longcontext", "--epochs", "2"]]
     return cases
 
 
@@ -178,6 +180,27 @@ def test_train_bad_value_is_one_line_exit_2_and_leaves_no_run_folder(case, capsy
         base = base[:i] + base[i + 2:]
     _one_line_exit_2(base + _fill(case, tmp_path), capsys)
     assert not out_dir.exists() or not any(out_dir.iterdir()), list(out_dir.iterdir())
+
+
+@pytest.mark.parametrize("weights, says", [
+    (None, "cannot load its weights (OSError: "),  # config.json alone: a transformers traceback
+    (b"garbage", "cannot load its weights (SafetensorError: "),  # a cut or foreign weights file
+    ("unknown-type", "cannot read its config (ValueError: "),  # transformers' message ran over 2 lines
+])
+def test_a_model_folder_that_cannot_load_is_one_line_exit_2(weights, says, tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "model"
+    LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(folder)
+    if weights == "unknown-type":
+        (folder / "config.json").write_text('{"model_type": "no-such-model"}')
+    elif weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    err = _one_line_exit_2(["train", "--model", str(folder), "--tokenizer", "byte", "--task", "text", "--length", "8",
+                            "--steps", "1", "--no-progress", "--no-plots", "--out-dir", str(tmp_path / "runs")], capsys)
+    assert says in err, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 @pytest.mark.parametrize("argv", [["info", "--bogus"], ["info", "extra"], ["info", "--version=1"]])
@@ -245,6 +268,8 @@ BENCH_RANGES = [
     (["train-step", "--smoke", "--device", "cpu", "--threads", "-1", "--csv", "OUT"], "--threads must be >= 0"),
     (["tune-triton", "--smoke", "--device", "cpu", "--v", "37", "-5", "--csv", "OUT"], "--v must be > 0"),
     (["train-step", "--smoke", "--device", "cpu", "--providers", "memft", "--csv", "OTHER"], "has other columns"),
+    (["report", "OTHER", "--no-png"], "no benchmark rows in"),  # printed nothing, exit 0
+    (["report", "BINARY", "--no-png"], "not a CSV of benchmark results"),  # UnicodeDecodeError traceback
 ]
 
 
@@ -252,7 +277,9 @@ BENCH_RANGES = [
 def test_bench_out_of_range_values_are_one_line(argv, says, tmp_path, capsys):
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")
-    argv = [str(tmp_path / "out.csv") if a == "OUT" else str(other) if a == "OTHER" else a for a in argv]
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe,a\n")
+    subs = {"OUT": str(tmp_path / "out.csv"), "OTHER": str(other), "BINARY": str(tmp_path / "binary.csv")}
+    argv = [subs.get(a, a) for a in argv]
     err = _one_line_exit_2(["bench", *argv], capsys)
     assert says in err, err
     assert other.read_text() == "a,b\n1,2\n"
@@ -394,6 +421,18 @@ def test_sigint_prints_one_line_and_leaves_a_resumable_run(tmp_path):
     b = json.load(open(os.path.join(stopped_dir, "report.json")))
     for key in ("base_loss", "final_loss", "token_accuracy", "recalled_frac", "exact_recall", "first_wrong"):
         assert a[key] == b[key], key
+
+
+def test_a_recipe_with_steps_runs_that_many_steps():
+    """`--recipe NAME --steps N` used to keep the recipe's epochs, which decide the steps: N was ignored
+    (paper-phonebook ran its 2600 steps)."""
+    from memft_kernels.train import recipe_config
+    from memft_kernels.train.recipes import describe
+
+    config = recipe_config("paper-phonebook", steps=3, model="nano")
+    assert (config.steps, config.epochs) == (3, 0)
+    assert "flag --steps" in describe(config, {"steps", "model"}).split("epochs", 1)[1].splitlines()[0]
+    assert recipe_config("paper-phonebook", steps=3, epochs=2, model="nano").epochs == 2  # API: epochs decide
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_one_line(tmp_path):

@@ -16,6 +16,7 @@ plain-CE fused peers).
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -30,7 +31,10 @@ _GROUP = ("device_name", "threads", "N", "dtype", "mode")
 def load(paths: Sequence[Path]) -> List[Dict[str, str]]:
     rows: List[Dict[str, str]] = []
     for path in paths:
-        rows += timing.read_rows(Path(path))
+        try:
+            rows += timing.read_rows(Path(path))
+        except (UnicodeDecodeError, csv.Error) as exc:  # used to be a traceback
+            raise SystemExit(f"{path}: not a CSV of benchmark results ({type(exc).__name__}: {exc})") from None
     return rows
 
 
@@ -282,9 +286,16 @@ def main(argv=None, prog: Optional[str] = None) -> int:
     sections = [loss_tables(rows, mode=args.mode, dtype=args.dtype, n=args.n),
                 targets_tables(rows, mode=args.mode, dtype=args.dtype, n=args.n), linear_table(rows), train_table(rows)]
     text = "\n".join(s.rstrip("\n") + "\n" for s in sections if s.strip())
+    if not text.strip():  # used to print nothing and exit 0
+        filters = " matching --mode/--dtype/--n" if (args.mode or args.dtype or args.n) else ""
+        raise SystemExit(f"no benchmark rows{filters} in {', '.join(args.csv)} (result CSVs of memft bench loss, "
+                         "linear-loss or train-step)")
     print(text)
     if args.md:
-        Path(args.md).write_text(text, encoding="utf-8")
+        try:
+            Path(args.md).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise SystemExit(f"cannot write --md {args.md}: {exc.strerror or exc}") from None
     if not args.no_png:
         png = Path(args.png) if args.png else Path(args.csv[0]).with_suffix(".png")
         if plot(rows, png):

@@ -184,7 +184,8 @@ def _run(args) -> int:
                                       f"changed (start a new run to change it)")
             reports = [resume(args.resume)]
         else:
-            if args.compare and "loss" in (getattr(args, "given_options", None) or ()):  # used to be ignored
+            given = set(getattr(args, "given_options", None) or ())
+            if args.compare and "loss" in given:  # used to be ignored
                 raise TrainInputError(f"--loss {args.loss} and --compare: --compare names the losses it runs; give one")
             options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
             if args.recipe:
@@ -192,9 +193,13 @@ def _run(args) -> int:
 
                 given = set(getattr(args, "given_options", None) or ()) - {"recipe"}
                 config = recipe_config(args.recipe, **{k: options[k] for k in given})
-                print(describe(config, given), flush=True)
             else:
                 config = TrainConfig(**options).validate()
+            if {"steps", "epochs"} <= given and config.epochs:  # --steps used to be ignored
+                raise TrainInputError(f"--steps {config.steps} and --epochs {config.epochs}: with --epochs the steps "
+                                      "follow from the epochs; give one")
+            if args.recipe:
+                print(describe(config, given), flush=True)
             if args.plan:
                 from .loop import idle_note, setup
                 from .plan import format_plan

@@ -44,7 +44,7 @@ def check_model_dir(path: str) -> None:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad model folder
-        raise TrainInputError(f"model folder {path!r}: cannot read its config ({type(exc).__name__}: {exc})") from None
+        raise TrainInputError(f"model folder {path!r}: cannot read its config ({_first_line(exc)})") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
         raise TrainInputError(f"model folder {path!r} holds a {config.model_type!r} model, which is not a causal LM")
 
@@ -72,11 +72,24 @@ def build_model(name: str, vocab_size: int, init_range: float, seed: int, dtype:
     return model.to(_DTYPES[dtype])
 
 
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (transformers' messages run over several lines)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
 def load_model(path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=_DTYPES[dtype])
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=_DTYPES[dtype])
+    except (OSError, ValueError) as exc:  # no weights file, a truncated one, a shape that does not fit the config
+        raise TrainInputError(f"model folder {path!r}: cannot load its weights ({_first_line(exc)})") from None
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":  # safetensors' own error type (not an OSError)
+            raise TrainInputError(f"model folder {path!r}: cannot load its weights ({_first_line(exc)})") from None
+        raise
 
 
 def context_length(model) -> Optional[int]:

@@ -190,6 +190,8 @@ def recipe_config(name: str, **overrides) -> TrainConfig:
     settings = recipe_settings(name, overrides.get("model", TrainConfig.model))
     options = {k: v for k, (v, _) in settings.items()}
     options.update(overrides)
+    if "steps" in overrides and "epochs" not in overrides:
+        options["epochs"] = 0  # a step count given wins over the recipe's epochs (it used to be ignored)
     if not options.get("curriculum", False) or options.get("curriculum_style", "paper") != "paper":
         for key in ("curriculum_ratios", "curriculum_boundaries"):  # the recipe's lists go with its curriculum
             if key not in overrides:
@@ -206,6 +208,8 @@ def describe(config: TrainConfig, given=()) -> str:
     for key in names:
         value = getattr(config, key)
         source = "flag" if key in given else settings[key][1]
+        if key == "epochs" and "steps" in given and "epochs" not in given:
+            source = "flag --steps (the run is that many steps, not the recipe's epochs)"
         lines.append(f"  {key:<22} {value!r:<28} {source}")
     lines.append(f"  {'optimizer':<22} {'AdamW, weight_decay 0':<28} {PB_YAML}:18; {TRAINER}:349-353")
     lines.append(f"  {'lr schedule':<22} {'linear to 0, no warmup':<28} {TRAINER}:356-370 (steps = sum of batches // accum)")
