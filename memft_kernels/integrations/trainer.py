@@ -137,6 +137,57 @@ def _is_deepspeed(trainer) -> bool:
     return bool(getattr(trainer, "is_deepspeed_enabled", False)) or "DEEPSPEED" in kind
 
 
+def _deepspeed_zero_stage(trainer) -> Optional[int]:
+    """The ZeRO stage of the Trainer's DeepSpeed plugin (accelerate's), or None when it cannot be read."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None)
+    return int(stage) if stage is not None else None
+
+
+def _trainer_keeps_deepspeed_from_scaling() -> bool:
+    """Whether transformers' ``Trainer.training_step`` passes ``scale_wrt_gas=False`` to DeepSpeed's
+    backward (transformers PR 35808): else the engine divides every loss by the accumulation steps."""
+    import inspect
+
+    from transformers import Trainer
+
+    try:
+        return "scale_wrt_gas" in inspect.getsource(Trainer.training_step)
+    except (OSError, TypeError):
+        return False
+
+
+def _check_deepspeed(trainer, accumulating: bool, fallback: str) -> None:
+    """What ``exact_active_mean=True`` refuses under DeepSpeed. Its engine runs the optimizer step
+    (clipping included) inside accelerate's backward of the step's last micro-batch, before the
+    Trainer's ``on_pre_optimizer_step`` callbacks; the Trainer passes ``scale_wrt_gas=False``, so the
+    engine does not divide the loss by the accumulation steps. The accumulator scales the gradients
+    before that last backward, so the engine's step sees the final gradients (tested: ZeRO 0 to 3
+    with one micro-batch per step, ZeRO 0 and 1 with several)."""
+    stage = _deepspeed_zero_stage(trainer)
+    if accumulating and (stage is None or stage >= 2):
+        raise NotImplementedError(
+            f"add_memft_to_trainer(exact_active_mean=True) with gradient_accumulation_steps > 1 under DeepSpeed "
+            f"ZeRO stage {stage if stage is not None else '(unknown)'}: from stage 2 on, DeepSpeed's engine moves each "
+            "micro-batch's gradients into its own (partitioned) buffers during that micro-batch's backward, not "
+            "in the parameters' .grad, so the step's denominator (known only at its last micro-batch) cannot be "
+            "applied to the earlier micro-batches' gradients (measured: a wrong update, relative error ~38). Use "
+            "ZeRO stage 0 or 1, FSDP2, gradient_accumulation_steps=1, or exact_active_mean=False (the 'valid' "
+            "normalization across micro-batches, num_items_in_batch)")
+    if accumulating and not _trainer_keeps_deepspeed_from_scaling():
+        raise NotImplementedError(
+            "add_memft_to_trainer(exact_active_mean=True) with gradient_accumulation_steps > 1 under DeepSpeed: this "
+            "transformers' Trainer does not pass scale_wrt_gas=False to DeepSpeed's backward (transformers >= 4.49 "
+            "does), so the engine would divide every loss by gradient_accumulation_steps again; upgrade transformers, "
+            "or use gradient_accumulation_steps=1 or exact_active_mean=False")
+    if fallback == "zero":
+        raise NotImplementedError(
+            "add_memft_to_trainer(exact_active_mean=True, fallback='zero') under DeepSpeed: its engine steps the "
+            "optimizer inside the backward, before the Trainer's callbacks, so a step with nothing to train gets a "
+            "zero gradient instead of none, and AdamW's weight decay and momentum still move the weights (measured). "
+            "Use fallback='mean' (the default)")
+
+
 def _fsdp_version(trainer) -> Optional[int]:
     """1 or 2 when the Trainer trains with accelerate's FSDP plugin, else None."""
     accelerator = getattr(trainer, "accelerator", None)
@@ -168,8 +219,9 @@ def add_memft_to_trainer(
     instead of ``use_memft`` (logits, any causal LM). ``exact_active_mean``: the loss of every
     optimizer step is ``sum w l / sum w`` over all its micro-batches and ranks (``MemFTAccumulator``,
     docs/INTEGRATIONS.md), gradients final before the Trainer clips them (under FSDP2 with gradient
-    accumulation the Trainer then reduce-scatters after every micro-batch; DeepSpeed with gradient
-    accumulation and FSDP1 are refused); otherwise transformers'
+    accumulation the Trainer then reduce-scatters after every micro-batch; refused: FSDP1 with gradient
+    accumulation, DeepSpeed ZeRO stage 2 or 3 with gradient accumulation, DeepSpeed with
+    ``fallback="zero"``); otherwise transformers'
     ``num_items_in_batch`` convention (the "valid" normalization across micro-batches). ``metrics``:
     add ``MemFTMetricsCallback``. Other keywords are the loss's (``policy``, ``threshold``, ...).
     """
@@ -239,14 +291,8 @@ def _add_memft_to_trainer(trainer, fused, exact_active_mean, metrics, fallback, 
     if exact_active_mean:
         accumulating = trainer.args.gradient_accumulation_steps > 1
         fsdp_version = _fsdp_version(trainer)
-        if accumulating and _is_deepspeed(trainer):
-            raise NotImplementedError(
-                "add_memft_to_trainer(exact_active_mean=True) with gradient_accumulation_steps > 1 under DeepSpeed: "
-                "DeepSpeed's engine divides every loss by gradient_accumulation_steps itself and (ZeRO) accumulates the "
-                "micro-batches' gradients in its own buffers, not in the parameters' .grad, so the step's denominator "
-                "(known only at its last micro-batch) cannot be applied to the earlier micro-batches' gradients. Use "
-                "FSDP (TrainingArguments(fsdp=True, fsdp_config={'version': 2})), gradient_accumulation_steps=1, or "
-                "exact_active_mean=False (the 'valid' normalization across micro-batches, num_items_in_batch)")
+        if _is_deepspeed(trainer):
+            _check_deepspeed(trainer, accumulating, fallback)
         if accumulating and fsdp_version is not None and fsdp_version != 2:
             raise NotImplementedError(
                 f"add_memft_to_trainer(exact_active_mean=True) with gradient_accumulation_steps > 1 under FSDP version "
