@@ -63,6 +63,8 @@ BAD = [
     (SWEEP + ["--set", "rank=4"], "'rank' is a grid parameter"),
     (SWEEP + ["--set", "target_modules=[1]"], "expected List[str]"),
     (SWEEP + ["--set", "vocab_size=2"], "vocab_size=2 must be >= 3"),  # every cell failed in random
+    (SWEEP + ["--set", "recipe=paper-phonebook"], "a recipe is not applied by the sweep"),  # ran, recipe unused
+    (SWEEP + ["--set", "fsdp=true"], "--fsdp needs torchrun"),  # every cell failed after the sweep started
     (SWEEP + ["--set", "model=tiny"], "--model nano and --set model=tiny contradict"),  # --model won silently
     (SWEEP + ["--steps", "3", "--set", "steps=5"], "--steps 3 and --set steps=5 contradict"),
     (SWEEP + ["--threads-per-worker", "-1"], "--threads-per-worker must be >= 0"),

@@ -168,6 +168,11 @@ def check_cells(cells: Sequence[dict], base: dict, *, run_root: Optional[str] = 
     for key in PER_CELL_OPTIONS:
         if key in base:
             raise LawInputError(f"--set {key}: the sweep gives every cell its own {key} (under --run-root)")
+    if "recipe" in base:  # TrainConfig.recipe only records where a config came from: it set nothing
+        raise LawInputError("--set recipe: a recipe is not applied by the sweep (recipe only labels a run's config); "
+                            "give its settings with --set, e.g. --set lr=0.01")
+    if base.get("fsdp"):  # every cell would fail in setup, after the sweep started
+        raise LawInputError("--set fsdp=true: a sweep cell is one process, --fsdp needs torchrun with 2 or more ranks")
     for key, value in base.items():
         if not _type_ok(value, str(fields[key].type)):
             raise LawInputError(f"--set {key}={json.dumps(value)}: expected {fields[key].type}")
