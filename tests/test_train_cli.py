@@ -423,6 +423,23 @@ def test_sigint_prints_one_line_and_leaves_a_resumable_run(tmp_path):
         assert a[key] == b[key], key
 
 
+def test_a_plot_that_fails_leaves_the_report_and_warns(monkeypatch, tmp_path, capsys):
+    """A matplotlib failure (a bad MPLBACKEND, ...) used to be a traceback after training, before
+    report.json was written: the run's result was lost."""
+    from memft_kernels.train import report as report_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("Key backend: 'bogus' is not a valid value for backend")
+
+    monkeypatch.setattr(report_module, "write_plots", broken)
+    run_dir = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"loss.png and recall.png not written \(ValueError: Key backend"):
+        assert memft_main(["train", "--model", "nano", "--vocab-size", "64", "--length", "8", "--steps", "1",
+                           "--eval-every", "0", "--no-progress", "--no-save-adapter", "--run-dir", str(run_dir)]) == 0
+    assert json.loads((run_dir / "report.json").read_text())["steps"] == 1
+    assert (run_dir / "report.md").is_file()
+
+
 def test_a_recipe_with_steps_runs_that_many_steps():
     """`--recipe NAME --steps N` used to keep the recipe's epochs, which decide the steps: N was ignored
     (paper-phonebook ran its 2600 steps)."""

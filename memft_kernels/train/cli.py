@@ -235,7 +235,7 @@ def _run(args) -> int:
 def _compare(config: TrainConfig, losses) -> list:
     from . import finished_report, train_or_resume
     from .checkpoint import atomic_write_text
-    from .report import markdown_table, write_compare_plot
+    from .report import markdown_table, plot_or_warn, write_compare_plot
 
     bad = [x for x in losses if x not in LOSSES]
     if bad:
@@ -260,5 +260,5 @@ def _compare(config: TrainConfig, losses) -> list:
     if not (dist.is_initialized() and dist.get_rank() != 0):
         atomic_write_text(os.path.join(base, "compare.md"), markdown_table(reports) + "\n")
         if config.plots:
-            write_compare_plot(reports, os.path.join(base, "compare.png"))
+            plot_or_warn(lambda: write_compare_plot(reports, os.path.join(base, "compare.png")), "compare.png")
     return reports

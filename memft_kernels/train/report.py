@@ -123,8 +123,22 @@ def write_outputs(run, report: dict) -> None:
     if config.save_adapter:
         run.model.save_pretrained(os.path.join(run_dir, "adapter"), safe_serialization=True,
                                   state_dict=getattr(run, "adapter_state", None))  # --fsdp: the gathered LoRA
-    if config.plots:
-        write_plots(run.history, run_dir, f"{config.task} / {config.loss} / r={config.rank}")
     ckpt.atomic_write_json(os.path.join(run_dir, "report.json"), report)
     table = markdown_table([report])
     ckpt.atomic_write_text(os.path.join(run_dir, "report.md"), table + "\n")
+    if config.plots:  # last, and never fatal: a plot that fails (matplotlib's setup) must not lose the report
+        plot_or_warn(lambda: write_plots(run.history, run_dir, f"{config.task} / {config.loss} / r={config.rank}"),
+                     "loss.png and recall.png")
+
+
+def plot_or_warn(draw, what: str) -> None:
+    """Run ``draw()``; a failure is one warning naming ``what`` (it used to be a traceback after the run
+    had trained, before its report.json was written: a bad MPLBACKEND lost the run's report)."""
+    import warnings
+
+    try:
+        draw()
+    except Exception as exc:  # noqa: BLE001 - any plotting failure; the numbers are already written
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        warnings.warn(f"{what} not written ({type(exc).__name__}: {text}); the run's other files are",
+                      stacklevel=2)
