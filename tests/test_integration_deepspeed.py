@@ -120,6 +120,42 @@ def _ds_case(name, outdir, deepspeed):
                 engine=type(trainer.model_wrapped).__name__)
 
 
+TRL_STAGE = 2
+
+
+def _trl_case(outdir, deepspeed):
+    """TRL's MemFTSFTTrainer (full fine-tuning, fused, ZeRO 2): 4 rows, 2 steps of 2 rows."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from test_integration_trainer import _tokenizer, rows, tiny_llama
+    from torch.utils.data import SequentialSampler
+
+    from memft_kernels.integrations.trl import MemFTSFTTrainer
+
+    class InOrder(MemFTSFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    ids, _ = rows(seed=5, prompt=False)
+    model = tiny_llama()
+    settings = dict(gradient_accumulation_steps=1, max_steps=2, learning_rate=0.5, max_grad_norm=1e6,
+                    dataset_num_proc=None, bf16=False)
+    if deepspeed:
+        settings.update(deepspeed=_ds_config(TRL_STAGE))
+    else:
+        settings.update(per_device_train_batch_size=2)
+    before = snapshot(model)
+    trainer = InOrder(model=model, args=sgd_args(outdir, cls=trl.SFTConfig, **settings),
+                      train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}),
+                      processing_class=_tokenizer(), memft=dict(policy="hard", threshold=THRESHOLD), fused=True)
+    trainer.train()
+    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return dict(update={n: before[n] - after[n] for n in before}, logs=logs, steps=trainer.state.global_step,
+                is_deepspeed=bool(trainer.is_deepspeed_enabled), world=trainer.args.world_size,
+                engine=type(trainer.model_wrapped).__name__)
+
+
 def _no_shm_op():
     """DeepSpeed's TorchBackend JIT-compiles a shared-memory C++ op (ninja, ~2 min on 2 cores) at init,
     used only by its inference_all_reduce; training collectives go through torch.distributed (gloo)."""
@@ -136,6 +172,7 @@ def _ds_worker(rank, port, outdir):
     torch.set_num_threads(1)
     _no_shm_op()
     results = {"refusals": _ds_refusals(f"{outdir}/refusals-r{rank}")}
+    results["trl"] = _trl_case(f"{outdir}/trl-r{rank}", deepspeed=True)
     results.update({name: _ds_case(name, f"{outdir}/{name}-r{rank}", deepspeed=True) for name in DS_CASES})
     torch.save(results, f"{outdir}/ds-rank{rank}.pt")
     import sys
@@ -179,6 +216,24 @@ def test_trainer_deepspeed_two_gloo_ranks_equal_one_process(name, ds_results, tm
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
             if DS_CASES[name][0] > 0:  # stage 0 in float32 clips without recording the norm: none logged
                 assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+            for key in ("recalled_frac", "token_accuracy", "n_active"):
+                assert got[key] == pytest.approx(want[key], abs=1e-6), key
+
+
+def test_trl_sft_trainer_deepspeed_equals_one_process(ds_results, tmp_path):
+    """TRL's MemFTSFTTrainer under DeepSpeed ZeRO 2 (fused, full fine-tuning) = one process without it."""
+    single = _trl_case(tmp_path / "single", deepspeed=False)
+    assert not single["is_deepspeed"] and single["steps"] == 2
+    assert all(log["n_active"] > 0 for log in single["logs"])
+    for rank, results in enumerate(ds_results):
+        result = results["trl"]
+        assert result["is_deepspeed"] and result["world"] == 2 and result["engine"] == "DeepSpeedEngine"
+        assert result["update"].keys() == single["update"].keys()
+        for n, ref in single["update"].items():
+            assert rel(result["update"][n], ref) < 1e-5, (rank, n, rel(result["update"][n], ref))
+        for got, want in zip(result["logs"], single["logs"], strict=True):
+            for key in ("loss", "grad_norm"):
+                assert got[key] == pytest.approx(want[key], rel=1e-5), key
             for key in ("recalled_frac", "token_accuracy", "n_active"):
                 assert got[key] == pytest.approx(want[key], abs=1e-6), key
 

@@ -177,8 +177,8 @@ def _check_deepspeed(trainer, accumulating: bool, fallback: str) -> None:
     if accumulating and not _trainer_keeps_deepspeed_from_scaling():
         raise NotImplementedError(
             "add_memft_to_trainer(exact_active_mean=True) with gradient_accumulation_steps > 1 under DeepSpeed: this "
-            "transformers' Trainer does not pass scale_wrt_gas=False to DeepSpeed's backward (transformers >= 4.49 "
-            "does), so the engine would divide every loss by gradient_accumulation_steps again; upgrade transformers, "
+            "transformers' Trainer does not pass scale_wrt_gas=False to DeepSpeed's backward (added by transformers "
+            "PR 35808, early 2025), so the engine would divide every loss by gradient_accumulation_steps again; upgrade transformers, "
             "or use gradient_accumulation_steps=1 or exact_active_mean=False")
     if fallback == "zero":
         raise NotImplementedError(
