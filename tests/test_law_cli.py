@@ -117,6 +117,7 @@ BAD = [
     (["phase", "{stats}", "--bins", "3"], "even count"),
     (["phase", "{stats}", "--bins", "x"], "--bins: expected a count"),
     (["phase", "{stats}", "--bins", "0.2,0.1"], "bin edges must rise"),
+    (["phase", "{stats}", "--bins", "0,0.3,1"], "must include 0.5 (the phase threshold), got [0.0, 0.3, 1.0]"),
     (["phase", "{stats}", "--png", "{file}/p.png"], "cannot write the plot"),
     (["phase", "{stats}", "--png", "none", "--json", "{file}/p.json"], "cannot write the table"),
     (["phase", "{dir}/bad_correct.csv", "--png", "none"], "line 3: a value is not a number"),  # read as False

@@ -99,9 +99,9 @@ def analyze_phase(prob, correct, edges: Sequence[float] = DEFAULT_EDGES, source:
 def check_edges(edges) -> np.ndarray:
     edges = np.asarray(edges, dtype=np.float64)
     if edges.ndim != 1 or edges.size < 2 or edges[0] != 0.0 or edges[-1] != 1.0 or np.any(np.diff(edges) <= 0):
-        raise LawInputError(f"bin edges must rise strictly from 0 to 1, got {list(edges)}")
+        raise LawInputError(f"bin edges must rise strictly from 0 to 1, got {edges.reshape(-1).tolist()}")
     if 0.5 not in edges:
-        raise LawInputError(f"bin edges must include 0.5 (the phase threshold), got {list(edges)}")
+        raise LawInputError(f"bin edges must include 0.5 (the phase threshold), got {edges.reshape(-1).tolist()}")
     return edges
 
 
