@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         print(f"memft {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C (or a run's SIGTERM): one line, no traceback (a run says how to resume)
-        print(f"memft {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"memft {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
     except BrokenPipeError:
         # `memft info | head`: the reader left; stop quietly, with stdout pointed at nothing so the

@@ -473,6 +473,46 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_one_line(tmp_path):
     assert ckpt.load_checkpoint(run_dir)["step"] >= 2  # what --resume loads (the resume itself: the SIGINT test)
 
 
+FINISH_SIGINT = """
+import os, signal, sys
+from memft_kernels.train import loop
+finish = loop._finish
+def ctrl_c_while_the_run_folder_is_written(run, wall_s):
+    os.kill(os.getpid(), signal.SIGINT)
+    return finish(run, wall_s)
+loop._finish = ctrl_c_while_the_run_folder_is_written
+from memft_kernels.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_after_the_last_step_still_writes_the_finished_run(tmp_path):
+    """After the last step the run writes its folder (adapter, tokens, report, plots) outside the
+    loop's Ctrl-C handling: a Ctrl-C there used to end it with exit 130 and no report.json (and,
+    without --checkpoint-every, nothing to resume). Now it finishes, saying so in one line."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "--model", "nano", "--vocab-size", "64", "--length", "8", "--steps", "2", "--eval-every", "0",
+            "--no-progress", "--no-plots", "--no-save-adapter", "--run-dir", str(run_dir)]
+    proc = subprocess.run([sys.executable, "-c", FINISH_SIGINT, *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "the training is done; finishing its final evaluation" in proc.stderr, proc.stderr
+    assert json.loads((run_dir / "report.json").read_text())["steps"] == 2
+
+
+def test_a_plain_ctrl_c_says_interrupted(monkeypatch, capsys):
+    """A Ctrl-C outside the loop's handling (e.g. during the base evaluation) printed "memft train: "
+    and nothing after it (a KeyboardInterrupt's text is empty, and the exception itself is truthy)."""
+    from memft_kernels.train import cli as train_cli
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cli, "_run", ctrl_c)
+    assert memft_main(["train"]) == 130
+    assert capsys.readouterr().err.strip() == "memft train: interrupted"
+
+
 def test_plan_with_resume_is_refused_instead_of_training(checkpointed, tmp_path, capsys):
     """`--resume RUN --plan` used to ignore --plan and train the run on."""
     run = _copy(checkpointed[0], tmp_path)

@@ -642,11 +642,19 @@ class _StopOnInterrupt:
 
     def __init__(self):
         self.requested, self.signum, self._previous = False, None, {}
+        self.finishing = False  # past the last step: the run only evaluates and writes its folder
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
+        if self.finishing:
+            self.say_finishing()
+
+    @staticmethod
+    def say_finishing():
+        print("memft train: the training is done; finishing its final evaluation and run folder "
+              "(press Ctrl-C again to stop at once, without them)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         import signal
@@ -826,17 +834,22 @@ def _train_and_finish(run: Run, start: float) -> dict:
                 if bar is not None:
                     bar.close()
                 raise interrupt.interrupted(run)
-    if bar is not None:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
-    report = None
-    if run.rank == 0 or config.fsdp:
-        if run.last_eval.get("step") != run.step or run.last_eval.get("exact_recall") is None:
-            _log(run, evaluate(run, generate=True))
-    if config.fsdp and config.save_adapter:
-        run.adapter_state = fsdp.full_trainable(run.model)  # gathered on every rank, saved by rank 0
-    if run.rank == 0:
-        report = _finish(run, time.time() - start)
+        # A first Ctrl-C (or SIGTERM) from here on lets the finished training write its report: it
+        # used to interrupt the final evaluation, losing a run that had trained to its last step.
+        interrupt.finishing = True
+        if interrupt.requested:  # came during the last step, which had nothing left to stop
+            interrupt.say_finishing()
+        report = None
+        if run.rank == 0 or config.fsdp:
+            if run.last_eval.get("step") != run.step or run.last_eval.get("exact_recall") is None:
+                _log(run, evaluate(run, generate=True))
+        if config.fsdp and config.save_adapter:
+            run.adapter_state = fsdp.full_trainable(run.model)  # gathered on every rank, saved by rank 0
+        if run.rank == 0:
+            report = _finish(run, time.time() - start)
     report = _from_rank0(report, run.world)
     return report
 
