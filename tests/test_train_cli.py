@@ -588,6 +588,32 @@ def test_a_new_run_into_a_folder_with_a_checkpoint_is_refused(checkpointed, tmp_
     assert {n: open(os.path.join(run, n), "rb").read() for n in os.listdir(run)} == before
 
 
+def test_a_new_run_into_a_folder_with_a_finished_run_is_refused(tmp_path, capsys):
+    """A finished run without checkpoints: a new run into its folder is refused before anything is
+    written (it used to overwrite the report, metrics and adapter); train_or_resume (a law sweep
+    cell) with the very same settings returns the finished run's report instead of training again."""
+    from memft_kernels.train import TrainConfig, train_or_resume
+
+    run = str(tmp_path / "done")
+    argv = [a for a in RUN if a not in ("--checkpoint-every", "2")]
+    argv[argv.index("--steps") + 1] = "2"
+    assert memft_main(argv + ["--run-dir", run]) == 0
+    capsys.readouterr()
+    assert not any(n.startswith("checkpoint") for n in os.listdir(run))
+    before = {n: open(os.path.join(run, n), "rb").read() for n in os.listdir(run) if os.path.isfile(os.path.join(run, n))}
+    for again in (argv, [a if a != "2" else "3" for a in argv]):  # the same command, and other settings
+        err = _one_line_exit_2(again + ["--run-dir", run], capsys)
+        assert "holds a finished run (report.json)" in err and "another --run-dir" in err, err
+    after = {n: open(os.path.join(run, n), "rb").read() for n in os.listdir(run) if os.path.isfile(os.path.join(run, n))}
+    assert after == before
+    report = json.load(open(os.path.join(run, "report.json")))
+    config = TrainConfig.load(os.path.join(run, "config.json"))
+    assert train_or_resume(config.replace(run_dir=run)) == report
+    assert {n: open(os.path.join(run, n), "rb").read() for n in before} == before  # not trained again
+    with pytest.raises(ckpt.TrainInputError, match="holds a finished run"):  # other settings: refused, not its report
+        train_or_resume(config.replace(run_dir=run, steps=3))
+
+
 def test_compare_again_continues_a_stopped_comparison(tmp_path, capsys):
     """The same --compare command after a kill: finished runs are kept (not trained again), a
     checkpointed one resumes (the same report as never stopping), the table is written."""

@@ -104,10 +104,14 @@ def differing_setting(stored: dict, config: TrainConfig):
 
 def train_or_resume(config: TrainConfig) -> dict:
     """``train(config)``, or ``resume(config.run_dir)`` when that folder holds a checkpoint of a run
-    with these very settings (a killed earlier attempt); a checkpoint of other settings is refused."""
+    with these very settings (a killed earlier attempt), or that folder's report when it holds the
+    finished run of these very settings; a checkpoint (or finished run) of other settings is refused."""
     from . import checkpoint as ckpt
 
     run_dir = config.run_dir
+    report = finished_report(config) if run_dir is not None else None
+    if report is not None:  # the same run, already done (e.g. a law sweep cell whose result line was not written)
+        return report if int(os.environ.get("RANK", "0")) == 0 else None
     if run_dir is None or not any(os.path.isfile(os.path.join(run_dir, n)) for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS)):
         return train(config)
     stored = ckpt.config_from_checkpoint(run_dir)

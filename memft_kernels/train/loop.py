@@ -713,11 +713,16 @@ def _begin(run: Run, resume_state: Optional[dict]) -> None:
 def _refuse_earlier_checkpoint(run: Run) -> None:
     """A new run must not start in a folder holding another run's checkpoint: it would replace that
     run's config.json and metrics, and a later --resume would continue the old run's weights under
-    the new run's log (or the old run would be lost by mistake)."""
+    the new run's log (or the old run would be lost by mistake). Nor in one holding a finished run's
+    report.json: its report, metrics and adapter would be overwritten."""
     found = None
     if run.rank == 0:
-        found = next((n for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS) if os.path.isfile(os.path.join(run.run_dir, n))), None)
+        found = next((n for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS, "report.json")
+                      if os.path.isfile(os.path.join(run.run_dir, n))), None)
     found = _from_rank0(found, run.world)
+    if found == "report.json":  # a finished run without checkpoints: its report, metrics and adapter would be replaced
+        raise TrainInputError(f"the run folder {run.run_dir!r} holds a finished run (report.json): start the new run "
+                              "in another --run-dir, or remove that folder first")
     if found is not None:
         raise TrainInputError(f"the run folder {run.run_dir!r} holds the checkpoint of an earlier run ({found}): "
                               f"continue it with --resume {run.run_dir}, or start the new run in another --run-dir")
