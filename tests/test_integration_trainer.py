@@ -193,6 +193,31 @@ def test_metrics_callback_without_accumulation_and_not_counting_eval(tmp_path):
     assert log["n_active"] == pytest.approx(int(stats.n_active) / 2)  # per optimizer step
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+def test_evaluate_gives_the_per_call_memft_loss(fused, tmp_path):
+    """trainer.evaluate()'s eval_loss with the default accumulator is the per-call MemFT loss (the
+    active mean) of each eval batch. transformers 5 passes the batch's valid count as
+    num_items_in_batch in evaluation too; it used to become the denominator (sum w l / n_valid:
+    neither the MemFT loss nor cross-entropy)."""
+    ids, labels = rows(seed=13)
+    model = tiny_llama()
+    options = dict(policy="hard", threshold=1.0 / V)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    halves = [memft_loss(logits[rows_].reshape(-1, V), shifted[rows_].reshape(-1), **options)
+              for rows_ in (slice(0, 2), slice(2, 4))]
+    plain = memft_loss(logits.reshape(-1, V), shifted.reshape(-1), policy="none")
+    dataset = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    args = sgd_args(tmp_path, per_device_eval_batch_size=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset)
+    add_memft_to_trainer(trainer, fused=fused, **options)
+    eval_loss = trainer.evaluate()["eval_loss"]
+    expected = float(sum(halves)) / 2  # the Trainer averages the eval batches' losses (equal sizes)
+    assert abs(eval_loss - expected) / expected < 1e-5
+    assert abs(eval_loss - float(plain)) / float(plain) > 1e-2  # not cross-entropy
+
+
 def test_refusals(tmp_path):
     model = tiny_llama()
     trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[],

@@ -96,7 +96,7 @@ def memft_causal_lm_loss(
     own loss ignores them. ``stats_callback(MemFTStats)``, if given, receives the statistics.
     ``accumulator`` (a ``MemFTAccumulator``): a loss that will be backpropagated (logits that require
     grad) goes through it -- the exact active mean over the optimizer step, ``num_items_in_batch``
-    unused; evaluation (no grad) computes the plain per-call loss.
+    unused; evaluation (no grad) computes the plain per-call loss (``num_items_in_batch`` ignored then).
     """
     num_classes = logits.shape[-1]
     if vocab_size is not None and vocab_size != num_classes:
@@ -105,6 +105,11 @@ def memft_causal_lm_loss(
         if labels is None:
             raise ValueError("memft_causal_lm_loss needs labels (or shift_labels)")
         shift_labels = _shifted_labels(labels, ignore_index)
+    if accumulator is not None and not logits.requires_grad:
+        # Evaluation with an accumulator (add_memft_to_trainer's default): the per-call active mean.
+        # transformers' prediction_step passes the batch's valid count as num_items_in_batch, which
+        # would make it sum w l / n_valid (neither this loss nor cross-entropy).
+        num_items_in_batch = None
     if accumulator is not None and logits.requires_grad:
         options = dict(
             threshold=threshold, sharpness=sharpness, label_smoothing=label_smoothing, z_loss=z_loss,
@@ -420,6 +425,8 @@ def _fused_loss_here(model, hidden, labels, shift_labels, num_items_in_batch, op
 def _linear_head_loss(parts, shift_labels, num_items_in_batch, loss_options, callback, accumulator, ignore_index):
     """The loss of ``hidden2 @ weight.T + bias`` (``parts``, from ``_head_as_linear``) on the head's device."""
     x, weight, bias = parts
+    if accumulator is not None and not torch.is_grad_enabled():
+        num_items_in_batch = None  # as memft_causal_lm_loss: without gradient, the per-call active mean
     denominator = _denominator(num_items_in_batch, x.device)
     device_type = x.device.type
     # Under autocast the head would run in the autocast dtype; otherwise in the weight's dtype. A
