@@ -331,7 +331,7 @@ def _ddp_lora_model(tied=False, head=False):
     return peft.get_peft_model(tiny_llama(tied), lora)
 
 
-def _ddp_worker(rank, port, outdir):
+def _ddp_worker(rank, port, outdir, loss_kwargs=True):
     import os
     from pathlib import Path
 
@@ -340,8 +340,11 @@ def _ddp_worker(rank, port, outdir):
     torch.set_num_threads(1)
     ids, labels = _ddp_rows()
     model = _ddp_lora_model()
+    if not loss_kwargs:  # as models that set accepts_loss_kwargs = False: the Trainer passes no
+        model.get_base_model().accepts_loss_kwargs = False  # num_items_in_batch and does not scale the loss
     dataset = [{"input_ids": i, "labels": l, "attention_mask": torch.ones_like(i)} for i, l in zip(ids, labels)]
     trainer = transformers.Trainer(model=model, args=sgd_args(Path(outdir) / f"r{rank}"), train_dataset=dataset)
+    assert trainer.model_accepts_loss_kwargs == loss_kwargs
     add_memft_to_trainer(trainer, policy="hard", threshold=1.0 / V)
     before = snapshot(model)
     trainer.train()
@@ -349,13 +352,15 @@ def _ddp_worker(rank, port, outdir):
                     step=trainer.memft_callbacks[1].last_step), f"{outdir}/rank{rank}.pt")
 
 
-def test_trainer_ddp_two_gloo_ranks_is_one_active_mean_call(tmp_path):
+@pytest.mark.parametrize("loss_kwargs", [True, False], ids=["loss_kwargs", "no_loss_kwargs"])
+def test_trainer_ddp_two_gloo_ranks_is_one_active_mean_call(loss_kwargs, tmp_path):
     """2 processes x 4 micro-batches of one row = the 8 rows of one step: DDP averages the gradients
-    and the Trainer multiplies the loss by the process count; the update is still the gradient of
-    one call over all 8 rows, on both ranks."""
+    and the Trainer multiplies the loss by the process count (average_tokens_across_devices, only
+    for a model that takes loss kwargs); the update is still the gradient of one call over all 8
+    rows, on both ranks. A model with accepts_loss_kwargs=False used to get half the update."""
     from helpers import free_port, spawn_ranks
 
-    spawn_ranks(_ddp_worker, 2, (free_port(), str(tmp_path)), 240.0, "the 2-rank Trainer run")
+    spawn_ranks(_ddp_worker, 2, (free_port(), str(tmp_path), loss_kwargs), 240.0, "the 2-rank Trainer run")
     ids, labels = _ddp_rows()
     ref_loss, ref_stats, ref = reference(_ddp_lora_model(), ids, labels, policy="hard", threshold=1.0 / V)
     for rank in range(2):

@@ -300,8 +300,11 @@ def _add_memft_to_trainer(trainer, fused, exact_active_mean, metrics, fallback, 
                 "default); or use exact_active_mean=False")
         world = max(int(trainer.args.world_size), 1)
         # Trainer.compute_loss multiplies the loss by the process count when it averages tokens
-        # across devices (num_items_in_batch is set whenever the batch has labels).
-        multiplier = world if (world > 1 and getattr(trainer.args, "average_tokens_across_devices", False)) else 1
+        # across devices and the model takes loss kwargs (num_items_in_batch is then set whenever the
+        # batch has labels); a model with accepts_loss_kwargs=False (or a forward without **kwargs)
+        # gets no factor, and dividing by one anyway made its gradients world times too small.
+        multiplier = world if (world > 1 and getattr(trainer.args, "average_tokens_across_devices", False)
+                               and getattr(trainer, "model_accepts_loss_kwargs", True)) else 1
         accumulator = MemFTAccumulator(
             trainer.model, fallback=fallback, grad_reduction="mean" if world > 1 else "none",
             backward_multiplier=multiplier, last_micro_batch=lambda: trainer.accelerator.sync_gradients,
