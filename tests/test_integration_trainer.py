@@ -218,6 +218,33 @@ def test_evaluate_gives_the_per_call_memft_loss(fused, tmp_path):
     assert abs(eval_loss - float(plain)) / float(plain) > 1e-2  # not cross-entropy
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+def test_model_init_models_train_with_memft(fused, tmp_path):
+    """Trainer(model_init=...) replaces trainer.model with a fresh model in train(): it used to lose
+    the MemFT loss (the accumulator's first step failed: no micro-batch accumulated; without the
+    accumulator, plain cross-entropy). The fresh model gets the same call: the step's update is the
+    one-call gradient."""
+    ids, labels = rows(seed=17)
+    options = dict(policy="hard", threshold=1.0 / V)
+    ref_loss, _, ref = reference(tiny_llama(), ids, labels, **options)
+    made = []
+
+    def model_init():
+        made.append(tiny_llama())
+        return made[-1]
+
+    dataset = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    trainer = transformers.Trainer(model_init=model_init, args=sgd_args(tmp_path), train_dataset=dataset)
+    add_memft_to_trainer(trainer, fused=fused, **options)
+    add_memft_to_trainer(trainer, fused=fused, **options)  # a second call wraps the user's model_init once
+    trainer.train()
+    assert len(made) == 2 and trainer.model is made[-1]
+    update = updates(made[-1], snapshot(tiny_llama()))
+    for name in ref:
+        assert rel(update[name], ref[name]) < 1e-5, name
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(ref_loss, rel=1e-5)
+
+
 def test_refusals(tmp_path):
     model = tiny_llama()
     trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[],

@@ -252,7 +252,8 @@ class _Saved:
     part way (else the Trainer was left not dividing its own loss by the accumulation steps, or without
     an earlier call's callbacks while its model still fed their accumulator)."""
 
-    TRAINER = ("loss_is_scaled_for_ga", "_memft_loss_is_scaled_for_ga", "memft_callbacks", "memft_accumulator")
+    TRAINER = ("loss_is_scaled_for_ga", "_memft_loss_is_scaled_for_ga", "memft_callbacks", "memft_accumulator",
+               "model_init")
     MODEL = ("forward", "_old_forward", "loss_function", "_loss_function", "_memft_original_forward", "_memft_options", "_replicate_for_data_parallel")
 
     def __init__(self, trainer):
@@ -270,6 +271,25 @@ class _Saved:
                     vars(obj)[name] = state[name]
                 else:
                     vars(obj).pop(name, None)
+
+
+class _MemFTModelInit:
+    """``Trainer(model_init=...)``: ``train()`` (and ``hyperparameter_search``) replaces ``trainer.model``
+    with a fresh ``model_init()`` model, which lost the MemFT loss (plain cross-entropy; with the
+    accumulator the first step failed: no micro-batch accumulated). This wraps ``model_init`` so that
+    every fresh model gets the same ``use_memft`` / ``apply_memft_to_model`` call (the accumulator
+    takes the new model's parameters at the start of training)."""
+
+    def __init__(self, model_init, fused: bool, options: dict):
+        self.model_init, self.fused, self.options = model_init, fused, options
+
+    def __call__(self, trial=None):
+        from transformers.trainer_utils import number_of_arguments
+
+        model = self.model_init() if number_of_arguments(self.model_init) == 0 else self.model_init(trial)
+        if model is None:
+            return model  # the Trainer says what is wrong
+        return (apply_memft_to_model if self.fused else use_memft)(model, **self.options)
 
 
 def _add_memft_to_trainer(trainer, fused, exact_active_mean, metrics, fallback, options):
@@ -323,6 +343,11 @@ def _add_memft_to_trainer(trainer, fused, exact_active_mean, metrics, fallback, 
     else:
         _restore_original_forward(trainer.model)  # an earlier fused=True call: its forward goes
         use_memft(trainer.model, **options)
+    model_init = getattr(trainer, "model_init", None)
+    if model_init is not None:
+        if isinstance(model_init, _MemFTModelInit):  # called again: wrap the user's own model_init
+            model_init = model_init.model_init
+        trainer.model_init = _MemFTModelInit(model_init, fused, options)
     for callback in reversed(callbacks):
         _insert_first(trainer, callback)
     trainer.memft_callbacks = callbacks
