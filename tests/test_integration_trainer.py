@@ -245,6 +245,27 @@ def test_model_init_models_train_with_memft(fused, tmp_path):
     assert trainer.state.log_history[0]["loss"] == pytest.approx(ref_loss, rel=1e-5)
 
 
+def test_trainer_without_accumulator_is_the_valid_normalization_even_without_accumulation(tmp_path):
+    """What docs/INTEGRATIONS.md says: transformers 5's Trainer passes num_items_in_batch also with
+    gradient_accumulation_steps=1 in one process, so use_memft / memft_compute_loss_func /
+    exact_active_mean=False give sum w l / n_valid (normalize="valid"), not the active mean."""
+    ids, labels = rows(seed=19)
+    options = dict(policy="hard", threshold=1.0 / V)
+    model = tiny_llama()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double().reshape(-1, V)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    valid = float(memft_loss(logits, shifted, normalize="valid", **options))
+    active = float(memft_loss(logits, shifted, **options))
+    assert abs(valid - active) / active > 1e-2
+    dataset = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    args = sgd_args(tmp_path, gradient_accumulation_steps=1, per_device_train_batch_size=ROWS, learning_rate=0.0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                   compute_loss_func=memft_compute_loss_func(**options))
+    trainer.train()
+    assert abs(trainer.state.log_history[0]["loss"] - valid) / valid < 1e-5
+
+
 def test_refusals(tmp_path):
     model = tiny_llama()
     trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[],
