@@ -275,6 +275,10 @@ def test_refusals(tmp_path):
     trainer = transformers.Trainer(model=model, args=sgd_args(tmp_path), train_dataset=[])
     with pytest.raises(ValueError, match="normalize"):
         add_memft_to_trainer(trainer, normalize="valid")
+    # Without the accumulator the Trainer's num_items_in_batch makes it the 'valid' normalization: an
+    # explicit normalize='active' used to be silently ignored.
+    with pytest.raises(ValueError, match=r"normalize='active'.*exact_active_mean=True"):
+        add_memft_to_trainer(trainer, exact_active_mean=False, normalize="active")
     # The Trainer's label smoother pops the labels and computes plain CE itself: MemFT never ran
     # (silently with exact_active_mean=False; an accumulator error at the first step otherwise).
     args = sgd_args(tmp_path, label_smoothing_factor=0.1)

@@ -232,11 +232,17 @@ def add_memft_to_trainer(
     if smoothing != 0.0 or getattr(trainer, "label_smoother", None) is not None:
         raise ValueError(f"add_memft_to_trainer: TrainingArguments(label_smoothing_factor={smoothing}) makes the Trainer "
                          "compute its own loss instead of the model's (the MemFT loss would never run); leave it at "
-                         f"0 and pass label_smoothing={smoothing} here (the MemFT loss's own label smoothing)")
+                         f"0 and pass label_smoothing={smoothing} here (the MemFT loss's own label smoothing; "
+                         f"MemFTSFTTrainer: memft={{'label_smoothing': {smoothing}}})")
     if getattr(trainer.args, "use_liger_kernel", False):
         raise ValueError("add_memft_to_trainer: TrainingArguments(use_liger_kernel=True) replaces the model's forward "
                          "with Liger's fused cross-entropy, which never calls the MemFT loss; turn it off (fused=True "
                          "is this package's fused head)")
+    if not exact_active_mean and options.get("normalize") == "active" and getattr(trainer, "model_accepts_loss_kwargs", True):
+        raise ValueError("add_memft_to_trainer(exact_active_mean=False, normalize='active'): the Trainer passes "
+                         "num_items_in_batch with every batch that has labels (also with gradient_accumulation_steps=1), "
+                         "which makes the loss sum w l / num_items_in_batch, the 'valid' normalization; for the active "
+                         "mean use exact_active_mean=True (the default), or leave normalize out for the 'valid' one")
     if "stats_callback" in options or "accumulator" in options:
         raise TypeError("add_memft_to_trainer sets stats_callback and accumulator itself")
     saved = _Saved(trainer)
