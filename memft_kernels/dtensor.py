@@ -300,18 +300,29 @@ def _row_local(name: str, t, logits, row_placements: tuple, where: str):
 def _local_checks(local, target, token_weight, options: LossOptions, num_classes: int, where: str) -> None:
     """This rank's input checks (memft_loss's, the target range against the global V): run before
     the check exchange, which carries a failure to every rank."""
-    from .spec import check_target_range, validate_tensors
-
     lead = tuple(local.shape[:-1])
+    _check_plain_rows(lead, target, token_weight, lambda name, got: (
+        f"{where}: with row-sharded DTensor logits a plain {name} holds this rank's rows: its shape must be "
+        f"logits.to_local().shape[:-1] = {lead} on this rank, got {got} (the whole tensor? pass "
+        f"this rank's rows, or a DTensor sharded like the logits' rows)"))
+    _check_tensors_and_range(local, target, token_weight, options, num_classes)
+
+
+def _check_plain_rows(lead, target, token_weight, message) -> None:
+    """A plain (non-DTensor) target or token_weight must hold this rank's rows, shape ``lead``;
+    ``message(name, got_shape)`` says what was expected."""
     for name, t in (("target", target), ("token_weight", token_weight)):
         if isinstance(t, torch.Tensor) and tuple(t.shape) != lead:
-            raise ValueError(
-                f"{where}: with row-sharded DTensor logits a plain {name} holds this rank's rows: its shape must be "
-                f"logits.to_local().shape[:-1] = {lead} on this rank, got {tuple(t.shape)} (the whole tensor? pass "
-                f"this rank's rows, or a DTensor sharded like the logits' rows)"
-            )
+            raise ValueError(message(name, tuple(t.shape)))
+
+
+def _check_tensors_and_range(logits_like, target, token_weight, options: LossOptions, num_classes: int) -> None:
+    """memft_loss's checks of the options and tensors, and (with ``validate``) the target range
+    against the global ``num_classes``."""
+    from .spec import check_target_range, validate_tensors
+
     checked = options.checked()
-    validate_tensors(local, target, token_weight, check_values=options.validate)
+    validate_tensors(logits_like, target, token_weight, check_values=options.validate)
     if options.validate:
         check_target_range(target, num_classes, checked.kernel.ignore_index)
 
@@ -717,22 +728,15 @@ def _linear_local_checks(local_h, local_w, local_b, target, token_weight, option
     """This rank's input checks (memft_linear_loss's, the target range against the global V), run
     before the check exchange, which carries a failure to every rank."""
     from .linear_loss import _check_linear_inputs
-    from .spec import check_target_range, validate_tensors
 
     lead = tuple(local_h.shape[:-1])
-    for name, t in (("target", target), ("token_weight", token_weight)):
-        if isinstance(t, torch.Tensor) and tuple(t.shape) != lead:
-            raise ValueError(
-                f"{where}: with row-sharded DTensor hidden a plain {name} holds the rows this rank computes: those "
-                f"of hidden after the sequence-parallel gather (the whole rows of the tensor-parallel mesh "
-                f"dimension, this rank's rows of the others), shape {lead} on this rank; got {tuple(t.shape)}. Pass "
-                f"those rows, or a DTensor laid out like hidden"
-            )
+    _check_plain_rows(lead, target, token_weight, lambda name, got: (
+        f"{where}: with row-sharded DTensor hidden a plain {name} holds the rows this rank computes: those "
+        f"of hidden after the sequence-parallel gather (the whole rows of the tensor-parallel mesh "
+        f"dimension, this rank's rows of the others), shape {lead} on this rank; got {got}. Pass "
+        f"those rows, or a DTensor laid out like hidden"))
     _check_linear_inputs(local_h, local_w, local_b)
-    checked = options.checked()
-    validate_tensors(local_h.new_empty(()).expand(*lead, vocab), target, token_weight, check_values=options.validate)
-    if options.validate:
-        check_target_range(target, vocab, checked.kernel.ignore_index)
+    _check_tensors_and_range(local_h.new_empty(()).expand(*lead, vocab), target, token_weight, options, vocab)
 
 
 def _scatter_dim(hidden, sp: int, tp_group) -> Optional[int]:

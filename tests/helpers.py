@@ -153,6 +153,22 @@ def init_gloo_rank(rank: int, world: int, port: int) -> None:
                             timeout=timedelta(seconds=60))
 
 
+def leave_gloo_rank() -> None:
+    """The end of a spawned test rank that trained through a process group the Trainer (accelerate)
+    set up: tear it down together and leave without the interpreter's teardown of gloo's threads (a
+    rank that exits while the other still holds gloo connections can die there: tests/test_train_fsdp.py),
+    so the exit code says only whether the work before succeeded."""
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (Linux /proc)."""
     try:

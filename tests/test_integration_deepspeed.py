@@ -175,15 +175,9 @@ def _ds_worker(rank, port, outdir):
     results["trl"] = _trl_case(f"{outdir}/trl-r{rank}", deepspeed=True)
     results.update({name: _ds_case(name, f"{outdir}/{name}-r{rank}", deepspeed=True) for name in DS_CASES})
     torch.save(results, f"{outdir}/ds-rank{rank}.pt")
-    import sys
+    from helpers import leave_gloo_rank
 
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_gloo_rank()
 
 
 @pytest.fixture(scope="module")

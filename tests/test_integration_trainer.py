@@ -553,17 +553,9 @@ def _fsdp_worker(rank, port, outdir):
     _accelerate_fsdp_on_cpu()
     results = {name: _fsdp_case(name, f"{outdir}/{name}-r{rank}", fsdp=True) for name in FSDP_CASES}
     torch.save(results, f"{outdir}/fsdp-rank{rank}.pt")
-    # Tear down together and leave without the interpreter's teardown of gloo's threads (a rank
-    # that exits while the other still holds gloo connections can die there: tests/test_train_fsdp.py)
-    import sys
+    from helpers import leave_gloo_rank
 
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_gloo_rank()
 
 
 @pytest.fixture(scope="module")

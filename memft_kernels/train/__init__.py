@@ -62,8 +62,13 @@ def resume(run_dir: str) -> dict:
     if report is not None:  # nothing left to train: retraining from the last checkpoint would only repeat it
         warnings.warn(f"{run_dir!r}: the run already finished ({report['steps']} steps); nothing to resume, "
                       "its report is returned", stacklevel=2)
-        return report if int(os.environ.get("RANK", "0")) == 0 else None  # under torchrun rank 0 reports
+        return _rank0_report(report)
     return run_training(config, resume_state=state)
+
+
+def _rank0_report(report: dict):
+    """A finished run's report, returned by rank 0 alone (under torchrun rank 0 reports)."""
+    return report if int(os.environ.get("RANK", "0")) == 0 else None
 
 
 def finished_report(config: TrainConfig):
@@ -111,7 +116,7 @@ def train_or_resume(config: TrainConfig) -> dict:
     run_dir = config.run_dir
     report = finished_report(config) if run_dir is not None else None
     if report is not None:  # the same run, already done (e.g. a law sweep cell whose result line was not written)
-        return report if int(os.environ.get("RANK", "0")) == 0 else None
+        return _rank0_report(report)
     if run_dir is None or not any(os.path.isfile(os.path.join(run_dir, n)) for n in (ckpt.CHECKPOINT, ckpt.PREVIOUS)):
         return train(config)
     stored = ckpt.config_from_checkpoint(run_dir)

@@ -233,7 +233,7 @@ def _run(args) -> int:
 
 
 def _compare(config: TrainConfig, losses) -> list:
-    from . import finished_report, train_or_resume
+    from . import train_or_resume
     from .checkpoint import atomic_write_text
     from .report import markdown_table, plot_or_warn, write_compare_plot
 
@@ -249,7 +249,7 @@ def _compare(config: TrainConfig, losses) -> list:
     from .loop import RunInterrupted
 
     try:
-        reports = [finished_report(sub) or train_or_resume(sub)
+        reports = [train_or_resume(sub)
                    for sub in (config.replace(loss=loss, run_dir=os.path.join(base, loss)) for loss in losses)]
     except RunInterrupted as exc:  # Ctrl-C: the run's checkpoint is saved; the table needs every run
         given = "" if config.run_dir else f" and --run-dir {base}"
